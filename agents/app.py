@@ -1,0 +1,124 @@
+"""Assembles one agent process: LLM provider, registry and memory clients, runner, host."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+from agentplex.agents import catalog
+from agentplex.agents.catalog import CATALOG, AgentSpec
+from agentplex.agents.llm.base import LLMProvider
+from agentplex.agents.llm.factory import build_provider
+from agentplex.agents.runner import AgentRunner
+from agentplex.agents.servicer import AgentServicer
+from agentplex.memory.client import MemoryClient
+from agentplex.registry.client import RegistryClient
+from agentplex.runtime.clients import open_channel
+from agentplex.runtime.server import ServiceHost
+from agentplex.runtime.settings import Settings
+from agentplex.runtime.telemetry import configure_logging, configure_tracing
+from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+
+def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
+    return agent_pb2.AgentCard(
+        name=spec.name,
+        version=spec.version,
+        description=spec.description,
+        tools=list(spec.tools),
+        model=model,
+        limits=agent_pb2.AgentLimits(
+            max_steps_limit=catalog.MAX_STEPS_LIMIT,
+            default_max_steps=catalog.DEFAULT_MAX_STEPS,
+            min_token_budget=catalog.MIN_TOKEN_BUDGET,
+            max_token_budget=catalog.MAX_TOKEN_BUDGET,
+            default_token_budget=catalog.DEFAULT_TOKEN_BUDGET,
+            max_prompt_bytes=catalog.MAX_PROMPT_BYTES,
+        ),
+    )
+
+
+def _serving_check(channel: grpc.aio.Channel, what: str):  # type: ignore[no-untyped-def]
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def check() -> None:
+        response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"{what} is not serving")
+
+    return check
+
+
+def build_host(
+    spec: AgentSpec,
+    settings: Settings,
+    *,
+    port: int = 0,
+    metrics_port: int | None = 0,
+    llm: LLMProvider | None = None,
+) -> ServiceHost:
+    llm = llm or build_provider(settings)
+    memory_channel = open_channel(settings.memory_address)
+    registry_channel = open_channel(settings.registry_address)
+    runner = AgentRunner(
+        spec=spec,
+        llm=llm,
+        tools=RegistryClient(settings.registry_address, channel=registry_channel),
+        memory=MemoryClient(settings.memory_address, channel=memory_channel),
+        context_tokens=settings.context_tokens,
+    )
+    servicer = AgentServicer(
+        runner,
+        agent_card(spec, llm.model),
+        default_timeout_seconds=settings.default_task_timeout_seconds,
+    )
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    async def close() -> None:
+        await llm.aclose()
+        await memory_channel.close()
+        await registry_channel.close()
+
+    return ServiceHost(
+        name=spec.name,
+        register=register,
+        host=settings.host,
+        port=port,
+        metrics_port=metrics_port,
+        dependency_checks=[
+            _serving_check(memory_channel, "memory"),
+            _serving_check(registry_channel, "registry"),
+        ],
+        health_interval_seconds=settings.health_interval_seconds,
+        grace_seconds=settings.grace_seconds,
+        on_stop=[close],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m agentplex.agents")
+    parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
+    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(args.agent, settings.log_level)
+    configure_tracing(args.agent, settings.trace_exporter)
+
+    async def run() -> None:
+        # gRPC channels and Redis clients bind to the running loop: build inside it.
+        host = build_host(
+            CATALOG[args.agent], settings, port=args.port, metrics_port=args.metrics_port
+        )
+        await host.serve_until_signalled(args.ready_file)
+
+    asyncio.run(run())

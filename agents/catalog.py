@@ -1,0 +1,53 @@
+"""The agents the mesh ships with, and the limits every task is held to.
+
+The registry reads the same catalog to seed each agent's tool access list,
+so what an agent's model is shown and what it may invoke cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_STEPS_LIMIT = 25
+DEFAULT_MAX_STEPS = 10
+MIN_TOKEN_BUDGET = 512
+MAX_TOKEN_BUDGET = 32768
+DEFAULT_TOKEN_BUDGET = 8192
+MAX_PROMPT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Configuration of one agent."""
+
+    name: str
+    version: str
+    description: str
+    instructions: str
+    tools: tuple[str, ...]
+
+
+ASSISTANT = AgentSpec(
+    name="assistant",
+    version="1.0.0",
+    description="General helper: exact arithmetic and per-session notes.",
+    instructions=(
+        "You are a precise assistant. Use the calculator for any arithmetic instead of "
+        "computing in your head. When asked to remember something, save it with "
+        "notes.write; when asked what you were told, read notes.read. Answer briefly."
+    ),
+    tools=("calculator", "notes.read", "notes.write"),
+)
+
+RESEARCHER = AgentSpec(
+    name="researcher",
+    version="1.0.0",
+    description="Answers questions about agentplex from its own documentation.",
+    instructions=(
+        "You answer questions about agentplex. Search the documentation with docs.search "
+        "and answer only from what it returns, naming the source file."
+    ),
+    tools=("docs.search",),
+)
+
+CATALOG: dict[str, AgentSpec] = {spec.name: spec for spec in (ASSISTANT, RESEARCHER)}

@@ -1,0 +1,40 @@
+"""`EventRecorder`: stamps step events with task id, sequence and time.
+
+Sequence numbers start at 1 and have no gaps, so a caller can tell from the
+numbers alone whether it missed an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from agentplex.v1 import step_event_pb2
+from google.protobuf import timestamp_pb2
+
+EventSink = Callable[[step_event_pb2.StepEvent], Awaitable[None]]
+
+
+class EventRecorder:
+    def __init__(self, *, task_id: str, agent: str, sink: EventSink, depth: int = 0) -> None:
+        self._task_id = task_id
+        self._agent = agent
+        self._sink = sink
+        self._depth = depth
+        self._sequence = 0
+
+    async def emit(self, step: int, **kind: object) -> step_event_pb2.StepEvent:
+        """Emit one event; `kind` is exactly one of StepEvent's oneof fields."""
+        self._sequence += 1
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        event = step_event_pb2.StepEvent(
+            task_id=self._task_id,
+            sequence=self._sequence,
+            time=now,
+            agent=self._agent,
+            depth=self._depth,
+            step=step,
+            **kind,  # type: ignore[arg-type]
+        )
+        await self._sink(event)
+        return event

@@ -1,0 +1,196 @@
+"""`scripted`: a deterministic offline stand-in for an LLM. It is not a model.
+
+It exists so the whole mesh (planning, tool calls through the registry,
+memory, streaming, budgets) can run and be tested without a network or GPU,
+with answers that are the same on every run. Its "planning" is a handful of
+rules over the last user message:
+
+- arithmetic expressions → one `calculator` call per expression (in parallel);
+- "remember …" → `notes.write` with the rest of the sentence;
+- "what did I ask you to remember" / "my notes" / "recall" → `notes.read`;
+- any other question → `docs.search` with the question;
+
+and once the tool results are in, it answers from them. Rules only fire for
+tools the agent was given; with no matching tool it says so. Output is
+streamed word by word and usage is the documented token estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from agentplex.agents.llm.base import (
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    LLMEvent,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
+from agentplex.runtime.tokens import estimate_message_tokens, estimate_tokens
+
+# An expression: numbers joined by at least one arithmetic operator.
+_NUMBER = r"\(*\s*-?\d+(?:\.\d+)?\s*\)*"
+_EXPRESSION = re.compile(rf"{_NUMBER}(?:\s*(?:\*\*|//|[-+*/%^x×÷])\s*{_NUMBER})+")
+_REMEMBER = re.compile(r"\bremember(?:\s+that)?\s*[:,]?\s*(?P<text>.+)", re.IGNORECASE | re.DOTALL)
+_RECALL = re.compile(
+    r"what did i (?:ask|tell) you to remember|\bmy notes\b|\brecall\b|\bwhat do you remember\b",
+    re.IGNORECASE,
+)
+_QUESTION = re.compile(
+    r"\?\s*$|^\s*(what|how|why|where|which|who|when|does|do|is|are|can|should|explain|describe)\b",
+    re.IGNORECASE,
+)
+
+
+class ScriptedLLM:
+    """Deterministic rule-based model for tests and the offline default."""
+
+    def __init__(self, name: str = "scripted-1") -> None:
+        self._name = name
+
+    @property
+    def model(self) -> str:
+        return f"scripted/{self._name}"
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
+        prompt_tokens = sum(estimate_message_tokens(m.content) for m in request.messages) + sum(
+            estimate_tokens(t.parameters_json) for t in request.tools
+        )
+        pending_results = _results_since_last_user(request.messages)
+        if pending_results is None:
+            calls = plan_tool_calls(_last_user_text(request.messages), request.tools)
+            if calls:
+                completion_tokens = sum(estimate_tokens(c.arguments_json) for c in calls)
+                yield Completion(
+                    "",
+                    tuple(calls),
+                    "tool_calls",
+                    Usage(prompt_tokens, completion_tokens, estimated=True),
+                    self.model,
+                )
+                return
+            answer = _no_tool_answer(request.tools)
+        else:
+            answer = compose_answer(pending_results)
+        for index, word in enumerate(answer.split(" ")):
+            yield TextDelta(word if index == 0 else " " + word)
+        yield Completion(
+            answer,
+            (),
+            "stop",
+            Usage(prompt_tokens, estimate_tokens(answer), estimated=True),
+            self.model,
+        )
+
+
+def plan_tool_calls(prompt: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:
+    available = {tool.name for tool in tools}
+    calls: list[tuple[str, dict[str, Any]]] = []
+    remember = _REMEMBER.search(prompt)
+    if _RECALL.search(prompt) and "notes.read" in available:
+        calls.append(("notes.read", {}))
+    elif remember and "notes.write" in available:
+        calls.append(("notes.write", {"text": remember.group("text").strip().rstrip(".")}))
+    elif "calculator" in available:
+        seen: list[str] = []
+        for match in _EXPRESSION.finditer(prompt):
+            expression = _normalize(match.group(0))
+            if expression not in seen:
+                seen.append(expression)
+        calls.extend(("calculator", {"expression": e}) for e in seen)
+    if not calls and _QUESTION.search(prompt) and "docs.search" in available:
+        calls.append(("docs.search", {"query": prompt.strip()}))
+    return [
+        ToolCall(id=f"call_{index}", name=name, arguments_json=json.dumps(arguments))
+        for index, (name, arguments) in enumerate(calls, start=1)
+    ]
+
+
+def _normalize(expression: str) -> str:
+    text = re.sub(r"\s+", "", expression).replace("x", "*").replace("×", "*").replace("÷", "/")
+    # Balance parentheses the regex may have cut at the edges.
+    while text.startswith("(") and text.count("(") > text.count(")"):
+        text = text[1:]
+    while text.endswith(")") and text.count(")") > text.count("("):
+        text = text[:-1]
+    return text
+
+
+def _last_user_text(messages: Sequence[ChatMessage]) -> str:
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.content
+    return ""
+
+
+def _results_since_last_user(
+    messages: Sequence[ChatMessage],
+) -> list[tuple[ToolCall, dict[str, Any]]] | None:
+    """Tool calls made for the current prompt, with their parsed results; None if none yet."""
+    calls: dict[str, ToolCall] = {}
+    results: list[tuple[ToolCall, dict[str, Any]]] = []
+    for message in messages:
+        if message.role == "user":
+            calls, results = {}, []
+        elif message.role == "assistant":
+            calls.update({call.id: call for call in message.tool_calls})
+        elif message.role == "tool" and message.tool_call_id in calls:
+            try:
+                payload = json.loads(message.content)
+            except json.JSONDecodeError:
+                payload = {"error": {"message": message.content}}
+            results.append((calls[message.tool_call_id], payload))
+    return results or None
+
+
+def compose_answer(results: list[tuple[ToolCall, dict[str, Any]]]) -> str:
+    parts = [_describe(call, payload) for call, payload in results]
+    return " ".join(parts)
+
+
+def _describe(call: ToolCall, payload: dict[str, Any]) -> str:
+    arguments = json.loads(call.arguments_json or "{}")
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return f"{call.name} failed: {error.get('message', 'unknown error')}."
+    if call.name == "calculator":
+        return f"{arguments.get('expression')} = {_format_number(payload.get('result'))}."
+    if call.name == "notes.write":
+        return f"Noted: {arguments.get('text')}."
+    if call.name == "notes.read":
+        notes = payload.get("notes") or []
+        return (
+            "You asked me to remember: " + "; ".join(notes) + "."
+            if notes
+            else ("You have not asked me to remember anything yet.")
+        )
+    if call.name == "docs.search":
+        hits = payload.get("results") or []
+        if not hits:
+            return "I found nothing in the documentation about that."
+        top = hits[0]
+        return f"From {top['source']} ({top['title']}): {top['snippet']}"
+    return f"{call.name} returned {json.dumps(payload, sort_keys=True)}."
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def _no_tool_answer(tools: Sequence[ToolSpec]) -> str:
+    names = ", ".join(sorted(tool.name for tool in tools)) or "none"
+    return (
+        "I am the scripted test model and none of my rules matched this request. "
+        f"Tools I can use: {names}."
+    )

@@ -1,0 +1,101 @@
+"""Validation of incoming task requests into a `TaskRequest`.
+
+RunTask and StreamSteps carry the same fields; both go through
+`TaskRequest.from_proto`, so limits and defaults live in one place and bad
+input is rejected (INVALID_ARGUMENT, naming the field) before anything runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from agentplex.agents import catalog
+from agentplex.runtime.errors import InvalidArgument
+from agentplex.v1 import agent_service_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TaskMessage = agent_service_pb2.RunTaskRequest | agent_service_pb2.StreamStepsRequest
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
+class TaskRequest(BaseModel):
+    """A task that passed validation, with defaults filled in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: Identifier
+    prompt: str = Field(min_length=1)
+    session_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+    max_steps: int = Field(ge=1, le=catalog.MAX_STEPS_LIMIT)
+    token_budget: int = Field(ge=catalog.MIN_TOKEN_BUDGET, le=catalog.MAX_TOKEN_BUDGET)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fits(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be blank")
+        size = len(prompt.encode("utf-8"))
+        if size > catalog.MAX_PROMPT_BYTES:
+            raise ValueError(f"is {size} bytes; the limit is {catalog.MAX_PROMPT_BYTES} (64 KiB)")
+        return prompt
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_small(cls, metadata: dict[str, str]) -> dict[str, str]:
+        for key, value in metadata.items():
+            if not key or len(key) > 64 or len(value) > 1024:
+                raise ValueError("keys must be 1-64 characters and values at most 1024")
+        return metadata
+
+    @classmethod
+    def from_proto(cls, request: TaskMessage) -> TaskRequest:
+        try:
+            return cls(
+                task_id=request.task_id or f"t-{uuid.uuid4().hex}",
+                prompt=request.prompt,
+                session_id=request.session_id or f"s-{uuid.uuid4().hex}",
+                metadata=dict(request.metadata),
+                max_steps=(
+                    request.max_steps
+                    if request.HasField("max_steps")
+                    else catalog.DEFAULT_MAX_STEPS
+                ),
+                token_budget=(
+                    request.token_budget
+                    if request.HasField("token_budget")
+                    else catalog.DEFAULT_TOKEN_BUDGET
+                ),
+            )
+        except ValidationError as exc:
+            raise InvalidArgument(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """'max_steps: must be between 1 and 25 (got 26)'-style messages, one per problem."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "request"
+        message = error["msg"].removeprefix("Value error, ")
+        ctx = error.get("ctx") or {}
+        if error["type"] in {"greater_than_equal", "less_than_equal"} and field in (
+            "max_steps",
+            "token_budget",
+        ):
+            low, high = (
+                (1, catalog.MAX_STEPS_LIMIT)
+                if field == "max_steps"
+                else (catalog.MIN_TOKEN_BUDGET, catalog.MAX_TOKEN_BUDGET)
+            )
+            message = f"must be between {low} and {high}"
+        elif error["type"] == "string_pattern_mismatch":
+            message = f"must match {ctx.get('pattern')}"
+        elif error["type"] == "string_too_short" and field == "prompt":
+            message = "is required"
+        got = error.get("input")
+        if field != "prompt" and isinstance(got, (int, str)):
+            message += f" (got {got!r})"
+        problems.append(f"{field}: {message}")
+    return "; ".join(problems)

@@ -1,0 +1,125 @@
+import datetime
+
+from agentplex.v1 import task_pb2 as _task_pb2
+from agentplex.v1 import tool_pb2 as _tool_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StepEvent(_message.Message):
+    __slots__ = ("task_id", "sequence", "time", "agent", "depth", "step", "task_accepted", "step_started", "llm_output_delta", "llm_call_finished", "tool_call", "tool_result", "final_result", "error")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TASK_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_STARTED_FIELD_NUMBER: _ClassVar[int]
+    LLM_OUTPUT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    LLM_CALL_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    sequence: int
+    time: _timestamp_pb2.Timestamp
+    agent: str
+    depth: int
+    step: int
+    task_accepted: TaskAccepted
+    step_started: StepStarted
+    llm_output_delta: LlmOutputDelta
+    llm_call_finished: LlmCallFinished
+    tool_call: ToolCallStarted
+    tool_result: ToolCallResult
+    final_result: TaskFinished
+    error: TaskFailed
+    def __init__(self, task_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., depth: _Optional[int] = ..., step: _Optional[int] = ..., task_accepted: _Optional[_Union[TaskAccepted, _Mapping]] = ..., step_started: _Optional[_Union[StepStarted, _Mapping]] = ..., llm_output_delta: _Optional[_Union[LlmOutputDelta, _Mapping]] = ..., llm_call_finished: _Optional[_Union[LlmCallFinished, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallStarted, _Mapping]] = ..., tool_result: _Optional[_Union[ToolCallResult, _Mapping]] = ..., final_result: _Optional[_Union[TaskFinished, _Mapping]] = ..., error: _Optional[_Union[TaskFailed, _Mapping]] = ...) -> None: ...
+
+class TaskAccepted(_message.Message):
+    __slots__ = ("session_id", "max_steps", "token_budget")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_steps: int
+    token_budget: int
+    def __init__(self, session_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ...) -> None: ...
+
+class StepStarted(_message.Message):
+    __slots__ = ("tokens_used",)
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    tokens_used: int
+    def __init__(self, tokens_used: _Optional[int] = ...) -> None: ...
+
+class LlmOutputDelta(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class LlmCallFinished(_message.Message):
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "tool_calls_requested", "usage_estimated")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    tool_calls_requested: int
+    usage_estimated: bool
+    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., tool_calls_requested: _Optional[int] = ..., usage_estimated: _Optional[bool] = ...) -> None: ...
+
+class ToolCallStarted(_message.Message):
+    __slots__ = ("call_id", "tool_name", "tool_version", "arguments_json", "idempotency_key")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    tool_name: str
+    tool_version: str
+    arguments_json: str
+    idempotency_key: str
+    def __init__(self, call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ToolCallResult(_message.Message):
+    __slots__ = ("call_id", "tool_name", "result_json", "error", "duration_ms")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    tool_name: str
+    result_json: str
+    error: _tool_pb2.ToolError
+    duration_ms: int
+    def __init__(self, call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+
+class TaskFinished(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _task_pb2.TaskResult
+    def __init__(self, result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...
+
+class TaskFailed(_message.Message):
+    __slots__ = ("code", "message", "result")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    result: _task_pb2.TaskResult
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,41 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SideEffect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIDE_EFFECT_UNSPECIFIED: _ClassVar[SideEffect]
+    SIDE_EFFECT_READ_ONLY: _ClassVar[SideEffect]
+    SIDE_EFFECT_IDEMPOTENT: _ClassVar[SideEffect]
+    SIDE_EFFECT_SIDE_EFFECTING: _ClassVar[SideEffect]
+SIDE_EFFECT_UNSPECIFIED: SideEffect
+SIDE_EFFECT_READ_ONLY: SideEffect
+SIDE_EFFECT_IDEMPOTENT: SideEffect
+SIDE_EFFECT_SIDE_EFFECTING: SideEffect
+
+class ToolDefinition(_message.Message):
+    __slots__ = ("name", "version", "description", "input_schema_json", "output_schema_json", "side_effect")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIDE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    description: str
+    input_schema_json: str
+    output_schema_json: str
+    side_effect: SideEffect
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., side_effect: _Optional[_Union[SideEffect, str]] = ...) -> None: ...
+
+class ToolError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,82 @@
+from agentplex.v1 import tool_pb2 as _tool_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterToolRequest(_message.Message):
+    __slots__ = ("tool",)
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    tool: _tool_pb2.ToolDefinition
+    def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ...) -> None: ...
+
+class RegisterToolResponse(_message.Message):
+    __slots__ = ("tool", "created")
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    tool: _tool_pb2.ToolDefinition
+    created: bool
+    def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ListToolsRequest(_message.Message):
+    __slots__ = ("agent",)
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    def __init__(self, agent: _Optional[str] = ...) -> None: ...
+
+class ListToolsResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[_tool_pb2.ToolDefinition]
+    def __init__(self, tools: _Optional[_Iterable[_Union[_tool_pb2.ToolDefinition, _Mapping]]] = ...) -> None: ...
+
+class GetToolRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetToolResponse(_message.Message):
+    __slots__ = ("tool",)
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    tool: _tool_pb2.ToolDefinition
+    def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ...) -> None: ...
+
+class InvokeToolRequest(_message.Message):
+    __slots__ = ("tool_name", "arguments_json", "idempotency_key", "caller")
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    tool_name: str
+    arguments_json: str
+    idempotency_key: str
+    caller: Caller
+    def __init__(self, tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("agent", "session_id", "task_id")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    session_id: str
+    task_id: str
+    def __init__(self, agent: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class InvokeToolResponse(_message.Message):
+    __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed")
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    tool_name: str
+    tool_version: str
+    result_json: str
+    error: _tool_pb2.ToolError
+    replayed: bool
+    def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,44 @@
+"""`MemoryClient`: how agents reach the Memory service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from agentplex.runtime.clients import call_with_deadline, open_channel
+from agentplex.v1 import memory_pb2
+from agentplex.v1 import memory_service_pb2 as pb
+from agentplex.v1 import memory_service_pb2_grpc as pb_grpc
+
+
+class MemoryClient:
+    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or open_channel(address)
+        self._stub = pb_grpc.MemoryServiceStub(self._channel)
+
+    async def load(
+        self, agent: str, session_id: str, max_tokens: int, *, timeout: float
+    ) -> pb.LoadContextResponse:
+        request = pb.LoadContextRequest(
+            scope=memory_pb2.SessionScope(agent=agent, session_id=session_id),
+            max_tokens=max_tokens,
+        )
+        return await call_with_deadline(self._stub.LoadContext, request, timeout=timeout)
+
+    async def append(
+        self,
+        agent: str,
+        session_id: str,
+        messages: Sequence[memory_pb2.MemoryMessage],
+        *,
+        timeout: float,
+    ) -> int:
+        request = pb.AppendMessagesRequest(
+            scope=memory_pb2.SessionScope(agent=agent, session_id=session_id),
+            messages=messages,
+        )
+        response = await call_with_deadline(self._stub.AppendMessages, request, timeout=timeout)
+        return int(response.message_count)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,209 @@
+"""The `agentplex` command.
+
+    agentplex up                      start the mesh locally (Ctrl-C stops it)
+    agentplex run --agent NAME TEXT   run a task; --stream prints step events live
+    agentplex tools list              list the registry's tools
+
+Every failure is one readable line on stderr and a non-zero exit code:
+1 for a failed task or unreachable mesh, 2 for bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agentplex.mesh import launcher, render
+from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
+from agentplex.runtime import errors
+from agentplex.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentplex", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="mesh state file (default .agentplex/mesh.json, or $AGENTPLEX_STATE_FILE)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the whole mesh on loopback")
+    up.add_argument(
+        "--ephemeral-ports",
+        action="store_true",
+        help="let every part pick a free port instead of the documented defaults",
+    )
+    up.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="override one part's gRPC port, e.g. --port assistant=7001",
+    )
+    up.add_argument(
+        "--llm",
+        choices=["scripted", "openai"],
+        default=None,
+        help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted)",
+    )
+
+    run = commands.add_parser("run", help="run one task on an agent")
+    run.add_argument("--agent", default="assistant", help="agent name (default assistant)")
+    run.add_argument("--stream", action="store_true", help="print step events as they happen")
+    run.add_argument("--json", action="store_true", help="print events/results as JSON lines")
+    run.add_argument("--session", default="", help="session id, to continue a conversation")
+    run.add_argument("--max-steps", type=int, default=None)
+    run.add_argument("--token-budget", type=int, default=None)
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="deadline for the whole task, seconds (default 300)",
+    )
+    run.add_argument("prompt", help="what to ask")
+
+    tools = commands.add_parser("tools", help="inspect the tool registry")
+    tools_commands = tools.add_subparsers(dest="tools_command", required=True)
+    tools_list = tools_commands.add_parser("list", help="list registered tools")
+    tools_list.add_argument("--agent", default="", help="only the tools this agent may use")
+    tools_list.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(_dispatch(args))
+    except CliError as exc:
+        print(f"agentplex: {exc}", file=sys.stderr)
+        code = exc.code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    state_file = state_file_path(args.state_file)
+    if args.command == "up":
+        return await _up(args, state_file)
+    try:
+        state = read_state(state_file)
+    except MeshNotRunning as exc:
+        raise CliError(str(exc)) from None
+    if args.command == "run":
+        return await _run(args, state)
+    return await _tools_list(args, state)
+
+
+async def _up(args: argparse.Namespace, state_file: Path) -> int:
+    overrides: dict[str, int] = {}
+    for item in args.port:
+        name, _, port = item.partition("=")
+        known = {*launcher.DEFAULT_PORTS, "redis"}
+        if name not in known or not port.isdigit():
+            raise CliError(
+                f"--port expects NAME=PORT with NAME one of {', '.join(sorted(known))};"
+                f" got {item!r}",
+                EXIT_USAGE,
+            )
+        overrides[name] = int(port)
+    mesh = launcher.MeshLauncher(
+        state_file=state_file,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        ephemeral_ports=args.ephemeral_ports,
+        port_overrides=overrides,
+        llm_provider=args.llm,
+        say=lambda line: print(line, flush=True),
+    )
+    return await launcher.run_until_signalled(mesh)
+
+
+def _agent_address(state: dict[str, object], agent: str) -> str:
+    from agentplex.agents.catalog import CATALOG
+
+    address = state.get(agent)
+    if agent not in CATALOG or not isinstance(address, str):
+        running = ", ".join(name for name in CATALOG if isinstance(state.get(name), str))
+        raise CliError(f"unknown agent {agent!r}; this mesh runs: {running}", EXIT_USAGE)
+    return address
+
+
+async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
+    import grpc
+
+    address = _agent_address(state, args.agent)
+    fields: dict[str, object] = {"prompt": args.prompt, "session_id": args.session}
+    if args.max_steps is not None:
+        fields["max_steps"] = args.max_steps
+    if args.token_budget is not None:
+        fields["token_budget"] = args.token_budget
+    printer = render.EventPrinter(json_lines=args.json)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        try:
+            if args.stream:
+                call = stub.StreamSteps(
+                    agent_service_pb2.StreamStepsRequest(**fields), timeout=args.timeout
+                )
+                async for response in call:
+                    printer.event(response.event)
+                result = printer.final_result
+            else:
+                response = await stub.RunTask(
+                    agent_service_pb2.RunTaskRequest(**fields), timeout=args.timeout
+                )
+                result = response.result
+                printer.result(result)
+        except grpc.aio.AioRpcError as err:
+            printer.interrupted()
+            raise _rpc_failure(err, f"agent {args.agent!r} at {address}") from None
+    return 0 if result is not None and not result.error else EXIT_FAILED
+
+
+async def _tools_list(args: argparse.Namespace, state: dict[str, object]) -> int:
+    import grpc
+
+    address = state.get("registry")
+    if not isinstance(address, str):
+        raise CliError("the state file names no registry; restart with `agentplex up`")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+        try:
+            response = await stub.ListTools(
+                tool_registry_service_pb2.ListToolsRequest(agent=args.agent), timeout=10
+            )
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_failure(err, f"the registry at {address}") from None
+    render.print_tools(response.tools, json_lines=args.json)
+    return 0
+
+
+def _rpc_failure(err: object, what: str) -> CliError:
+    import grpc
+
+    failure = errors.from_rpc_error(err)  # type: ignore[arg-type]
+    code = err.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and failure.reason == "UNAVAILABLE":
+        return CliError(f"cannot reach {what}: is the mesh running? Start it with `agentplex up`")
+    exit_code = EXIT_USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+    return CliError(f"{code.name}: {failure.message}", exit_code)

@@ -1,0 +1,298 @@
+"""`agentplex up`: the whole mesh as local processes, started in dependency order.
+
+Redis (embedded unless REDIS_URL is set) → memory → registry → agents. Each
+service is its own process; it reports the address it bound through a ready
+file, and counts as up once its gRPC health check says SERVING. Logs go to
+`.agentplex/logs/<name>.log` so this terminal shows only progress. Stopping
+runs in reverse order, each part drained through SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from agentplex.agents.catalog import CATALOG
+from agentplex.mesh.redis_process import EmbeddedRedis
+from agentplex.mesh.state import pid_alive, write_state
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 20.0
+
+# Documented defaults (README); `--ephemeral-ports` or `--port NAME=PORT` override them.
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    # name: (gRPC port, metrics port)
+    "memory": (50051, 9151),
+    "registry": (50052, 9152),
+    "assistant": (50061, 9161),
+    "researcher": (50062, 9162),
+}
+DEFAULT_REDIS_PORT = 6399
+
+
+class LaunchError(Exception):
+    """A part of the mesh failed to start; the message says which and why."""
+
+
+@dataclass
+class Part:
+    name: str
+    module: str
+    args: list[str]
+    port: int
+    metrics_port: int
+    process: asyncio.subprocess.Process | None = None
+    address: str = ""
+    metrics: int | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class MeshLauncher:
+    state_file: Path
+    redis_url: str | None = None
+    ephemeral_ports: bool = False
+    port_overrides: dict[str, int] = field(default_factory=dict)
+    llm_provider: str | None = None
+    docs_dir: Path = field(default_factory=Path.cwd)
+    say: Callable[[str], None] = print
+    _redis: EmbeddedRedis | None = None
+    _parts: list[Part] = field(default_factory=list)
+    _run_dir: Path | None = None
+
+    def _port(self, name: str, index: int) -> int:
+        if name in self.port_overrides and index == 0:
+            return self.port_overrides[name]
+        if self.ephemeral_ports:
+            return 0
+        return DEFAULT_PORTS[name][index]
+
+    async def start(self) -> dict[str, Any]:
+        """Start every part; returns the state written to the state file."""
+        self._refuse_second_mesh()
+        self._run_dir = self.state_file.parent
+        (self._run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        redis_url = self.redis_url
+        if redis_url is None:
+            redis_port = self.port_overrides.get(
+                "redis", 0 if self.ephemeral_ports else DEFAULT_REDIS_PORT
+            )
+            self._redis = EmbeddedRedis(port=redis_port, data_dir=self._run_dir / "redis")
+            try:
+                redis_url = await self._redis.start()
+            except (RuntimeError, FileNotFoundError) as exc:
+                raise LaunchError(
+                    f"embedded Redis failed to start: {exc}. Is port {redis_port} "
+                    "taken? Try --port redis=PORT or set REDIS_URL."
+                ) from None
+            self.say(f"  redis       {redis_url}  (embedded)")
+        else:
+            self.say(f"  redis       {redis_url}  (REDIS_URL)")
+        env = self._child_env(redis_url)
+        memory = await self._start_part("memory", "agentplex.memory", [], env)
+        env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
+        registry = await self._start_part("registry", "agentplex.registry", [], env)
+        env["AGENTPLEX_REGISTRY_ADDRESS"] = registry.address
+        # Agents depend only on memory and registry, not on each other.
+        await asyncio.gather(
+            *(
+                self._start_part(name, "agentplex.agents", ["--agent", name], env)
+                for name in CATALOG
+            )
+        )
+        state: dict[str, Any] = {"redis": redis_url}
+        state.update({part.name: part.address for part in self._parts})
+        state["metrics"] = {
+            part.name: f"http://127.0.0.1:{part.metrics}/metrics"
+            for part in self._parts
+            if part.metrics
+        }
+        state["logs"] = str(self._run_dir / "logs")
+        state["pid"] = os.getpid()
+        write_state(self.state_file, state)
+        return state
+
+    def _refuse_second_mesh(self) -> None:
+        if not self.state_file.exists():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            pid = json.loads(self.state_file.read_text()).get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+                raise LaunchError(
+                    f"a mesh is already running here (pid {pid}, {self.state_file}); "
+                    "stop it first or use --state-file for a second one"
+                )
+
+    def _child_env(self, redis_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["AGENTPLEX_REDIS_URL"] = redis_url
+        env["AGENTPLEX_DOCS_DIR"] = str(self.docs_dir)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.llm_provider:
+            env["AGENTPLEX_LLM_PROVIDER"] = self.llm_provider
+        return env
+
+    async def _start_part(
+        self, name: str, module: str, args: list[str], env: dict[str, str]
+    ) -> Part:
+        assert self._run_dir is not None
+        part = Part(name, module, args, self._port(name, 0), self._port(name, 1))
+        ready_file = Path(tempfile.mkdtemp(prefix="agentplex-")) / f"{name}.ready"
+        part.log_path = self._run_dir / "logs" / f"{name}.log"
+        log = part.log_path.open("ab")
+        try:
+            part.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                "--port",
+                str(part.port),
+                "--metrics-port",
+                str(part.metrics_port),
+                "--ready-file",
+                str(ready_file),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+            )
+        finally:
+            log.close()
+        self._parts.append(part)
+        try:
+            ready = await self._wait_ready(part, ready_file)
+        finally:
+            with contextlib.suppress(OSError):
+                ready_file.unlink()
+                ready_file.parent.rmdir()
+        part.address, part.metrics = ready["address"], ready.get("metrics_port")
+        self.say(f"  {name:<11} {part.address}  (metrics :{part.metrics}, log {part.log_path})")
+        return part
+
+    async def _wait_ready(self, part: Part, ready_file: Path) -> dict[str, Any]:
+        assert part.process is not None
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_SECONDS
+        ready: dict[str, Any] | None = None
+        while loop.time() < give_up:
+            if part.process.returncode is not None:
+                raise LaunchError(
+                    f"{part.name} exited with code {part.process.returncode} "
+                    f"while starting:\n{_tail(part.log_path)}"
+                )
+            if ready is None:
+                ready = await asyncio.to_thread(_read_ready, ready_file)
+            if ready is not None and await _serving(ready["address"]):
+                return ready
+            await asyncio.sleep(0.05)
+        raise LaunchError(
+            f"{part.name} did not become healthy within {START_TIMEOUT_SECONDS:g}s:"
+            f"\n{_tail(part.log_path)}"
+        )
+
+    async def stop(self) -> None:
+        """Stop everything started, in reverse order; idempotent."""
+        for part in reversed(self._parts):
+            process = part.process
+            if process is None or process.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        self._parts.clear()
+        if self._redis is not None:
+            await self._redis.stop()
+            self._redis = None
+        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+            if json.loads(self.state_file.read_text()).get("pid") == os.getpid():
+                self.state_file.unlink()
+
+    def exited_parts(self) -> list[Part]:
+        return [
+            p for p in self._parts if p.process is not None and p.process.returncode is not None
+        ]
+
+
+async def _serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _read_ready(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in text)
+
+
+async def run_until_signalled(launcher: MeshLauncher) -> int:
+    """`agentplex up`'s main loop: start, report, wait for Ctrl-C/SIGTERM or a crash, stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    launcher.say("agentplex: starting the mesh")
+    code = 0
+    try:
+        try:
+            await launcher.start()
+        except LaunchError as exc:
+            launcher.say(f"agentplex: {exc}")
+            return 1
+        launcher.say(
+            f"agentplex: mesh is up; addresses in {launcher.state_file}. "
+            'Try: agentplex run --stream --agent assistant "what is 17*23?"  '
+            "(Ctrl-C stops)"
+        )
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            crashed = launcher.exited_parts()
+            if crashed:
+                names = ", ".join(
+                    f"{p.name} (exit {p.process.returncode})"  # type: ignore[union-attr]
+                    for p in crashed
+                )
+                launcher.say(
+                    f"agentplex: {names} stopped unexpectedly; shutting the mesh down. "
+                    f"Logs: {crashed[0].log_path}"
+                )
+                code = 1
+                break
+        else:
+            launcher.say("agentplex: stopping")
+    finally:
+        await launcher.stop()
+    if code == 0:
+        launcher.say("agentplex: stopped")
+    return code

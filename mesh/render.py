@@ -1,0 +1,120 @@
+"""Human-readable (or JSON-lines) output of step events, results and tools."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2
+from google.protobuf import json_format
+
+
+def _json(message: object) -> str:
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"))  # type: ignore[arg-type]
+
+
+class EventPrinter:
+    """Prints events as they arrive; LLM deltas stream inline on one line."""
+
+    def __init__(self, *, json_lines: bool = False, out: TextIO | None = None) -> None:
+        self._json = json_lines
+        self._out = out or sys.stdout
+        self._in_delta = False
+        self.final_result: task_pb2.TaskResult | None = None
+
+    def _line(self, text: str) -> None:
+        if self._in_delta:
+            self._out.write("\n")
+            self._in_delta = False
+        self._out.write(text + "\n")
+        self._out.flush()
+
+    def event(self, event: step_event_pb2.StepEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "final_result":
+            self.final_result = event.final_result.result
+        elif kind == "error":
+            self.final_result = event.error.result
+        if self._json:
+            self._line(_json(event))
+            return
+        prefix = f"[{event.sequence:>3}]"
+        if kind == "task_accepted":
+            accepted = event.task_accepted
+            self._line(
+                f"{prefix} task {event.task_id} accepted by {event.agent} "
+                f"(session {accepted.session_id}, max {accepted.max_steps} steps, "
+                f"budget {accepted.token_budget} tokens)"
+            )
+        elif kind == "step_started":
+            self._line(f"{prefix} step {event.step}")
+        elif kind == "llm_output_delta":
+            if not self._in_delta:
+                self._out.write(f"{prefix} model: ")
+                self._in_delta = True
+            self._out.write(event.llm_output_delta.text)
+            self._out.flush()
+        elif kind == "llm_call_finished":
+            done = event.llm_call_finished
+            estimated = " (estimated)" if done.usage_estimated else ""
+            self._line(
+                f"{prefix} llm {done.model}: {done.finish_reason}, "
+                f"{done.prompt_tokens}+{done.completion_tokens} tokens{estimated}"
+            )
+        elif kind == "tool_call":
+            call = event.tool_call
+            version = f"@{call.tool_version}" if call.tool_version else ""
+            self._line(f"{prefix} tool call  {call.tool_name}{version} {call.arguments_json}")
+        elif kind == "tool_result":
+            res = event.tool_result
+            body = (
+                res.result_json
+                if res.WhichOneof("outcome") == "result_json"
+                else f"ERROR {res.error.code}: {res.error.message}"
+            )
+            self._line(f"{prefix} tool result {res.tool_name} ({res.duration_ms} ms): {body}")
+        elif kind == "final_result":
+            self._summary(prefix, event.final_result.result)
+        elif kind == "error":
+            self._line(f"{prefix} task failed: {event.error.code}: {event.error.message}")
+
+    def _summary(self, prefix: str, result: task_pb2.TaskResult) -> None:
+        status = task_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
+        note = f" — {result.error}" if result.error else ""
+        self._line(
+            f"{prefix} {status}{note}: {result.steps_used} steps, {result.tokens_used} "
+            f"tokens, {result.tool_calls} tool calls, {result.duration_ms} ms"
+        )
+        self._line(f"answer: {result.output}")
+
+    def result(self, result: task_pb2.TaskResult) -> None:
+        if self._json:
+            self._line(_json(result))
+            return
+        self._out.write(result.output + "\n")
+        if result.error:
+            self._out.write(f"({result.error})\n")
+        self._out.flush()
+
+    def interrupted(self) -> None:
+        if self._in_delta:
+            self._out.write("\n")
+            self._in_delta = False
+
+
+def print_tools(
+    tools: Iterable[tool_pb2.ToolDefinition], *, json_lines: bool = False, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    tools = list(tools)
+    if json_lines:
+        for tool in tools:
+            out.write(_json(tool) + "\n")
+        return
+    width = max((len(t.name) for t in tools), default=4)
+    out.write(f"{'NAME':<{width}}  VERSION  SIDE EFFECT     DESCRIPTION\n")
+    for tool in tools:
+        effect = tool_pb2.SideEffect.Name(tool.side_effect).removeprefix("SIDE_EFFECT_").lower()
+        out.write(f"{tool.name:<{width}}  {tool.version:<7}  {effect:<14}  {tool.description}\n")

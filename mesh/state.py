@@ -1,0 +1,62 @@
+"""The mesh state file: where each part of a running mesh listens.
+
+`agentplex up` writes it once everything is serving and removes it on exit;
+`agentplex run`, `agentplex tools` and scripts (`jq -r .assistant`) read it.
+Each address sits under its part's name at the top level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_FILE = Path(".agentplex/mesh.json")
+
+
+class MeshNotRunning(Exception):
+    """No state file, or the mesh that wrote it is gone."""
+
+
+def state_file_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get("AGENTPLEX_STATE_FILE", str(DEFAULT_STATE_FILE)))
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MeshNotRunning(
+            f"no mesh is running here ({path} does not exist); start one with `agentplex up`"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise MeshNotRunning(
+            f"{path} is not valid JSON ({exc}); restart with `agentplex up`"
+        ) from None
+    pid = state.get("pid")
+    if isinstance(pid, int) and not pid_alive(pid):
+        raise MeshNotRunning(
+            f"the mesh recorded in {path} (pid {pid}) is no longer running; "
+            "start one with `agentplex up`"
+        )
+    return dict(state)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

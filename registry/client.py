@@ -1,0 +1,29 @@
+"""`RegistryClient`: how agents (and the CLI) reach the Tool Registry."""
+
+from __future__ import annotations
+
+import grpc
+from agentplex.runtime.clients import call_with_deadline, open_channel
+from agentplex.v1 import tool_pb2
+from agentplex.v1 import tool_registry_service_pb2 as pb
+from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
+
+
+class RegistryClient:
+    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or open_channel(address)
+        self._stub = pb_grpc.ToolRegistryServiceStub(self._channel)
+
+    async def list_tools(self, agent: str = "", *, timeout: float) -> list[tool_pb2.ToolDefinition]:
+        response = await call_with_deadline(
+            self._stub.ListTools, pb.ListToolsRequest(agent=agent), timeout=timeout
+        )
+        return list(response.tools)
+
+    async def invoke(
+        self, request: pb.InvokeToolRequest, *, timeout: float
+    ) -> pb.InvokeToolResponse:
+        return await call_with_deadline(self._stub.InvokeTool, request, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,86 @@
+"""JSON Schema handling: contract checks at registration, argument checks at invocation."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+from agentplex.runtime.errors import InvalidArgument
+from agentplex.v1 import tool_pb2
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+
+TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+SEMVER_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_ARGUMENTS_BYTES = 256 * 1024
+
+
+def semver(version: str) -> tuple[int, int, int]:
+    match = SEMVER_PATTERN.match(version)
+    if not match:
+        raise InvalidArgument(f"version {version!r} is not semantic (MAJOR.MINOR.PATCH)")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def check_definition(tool: tool_pb2.ToolDefinition) -> None:
+    """Reject a contract that could never be used safely."""
+    if not TOOL_NAME_PATTERN.match(tool.name) or len(tool.name) > 64:
+        raise InvalidArgument(
+            f"tool.name {tool.name!r} must be lowercase dotted words, e.g. 'notes.write'"
+        )
+    semver(tool.version)
+    if not tool.description.strip():
+        raise InvalidArgument("tool.description must say what the tool does")
+    for field in ("input_schema_json", "output_schema_json"):
+        _check_schema(field, getattr(tool, field))
+
+
+def _check_schema(field: str, text: str) -> None:
+    if len(text.encode("utf-8")) > MAX_SCHEMA_BYTES:
+        raise InvalidArgument(f"tool.{field} exceeds {MAX_SCHEMA_BYTES} bytes")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"tool.{field} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise InvalidArgument(
+            f'tool.{field} must be a JSON Schema with "type": "object" at the root'
+        )
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise InvalidArgument(
+            f"tool.{field} is not a valid JSON Schema at {path}: {exc.message}"
+        ) from exc
+
+
+@lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Draft202012Validator:
+    # Keyed by the schema text itself, so a newly registered version is never
+    # validated with a stale schema.
+    return Draft202012Validator(json.loads(schema_json))
+
+
+def parse_arguments(arguments_json: str) -> dict[str, Any]:
+    if len(arguments_json.encode("utf-8")) > MAX_ARGUMENTS_BYTES:
+        raise InvalidArgument(f"arguments_json exceeds {MAX_ARGUMENTS_BYTES} bytes")
+    try:
+        arguments = json.loads(arguments_json or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"arguments_json is not valid JSON: {exc}") from exc
+    if not isinstance(arguments, dict):
+        raise InvalidArgument("arguments_json must be a JSON object")
+    return arguments
+
+
+def schema_violation(schema_json: str, instance: Any) -> str | None:
+    """A readable description of the most relevant violation, or None if valid."""
+    error = best_match(_validator(schema_json).iter_errors(instance))
+    if error is None:
+        return None
+    return f"{error.json_path}: {error.message}"

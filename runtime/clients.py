@@ -1,0 +1,72 @@
+"""Client-side plumbing: channels that carry trace context, deadlines, error mapping.
+
+Every outgoing call goes through `call_with_deadline`, so no call is made
+without a deadline and no status comes back as a raw `AioRpcError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from agentplex.runtime import errors
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+T = TypeVar("T")
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """An insecure loopback/cluster channel that propagates W3C trace context."""
+    return grpc.aio.insecure_channel(
+        address,
+        interceptors=aio_client_interceptors(),
+        options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)],
+    )
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """An absolute point in (monotonic) time by which work must be done.
+
+    It travels with a task so every downstream call gets the time that is
+    actually left, never a fresh full timeout.
+    """
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    @classmethod
+    def from_context(cls, context: grpc.aio.ServicerContext, default_seconds: float) -> Deadline:
+        """The caller's deadline, or `default_seconds` when the caller set none."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return cls.after(default_seconds)
+        return cls.after(remaining)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def timeout(self, cap: float | None = None) -> float:
+        """Seconds left for one call (optionally capped); raises if none are left."""
+        left = self.remaining()
+        if left <= 0:
+            raise errors.DeadlineExceeded("the task's deadline passed")
+        return left if cap is None else min(left, cap)
+
+
+async def call_with_deadline(
+    rpc: Callable[..., Awaitable[T]], request: object, *, timeout: float
+) -> T:
+    """Invoke a unary RPC with a timeout, mapping failures to domain errors."""
+    try:
+        return await rpc(request, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
+        raise errors.from_rpc_error(err) from err
+    except TimeoutError as err:
+        raise errors.DeadlineExceeded("call timed out") from err

@@ -1,0 +1,94 @@
+"""The server edge: every RPC passes through here on its way in and out.
+
+Exceptions escaping a servicer become precise statuses (through the table in
+`runtime.errors`), and every call is counted and timed by method and final
+status code. Doing both in one wrapper keeps the two views consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from agentplex.runtime import errors, metrics
+from google.rpc import code_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to statuses and records RPC metrics."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    status = errors.to_status(exc)
+    if status.code == code_pb2.INTERNAL:
+        log.error("unhandled error in %s", method, exc_info=exc)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def _record(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+    code = context.code()
+    name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+    metrics.rpc_handled.labels(method, name).inc()
+    metrics.rpc_duration.labels(method).observe(time.perf_counter() - started)
+
+
+def _wrap_unary(inner: Handler, method: str) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # every escape gets a status; the table decides which
+            await _abort(context, exc, method)
+        finally:
+            _record(method, context, started)
+
+    return call
+
+
+def _wrap_stream(inner: Handler, method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        try:
+            async for item in inner(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+        finally:
+            _record(method, context, started)
+
+    return call

@@ -1,0 +1,174 @@
+"""`ServiceHost`: what every agentplex gRPC server has besides its own servicers.
+
+Health (SERVING only while the service's dependencies answer), server
+reflection (so grpcurl works without .proto files), the error/metrics edge
+interceptor, OpenTelemetry server spans, a Prometheus endpoint, and graceful
+shutdown: on SIGTERM health turns NOT_SERVING first so balancers drain the
+instance, then in-flight calls get the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from agentplex.runtime.interceptors import EdgeInterceptor
+from agentplex.runtime.metrics import serve_metrics
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+log = logging.getLogger(__name__)
+
+DependencyCheck = Callable[[], Awaitable[None]]
+"""Raises (or times out) when a dependency does not answer."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a started service listens."""
+
+    address: str
+    metrics_port: int | None
+
+
+@dataclass
+class ServiceHost:
+    """Runs one gRPC server with the cross-cutting parts every service needs.
+
+    `register` adds the service's own servicers and returns their full names
+    (for reflection and per-service health).
+    """
+
+    name: str
+    register: Callable[[grpc.aio.Server], Sequence[str]]
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    dependency_checks: Sequence[DependencyCheck] = ()
+    health_interval_seconds: float = 1.0
+    grace_seconds: float = 10.0
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    _server: grpc.aio.Server | None = field(default=None, init=False)
+    _health: health_aio.HealthServicer | None = field(default=None, init=False)
+    _service_names: Sequence[str] = field(default=(), init=False)
+    _watch: asyncio.Task[None] | None = field(default=None, init=False)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    async def start(self) -> Endpoint:
+        server = grpc.aio.server(interceptors=[aio_server_interceptor(), EdgeInterceptor()])
+        self._service_names = list(self.register(server))
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}")
+        await server.start()
+        self._server = server
+        metrics_port = None
+        if self.metrics_port is not None:
+            metrics_port = serve_metrics(self.host, self.metrics_port)
+        await self._set_health(await self._dependencies_ok())
+        self._watch = asyncio.create_task(self._watch_dependencies(), name=f"{self.name}-health")
+        endpoint = Endpoint(address=f"{self.host}:{bound}", metrics_port=metrics_port)
+        log.info(
+            "%s listening",
+            self.name,
+            extra={"address": endpoint.address, "metrics_port": metrics_port},
+        )
+        return endpoint
+
+    async def _dependencies_ok(self) -> bool:
+        for check in self.dependency_checks:
+            try:
+                await asyncio.wait_for(check(), timeout=max(self.health_interval_seconds, 1.0))
+            except Exception as exc:  # any failure means "not ready", never a crash
+                log.warning("%s dependency check failed: %s", self.name, exc)
+                return False
+        return True
+
+    async def _set_health(self, ok: bool) -> None:
+        assert self._health is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", *self._service_names):
+            await self._health.set(service, status)
+
+    async def _watch_dependencies(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.health_interval_seconds)
+            if not self._stopping:
+                await self._set_health(await self._dependencies_ok())
+
+    async def stop(self) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.grace_seconds)
+        for hook in self.on_stop:
+            await hook()
+        log.info("%s stopped", self.name)
+        self._stopped.set()
+
+    async def __aenter__(self) -> Endpoint:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_until_signalled(self, ready_file: Path | None = None) -> None:
+        """Start, announce the endpoint, and run until SIGTERM or SIGINT."""
+        endpoint = await self.start()
+        if ready_file is not None:
+            write_ready_file(ready_file, endpoint)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+            log.info("%s received a stop signal; draining", self.name)
+        finally:
+            await self.stop()
+
+
+def write_ready_file(path: Path, endpoint: Endpoint) -> None:
+    """Publish the bound address atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"address": endpoint.address, "metrics_port": endpoint.metrics_port, "pid": os.getpid()}
+        )
+    )
+    tmp.replace(path)

@@ -1,0 +1,56 @@
+"""Typed configuration, read once from the environment (prefix ``AGENTPLEX_``).
+
+Every process of the mesh reads the same settings class; the launcher passes
+addresses down through the environment, so a service started by hand and one
+started by ``agentplex up`` behave the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration shared by all agentplex services."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTPLEX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Namespaces every Redis key, so several meshes (or tests) can share one Redis.
+    key_prefix: str = "agentplex"
+    memory_address: str = "127.0.0.1:50051"
+    registry_address: str = "127.0.0.1:50052"
+
+    # Seconds a stopping server lets in-flight calls finish after SIGTERM.
+    grace_seconds: float = Field(default=10.0, ge=0)
+    # How often a service re-checks its dependencies for its health status.
+    health_interval_seconds: float = Field(default=1.0, gt=0)
+    log_level: str = "INFO"
+    # "console" prints finished spans as JSON to stderr; "none" keeps them in-process only.
+    trace_exporter: Literal["none", "console"] = "none"
+
+    # Memory
+    memory_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    memory_default_context_tokens: int = Field(default=2048, ge=1)
+    # Hard cap on stored turns per session; older ones are trimmed on append.
+    memory_max_messages: int = Field(default=1000, ge=2)
+
+    # Registry
+    docs_dir: Path = Field(default_factory=Path.cwd)
+    tool_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Agents
+    llm_provider: Literal["scripted", "openai"] = "scripted"
+    openai_base_url: str = "http://127.0.0.1:8080/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model: str = "gpt-4o-mini"
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Token limit of the memory packet loaded into each task's prompt.
+    context_tokens: int = Field(default=2048, ge=64)
+    # Deadline applied to a task whose caller set none (every RPC has one).
+    default_task_timeout_seconds: float = Field(default=300.0, gt=0)

@@ -1,0 +1,61 @@
+"""What a tool backend is, and what it may use while it runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from agentplex.v1 import tool_pb2
+
+
+class ToolFailure(Exception):
+    """The tool ran and could not do what was asked (e.g. division by zero).
+
+    Reported to the model as a structured tool error, never as an RPC failure,
+    so the model can read it and try something else.
+    """
+
+    def __init__(self, message: str, *, code: str = "EXECUTION_FAILED") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a running tool may touch: the caller's scope and shared stores."""
+
+    agent: str
+    session_id: str
+    task_id: str
+    redis: aioredis.Redis
+    key_prefix: str
+
+
+class Tool(Protocol):
+    definition: tool_pb2.ToolDefinition
+
+    async def run(self, arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]: ...
+
+
+def define(
+    *,
+    name: str,
+    version: str,
+    description: str,
+    input_schema: dict[str, Any],
+    output_schema: dict[str, Any],
+    side_effect: tool_pb2.SideEffect.ValueType,
+) -> tool_pb2.ToolDefinition:
+    """A ToolDefinition from Python dicts; schemas are declared 2020-12."""
+    dialect = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
+    return tool_pb2.ToolDefinition(
+        name=name,
+        version=version,
+        description=description,
+        input_schema_json=json.dumps({**dialect, **input_schema}, sort_keys=True),
+        output_schema_json=json.dumps({**dialect, **output_schema}, sort_keys=True),
+        side_effect=side_effect,
+    )

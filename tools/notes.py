@@ -1,0 +1,93 @@
+"""`notes.write` / `notes.read`: per-session notes in Redis, a real side effect.
+
+Notes belong to the caller's session, so one session never sees another's.
+`notes.write` is side-effecting: the registry's idempotency ledger is what
+keeps a retried step from writing the same note twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentplex.tools.base import ToolContext, ToolFailure, define
+from agentplex.v1 import tool_pb2
+
+MAX_NOTE_LENGTH = 4000
+MAX_NOTES_PER_SESSION = 500
+NOTES_TTL_SECONDS = 30 * 24 * 3600
+
+
+def _key(context: ToolContext) -> str:
+    if not context.session_id:
+        raise ToolFailure(
+            "notes need a session: call with caller.session_id set", code="NO_SESSION"
+        )
+    return f"{context.key_prefix}:notes:{context.session_id}"
+
+
+class NotesWrite:
+    definition = define(
+        name="notes.write",
+        version="1.0.0",
+        description="Saves a note in the current session so it can be read back later.",
+        input_schema={
+            "type": "object",
+            "properties": {
+                "text": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_NOTE_LENGTH,
+                    "description": "What to remember.",
+                }
+            },
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        output_schema={
+            "type": "object",
+            "properties": {"saved": {"type": "boolean"}, "note_count": {"type": "integer"}},
+            "required": ["saved", "note_count"],
+        },
+        side_effect=tool_pb2.SIDE_EFFECT_SIDE_EFFECTING,
+    )
+
+    async def run(self, arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]:
+        key = _key(context)
+        async with context.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, arguments["text"])
+            pipe.ltrim(key, -MAX_NOTES_PER_SESSION, -1)
+            pipe.expire(key, NOTES_TTL_SECONDS)
+            pipe.llen(key)
+            *_, count = await pipe.execute()
+        return {"saved": True, "note_count": int(count)}
+
+
+class NotesRead:
+    definition = define(
+        name="notes.read",
+        version="1.0.0",
+        description="Returns the notes saved in the current session, oldest first.",
+        input_schema={
+            "type": "object",
+            "properties": {
+                "limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_NOTES_PER_SESSION,
+                    "description": "Most recent notes to return (default 20).",
+                }
+            },
+            "additionalProperties": False,
+        },
+        output_schema={
+            "type": "object",
+            "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+            "required": ["notes"],
+        },
+        side_effect=tool_pb2.SIDE_EFFECT_READ_ONLY,
+    )
+
+    async def run(self, arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]:
+        limit = int(arguments.get("limit", 20))
+        raw = await context.redis.lrange(_key(context), -limit, -1)
+        return {"notes": [n.decode() if isinstance(n, bytes) else n for n in raw]}
