@@ -7,6 +7,8 @@ import asyncio
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.llm.base import LLMProvider
@@ -20,7 +22,6 @@ from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from agentplex.v1 import step_event_pb2
 from google.protobuf import timestamp_pb2
+
+from agentplex.v1 import step_event_pb2
 
 EventSink = Callable[[step_event_pb2.StepEvent], Awaitable[None]]
 

@@ -19,6 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
 from agentplex.agents import metrics
 from agentplex.agents.catalog import AgentSpec
 from agentplex.agents.events import EventRecorder, EventSink
@@ -44,15 +54,6 @@ from agentplex.v1 import (
     task_pb2,
     tool_pb2,
     tool_registry_service_pb2,
-)
-from google.protobuf import timestamp_pb2
-from opentelemetry import trace
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+
 from agentplex.agents.runner import AgentRunner, TaskOutcome
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.clients import Deadline

@@ -10,10 +10,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from agentplex.agents import catalog
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.v1 import agent_service_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 TaskMessage = agent_service_pb2.RunTaskRequest | agent_service_pb2.StreamStepsRequest
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
+
 from agentplex.memory.servicer import MemoryServicer
 from agentplex.memory.store import MemoryStore
 from agentplex.runtime.server import ServiceHost

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+
 from agentplex.runtime.clients import call_with_deadline, open_channel
 from agentplex.v1 import memory_pb2
 from agentplex.v1 import memory_service_pb2 as pb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from agentplex.memory.store import MemoryStore
 from agentplex.v1 import memory_service_pb2 as pb
 from agentplex.v1 import memory_service_pb2_grpc as pb_grpc

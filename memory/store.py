@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
+
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.runtime.tokens import estimate_message_tokens
 from agentplex.v1 import memory_pb2
-from google.protobuf import timestamp_pb2
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")

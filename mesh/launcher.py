@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from agentplex.agents.catalog import CATALOG
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.state import pid_alive, write_state
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2
 from google.protobuf import json_format
+
+from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2
 
 
 def _json(message: object) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
+
 from agentplex.agents.catalog import CATALOG
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry

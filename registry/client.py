@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from agentplex.runtime.clients import call_with_deadline, open_channel
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb

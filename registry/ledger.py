@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import FailedPrecondition, InvalidArgument
 from agentplex.v1 import tool_registry_service_pb2 as pb

@@ -7,12 +7,18 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from agentplex.runtime.errors import InvalidArgument
-from agentplex.v1 import tool_pb2
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
-TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+from agentplex.runtime.errors import InvalidArgument
+from agentplex.v1 import tool_pb2
+
+# Dotted lowercase words joined by single underscores: no "__" and no trailing "_",
+# so the OpenAI provider's "." -> "__" wire mapping is unambiguous and reversible.
+_WORD = r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
+TOOL_NAME_PATTERN = re.compile(rf"^{_WORD}(?:\.{_WORD})*$")
+# Function names on OpenAI-compatible APIs are limited to 64 characters after mapping.
+MAX_WIRE_NAME_LENGTH = 64
 SEMVER_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_ARGUMENTS_BYTES = 256 * 1024
@@ -28,7 +34,8 @@ def semver(version: str) -> tuple[int, int, int]:
 
 def check_definition(tool: tool_pb2.ToolDefinition) -> None:
     """Reject a contract that could never be used safely."""
-    if not TOOL_NAME_PATTERN.match(tool.name) or len(tool.name) > 64:
+    wire_length = len(tool.name) + tool.name.count(".")
+    if not TOOL_NAME_PATTERN.match(tool.name) or wire_length > MAX_WIRE_NAME_LENGTH:
         raise InvalidArgument(
             f"tool.name {tool.name!r} must be lowercase dotted words, e.g. 'notes.write'"
         )

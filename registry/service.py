@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
+
 from agentplex.registry import schemas
 from agentplex.registry.ledger import IdempotencyLedger, fingerprint
 from agentplex.registry.store import RegistryStore
@@ -25,7 +27,6 @@ from agentplex.runtime.errors import (
 from agentplex.tools.base import Tool, ToolContext, ToolFailure
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
-from opentelemetry import trace
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("agentplex.registry")
@@ -184,8 +185,7 @@ class ToolRegistry:
             response.error.CopyFrom(
                 tool_pb2.ToolError(
                     code="INVALID_RESULT",
-                    message=f"{tool.name} returned a result outside its output schema: "
-                    f"{violation}",
+                    message=f"{tool.name} returned a result outside its output schema: {violation}",
                 )
             )
             return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from agentplex.registry.service import ToolRegistry
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import InvalidArgument

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import redis.asyncio as aioredis
+
 from agentplex.v1 import tool_pb2
 
 

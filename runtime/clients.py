@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from agentplex.runtime import errors
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from agentplex.runtime import errors
 
 T = TypeVar("T")
 

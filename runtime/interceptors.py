@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from agentplex.runtime import errors, metrics
 from google.rpc import code_pb2
 from grpc_status import rpc_status
+
+from agentplex.runtime import errors, metrics
 
 log = logging.getLogger(__name__)
 

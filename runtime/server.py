@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from agentplex.runtime.interceptors import EdgeInterceptor
-from agentplex.runtime.metrics import serve_metrics
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from agentplex.runtime.interceptors import EdgeInterceptor
+from agentplex.runtime.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from agentplex.agents.llm.base import (
     ChatMessage,
     Completion,

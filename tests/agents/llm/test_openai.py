@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from agentplex.agents.llm.base import (
     ChatMessage,
     Completion,
