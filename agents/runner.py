@@ -316,7 +316,9 @@ class AgentRunner:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._retry.attempts),
             wait=wait_exponential_jitter(
-                initial=self._retry.initial_seconds, max=self._retry.max_seconds
+                multiplier=self._retry.initial_seconds,
+                jitter=self._retry.initial_seconds,
+                max=self._retry.max_seconds,
             ),
             retry=retry_if_exception_type(TransientLLMError),
             before_sleep=count_retry,

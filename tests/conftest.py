@@ -3,8 +3,10 @@ and the real services started in-process on free loopback ports."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server for the whole session (started on its own loop)."""
-    import asyncio
-
     server = EmbeddedRedis()
     loop = asyncio.new_event_loop()
     try:
@@ -111,3 +111,29 @@ async def channel_to():  # type: ignore[no-untyped-def]
     yield open_
     for channel in channels:
         await channel.close()
+
+
+async def _eventually(
+    condition: Callable[[], Awaitable[bool] | bool],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition not met",
+) -> None:
+    """Poll `condition` until it holds; fail with `message` after `timeout` seconds."""
+    give_up = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > give_up:
+            raise AssertionError(f"{message} within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def eventually():  # type: ignore[no-untyped-def]
+    """`await eventually(condition, timeout=…, message=…)`: poll instead of sleeping."""
+    return _eventually
