@@ -1,0 +1,26 @@
+# Developer commands. Everything runs offline with the tools from `pip install -e '.[dev]'`.
+PYTHON ?= python
+BIN := $(dir $(shell $(PYTHON) -c 'import sys; print(sys.executable)'))
+export PATH := $(BIN):$(PATH)
+
+.PHONY: gen lint test check
+
+## gen: regenerate gen/python from proto/ (buf drives grpcio-tools' protoc)
+gen:
+	buf lint
+	rm -rf gen/python/agentplex
+	mkdir -p gen/python
+	buf generate
+
+## lint: buf lint on the contracts, ruff on the code
+lint:
+	buf lint
+	ruff check .
+	ruff format --check .
+
+## test: the whole suite (the same command CI runs)
+test:
+	pytest
+
+## check: lint, then the whole suite
+check: lint test

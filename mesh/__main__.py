@@ -1,0 +1,5 @@
+"""`python -m agentplex.mesh` is the `agentplex` command."""
+
+from agentplex.mesh.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""The newcomer's path, for real: `agentplex up` as a process, then `agentplex run`,
+`agentplex tools list` and grpcurl against the addresses in the state file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def agentplex(*args: str, state_file: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"{what} within {timeout}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    state_file = tmp_path_factory.mktemp("mesh") / "mesh.json"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file), "up",
+         "--ephemeral-ports"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT, env=env,
+    )
+    try:
+        wait_for(lambda: state_file.exists() or process.poll() is not None, 90,
+                 "the mesh did not come up")
+        if process.poll() is not None:
+            pytest.fail(f"agentplex up exited early:\n{process.stdout.read()}")  # type: ignore[union-attr]
+        yield state_file, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    state = json.loads(state_file.read_text())
+    for part in ("redis", "memory", "registry", "assistant", "researcher"):
+        assert part in state, part
+    assert state["redis"].startswith("redis://127.0.0.1:")
+    assert state["assistant"].startswith("127.0.0.1:")
+
+
+def test_run_stream_shows_the_calculator_call_and_391(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    done = agentplex("run", "--stream", "--agent", "assistant", "what is 17*23?",
+                     state_file=state_file)
+    assert done.returncode == 0, done.stderr
+    assert "tool call  calculator@1.0.0" in done.stdout
+    assert "answer: 17*23 = 391." in done.stdout
+
+
+def test_run_without_stream_prints_the_answer(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    done = agentplex("run", "what is 6*7", state_file=state_file)
+    assert (done.returncode, done.stdout.strip()) == (0, "6*7 = 42.")
+
+
+def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    done = agentplex("run", "--agent", "researcher", "how do I run the tests?",
+                     state_file=state_file)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(("From ", "I found nothing"))
+
+
+def test_tools_list(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    done = agentplex("tools", "list", state_file=state_file)
+    assert done.returncode == 0, done.stderr
+    for name in ("calculator", "docs.search", "notes.read", "notes.write"):
+        assert name in done.stdout
+
+
+def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    unknown = agentplex("run", "--agent", "nope", "hi", state_file=state_file)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (
+        "agentplex: unknown agent 'nope'; this mesh runs: assistant, researcher")
+    bad = agentplex("run", "--max-steps", "26", "hi", state_file=state_file)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "agentplex: INVALID_ARGUMENT: max_steps: must be between 1 and 25 (got 26)")
+    nothing = agentplex("run", "hi", state_file=tmp_path / "none.json")
+    assert nothing.returncode == 1
+    assert "start one with `agentplex up`" in nothing.stderr
+    assert len(nothing.stderr.strip().splitlines()) == 1
+
+
+def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    state = json.loads(state_file.read_text())
+    listed = subprocess.run([grpcurl, "-plaintext", state["assistant"], "list"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    services = set(listed.stdout.split())
+    assert {"agentplex.v1.AgentService", "grpc.health.v1.Health"} <= services
+    assert any(s.startswith("grpc.reflection.") for s in services)
+    health = subprocess.run([grpcurl, "-plaintext", state["registry"],
+                             "grpc.health.v1.Health/Check"],
+                            capture_output=True, text=True, timeout=30)
+    assert '"status": "SERVING"' in health.stdout
+
+
+def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    second = agentplex("up", "--ephemeral-ports", state_file=state_file, timeout=60)
+    assert second.returncode == 1
+    assert "a mesh is already running here" in second.stdout
+
+
+def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    """Runs last in this module: stops the mesh and checks nothing is left behind."""
+    state_file, process = running_mesh
+    state = json.loads(state_file.read_text())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    output = process.stdout.read()  # type: ignore[union-attr]
+    assert "agentplex: stopped" in output
+    assert not state_file.exists()
+    import socket
+
+    for part in ("memory", "registry", "assistant", "researcher"):
+        host, port = state[part].rsplit(":", 1)
+        with socket.socket() as sock:
+            assert sock.connect_ex((host, int(port))) != 0, f"{part} still listening"
