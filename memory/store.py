@@ -37,11 +37,11 @@ class ContextPacket:
 
 
 def validate_scope(scope: memory_pb2.SessionScope) -> None:
-    if not AGENT_NAME_PATTERN.match(scope.agent):
+    if not AGENT_NAME_PATTERN.fullmatch(scope.agent):
         raise InvalidArgument(
             f"scope.agent {scope.agent!r} must be a lowercase name like 'assistant'"
         )
-    if not SESSION_ID_PATTERN.match(scope.session_id):
+    if not SESSION_ID_PATTERN.fullmatch(scope.session_id):
         raise InvalidArgument(
             "scope.session_id must be 1-128 characters of letters, digits and ._:-"
         )

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 START_ATTEMPTS = 5
 READY_TIMEOUT_SECONDS = 10.0
@@ -57,6 +59,7 @@ class EmbeddedRedis:
         self._data_dir = data_dir
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._process: asyncio.subprocess.Process | None = None
+        self._log_path = Path(os.devnull)
 
     @property
     def url(self) -> str:
@@ -67,6 +70,7 @@ class EmbeddedRedis:
             self._tmp = tempfile.TemporaryDirectory(prefix="agentplex-redis-")
             self._data_dir = Path(self._tmp.name)
         self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = self._data_dir / "redis.log"
         attempts = 1 if self._requested_port else START_ATTEMPTS
         last_error = ""
         for _ in range(attempts):
@@ -87,8 +91,10 @@ class EmbeddedRedis:
                 "yes",
                 "--daemonize",
                 "no",
+                "--logfile",
+                str(self._log_path),
                 stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
             )
             if await self._wait_ready():
                 return self.url
@@ -96,16 +102,26 @@ class EmbeddedRedis:
         raise RuntimeError(f"redis-server did not start on {self.host}:{self.port}: {last_error}")
 
     async def _wait_ready(self) -> bool:
-        client = aioredis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
+        """True once *our* child answers; False if it exits or never does."""
+        assert self._process is not None
+        # No client-side retries: a refused ping must come back at once so the
+        # loop can tell "not up yet" from "port taken by someone else".
+        client = aioredis.Redis(
+            host=self.host,
+            port=self.port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             loop = asyncio.get_running_loop()
             give_up = loop.time() + READY_TIMEOUT_SECONDS
-            while loop.time() < give_up:
-                assert self._process is not None
-                if self._process.returncode is not None:
-                    return False
-                with contextlib.suppress(OSError, aioredis.ConnectionError):
-                    if await client.ping():
+            while loop.time() < give_up and self._process.returncode is None:
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    info = await client.info("server")
+                    # Another server may already hold the port: make sure the
+                    # one answering is the child we started.
+                    if int(info.get("process_id", -1)) == self._process.pid:
                         return True
                 await asyncio.sleep(0.02)
             return False
@@ -116,8 +132,12 @@ class EmbeddedRedis:
         assert self._process is not None
         if self._process.returncode is None:
             self._process.kill()
-        _, stderr = await self._process.communicate()
-        return stderr.decode(errors="replace").strip()[-500:]
+        await self._process.wait()
+        try:
+            log = await asyncio.to_thread(self._log_path.read_text, errors="replace")
+        except OSError:
+            return f"exit code {self._process.returncode}"
+        return " | ".join(log.strip().splitlines()[-3:])[-500:]
 
     async def stop(self) -> None:
         if self._process is not None and self._process.returncode is None:

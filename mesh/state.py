@@ -43,6 +43,8 @@ def read_state(path: Path) -> dict[str, Any]:
         raise MeshNotRunning(
             f"{path} is not valid JSON ({exc}); restart with `agentplex up`"
         ) from None
+    if not isinstance(state, dict):
+        raise MeshNotRunning(f"{path} does not hold a mesh state; restart with `agentplex up`")
     pid = state.get("pid")
     if isinstance(pid, int) and not pid_alive(pid):
         raise MeshNotRunning(

@@ -25,7 +25,7 @@ MAX_ARGUMENTS_BYTES = 256 * 1024
 
 
 def semver(version: str) -> tuple[int, int, int]:
-    match = SEMVER_PATTERN.match(version)
+    match = SEMVER_PATTERN.fullmatch(version)
     if not match:
         raise InvalidArgument(f"version {version!r} is not semantic (MAJOR.MINOR.PATCH)")
     major, minor, patch = (int(part) for part in match.groups())
@@ -35,7 +35,7 @@ def semver(version: str) -> tuple[int, int, int]:
 def check_definition(tool: tool_pb2.ToolDefinition) -> None:
     """Reject a contract that could never be used safely."""
     wire_length = len(tool.name) + tool.name.count(".")
-    if not TOOL_NAME_PATTERN.match(tool.name) or wire_length > MAX_WIRE_NAME_LENGTH:
+    if not TOOL_NAME_PATTERN.fullmatch(tool.name) or wire_length > MAX_WIRE_NAME_LENGTH:
         raise InvalidArgument(
             f"tool.name {tool.name!r} must be lowercase dotted words, e.g. 'notes.write'"
         )

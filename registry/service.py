@@ -189,5 +189,13 @@ class ToolRegistry:
                 )
             )
             return response
-        response.result_json = json.dumps(result, sort_keys=True)
+        try:
+            response.result_json = json.dumps(result, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            response.error.CopyFrom(
+                tool_pb2.ToolError(
+                    code="INVALID_RESULT",
+                    message=f"{tool.name} returned a result that is not JSON: {exc}",
+                )
+            )
         return response

@@ -13,9 +13,9 @@ import grpc
 import redis.exceptions
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 ERROR_DOMAIN = "agentplex.dev"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class AgentplexError(Exception):
@@ -124,11 +124,14 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> AgentplexError:
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     reason = None
-    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
-    if status is not None:
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                reason = info.reason
+    # Read the rich status from the trailer directly: grpc_status' helper only
+    # accepts the sync API's grpc.Call, and AioRpcError is not one.
+    trailers = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else ()
+    for key, value in trailers or ():
+        if key == _STATUS_DETAILS_KEY:
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason = info.reason
     exc_type = _EXCEPTION_FOR_CODE.get(code, AgentplexError)
     return exc_type(details or code.name, reason=reason or code.name)

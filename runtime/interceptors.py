@@ -7,6 +7,7 @@ status code. Doing both in one wrapper keeps the two views consistent.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,7 +80,12 @@ def _wrap_unary(inner: Handler, method: str) -> Handler:
     return call
 
 
-def _wrap_stream(inner: Handler, method: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(inner: Handler, method: str) -> Handler:
+    if not inspect.isasyncgenfunction(inner):
+        # A coroutine handler that streams with `await context.write(...)`
+        # (grpc_health's Watch does) is wrapped like a unary one.
+        return _wrap_unary(inner, method)
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:

@@ -19,15 +19,21 @@ rpc_duration = Histogram(
 )
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry | None = None) -> int:
-    """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port.
+class MetricsEndpoint:
+    """The /metrics HTTP endpoint, on prometheus_client's own thread.
 
-    prometheus_client's server runs on its own thread, so scraping never
-    touches the event loop.
+    Scraping never touches the event loop; `close()` frees the port.
     """
-    if registry is None:
-        from prometheus_client import REGISTRY
 
-        registry = REGISTRY
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return int(server.server_port)
+    def __init__(self, host: str, port: int, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            from prometheus_client import REGISTRY
+
+            registry = REGISTRY
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

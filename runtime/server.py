@@ -23,10 +23,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from agentplex.runtime.interceptors import EdgeInterceptor
-from agentplex.runtime.metrics import serve_metrics
+from agentplex.runtime.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +65,36 @@ class ServiceHost:
     _watch: asyncio.Task[None] | None = field(default=None, init=False)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _stopping: bool = field(default=False, init=False)
+    _metrics: MetricsEndpoint | None = field(default=None, init=False)
 
     async def start(self) -> Endpoint:
-        server = grpc.aio.server(interceptors=[aio_server_interceptor(), EdgeInterceptor()])
-        self._service_names = list(self.register(server))
-        self._health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [
-                *self._service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        if bound == 0:
-            raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}")
-        await server.start()
-        self._server = server
-        metrics_port = None
-        if self.metrics_port is not None:
-            metrics_port = serve_metrics(self.host, self.metrics_port)
-        await self._set_health(await self._dependencies_ok())
+        """Serve; on any failure part-way, whatever was started is stopped again."""
+        try:
+            if self.metrics_port is not None:
+                self._metrics = MetricsEndpoint(self.host, self.metrics_port)
+            # Health checks make no spans: they are noise, and the OpenTelemetry
+            # interceptor cannot wrap Watch, which streams with context.write().
+            tracing = aio_server_interceptor(filter_=filters.negate(filters.health_check()))
+            server = grpc.aio.server(interceptors=[tracing, EdgeInterceptor()])
+            self._service_names = list(self.register(server))
+            self._health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+            reflection.enable_server_reflection(
+                [*self._service_names, health_name, reflection.SERVICE_NAME], server
+            )
+            try:
+                bound = server.add_insecure_port(f"{self.host}:{self.port}")
+            except RuntimeError as exc:
+                raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
+            self._server = server
+            await server.start()
+            await self._set_health(await self._dependencies_ok())
+        except BaseException:
+            await self.stop()
+            raise
         self._watch = asyncio.create_task(self._watch_dependencies(), name=f"{self.name}-health")
+        metrics_port = self._metrics.port if self._metrics else None
         endpoint = Endpoint(address=f"{self.host}:{bound}", metrics_port=metrics_port)
         log.info(
             "%s listening",
@@ -136,6 +142,9 @@ class ServiceHost:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.grace_seconds)
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
+            self._metrics = None
         for hook in self.on_stop:
             await hook()
         log.info("%s stopped", self.name)

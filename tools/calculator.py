@@ -9,6 +9,7 @@ model cannot ask for a number that eats the process.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable
 from fractions import Fraction
@@ -20,6 +21,10 @@ from agentplex.v1 import tool_pb2
 MAX_EXPRESSION_LENGTH = 500
 MAX_EXPONENT = 1000
 MAX_DIGITS = 4000
+# Sizes are compared numerically, never by printing: str() of a huge int is
+# itself slow and, past 4300 digits, refused by Python.
+_TOO_LARGE = 10**MAX_DIGITS
+_MAX_BITS = _TOO_LARGE.bit_length()
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -38,20 +43,42 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
 
 def evaluate(expression: str) -> int | float:
     """Value of an arithmetic expression; raises ToolFailure on anything else."""
-    text = expression.replace("^", "**").replace("×", "*").replace("÷", "/")
+    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise ToolFailure(f"not an arithmetic expression: {expression!r}") from exc
     value = _walk(tree.body)
     if isinstance(value, Fraction):
-        return int(value) if value.denominator == 1 else float(value)
+        if value.denominator == 1:
+            return int(value)
+        try:
+            return _finite(float(value))
+        except OverflowError as exc:
+            raise ToolFailure("result is too large") from exc
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ToolFailure("result is too large")
+    return value
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, Fraction):
+        if abs(value.numerator) >= _TOO_LARGE or value.denominator >= _TOO_LARGE:
+            raise ToolFailure("result is too large")
+    elif isinstance(value, complex):
+        raise ToolFailure("result is not a real number")
+    elif isinstance(value, float):
+        _finite(value)
     return value
 
 
 def _walk(node: ast.AST) -> Any:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(node.value) if isinstance(node.value, int) else node.value
+        return _check_size(Fraction(node.value) if isinstance(node.value, int) else node.value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_walk(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
@@ -60,17 +87,19 @@ def _walk(node: ast.AST) -> Any:
             raise ToolFailure(f"exponent {right} is larger than {MAX_EXPONENT}")
         if isinstance(node.op, ast.Pow) and isinstance(right, Fraction) and right.denominator != 1:
             left, right = float(left), float(right)
+        if isinstance(node.op, ast.Pow) and isinstance(left, Fraction):
+            # Refuse before computing what is certainly too large: x**n has at
+            # least (bits(x) - 1) * n + 1 bits.
+            bits = max(left.numerator.bit_length(), left.denominator.bit_length())
+            if (bits - 1) * abs(right) >= _MAX_BITS:
+                raise ToolFailure("result is too large")
         try:
             result = _BINARY[type(node.op)](left, right)
         except ZeroDivisionError as exc:
             raise ToolFailure("division by zero") from exc
         except OverflowError as exc:
             raise ToolFailure("result is too large") from exc
-        if isinstance(result, Fraction) and len(str(result.numerator)) > MAX_DIGITS:
-            raise ToolFailure("result is too large")
-        if isinstance(result, complex):
-            raise ToolFailure("result is not a real number")
-        return result
+        return _check_size(result)
     raise ToolFailure(f"unsupported syntax in expression: {ast.dump(node)[:60]}")
 
 

@@ -49,8 +49,13 @@ def split_sections(source: str, text: str) -> list[Section]:
                 Section(source, title, body, frozenset(terms(title)), frozenset(terms(body)))
             )
 
+    fence = ""
     for line in text.splitlines():
-        match = _HEADING.match(line)
+        marker = line.lstrip()[:3]
+        if marker in ("```", "~~~") and (not fence or marker == fence):
+            # A '#' inside a fenced code block is a shell comment, not a heading.
+            fence = "" if fence else marker
+        match = None if fence else _HEADING.match(line)
         if match:
             flush()
             title, lines = match.group(1).strip(), []

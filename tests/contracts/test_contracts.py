@@ -27,8 +27,9 @@ def buf() -> str:
 def run_buf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # buf runs `python -m grpc_tools.protoc`: the dev install's python must come first.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([buf(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [buf(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_buf_lint_is_clean() -> None:
@@ -56,8 +57,12 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 def test_service_names_are_the_published_ones() -> None:
     assert agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name == (
-        "agentplex.v1.AgentService")
-    assert tool_registry_service_pb2.DESCRIPTOR.services_by_name[
-        "ToolRegistryService"].full_name == "agentplex.v1.ToolRegistryService"
+        "agentplex.v1.AgentService"
+    )
+    assert (
+        tool_registry_service_pb2.DESCRIPTOR.services_by_name["ToolRegistryService"].full_name
+        == "agentplex.v1.ToolRegistryService"
+    )
     assert memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name == (
-        "agentplex.v1.MemoryService")
+        "agentplex.v1.MemoryService"
+    )

@@ -143,9 +143,7 @@ async def test_memory_client_round_trip(mesh) -> None:  # type: ignore[no-untype
 # --- max_tokens: unset means the server default ---------------------------------------------
 
 
-async def test_max_tokens_unset_uses_server_default(
-    settings: Settings, channel_to
-) -> None:  # type: ignore[no-untyped-def]
+async def test_max_tokens_unset_uses_server_default(settings: Settings, channel_to) -> None:  # type: ignore[no-untyped-def]
     host = memory_app.build_host(
         settings.model_copy(update={"memory_default_context_tokens": 30}), metrics_port=None
     )

@@ -184,7 +184,9 @@ async def test_bounded_load_exact_fit_includes_boundary_message(store: MemorySto
 async def test_bounded_load_stops_at_first_message_that_does_not_fit(store: MemoryStore) -> None:
     # Newest first: 5 fits, 100 does not; the older 1 must not be picked around the gap,
     # the packet is always a contiguous, most recent suffix.
-    await store.append(scope(), [msg("old", tokens=1), msg("huge", tokens=100), msg("new", tokens=5)])
+    await store.append(
+        scope(), [msg("old", tokens=1), msg("huge", tokens=100), msg("new", tokens=5)]
+    )
 
     packet = await store.load(scope(), 10)
 
@@ -343,11 +345,6 @@ async def test_good_session_ids_are_accepted(store: MemoryStore, session_id: str
     assert await store.append(scope(session_id=session_id), [msg("x")]) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py:23-24,40,44: patterns end in '$' and use .match(), so a trailing "
-    "newline passes validation; use re.fullmatch or '\\Z'",
-)
 @pytest.mark.parametrize(
     "bad_scope",
     [

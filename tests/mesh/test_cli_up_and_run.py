@@ -20,10 +20,15 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def agentplex(*args: str, state_file: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def agentplex(
+    *args: str, state_file: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
     )
 
 
@@ -36,17 +41,33 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
 
 
 @pytest.fixture(scope="module")
-def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+def running_mesh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     state_file = tmp_path_factory.mktemp("mesh") / "mesh.json"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file), "up",
-         "--ephemeral-ports"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "agentplex.mesh",
+            "--state-file",
+            str(state_file),
+            "up",
+            "--ephemeral-ports",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
     )
     try:
-        wait_for(lambda: state_file.exists() or process.poll() is not None, 90,
-                 "the mesh did not come up")
+        wait_for(
+            lambda: state_file.exists() or process.poll() is not None,
+            90,
+            "the mesh did not come up",
+        )
         if process.poll() is not None:
             pytest.fail(f"agentplex up exited early:\n{process.stdout.read()}")  # type: ignore[union-attr]
         yield state_file, process
@@ -70,8 +91,9 @@ def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-u
 
 def test_run_stream_shows_the_calculator_call_and_391(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
-    done = agentplex("run", "--stream", "--agent", "assistant", "what is 17*23?",
-                     state_file=state_file)
+    done = agentplex(
+        "run", "--stream", "--agent", "assistant", "what is 17*23?", state_file=state_file
+    )
     assert done.returncode == 0, done.stderr
     assert "tool call  calculator@1.0.0" in done.stdout
     assert "answer: 17*23 = 391." in done.stdout
@@ -85,8 +107,9 @@ def test_run_without_stream_prints_the_answer(running_mesh) -> None:  # type: ig
 
 def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
-    done = agentplex("run", "--agent", "researcher", "how do I run the tests?",
-                     state_file=state_file)
+    done = agentplex(
+        "run", "--agent", "researcher", "how do I run the tests?", state_file=state_file
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(("From ", "I found nothing"))
 
@@ -104,11 +127,13 @@ def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:  # 
     unknown = agentplex("run", "--agent", "nope", "hi", state_file=state_file)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == (
-        "agentplex: unknown agent 'nope'; this mesh runs: assistant, researcher")
+        "agentplex: unknown agent 'nope'; this mesh runs: assistant, researcher"
+    )
     bad = agentplex("run", "--max-steps", "26", "hi", state_file=state_file)
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
-        "agentplex: INVALID_ARGUMENT: max_steps: must be between 1 and 25 (got 26)")
+        "agentplex: INVALID_ARGUMENT: max_steps: must be between 1 and 25 (got 26)"
+    )
     nothing = agentplex("run", "hi", state_file=tmp_path / "none.json")
     assert nothing.returncode == 1
     assert "start one with `agentplex up`" in nothing.stderr
@@ -119,15 +144,22 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # 
     state_file, _ = running_mesh
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     state = json.loads(state_file.read_text())
-    listed = subprocess.run([grpcurl, "-plaintext", state["assistant"], "list"],
-                            capture_output=True, text=True, timeout=30)
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", state["assistant"], "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
     assert {"agentplex.v1.AgentService", "grpc.health.v1.Health"} <= services
     assert any(s.startswith("grpc.reflection.") for s in services)
-    health = subprocess.run([grpcurl, "-plaintext", state["registry"],
-                             "grpc.health.v1.Health/Check"],
-                            capture_output=True, text=True, timeout=30)
+    health = subprocess.run(
+        [grpcurl, "-plaintext", state["registry"], "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert '"status": "SERVING"' in health.stdout
 
 

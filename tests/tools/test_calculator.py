@@ -165,27 +165,11 @@ def test_results_with_too_many_digits_are_rejected() -> None:
     assert "too large" in info.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG tools/calculator.py:evaluate: ast.parse(mode='eval') raises IndentationError "
-        "for leading whitespace, so ' 1 + 1' is reported as 'not an arithmetic expression'"
-    ),
-)
 @pytest.mark.parametrize("expression", [" 1+1", "  17 * 23", "\t2^3"])
 def test_leading_whitespace_is_accepted(expression: str) -> None:
     assert evaluate(expression) in (2, 391, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason=(
-        "BUG tools/calculator.py:_walk: len(str(result.numerator)) raises ValueError "
-        "(Python's 4300-digit int->str limit) for results over 4300 digits, so the "
-        "guard never turns them into a ToolFailure; the registry answers INTERNAL"
-    ),
-)
 @pytest.mark.parametrize("expression", ["99999**1000", "(10**1000)**5"])
 def test_results_beyond_python_str_limit_are_a_tool_failure(expression: str) -> None:
     with pytest.raises(ToolFailure) as info:
@@ -193,21 +177,15 @@ def test_results_beyond_python_str_limit_are_a_tool_failure(expression: str) -> 
     assert "too large" in info.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG tools/calculator.py:_walk/evaluate: float overflow in +,-,*,/ (and 1e309 "
-        "literals) silently gives inf/nan instead of 'result is too large'; the "
-        "registry then emits result_json with the non-JSON token Infinity/NaN"
-    ),
-)
 @pytest.mark.parametrize("expression", ["1e308*10", "1e309", "1e308*10 - 1e308*10"])
 def test_non_finite_float_results_are_a_tool_failure(expression: str) -> None:
     with pytest.raises(ToolFailure):
         evaluate(expression)
 
 
-@pytest.mark.parametrize("expression", ["", "   ", "1+", "2**", "(1", "1)", "1 2", "#", "1+*2", "^^"])
+@pytest.mark.parametrize(
+    "expression", ["", "   ", "1+", "2**", "(1", "1)", "1 2", "#", "1+*2", "^^"]
+)
 def test_syntax_garbage_is_rejected(expression: str) -> None:
     with pytest.raises(ToolFailure) as info:
         evaluate(expression)

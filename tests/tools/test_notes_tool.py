@@ -13,6 +13,7 @@ from agentplex.tools.notes import (
     NotesRead,
     NotesWrite,
 )
+from agentplex.v1 import tool_pb2
 
 
 @pytest.fixture
@@ -61,9 +62,7 @@ async def test_sessions_are_isolated(context_for) -> None:  # type: ignore[no-un
     assert await NotesRead().run({}, context_for("gamma")) == {"notes": []}
 
 
-async def test_key_prefixes_are_isolated(
-    redis_client: aioredis.Redis, key_prefix: str
-) -> None:
+async def test_key_prefixes_are_isolated(redis_client: aioredis.Redis, key_prefix: str) -> None:
     def ctx(prefix: str) -> ToolContext:
         return ToolContext(
             agent="a", session_id="same", task_id="", redis=redis_client, key_prefix=prefix
@@ -73,9 +72,7 @@ async def test_key_prefixes_are_isolated(
     assert await NotesRead().run({}, ctx(f"{key_prefix}-other")) == {"notes": []}
 
 
-@pytest.mark.parametrize(
-    ("tool", "arguments"), [(NotesWrite(), {"text": "x"}), (NotesRead(), {})]
-)
+@pytest.mark.parametrize(("tool", "arguments"), [(NotesWrite(), {"text": "x"}), (NotesRead(), {})])
 async def test_no_session_is_a_tool_failure(
     context_for,  # type: ignore[no-untyped-def]
     redis_client: aioredis.Redis,
@@ -131,6 +128,8 @@ async def test_unicode_round_trips(context_for) -> None:  # type: ignore[no-unty
 def test_contracts() -> None:
     for tool in (NotesWrite, NotesRead):
         schemas.check_definition(tool.definition)
+    assert NotesWrite.definition.side_effect == tool_pb2.SIDE_EFFECT_SIDE_EFFECTING
+    assert NotesRead.definition.side_effect == tool_pb2.SIDE_EFFECT_READ_ONLY
     write_schema = NotesWrite.definition.input_schema_json
     read_schema = NotesRead.definition.input_schema_json
     assert schemas.schema_violation(write_schema, {"text": "ok"}) is None

@@ -1,0 +1,206 @@
+"""The idempotency ledger against a real Redis: a side effect runs at most once per key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from agentplex.registry.ledger import (
+    MAX_KEY_LENGTH,
+    Claim,
+    IdempotencyLedger,
+    fingerprint,
+)
+from agentplex.runtime.clients import Deadline
+from agentplex.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from agentplex.v1 import tool_pb2
+from agentplex.v1 import tool_registry_service_pb2 as pb
+
+FP = fingerprint("notes.write", {"text": "hello"})
+OTHER_FP = fingerprint("notes.write", {"text": "goodbye"})
+
+
+@pytest.fixture
+def ledger(redis_client: aioredis.Redis, key_prefix: str) -> IdempotencyLedger:
+    return IdempotencyLedger(redis_client, key_prefix=key_prefix, ttl_seconds=3600)
+
+
+def deadline() -> Deadline:
+    return Deadline.after(5.0)
+
+
+def ok_response(note_count: int = 1) -> pb.InvokeToolResponse:
+    return pb.InvokeToolResponse(
+        tool_name="notes.write",
+        tool_version="1.0.0",
+        result_json=json.dumps({"saved": True, "note_count": note_count}),
+    )
+
+
+def test_fingerprint_is_canonical_and_distinguishes() -> None:
+    assert fingerprint("t", {"a": 1, "b": 2}) == fingerprint("t", {"b": 2, "a": 1})
+    assert fingerprint("t", {"a": 1}) != fingerprint("t", {"a": 2})
+    assert fingerprint("t", {"a": 1}) != fingerprint("u", {"a": 1})
+    assert fingerprint("t", {"a": 1}) != fingerprint("t", {"a": "1"})
+
+
+async def test_first_claim_runs(
+    ledger: IdempotencyLedger, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    claim = await ledger.claim("session-1", "key-1", FP, deadline())
+    assert claim.replay is None
+    assert claim.key == f"{key_prefix}:idempotency:session-1:key-1"
+    entry = json.loads(await redis_client.get(claim.key))
+    assert entry == {"fp": FP, "state": "pending"}
+
+
+async def test_pending_claim_expires(redis_client: aioredis.Redis, key_prefix: str) -> None:
+    ledger = IdempotencyLedger(redis_client, key_prefix=key_prefix, pending_ttl_seconds=7)
+    claim = await ledger.claim("s", "k", FP, deadline())
+    assert 0 < await redis_client.ttl(claim.key) <= 7
+
+
+async def test_completed_then_same_key_and_arguments_replays(
+    ledger: IdempotencyLedger, redis_client: aioredis.Redis
+) -> None:
+    claim = await ledger.claim("s", "k", FP, deadline())
+    await ledger.complete(claim, FP, ok_response())
+    assert 3000 < await redis_client.ttl(claim.key) <= 3600
+
+    again = await ledger.claim("s", "k", FP, deadline())
+    assert again.replay is not None
+    assert again.replay.replayed is True
+    assert again.replay.tool_name == "notes.write"
+    assert again.replay.tool_version == "1.0.0"
+    assert json.loads(again.replay.result_json) == {"saved": True, "note_count": 1}
+    # A third time still replays the same stored response.
+    third = await ledger.claim("s", "k", FP, deadline())
+    assert third.replay == again.replay
+
+
+async def test_same_key_different_arguments_is_a_conflict(ledger: IdempotencyLedger) -> None:
+    claim = await ledger.claim("s", "k", FP, deadline())
+    await ledger.complete(claim, FP, ok_response())
+    with pytest.raises(FailedPrecondition) as info:
+        await ledger.claim("s", "k", OTHER_FP, deadline())
+    assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert "'k'" in info.value.message
+
+
+async def test_conflict_is_detected_while_the_first_call_is_pending(
+    ledger: IdempotencyLedger,
+) -> None:
+    await ledger.claim("s", "k", FP, deadline())
+    with pytest.raises(FailedPrecondition) as info:
+        await ledger.claim("s", "k", OTHER_FP, deadline())
+    assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_concurrent_claims_run_exactly_once(
+    ledger: IdempotencyLedger,
+    eventually,  # type: ignore[no-untyped-def]
+) -> None:
+    release_first = asyncio.Event()
+    runs: list[int] = []
+
+    async def invoke() -> pb.InvokeToolResponse:
+        claim = await ledger.claim("s", "concurrent", FP, deadline())
+        if claim.replay is not None:
+            return claim.replay
+        runs.append(1)
+        await release_first.wait()  # hold the executor until everyone else is waiting
+        response = ok_response(note_count=42)
+        await ledger.complete(claim, FP, response)
+        return response
+
+    tasks = [asyncio.ensure_future(invoke()) for _ in range(6)]
+    await eventually(lambda: len(runs) == 1, message="one executor claimed the key")
+    assert not any(task.done() for task in tasks)  # the others wait for its result
+    release_first.set()
+    responses = await asyncio.gather(*tasks)
+
+    assert len(runs) == 1
+    assert sorted(r.replayed for r in responses) == [False] + [True] * 5
+    assert {json.loads(r.result_json)["note_count"] for r in responses} == {42}
+
+
+async def test_waiting_claim_gives_up_at_the_deadline(ledger: IdempotencyLedger) -> None:
+    await ledger.claim("s", "stuck", FP, deadline())
+    with pytest.raises(DeadlineExceeded):
+        await ledger.claim("s", "stuck", FP, Deadline.after(0.1))
+
+
+async def test_release_lets_a_retry_run(
+    ledger: IdempotencyLedger, redis_client: aioredis.Redis
+) -> None:
+    claim = await ledger.claim("s", "k", FP, deadline())
+    await ledger.release(claim)
+    assert await redis_client.exists(claim.key) == 0
+    retry = await ledger.claim("s", "k", FP, deadline())
+    assert retry.replay is None
+    # After a release the key is free, even for other arguments.
+    await ledger.release(retry)
+    other = await ledger.claim("s", "k", OTHER_FP, deadline())
+    assert other.replay is None
+
+
+async def test_release_wakes_a_waiting_claim_to_run(ledger: IdempotencyLedger) -> None:
+    first = await ledger.claim("s", "k", FP, deadline())
+    waiter = asyncio.ensure_future(ledger.claim("s", "k", FP, deadline()))
+    await ledger.release(first)
+    second = await asyncio.wait_for(waiter, timeout=5)
+    assert second.replay is None
+
+
+async def test_stored_failure_is_replayed(ledger: IdempotencyLedger) -> None:
+    failed = pb.InvokeToolResponse(
+        tool_name="notes.write",
+        tool_version="1.0.0",
+        error=tool_pb2.ToolError(code="NO_SESSION", message="notes need a session"),
+    )
+    claim = await ledger.claim("s", "k", FP, deadline())
+    await ledger.complete(claim, FP, failed)
+    again = await ledger.claim("s", "k", FP, deadline())
+    assert again.replay is not None
+    assert again.replay.replayed is True
+    assert again.replay.WhichOneof("outcome") == "error"
+    assert again.replay.error.code == "NO_SESSION"
+    assert again.replay.error.message == "notes need a session"
+
+
+async def test_keys_are_scoped(ledger: IdempotencyLedger) -> None:
+    a = await ledger.claim("session-a", "same-key", FP, deadline())
+    b = await ledger.claim("session-b", "same-key", OTHER_FP, deadline())
+    assert a.replay is None and b.replay is None
+    assert a.key != b.key
+    await ledger.complete(a, FP, ok_response(1))
+    await ledger.complete(b, OTHER_FP, ok_response(2))
+    replay_a = (await ledger.claim("session-a", "same-key", FP, deadline())).replay
+    replay_b = (await ledger.claim("session-b", "same-key", OTHER_FP, deadline())).replay
+    assert replay_a is not None and replay_b is not None
+    assert json.loads(replay_a.result_json)["note_count"] == 1
+    assert json.loads(replay_b.result_json)["note_count"] == 2
+
+
+async def test_key_prefixes_are_independent(redis_client: aioredis.Redis, key_prefix: str) -> None:
+    mine = IdempotencyLedger(redis_client, key_prefix=key_prefix)
+    theirs = IdempotencyLedger(redis_client, key_prefix=f"{key_prefix}-other")
+    claim = await mine.claim("s", "k", FP, deadline())
+    await mine.complete(claim, FP, ok_response())
+    assert (await theirs.claim("s", "k", FP, deadline())).replay is None
+
+
+async def test_overlong_key_is_rejected(
+    ledger: IdempotencyLedger, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    await ledger.claim("s", "k" * MAX_KEY_LENGTH, FP, deadline())  # at the limit: fine
+    with pytest.raises(InvalidArgument):
+        await ledger.claim("s", "k" * (MAX_KEY_LENGTH + 1), FP, deadline())
+    assert len(await redis_client.keys(f"{key_prefix}:idempotency:*")) == 1
+
+
+async def test_claim_is_a_plain_value() -> None:
+    assert Claim("k", None) == Claim("k", None)

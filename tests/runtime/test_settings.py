@@ -1,0 +1,121 @@
+"""Settings: defaults, and the AGENTPLEX_ environment prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agentplex.runtime.settings import Settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AGENTPLEX_* variables, and a scratch working directory."""
+    for name in list(os.environ):
+        if name.upper().startswith("AGENTPLEX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.key_prefix == "agentplex"
+    assert settings.memory_address == "127.0.0.1:50051"
+    assert settings.registry_address == "127.0.0.1:50052"
+    assert settings.grace_seconds == 10.0
+    assert settings.health_interval_seconds == 1.0
+    assert settings.log_level == "INFO"
+    assert settings.trace_exporter == "none"
+    assert settings.memory_ttl_seconds == 7 * 24 * 3600
+    assert settings.memory_default_context_tokens == 2048
+    assert settings.memory_max_messages == 1000
+    assert settings.docs_dir == tmp_path
+    assert settings.tool_timeout_seconds == 10.0
+    assert settings.llm_provider == "scripted"
+    assert settings.openai_api_key.get_secret_value() == ""
+    assert settings.context_tokens == 2048
+    assert settings.default_task_timeout_seconds == 300.0
+
+
+def test_environment_with_prefix_is_read(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("AGENTPLEX_REDIS_URL", "redis://10.0.0.5:6380/2")
+    clean_env.setenv("AGENTPLEX_KEY_PREFIX", "staging")
+    clean_env.setenv("AGENTPLEX_GRACE_SECONDS", "2.5")
+    clean_env.setenv("AGENTPLEX_HEALTH_INTERVAL_SECONDS", "0.25")
+    clean_env.setenv("AGENTPLEX_MEMORY_TTL_SECONDS", "3600")
+    clean_env.setenv("AGENTPLEX_MEMORY_MAX_MESSAGES", "50")
+    clean_env.setenv("AGENTPLEX_TRACE_EXPORTER", "console")
+    clean_env.setenv("AGENTPLEX_LLM_PROVIDER", "openai")
+    clean_env.setenv("AGENTPLEX_DOCS_DIR", str(tmp_path / "docs"))
+    settings = Settings()
+    assert settings.redis_url == "redis://10.0.0.5:6380/2"
+    assert settings.key_prefix == "staging"
+    assert settings.grace_seconds == 2.5
+    assert settings.health_interval_seconds == 0.25
+    assert settings.memory_ttl_seconds == 3600
+    assert settings.memory_max_messages == 50
+    assert settings.trace_exporter == "console"
+    assert settings.llm_provider == "openai"
+    assert settings.docs_dir == tmp_path / "docs"
+
+
+def test_prefix_is_case_insensitive(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("agentplex_key_prefix", "lower")
+    assert Settings().key_prefix == "lower"
+
+
+def test_unprefixed_and_unknown_variables_are_ignored(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("REDIS_URL", "redis://elsewhere:1/0")
+    clean_env.setenv("KEY_PREFIX", "nope")
+    clean_env.setenv("AGENTPLEX_NO_SUCH_SETTING", "whatever")
+    settings = Settings()
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.key_prefix == "agentplex"
+
+
+def test_explicit_values_override_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("AGENTPLEX_KEY_PREFIX", "from-env")
+    assert Settings(key_prefix="explicit").key_prefix == "explicit"
+
+
+def test_api_key_is_secret(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("AGENTPLEX_OPENAI_API_KEY", "sk-very-secret")
+    settings = Settings()
+    assert settings.openai_api_key.get_secret_value() == "sk-very-secret"
+    assert "sk-very-secret" not in repr(settings)
+    assert "sk-very-secret" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("AGENTPLEX_GRACE_SECONDS", "-1"),
+        ("AGENTPLEX_HEALTH_INTERVAL_SECONDS", "0"),
+        ("AGENTPLEX_MEMORY_TTL_SECONDS", "59"),
+        ("AGENTPLEX_MEMORY_MAX_MESSAGES", "1"),
+        ("AGENTPLEX_MEMORY_DEFAULT_CONTEXT_TOKENS", "0"),
+        ("AGENTPLEX_CONTEXT_TOKENS", "63"),
+        ("AGENTPLEX_TRACE_EXPORTER", "jaeger"),
+        ("AGENTPLEX_LLM_PROVIDER", "magic"),
+        ("AGENTPLEX_GRACE_SECONDS", "soon"),
+    ],
+)
+def test_invalid_values_are_rejected(clean_env: pytest.MonkeyPatch, name: str, value: str) -> None:
+    clean_env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_model_copy_keeps_other_fields(clean_env: pytest.MonkeyPatch) -> None:
+    base = Settings(key_prefix="base", grace_seconds=3)
+    copy = base.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    assert copy.redis_url == "redis://127.0.0.1:1/0"
+    assert copy.key_prefix == "base"
+    assert copy.grace_seconds == 3
+    assert base.redis_url == "redis://127.0.0.1:6379/0"

@@ -1,0 +1,149 @@
+"""Structured JSON logs with trace ids, and the process tracer provider."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from agentplex.runtime.telemetry import JsonFormatter, configure_logging, configure_tracing
+
+
+def record(
+    message: str = "hello %s",
+    args: tuple[object, ...] = ("world",),
+    *,
+    level: int = logging.INFO,
+    exc_info: object = None,
+    **extra: object,
+) -> logging.LogRecord:
+    made = logging.getLogger("agentplex.test").makeRecord(
+        "agentplex.test", level, __file__, 10, message, args, exc_info, extra=extra or None
+    )
+    return made
+
+
+def test_json_line_has_the_basic_fields() -> None:
+    line = JsonFormatter("memory").format(record(level=logging.WARNING))
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "WARNING"
+    assert entry["service"] == "memory"
+    assert entry["logger"] == "agentplex.test"
+    assert entry["message"] == "hello world"
+    assert entry["time"].endswith("+00:00")
+    assert "trace_id" not in entry
+    assert "span_id" not in entry
+
+
+def test_trace_and_span_ids_inside_a_span() -> None:
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("work") as span:
+        entry = json.loads(JsonFormatter("memory").format(record()))
+        context = span.get_span_context()
+    assert entry["trace_id"] == format(context.trace_id, "032x")
+    assert entry["span_id"] == format(context.span_id, "016x")
+    assert len(entry["trace_id"]) == 32
+    assert len(entry["span_id"]) == 16
+    # ...and not once the span has ended.
+    assert "trace_id" not in json.loads(JsonFormatter("memory").format(record()))
+
+
+def test_extras_are_included_and_made_json_safe() -> None:
+    entry = json.loads(
+        JsonFormatter("agent").format(
+            record(
+                address="127.0.0.1:5",
+                port=5,
+                ratio=0.5,
+                ok=True,
+                where={"nested": [1, 2]},
+                _private="hidden",
+            )
+        )
+    )
+    assert entry["address"] == "127.0.0.1:5"
+    assert entry["port"] == 5
+    assert entry["ratio"] == 0.5
+    assert entry["ok"] is True
+    assert entry["where"] == "{'nested': [1, 2]}"
+    assert "_private" not in entry
+    # Standard LogRecord attributes are not repeated.
+    for noise in ("args", "msg", "levelno", "pathname", "lineno", "process", "thread"):
+        assert noise not in entry
+
+
+def test_exception_is_rendered() -> None:
+    try:
+        raise ValueError("exploded")
+    except ValueError:
+        exc_info = sys.exc_info()
+    entry = json.loads(JsonFormatter("x").format(record("failed", (), exc_info=exc_info)))
+    assert entry["message"] == "failed"
+    assert "Traceback" in entry["exception"]
+    assert "ValueError: exploded" in entry["exception"]
+
+
+def test_non_ascii_message_is_valid_json() -> None:
+    entry = json.loads(JsonFormatter("x").format(record("naïve ☃ %s", ("“quoted”",))))
+    assert entry["message"] == "naïve ☃ “quoted”"
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield root
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_configure_logging_writes_json_to_stderr(
+    root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("registry", "debug")
+    assert len(root_logger.handlers) == 1
+    assert isinstance(root_logger.handlers[0].formatter, JsonFormatter)
+    assert root_logger.level == logging.DEBUG
+
+    logging.getLogger("agentplex.some.module").debug("step %d", 3, extra={"task_id": "t-1"})
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["service"] == "registry"
+    assert entry["message"] == "step 3"
+    assert entry["level"] == "DEBUG"
+    assert entry["task_id"] == "t-1"
+
+
+def test_configure_logging_replaces_handlers(root_logger: logging.Logger) -> None:
+    configure_logging("a")
+    configure_logging("b", "WARNING")
+    assert len(root_logger.handlers) == 1
+    formatter = root_logger.handlers[0].formatter
+    assert isinstance(formatter, JsonFormatter)
+    assert formatter.service == "b"
+    assert root_logger.level == logging.WARNING
+
+
+def test_configure_tracing_installs_one_provider() -> None:
+    first = configure_tracing("telemetry-test")
+    second = configure_tracing("another-name", "console")
+    assert isinstance(first, TracerProvider)
+    assert second is first
+    assert trace.get_tracer_provider() is first
+    with trace.get_tracer("test").start_as_current_span("real") as span:
+        assert span.get_span_context().is_valid
+        entry = json.loads(JsonFormatter("x").format(record()))
+        assert entry["trace_id"] == format(span.get_span_context().trace_id, "032x")
