@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.agents import catalog
@@ -18,9 +21,11 @@ from agentplex.agents.servicer import AgentServicer
 from agentplex.memory.client import MemoryClient
 from agentplex.registry.client import RegistryClient
 from agentplex.runtime.clients import open_channel
-from agentplex.runtime.server import ServiceHost
+from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
+from agentplex.tasks.service import TaskService
+from agentplex.tasks.store import TaskStore
 from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
@@ -55,6 +60,62 @@ def _serving_check(channel: grpc.aio.Channel, what: str):  # type: ignore[no-unt
     return check
 
 
+@dataclass
+class AgentParts:
+    """What an agent process (server or worker) is built from."""
+
+    runner: AgentRunner
+    tasks: TaskStore
+    llm: LLMProvider
+    dependency_checks: list[DependencyCheck]
+    close: Callable[[], Awaitable[None]]
+
+
+def build_parts(
+    spec: AgentSpec, settings: Settings, *, llm: LLMProvider | None = None
+) -> AgentParts:
+    llm = llm or build_provider(settings)
+    memory_channel = open_channel(settings.memory_address)
+    registry_channel = open_channel(settings.registry_address)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    runner = AgentRunner(
+        spec=spec,
+        llm=llm,
+        tools=RegistryClient(settings.registry_address, channel=registry_channel),
+        memory=MemoryClient(settings.memory_address, channel=memory_channel),
+        context_tokens=settings.context_tokens,
+    )
+    tasks = TaskStore(
+        redis,
+        key_prefix=settings.key_prefix,
+        agent=spec.name,
+        queue_limit=settings.task_queue_limit,
+        record_ttl_seconds=settings.task_record_ttl_seconds,
+        event_retention_seconds=settings.task_event_retention_seconds,
+    )
+
+    async def redis_answers() -> None:
+        await redis.ping()
+
+    async def close() -> None:
+        await llm.aclose()
+        await memory_channel.close()
+        await registry_channel.close()
+        await redis.aclose()
+
+    return AgentParts(
+        runner=runner,
+        tasks=tasks,
+        llm=llm,
+        dependency_checks=[
+            redis_answers,
+            _serving_check(memory_channel, "memory"),
+            _serving_check(registry_channel, "registry"),
+        ],
+        close=close,
+    )
+
+
 def build_host(
     spec: AgentSpec,
     settings: Settings,
@@ -63,19 +124,11 @@ def build_host(
     metrics_port: int | None = 0,
     llm: LLMProvider | None = None,
 ) -> ServiceHost:
-    llm = llm or build_provider(settings)
-    memory_channel = open_channel(settings.memory_address)
-    registry_channel = open_channel(settings.registry_address)
-    runner = AgentRunner(
-        spec=spec,
-        llm=llm,
-        tools=RegistryClient(settings.registry_address, channel=registry_channel),
-        memory=MemoryClient(settings.memory_address, channel=memory_channel),
-        context_tokens=settings.context_tokens,
-    )
+    parts = build_parts(spec, settings, llm=llm)
     servicer = AgentServicer(
-        runner,
-        agent_card(spec, llm.model),
+        parts.runner,
+        agent_card(spec, parts.llm.model),
+        TaskService(parts.tasks),
         default_timeout_seconds=settings.default_task_timeout_seconds,
     )
 
@@ -83,24 +136,16 @@ def build_host(
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    async def close() -> None:
-        await llm.aclose()
-        await memory_channel.close()
-        await registry_channel.close()
-
     return ServiceHost(
         name=spec.name,
         register=register,
         host=settings.host,
         port=port,
         metrics_port=metrics_port,
-        dependency_checks=[
-            _serving_check(memory_channel, "memory"),
-            _serving_check(registry_channel, "registry"),
-        ],
+        dependency_checks=parts.dependency_checks,
         health_interval_seconds=settings.health_interval_seconds,
         grace_seconds=settings.grace_seconds,
-        on_stop=[close],
+        on_stop=[parts.close],
     )
 
 

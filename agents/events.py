@@ -16,12 +16,21 @@ EventSink = Callable[[step_event_pb2.StepEvent], Awaitable[None]]
 
 
 class EventRecorder:
-    def __init__(self, *, task_id: str, agent: str, sink: EventSink, depth: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        agent: str,
+        sink: EventSink,
+        depth: int = 0,
+        last_sequence: int = 0,
+    ) -> None:
         self._task_id = task_id
         self._agent = agent
         self._sink = sink
         self._depth = depth
-        self._sequence = 0
+        # A resumed task continues its numbering, so watchers see no repeats.
+        self._sequence = last_sequence
 
     async def emit(self, step: int, **kind: object) -> step_event_pb2.StepEvent:
         """Emit one event; `kind` is exactly one of StepEvent's oneof fields."""

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,6 +113,16 @@ class _BudgetExceeded(Exception):
     pass
 
 
+class _Cancelled(Exception):
+    pass
+
+
+CancelCheck = Callable[[], Awaitable[bool]]
+"""Returns True when the task should stop at this step boundary."""
+
+CANCELLED = "cancelled"
+
+
 @dataclass
 class _Progress:
     steps: int = 0
@@ -139,13 +149,26 @@ class AgentRunner:
         self._context_tokens = context_tokens
         self._retry = retry or RetryPolicy()
 
-    async def run(self, task: TaskRequest, deadline: Deadline, sink: EventSink) -> TaskOutcome:
+    async def run(
+        self,
+        task: TaskRequest,
+        deadline: Deadline,
+        sink: EventSink,
+        *,
+        cancel_requested: CancelCheck | None = None,
+        last_sequence: int = 0,
+    ) -> TaskOutcome:
         """Run one task to its end, streaming events into `sink`.
 
         Cancellation (the caller hung up) propagates: nothing is saved for a
-        task that did not finish.
+        task that did not finish. `cancel_requested` is asked at every step
+        boundary; when it says yes the task ends CANCELLED there, with nothing
+        half-written. `last_sequence` continues the event numbering of an
+        earlier attempt of the same task.
         """
-        events = EventRecorder(task_id=task.task_id, agent=self.spec.name, sink=sink)
+        events = EventRecorder(
+            task_id=task.task_id, agent=self.spec.name, sink=sink, last_sequence=last_sequence
+        )
         progress = _Progress()
         started = time.monotonic()
         started_at = timestamp_pb2.Timestamp()
@@ -173,11 +196,16 @@ class AgentRunner:
                 status, error, failure = task_pb2.TASK_STATUS_COMPLETED, "", None
                 try:
                     try:
-                        error = await self._loop(task, deadline, events, progress) or ""
+                        error = (
+                            await self._loop(task, deadline, events, progress, cancel_requested)
+                            or ""
+                        )
                     except _BudgetExceeded:
                         error = TOKEN_BUDGET_EXCEEDED
                     if progress.output:
                         await self._save(task, progress, deadline)
+                except _Cancelled:
+                    status, error = task_pb2.TASK_STATUS_CANCELLED, CANCELLED
                 except errors.AgentplexError as exc:
                     status, error, failure = task_pb2.TASK_STATUS_FAILED, exc.message, exc
                 except LLMError as exc:
@@ -228,7 +256,12 @@ class AgentRunner:
                 metrics.task_duration.labels(agent).observe(time.monotonic() - started)
 
     async def _loop(
-        self, task: TaskRequest, deadline: Deadline, events: EventRecorder, progress: _Progress
+        self,
+        task: TaskRequest,
+        deadline: Deadline,
+        events: EventRecorder,
+        progress: _Progress,
+        cancel_requested: CancelCheck | None,
     ) -> str | None:
         tool_defs = await self._tools.list_tools(
             self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
@@ -246,6 +279,8 @@ class AgentRunner:
         messages.append(ChatMessage("user", task.prompt))
 
         for step in range(1, task.max_steps + 1):
+            if cancel_requested is not None and await cancel_requested():
+                raise _Cancelled
             progress.steps = step
             await events.emit(
                 step, step_started=step_event_pb2.StepStarted(tokens_used=progress.tokens)

@@ -11,6 +11,8 @@ import grpc
 from agentplex.agents.runner import AgentRunner, TaskOutcome
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.clients import Deadline
+from agentplex.runtime.errors import InvalidArgument
+from agentplex.tasks.service import TaskService
 from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, step_event_pb2
 
 
@@ -20,10 +22,16 @@ async def _discard(event: step_event_pb2.StepEvent) -> None:
 
 class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     def __init__(
-        self, runner: AgentRunner, card: agent_pb2.AgentCard, *, default_timeout_seconds: float
+        self,
+        runner: AgentRunner,
+        card: agent_pb2.AgentCard,
+        tasks: TaskService,
+        *,
+        default_timeout_seconds: float,
     ) -> None:
         self._runner = runner
         self._card = card
+        self._tasks = tasks
         self._default_timeout = default_timeout_seconds
 
     async def RunTask(
@@ -63,3 +71,27 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agent_service_pb2.GetAgentCardRequest, context: grpc.aio.ServicerContext
     ) -> agent_service_pb2.GetAgentCardResponse:
         return agent_service_pb2.GetAgentCardResponse(card=self._card)
+
+    async def SubmitTask(
+        self, request: agent_service_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> agent_service_pb2.SubmitTaskResponse:
+        if not request.HasField("task"):
+            raise InvalidArgument("task is required")
+        task, created = await self._tasks.submit(request.task)
+        return agent_service_pb2.SubmitTaskResponse(task=task, created=created)
+
+    async def GetTask(
+        self, request: agent_service_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> agent_service_pb2.GetTaskResponse:
+        return agent_service_pb2.GetTaskResponse(task=await self._tasks.get(request.task_id))
+
+    async def CancelTask(
+        self, request: agent_service_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> agent_service_pb2.CancelTaskResponse:
+        return agent_service_pb2.CancelTaskResponse(task=await self._tasks.cancel(request.task_id))
+
+    async def WatchTask(
+        self, request: agent_service_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_service_pb2.WatchTaskResponse]:
+        async for event in self._tasks.watch(request.task_id, request.after_sequence):
+            yield agent_service_pb2.WatchTaskResponse(event=event)

@@ -66,6 +66,12 @@ class Unavailable(AgentplexError):
     reason = "UNAVAILABLE"
 
 
+class OutOfRange(AgentplexError):
+    """Asked for something past a valid range, e.g. events beyond retention."""
+
+    reason = "OUT_OF_RANGE"
+
+
 class DeadlineExceeded(AgentplexError):
     """The caller's deadline passed before the work could finish."""
 
@@ -81,6 +87,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     # A Redis that cannot be reached is a dependency outage, not a bug.
     (redis.exceptions.ConnectionError, grpc.StatusCode.UNAVAILABLE),
     (redis.exceptions.TimeoutError, grpc.StatusCode.UNAVAILABLE),
@@ -94,6 +101,7 @@ _EXCEPTION_FOR_CODE: dict[grpc.StatusCode, type[AgentplexError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
 }
 
 

@@ -54,3 +54,16 @@ class Settings(BaseSettings):
     context_tokens: int = Field(default=2048, ge=64)
     # Deadline applied to a task whose caller set none (every RPC has one).
     default_task_timeout_seconds: float = Field(default=300.0, gt=0)
+
+    # Durable tasks
+    # Unfinished tasks an agent's queue accepts before SubmitTask says RESOURCE_EXHAUSTED.
+    task_queue_limit: int = Field(default=1000, ge=1)
+    # A worker silent this long is presumed dead and its task is reclaimed.
+    task_lease_seconds: float = Field(default=10.0, gt=0)
+    # Attempts that died before a task is dead-lettered.
+    task_max_attempts: int = Field(default=3, ge=1)
+    # How long a finished task's events stay watchable, and its record readable.
+    task_event_retention_seconds: int = Field(default=24 * 3600, ge=1)
+    task_record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    # Tasks one worker process runs at once.
+    worker_concurrency: int = Field(default=4, ge=1)

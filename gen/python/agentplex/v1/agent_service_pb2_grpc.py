@@ -27,8 +27,8 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """AgentService is the contract every agent implements. RunTask and StreamSteps
-    run a task within the call; the durable task API (SubmitTask, GetTask,
-    CancelTask, WatchTask) joins this service for work that must outlive a call.
+    run a task within the call; SubmitTask, GetTask, CancelTask and WatchTask
+    run it durably on the agent's task queue, for work that must outlive a call.
     """
 
     def __init__(self, channel):
@@ -52,12 +52,32 @@ class AgentServiceStub:
                 request_serializer=agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardRequest.SerializeToString,
                 response_deserializer=agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardResponse.FromString,
                 _registered_method=True)
+        self.SubmitTask = channel.unary_unary(
+                '/agentplex.v1.AgentService/SubmitTask',
+                request_serializer=agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskResponse.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/agentplex.v1.AgentService/GetTask',
+                request_serializer=agentplex_dot_v1_dot_agent__service__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_agent__service__pb2.GetTaskResponse.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/agentplex.v1.AgentService/CancelTask',
+                request_serializer=agentplex_dot_v1_dot_agent__service__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_agent__service__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/agentplex.v1.AgentService/WatchTask',
+                request_serializer=agentplex_dot_v1_dot_agent__service__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_agent__service__pb2.WatchTaskResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
     """AgentService is the contract every agent implements. RunTask and StreamSteps
-    run a task within the call; the durable task API (SubmitTask, GetTask,
-    CancelTask, WatchTask) joins this service for work that must outlive a call.
+    run a task within the call; SubmitTask, GetTask, CancelTask and WatchTask
+    run it durably on the agent's task queue, for work that must outlive a call.
     """
 
     def RunTask(self, request, context):
@@ -82,6 +102,42 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTask(self, request, context):
+        """Queues a task and returns at once with its id (status pending). Submitting
+        the same client-chosen task_id again with the same request returns the same
+        task; with a different request it is FAILED_PRECONDITION. RESOURCE_EXHAUSTED
+        when the agent's queue is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Returns a task's status and, once it ended, its result. NOT_FOUND for an
+        unknown (or expired) task id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Cancels a task: a pending task never starts, a running one stops at its next
+        step boundary. Cancelling a finished task changes nothing and returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """Streams a task's events with sequence numbers above after_sequence, in
+        order, then live ones until the task ends. Reconnecting with the last
+        sequence seen resumes without gaps or duplicates. OUT_OF_RANGE when the
+        requested events are past retention.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +156,26 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardRequest.FromString,
                     response_serializer=agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardResponse.SerializeToString,
             ),
+            'SubmitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTask,
+                    request_deserializer=agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=agentplex_dot_v1_dot_agent__service__pb2.GetTaskRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_agent__service__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=agentplex_dot_v1_dot_agent__service__pb2.CancelTaskRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_agent__service__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=agentplex_dot_v1_dot_agent__service__pb2.WatchTaskRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_agent__service__pb2.WatchTaskResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentplex.v1.AgentService', rpc_method_handlers)
@@ -110,8 +186,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """AgentService is the contract every agent implements. RunTask and StreamSteps
-    run a task within the call; the durable task API (SubmitTask, GetTask,
-    CancelTask, WatchTask) joins this service for work that must outlive a call.
+    run a task within the call; SubmitTask, GetTask, CancelTask and WatchTask
+    run it durably on the agent's task queue, for work that must outlive a call.
     """
 
     @staticmethod
@@ -185,6 +261,114 @@ class AgentService:
             '/agentplex.v1.AgentService/GetAgentCard',
             agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardRequest.SerializeToString,
             agentplex_dot_v1_dot_agent__service__pb2.GetAgentCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.AgentService/SubmitTask',
+            agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskRequest.SerializeToString,
+            agentplex_dot_v1_dot_agent__service__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.AgentService/GetTask',
+            agentplex_dot_v1_dot_agent__service__pb2.GetTaskRequest.SerializeToString,
+            agentplex_dot_v1_dot_agent__service__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.AgentService/CancelTask',
+            agentplex_dot_v1_dot_agent__service__pb2.CancelTaskRequest.SerializeToString,
+            agentplex_dot_v1_dot_agent__service__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplex.v1.AgentService/WatchTask',
+            agentplex_dot_v1_dot_agent__service__pb2.WatchTaskRequest.SerializeToString,
+            agentplex_dot_v1_dot_agent__service__pb2.WatchTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/task.proto\x12\x0c\x61gentplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\x08TaskSpec\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32$.agentplex.v1.TaskSpec.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"\xdf\x02\n\nTaskResult\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x16\n\x06output\x18\x03 \x01(\tR\x06output\x12\x1d\n\nsteps_used\x18\x04 \x01(\x05R\tstepsUsed\x12\x1f\n\x0btokens_used\x18\x05 \x01(\x05R\ntokensUsed\x12\x1d\n\ntool_calls\x18\x06 \x01(\x05R\ttoolCalls\x12\x14\n\x05\x65rror\x18\x07 \x01(\tR\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x08 \x01(\x03R\ndurationMs\x12\x1d\n\nsession_id\x18\t \x01(\tR\tsessionId\x12\x39\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/task.proto\x12\x0c\x61gentplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\x08TaskSpec\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32$.agentplex.v1.TaskSpec.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"\xdf\x02\n\nTaskResult\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x16\n\x06output\x18\x03 \x01(\tR\x06output\x12\x1d\n\nsteps_used\x18\x04 \x01(\x05R\tstepsUsed\x12\x1f\n\x0btokens_used\x18\x05 \x01(\x05R\ntokensUsed\x12\x1d\n\ntool_calls\x18\x06 \x01(\x05R\ttoolCalls\x12\x14\n\x05\x65rror\x18\x07 \x01(\tR\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x08 \x01(\x03R\ndurationMs\x12\x1d\n\nsession_id\x18\t \x01(\tR\tsessionId\x12\x39\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\"\xd7\x03\n\x04Task\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\x12\x1a\n\x08\x61ttempts\x18\x05 \x01(\x05R\x08\x61ttempts\x12\x39\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12#\n\rlast_sequence\x18\t \x01(\x04R\x0clastSequence\x12)\n\x10\x63\x61ncel_requested\x18\n \x01(\x08R\x0f\x63\x61ncelRequested\x12\x1d\n\nsession_id\x18\x0b \x01(\tR\tsessionId*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSPEC_METADATAENTRY']._loaded_options = None
   _globals['_TASKSPEC_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=754
-  _globals['_TASKSTATUS']._serialized_end=923
+  _globals['_TASKSTATUS']._serialized_start=1228
+  _globals['_TASKSTATUS']._serialized_end=1397
   _globals['_TASKSPEC']._serialized_start=75
   _globals['_TASKSPEC']._serialized_end=397
   _globals['_TASKSPEC_METADATAENTRY']._serialized_start=307
   _globals['_TASKSPEC_METADATAENTRY']._serialized_end=366
   _globals['_TASKRESULT']._serialized_start=400
   _globals['_TASKRESULT']._serialized_end=751
+  _globals['_TASK']._serialized_start=754
+  _globals['_TASK']._serialized_end=1225
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,123 @@
+"""`TaskService`: the durable task API an agent serves (submit, get, cancel, watch).
+
+Transport-free: the agent's servicer adapts it to gRPC. It only reads and
+writes Redis; the work itself happens in the workers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from agentplex.agents.task import TaskRequest
+from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
+from agentplex.tasks.store import PENDING, RUNNING, TERMINAL, StaleAttempt, TaskStore, fingerprint
+from agentplex.v1 import step_event_pb2, task_pb2
+
+FINAL_KINDS = ("final_result", "error")
+WATCH_BLOCK_MS = 1000
+WATCH_BATCH = 200
+
+
+class TaskService:
+    def __init__(self, store: TaskStore) -> None:
+        self._store = store
+
+    async def submit(self, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:
+        fp = fingerprint(spec)  # of the request as sent, before defaults
+        request = TaskRequest.from_proto(spec)  # validates; fills defaults
+        normalized = task_pb2.TaskSpec(
+            prompt=request.prompt,
+            session_id=request.session_id,
+            metadata=request.metadata,
+            max_steps=request.max_steps,
+            token_budget=request.token_budget,
+            task_id=spec.task_id or f"t-{uuid.uuid4().hex}",
+        )
+        created = await self._store.submit(normalized, fp)
+        return await self._store.get(normalized.task_id), created
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        _check_id(task_id)
+        return await self._store.get(task_id)
+
+    async def cancel(self, task_id: str) -> task_pb2.Task:
+        _check_id(task_id)
+        for _ in range(10):
+            task = await self._store.get(task_id)
+            if task.status in TERMINAL:
+                return task  # cancelling a finished task changes nothing
+            if task.status == RUNNING:
+                await self._store.request_cancel(task_id)
+                return await self._store.get(task_id)
+            if task.status == PENDING and await self._cancel_pending(task):
+                return await self._store.get(task_id)
+            # It started (or ended) between our read and our write: look again.
+        return await self._store.get(task_id)
+
+    async def _cancel_pending(self, task: task_pb2.Task) -> bool:
+        result = task_pb2.TaskResult(
+            task_id=task.task_id,
+            status=task_pb2.TASK_STATUS_CANCELLED,
+            error="cancelled",
+            session_id=task.session_id,
+        )
+        event = step_event_pb2.StepEvent(
+            task_id=task.task_id,
+            agent=self._store.agent,
+            sequence=task.last_sequence + 1,
+            final_result=step_event_pb2.TaskFinished(result=result),
+        )
+        event.time.GetCurrentTime()
+        try:
+            return await self._store.finish(task.task_id, None, result, event, only_if_pending=True)
+        except StaleAttempt:
+            return False
+
+    async def watch(
+        self, task_id: str, after_sequence: int
+    ) -> AsyncIterator[step_event_pb2.StepEvent]:
+        """Events after `after_sequence`, then live ones until the task's final event."""
+        _check_id(task_id)
+        task = await self._store.get(task_id)
+        redis, key = self._store.redis, self._store.events_key(task_id)
+        if after_sequence > task.last_sequence:
+            raise InvalidArgument(
+                f"after_sequence {after_sequence} is beyond the task's last event "
+                f"({task.last_sequence})"
+            )
+        if after_sequence < task.last_sequence:
+            first = await redis.xrange(key, count=1)
+            first_seq = _sequence(first[0][0]) if first else task.last_sequence + 1
+            if first_seq > after_sequence + 1:
+                raise OutOfRange(
+                    reason="EVENTS_EXPIRED",
+                    message=f"events of task {task_id} up to sequence {first_seq - 1} are past "
+                    f"retention; the first still available is {first_seq}"
+                    + (" (none: read the result with GetTask)" if not first else ""),
+                )
+        if task.status in TERMINAL and after_sequence == task.last_sequence:
+            return
+        cursor = f"0-{after_sequence}"
+        while True:
+            batch = await redis.xread({key: cursor}, count=WATCH_BATCH, block=WATCH_BLOCK_MS)
+            for _stream, entries in batch or ():
+                for entry_id, fields in entries:
+                    cursor = entry_id
+                    event = step_event_pb2.StepEvent.FromString(fields[b"e"])
+                    yield event
+                    if event.WhichOneof("kind") in FINAL_KINDS:
+                        return
+            if not batch and not await redis.exists(self._store.task_key(task_id)):
+                raise NotFound(
+                    f"task {task_id!r} expired while being watched", reason="TASK_NOT_FOUND"
+                )
+
+
+def _sequence(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[1])
+
+
+def _check_id(task_id: str) -> None:
+    if not task_id:
+        raise InvalidArgument("task_id is required")

@@ -1,0 +1,215 @@
+"""`Worker`: claims an agent's queued tasks and runs them with the AgentRunner.
+
+New entries come through XREADGROUP; entries whose worker went quiet for a
+whole lease come through XAUTOCLAIM. A running task's lease is renewed by a
+heartbeat; every event and the final result are written with the attempt
+number, so if this worker stalls and another takes over, whatever this one
+writes afterwards is refused (attempt fencing) and it gives up the task.
+
+On shutdown the worker stops claiming, lets running tasks finish within the
+grace period, and hands the rest back, ready for another worker at once.
+Tool calls carry idempotency keys derived from task, step and call index, so
+a task that runs again replays its completed side effects instead of
+repeating them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter
+
+from agentplex.agents.runner import AgentRunner
+from agentplex.agents.task import TaskRequest
+from agentplex.runtime.clients import Deadline
+from agentplex.tasks.store import GROUP, StaleAttempt, Started, TaskStore
+from agentplex.v1 import step_event_pb2, task_pb2
+
+log = logging.getLogger(__name__)
+
+tasks_claimed = Counter(
+    "agentplex_worker_tasks_claimed_total", "Queue entries claimed, by how.", ["agent", "how"]
+)
+tasks_outcome = Counter(
+    "agentplex_worker_task_outcomes_total",
+    "What became of claimed entries.",
+    ["agent", "outcome"],
+)
+
+FINAL_KINDS = ("final_result", "error")
+
+
+@dataclass
+class Worker:
+    store: TaskStore
+    runner: AgentRunner
+    consumer: str
+    lease_seconds: float = 10.0
+    max_attempts: int = 3
+    concurrency: int = 4
+    grace_seconds: float = 10.0
+    task_timeout_seconds: float = 300.0
+    block_seconds: float = 0.5
+    _running: dict[asyncio.Task[None], tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run tasks until `stop` is set, then drain."""
+        await self.store.ensure_group()
+        slots = asyncio.Semaphore(self.concurrency)
+        agent = self.store.agent
+        log.info("worker %s started", self.consumer, extra={"agent": agent})
+        try:
+            while not stop.is_set():
+                await slots.acquire()
+                claimed = await self._claim()
+                if claimed is None:
+                    slots.release()
+                    continue
+                entry_id, task_id, how = claimed
+                tasks_claimed.labels(agent, how).inc()
+                job = asyncio.create_task(self._process(entry_id, task_id), name=f"task-{task_id}")
+                self._running[job] = (task_id, 0)
+                job.add_done_callback(lambda done: (self._running.pop(done, None), slots.release()))
+        finally:
+            await self._drain()
+
+    async def _claim(self) -> tuple[bytes, str, str] | None:
+        # Abandoned work first: it has waited longest.
+        reclaimed = await self.store.redis.xautoclaim(
+            self.store.queue_key, GROUP, self.consumer, self._lease_ms, "0-0", count=1
+        )
+        for entry_id, fields in reclaimed[1]:
+            if fields:
+                return entry_id, fields[b"task"].decode(), "reclaimed"
+            await self.store.ack_orphan(entry_id)
+        fresh = await self.store.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            {self.store.queue_key: ">"},
+            count=1,
+            block=int(self.block_seconds * 1000),
+        )
+        for _stream, entries in fresh or ():
+            for entry_id, fields in entries:
+                return entry_id, fields[b"task"].decode(), "new"
+        return None
+
+    async def _process(self, entry_id: bytes, task_id: str) -> None:
+        agent = self.store.agent
+        started = await self.store.start(task_id, self.consumer, self._lease_ms, self.max_attempts)
+        if started in ("missing", "ended"):
+            await self.store.ack_orphan(entry_id)
+            tasks_outcome.labels(agent, "already_ended").inc()
+            return
+        if started == "exhausted":
+            await self._dead_letter(task_id)
+            tasks_outcome.labels(agent, "dead_lettered").inc()
+            return
+        assert isinstance(started, Started)
+        current = asyncio.current_task()
+        if current is not None:
+            self._running[current] = (task_id, started.attempt)
+        try:
+            await self._run_attempt(task_id, started)
+            tasks_outcome.labels(agent, "finished").inc()
+        except StaleAttempt as exc:
+            # Another worker owns the task now; whatever this attempt did is void.
+            log.warning("attempt superseded: %s", exc, extra={"task_id": task_id})
+            tasks_outcome.labels(agent, "stale").inc()
+
+    async def _run_attempt(self, task_id: str, started: Started) -> None:
+        final: list[step_event_pb2.StepEvent] = []
+
+        async def sink(event: step_event_pb2.StepEvent) -> None:
+            if event.WhichOneof("kind") in FINAL_KINDS:
+                final.append(event)  # written together with the result, atomically
+            else:
+                await self.store.append_event(task_id, started.attempt, event)
+
+        async def cancel_requested() -> bool:
+            return await self.store.cancel_flag(task_id)
+
+        task = TaskRequest.from_proto(started.spec)
+        running = asyncio.create_task(
+            self.runner.run(
+                task,
+                Deadline.after(self.task_timeout_seconds),
+                sink,
+                cancel_requested=cancel_requested,
+                last_sequence=started.last_sequence,
+            )
+        )
+        beat = asyncio.create_task(self._heartbeat(task_id, started.attempt, running))
+        try:
+            outcome = await running
+        except asyncio.CancelledError:
+            if beat.done() and isinstance(beat.exception(), StaleAttempt):
+                raise beat.exception() from None  # type: ignore[misc]
+            raise
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StaleAttempt):
+                await beat
+        [event] = final
+        if not await self.store.finish(task_id, started.attempt, outcome.result, event):
+            raise StaleAttempt(f"attempt {started.attempt} of {task_id} finished too late")
+        log.info(
+            "task finished",
+            extra={
+                "task_id": task_id,
+                "attempt": started.attempt,
+                "status": task_pb2.TaskStatus.Name(outcome.result.status),
+            },
+        )
+
+    async def _heartbeat(self, task_id: str, attempt: int, running: asyncio.Task[object]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.lease_seconds / 3)
+                await self.store.heartbeat(task_id, attempt, self.consumer, self._lease_ms)
+        except StaleAttempt:
+            running.cancel()
+            raise
+
+    async def _dead_letter(self, task_id: str) -> None:
+        message = (
+            f"task was started {self.max_attempts} times and every attempt died "
+            "(worker crash or stall); moved to the dead-letter queue"
+        )
+        result = task_pb2.TaskResult(
+            task_id=task_id, status=task_pb2.TASK_STATUS_FAILED, error=message
+        )
+        event = step_event_pb2.StepEvent(
+            task_id=task_id,
+            agent=self.store.agent,
+            sequence=await self.store.last_sequence(task_id) + 1,
+            error=step_event_pb2.TaskFailed(code="ABORTED", message=message, result=result),
+        )
+        event.time.GetCurrentTime()
+        await self.store.finish(task_id, None, result, event, dead_letter_reason=message)
+        log.error("task dead-lettered", extra={"task_id": task_id})
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        jobs = dict(self._running)
+        log.info("draining %d running task(s)", len(jobs))
+        _done, left = await asyncio.wait(jobs, timeout=self.grace_seconds)
+        for job in left:
+            job.cancel()
+        for job in left:
+            with contextlib.suppress(asyncio.CancelledError, StaleAttempt):
+                await job
+            task_id, attempt = jobs[job]
+            if attempt and await self.store.hand_back(
+                task_id, attempt, self.consumer, self._lease_ms
+            ):
+                tasks_outcome.labels(self.store.agent, "handed_back").inc()
+                log.info("handed back", extra={"task_id": task_id, "attempt": attempt})

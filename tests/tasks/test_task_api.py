@@ -1,0 +1,224 @@
+"""SubmitTask / GetTask / CancelTask / WatchTask over real gRPC, with in-process workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from agentplex.agents.catalog import ASSISTANT
+from agentplex.agents.llm.base import CompletionRequest, LLMEvent
+from agentplex.agents.llm.scripted import ScriptedLLM
+from agentplex.runtime.errors import from_rpc_error
+from agentplex.tasks.app import build_worker
+from agentplex.v1 import agent_service_pb2 as pb
+from agentplex.v1 import agent_service_pb2_grpc, task_pb2
+
+COMPLETED = task_pb2.TASK_STATUS_COMPLETED
+CANCELLED = task_pb2.TASK_STATUS_CANCELLED
+
+
+@pytest.fixture
+def assistant(mesh, channel_to):  # type: ignore[no-untyped-def]
+    return agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
+
+
+@pytest.fixture
+async def start_worker(mesh):  # type: ignore[no-untyped-def]
+    """Start in-process workers for the assistant; all are stopped after the test."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None], object]] = []
+
+    async def start(llm=None, **overrides):  # type: ignore[no-untyped-def]
+        settings = mesh.settings.model_copy(update=overrides)
+        worker, host = build_worker(ASSISTANT, settings, metrics_port=None, llm=llm,
+                                    consumer=f"w{len(running)}")
+        await host.start()
+        stop = asyncio.Event()
+        job = asyncio.create_task(worker.run(stop))
+        running.append((stop, job, host))
+        return worker
+
+    yield start
+    for stop, job, host in running:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(job, timeout=15)
+        await host.stop()  # type: ignore[attr-defined]
+
+
+async def wait_status(stub, task_id: str, statuses, eventually) -> task_pb2.Task:  # type: ignore[no-untyped-def]
+    found: list[task_pb2.Task] = []
+
+    async def reached() -> bool:
+        task = (await stub.GetTask(pb.GetTaskRequest(task_id=task_id), timeout=5)).task
+        found[:] = [task]
+        return task.status in statuses
+
+    await eventually(reached, timeout=20, message=f"task {task_id} never reached {statuses}")
+    return found[0]
+
+
+async def watch(stub, task_id: str, after: int = 0) -> list:  # type: ignore[no-untyped-def]
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_sequence=after), timeout=30)
+    return [response.event async for response in call]
+
+
+async def test_submit_then_watch_until_done(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+    submitted = await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 17*23?")), timeout=5)
+    assert submitted.created and submitted.task.status == task_pb2.TASK_STATUS_PENDING
+    task_id = submitted.task.task_id
+    await start_worker()
+    events = await watch(assistant, task_id)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].final_result.result.output == "17*23 = 391."
+    task = await wait_status(assistant, task_id, [COMPLETED], eventually)
+    assert task.attempts == 1 and task.result.output == "17*23 = 391."
+    assert task.last_sequence == len(events)
+    assert task.finished_at.seconds > 0
+    # Watching a finished task replays its events and ends.
+    assert await watch(assistant, task_id) == events
+    # Resuming after the 3rd event gets exactly the rest.
+    assert await watch(assistant, task_id, after=3) == events[3:]
+
+
+async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -> None:  # type: ignore[no-untyped-def]
+    spec = task_pb2.TaskSpec(prompt="what is 1+1", task_id="dup-1")
+    first = await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
+    again = await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
+    assert first.created and not again.created
+    assert again.task.task_id == "dup-1" and again.task.created_at == first.task.created_at
+    other = task_pb2.TaskSpec(prompt="what is 2+2", task_id="dup-1")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await assistant.SubmitTask(pb.SubmitTaskRequest(task=other), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
+
+
+async def test_bad_submit_is_invalid_argument_and_queues_nothing(mesh, assistant, redis_client) -> None:  # type: ignore[no-untyped-def]
+    for spec in (task_pb2.TaskSpec(prompt=""), task_pb2.TaskSpec(prompt="hi", max_steps=26),
+                 task_pb2.TaskSpec(prompt="hi", token_budget=100)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await assistant.SubmitTask(pb.SubmitTaskRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    prefix = mesh.settings.key_prefix
+    assert await redis_client.xlen(f"{prefix}:queue:assistant") == 0
+
+
+async def test_unknown_task_is_not_found(assistant) -> None:  # type: ignore[no-untyped-def]
+    for call in (assistant.GetTask(pb.GetTaskRequest(task_id="nope"), timeout=5),
+                 assistant.CancelTask(pb.CancelTaskRequest(task_id="nope"), timeout=5)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch(assistant, "nope")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
+    from agentplex.agents import app as agents_app
+
+    host = agents_app.build_host(ASSISTANT, mesh.settings.model_copy(update={"task_queue_limit": 2}),
+                                 metrics_port=None)
+    endpoint = await host.start()
+    try:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel_to(endpoint.address))
+        for n in range(2):
+            await stub.SubmitTask(pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt=f"{n}+1")),
+                                  timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.SubmitTask(pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="3+1")),
+                                  timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in caught.value.details()
+    finally:
+        await host.stop()
+
+
+async def test_cancel_pending_task_never_starts(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+    submitted = await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 5*5", task_id="c-1")),
+        timeout=5)
+    cancelled = await assistant.CancelTask(pb.CancelTaskRequest(task_id="c-1"), timeout=5)
+    assert cancelled.task.status == CANCELLED
+    assert submitted.task.status == task_pb2.TASK_STATUS_PENDING
+    await start_worker()
+    events = await watch(assistant, "c-1")
+    assert [e.WhichOneof("kind") for e in events] == ["final_result"]
+    task = await wait_status(assistant, "c-1", [CANCELLED], eventually)
+    assert task.attempts == 0
+    # Cancelling again is a no-op returning the final state.
+    again = await assistant.CancelTask(pb.CancelTaskRequest(task_id="c-1"), timeout=5)
+    assert again.task.status == CANCELLED
+
+
+class SlowLLM(ScriptedLLM):
+    """The scripted model, but each call waits until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
+        self.calls += 1
+        await self.release.wait()
+        async for event in super().stream(request):
+            yield event
+
+
+async def test_cancel_running_task_stops_at_the_next_step(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+    llm = SlowLLM()
+    await start_worker(llm=llm)
+    await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 6*7", task_id="c-2",
+                                                    session_id="cancelled")), timeout=5)
+    await eventually(lambda: llm.calls == 1, message="the task did not start")
+    response = await assistant.CancelTask(pb.CancelTaskRequest(task_id="c-2"), timeout=5)
+    assert response.task.status == task_pb2.TASK_STATUS_RUNNING and response.task.cancel_requested
+    llm.release.set()  # the step in flight finishes (its tool call too), then the task stops
+    task = await wait_status(assistant, "c-2", [CANCELLED], eventually)
+    assert task.result.error == "cancelled"
+    assert task.result.tool_calls == 1 and llm.calls == 1
+    events = await watch(assistant, "c-2")
+    assert events[-1].final_result.result.status == CANCELLED
+
+
+async def test_several_watchers_see_the_same_events(assistant, start_worker) -> None:  # type: ignore[no-untyped-def]
+    await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 2*21", task_id="w-1")),
+        timeout=5)
+    watchers = [asyncio.create_task(watch(assistant, "w-1")) for _ in range(3)]
+    await start_worker()
+    results = await asyncio.gather(*watchers)
+    assert results[0] == results[1] == results[2]
+    assert results[0][-1].final_result.result.output == "2*21 = 42."
+
+
+async def test_events_past_retention_are_out_of_range(assistant, start_worker, mesh, redis_client, eventually) -> None:  # type: ignore[no-untyped-def]
+    await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 3*3", task_id="r-1")),
+        timeout=5)
+    await start_worker(task_event_retention_seconds=1)
+    done = await watch(assistant, "r-1")
+    events_key = f"{mesh.settings.key_prefix}:task:assistant:r-1:events"
+    await eventually(lambda: _gone(redis_client, events_key), timeout=10,
+                     message="events never expired")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch(assistant, "r-1")
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert f"first still available is {len(done) + 1}" in caught.value.details()
+    # The result outlives the events.
+    task = (await assistant.GetTask(pb.GetTaskRequest(task_id="r-1"), timeout=5)).task
+    assert task.status == COMPLETED
+
+
+async def _gone(redis_client, key: str) -> bool:  # type: ignore[no-untyped-def]
+    return not await redis_client.exists(key)
