@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.agents import catalog
@@ -20,6 +19,7 @@ from agentplex.agents.runner import AgentRunner
 from agentplex.agents.servicer import AgentServicer
 from agentplex.memory.client import MemoryClient
 from agentplex.registry.client import RegistryClient
+from agentplex.runtime import redis_client
 from agentplex.runtime.clients import open_channel
 from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
@@ -77,7 +77,7 @@ def build_parts(
     llm = llm or build_provider(settings)
     memory_channel = open_channel(settings.memory_address)
     registry_channel = open_channel(settings.registry_address)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client.connect(settings.redis_url)
     runner = AgentRunner(
         spec=spec,
         llm=llm,

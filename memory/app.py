@@ -7,10 +7,10 @@ import asyncio
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 
 from agentplex.memory.servicer import MemoryServicer
 from agentplex.memory.store import MemoryStore
+from agentplex.runtime import redis_client
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
@@ -20,7 +20,7 @@ SERVICE_NAME = memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].f
 
 
 def build_host(settings: Settings, *, port: int = 0, metrics_port: int | None = 0) -> ServiceHost:
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client.connect(settings.redis_url)
     store = MemoryStore(
         redis,
         key_prefix=settings.key_prefix,

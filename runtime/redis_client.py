@@ -1,0 +1,21 @@
+"""One way to open Redis: every client has socket timeouts.
+
+Without them a half-dead connection can hang a call forever (and with it a
+health check, a heartbeat or a shutdown). Five seconds is well above the
+longest blocking read we issue (a one-second XREAD).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+SOCKET_TIMEOUT_SECONDS = 5.0
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        health_check_interval=30,
+    )
