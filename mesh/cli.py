@@ -2,6 +2,10 @@
 
     agentplex up                      start the mesh locally (Ctrl-C stops it)
     agentplex run --agent NAME TEXT   run a task; --stream prints step events live
+    agentplex submit --agent NAME TEXT   queue a durable task; prints its id
+    agentplex watch ID [--after SEQ]  follow a task's events (resumable)
+    agentplex status ID               a task's status and result
+    agentplex cancel ID               cancel a task
     agentplex tools list              list the registry's tools
 
 Every failure is one readable line on stderr and a non-zero exit code:
@@ -61,26 +65,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one part's gRPC port, e.g. --port assistant=7001",
     )
     up.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="task workers per agent, for submitted tasks (default 1)",
+    )
+    up.add_argument(
         "--llm",
         choices=["scripted", "openai"],
         default=None,
         help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted)",
     )
 
-    run = commands.add_parser("run", help="run one task on an agent")
-    run.add_argument("--agent", default="assistant", help="agent name (default assistant)")
+    run = commands.add_parser("run", help="run one task on an agent, within this call")
+    _task_options(run)
     run.add_argument("--stream", action="store_true", help="print step events as they happen")
-    run.add_argument("--json", action="store_true", help="print events/results as JSON lines")
-    run.add_argument("--session", default="", help="session id, to continue a conversation")
-    run.add_argument("--max-steps", type=int, default=None)
-    run.add_argument("--token-budget", type=int, default=None)
     run.add_argument(
         "--timeout",
         type=float,
         default=300.0,
         help="deadline for the whole task, seconds (default 300)",
     )
-    run.add_argument("prompt", help="what to ask")
+
+    submit = commands.add_parser("submit", help="queue a durable task; prints its id")
+    _task_options(submit)
+    submit.add_argument("--task-id", default="", help="your own id (idempotent resubmits)")
+
+    watch = commands.add_parser("watch", help="follow a task's events until it ends")
+    watch.add_argument("task_id")
+    watch.add_argument("--agent", default="assistant", help="agent name (default assistant)")
+    watch.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQ",
+        help="resume after this event sequence number",
+    )
+    watch.add_argument("--json", action="store_true", help="print events as JSON lines")
+
+    for name, text in (("status", "show a task's status and result"), ("cancel", "cancel a task")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("task_id")
+        command.add_argument("--agent", default="assistant", help="agent name (default assistant)")
+        command.add_argument("--json", action="store_true", help="print the task as JSON")
 
     tools = commands.add_parser("tools", help="inspect the tool registry")
     tools_commands = tools.add_subparsers(dest="tools_command", required=True)
@@ -88,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     tools_list.add_argument("--agent", default="", help="only the tools this agent may use")
     tools_list.add_argument("--json", action="store_true")
     return parser
+
+
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--agent", default="assistant", help="agent name (default assistant)")
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument("--session", default="", help="session id, to continue a conversation")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("prompt", help="what to ask")
+
+
+def _task_fields(args: argparse.Namespace) -> dict[str, object]:
+    fields: dict[str, object] = {"prompt": args.prompt, "session_id": args.session}
+    if args.max_steps is not None:
+        fields["max_steps"] = args.max_steps
+    if args.token_budget is not None:
+        fields["token_budget"] = args.token_budget
+    return fields
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -110,9 +156,16 @@ async def _dispatch(args: argparse.Namespace) -> int:
         state = read_state(state_file)
     except MeshNotRunning as exc:
         raise CliError(str(exc)) from None
-    if args.command == "run":
-        return await _run(args, state)
-    return await _tools_list(args, state)
+    if args.command == "tools":
+        return await _tools_list(args, state)
+    commands = {
+        "run": _run,
+        "submit": _submit,
+        "watch": _watch,
+        "status": _status,
+        "cancel": _cancel,
+    }
+    return await commands[args.command](args, state)
 
 
 async def _up(args: argparse.Namespace, state_file: Path) -> int:
@@ -133,6 +186,7 @@ async def _up(args: argparse.Namespace, state_file: Path) -> int:
         ephemeral_ports=args.ephemeral_ports,
         port_overrides=overrides,
         llm_provider=args.llm,
+        workers=args.workers,
         say=lambda line: print(line, flush=True),
     )
     return await launcher.run_until_signalled(mesh)
@@ -152,11 +206,7 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     import grpc
 
     address = _agent_address(state, args.agent)
-    fields: dict[str, object] = {"prompt": args.prompt, "session_id": args.session}
-    if args.max_steps is not None:
-        fields["max_steps"] = args.max_steps
-    if args.token_budget is not None:
-        fields["token_budget"] = args.token_budget
+    fields = _task_fields(args)
     printer = render.EventPrinter(json_lines=args.json)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
@@ -207,3 +257,73 @@ def _rpc_failure(err: object, what: str) -> CliError:
         return CliError(f"cannot reach {what}: is the mesh running? Start it with `agentplex up`")
     exit_code = EXIT_USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
     return CliError(f"{code.name}: {failure.message}", exit_code)
+
+
+async def _on_agent(args: argparse.Namespace, state: dict[str, object], call):  # type: ignore[no-untyped-def]
+    """Run `call(stub)` against the agent named in args; map failures to one line."""
+    import grpc
+
+    address = _agent_address(state, args.agent)
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            return await call(agent_service_pb2_grpc.AgentServiceStub(channel))
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_failure(err, f"agent {args.agent!r} at {address}") from None
+
+
+async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:
+    from agentplex.v1 import task_pb2
+
+    spec = task_pb2.TaskSpec(task_id=args.task_id, **_task_fields(args))  # type: ignore[arg-type]
+    response = await _on_agent(
+        args,
+        state,
+        lambda stub: stub.SubmitTask(agent_service_pb2.SubmitTaskRequest(task=spec), timeout=10),
+    )
+    if args.json:
+        render.print_task(response.task, json_lines=True)
+    else:
+        print(response.task.task_id)
+    return 0
+
+
+async def _watch(args: argparse.Namespace, state: dict[str, object]) -> int:
+    printer = render.EventPrinter(json_lines=args.json)
+
+    async def follow(stub):  # type: ignore[no-untyped-def]
+        request = agent_service_pb2.WatchTaskRequest(
+            task_id=args.task_id, after_sequence=args.after
+        )
+        try:
+            async for response in stub.WatchTask(request):
+                printer.event(response.event)
+        finally:
+            printer.interrupted()
+
+    await _on_agent(args, state, follow)
+    result = printer.final_result
+    return 0 if result is None or not result.error else EXIT_FAILED
+
+
+async def _status(args: argparse.Namespace, state: dict[str, object]) -> int:
+    response = await _on_agent(
+        args,
+        state,
+        lambda stub: stub.GetTask(
+            agent_service_pb2.GetTaskRequest(task_id=args.task_id), timeout=10
+        ),
+    )
+    render.print_task(response.task, json_lines=args.json)
+    return 0
+
+
+async def _cancel(args: argparse.Namespace, state: dict[str, object]) -> int:
+    response = await _on_agent(
+        args,
+        state,
+        lambda stub: stub.CancelTask(
+            agent_service_pb2.CancelTaskRequest(task_id=args.task_id), timeout=10
+        ),
+    )
+    render.print_task(response.task, json_lines=args.json)
+    return 0

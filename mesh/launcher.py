@@ -1,6 +1,7 @@
 """`agentplex up`: the whole mesh as local processes, started in dependency order.
 
-Redis (embedded unless REDIS_URL is set) → memory → registry → agents. Each
+Redis (embedded unless REDIS_URL is set) → memory → registry → agents →
+task workers (`--workers N` per agent). Each
 service is its own process; it reports the address it bound through a ready
 file, and counts as up once its gRPC health check says SERVING. Logs go to
 `.agentplex/logs/<name>.log` so this terminal shows only progress. Stopping
@@ -66,6 +67,7 @@ class MeshLauncher:
     ephemeral_ports: bool = False
     port_overrides: dict[str, int] = field(default_factory=dict)
     llm_provider: str | None = None
+    workers: int = 1
     docs_dir: Path = field(default_factory=Path.cwd)
     say: Callable[[str], None] = print
     _redis: EmbeddedRedis | None = None
@@ -75,8 +77,8 @@ class MeshLauncher:
     def _port(self, name: str, index: int) -> int:
         if name in self.port_overrides and index == 0:
             return self.port_overrides[name]
-        if self.ephemeral_ports:
-            return 0
+        if self.ephemeral_ports or name not in DEFAULT_PORTS:
+            return 0  # workers serve only health and metrics: any free port
         return DEFAULT_PORTS[name][index]
 
     async def start(self) -> dict[str, Any]:
@@ -97,9 +99,9 @@ class MeshLauncher:
                     f"embedded Redis failed to start: {exc}. Is port {redis_port} "
                     "taken? Try --port redis=PORT or set REDIS_URL."
                 ) from None
-            self.say(f"  redis       {redis_url}  (embedded)")
+            self.say(f"  {'redis':<20} {redis_url}  (embedded)")
         else:
-            self.say(f"  redis       {redis_url}  (REDIS_URL)")
+            self.say(f"  {'redis':<20} {redis_url}  (REDIS_URL)")
         env = self._child_env(redis_url)
         memory = await self._start_part("memory", "agentplex.memory", [], env)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
@@ -112,8 +114,26 @@ class MeshLauncher:
                 for name in CATALOG
             )
         )
+        # Workers run queued tasks; they start once the agents they serve are up.
+        await asyncio.gather(
+            *(
+                self._start_part(
+                    f"{name}-worker-{index}",
+                    "agentplex.tasks",
+                    ["--agent", name, "--name", f"{name}-worker-{index}"],
+                    env,
+                )
+                for name in CATALOG
+                for index in range(1, self.workers + 1)
+            )
+        )
         state: dict[str, Any] = {"redis": redis_url}
-        state.update({part.name: part.address for part in self._parts})
+        state.update(
+            {part.name: part.address for part in self._parts if "-worker-" not in part.name}
+        )
+        state["workers"] = {
+            part.name: part.address for part in self._parts if "-worker-" in part.name
+        }
         state["metrics"] = {
             part.name: f"http://127.0.0.1:{part.metrics}/metrics"
             for part in self._parts
@@ -180,7 +200,7 @@ class MeshLauncher:
                 ready_file.unlink()
                 ready_file.parent.rmdir()
         part.address, part.metrics = ready["address"], ready.get("metrics_port")
-        self.say(f"  {name:<11} {part.address}  (metrics :{part.metrics}, log {part.log_path})")
+        self.say(f"  {name:<20} {part.address}  (metrics :{part.metrics}, log {part.log_path})")
         return part
 
     async def _wait_ready(self, part: Part, ready_file: Path) -> dict[str, Any]:

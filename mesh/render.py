@@ -119,3 +119,24 @@ def print_tools(
     for tool in tools:
         effect = tool_pb2.SideEffect.Name(tool.side_effect).removeprefix("SIDE_EFFECT_").lower()
         out.write(f"{tool.name:<{width}}  {tool.version:<7}  {effect:<14}  {tool.description}\n")
+
+
+def print_task(task: task_pb2.Task, *, json_lines: bool = False, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        out.write(_json(task) + "\n")
+        return
+    status = task_pb2.TaskStatus.Name(task.status).removeprefix("TASK_STATUS_").lower()
+    if task.cancel_requested:
+        status += " (cancel requested)"
+    out.write(
+        f"task {task.task_id} on {task.agent}: {status}, attempts {task.attempts}, "
+        f"last event {task.last_sequence}\n"
+    )
+    if task.HasField("result"):
+        result = task.result
+        if result.error:
+            out.write(f"error: {result.error}\n")
+        if result.output:
+            out.write(f"answer: {result.output}\n")
+    out.flush()

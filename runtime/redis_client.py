@@ -10,6 +10,9 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 SOCKET_TIMEOUT_SECONDS = 5.0
+# Each open WatchTask holds a connection during its blocking read, so the pool
+# must be larger than redis-py's default of 100.
+MAX_CONNECTIONS = 2000
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -18,4 +21,5 @@ def connect(url: str) -> aioredis.Redis:
         socket_timeout=SOCKET_TIMEOUT_SECONDS,
         socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
         health_check_interval=30,
+        max_connections=MAX_CONNECTIONS,
     )

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr = SecretStr("")
     openai_model: str = "gpt-4o-mini"
     llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Simulated model latency of the scripted model, per call (demos, chaos runs).
+    scripted_delay_seconds: float = Field(default=0.0, ge=0)
     # Token limit of the memory packet loaded into each task's prompt.
     context_tokens: int = Field(default=2048, ge=64)
     # Deadline applied to a task whose caller set none (every RPC has one).

@@ -17,4 +17,4 @@ def build_provider(settings: Settings) -> LLMProvider:
             model=settings.openai_model,
             timeout_seconds=settings.llm_timeout_seconds,
         )
-    return ScriptedLLM()
+    return ScriptedLLM(delay_seconds=settings.scripted_delay_seconds)

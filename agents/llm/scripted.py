@@ -17,6 +17,7 @@ streamed word by word and usage is the documented token estimate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -51,8 +52,10 @@ _QUESTION = re.compile(
 class ScriptedLLM:
     """Deterministic rule-based model for tests and the offline default."""
 
-    def __init__(self, name: str = "scripted-1") -> None:
+    def __init__(self, name: str = "scripted-1", *, delay_seconds: float = 0.0) -> None:
         self._name = name
+        # Simulated thinking time, so demos and chaos runs have tasks worth interrupting.
+        self._delay = delay_seconds
 
     @property
     def model(self) -> str:
@@ -65,6 +68,8 @@ class ScriptedLLM:
         prompt_tokens = sum(estimate_message_tokens(m.content) for m in request.messages) + sum(
             estimate_tokens(t.parameters_json) for t in request.tools
         )
+        if self._delay:
+            await asyncio.sleep(self._delay)
         pending_results = _results_since_last_user(request.messages)
         if pending_results is None:
             calls = plan_tool_calls(_last_user_text(request.messages), request.tools)
