@@ -212,8 +212,8 @@ class Worker:
 
     async def _dead_letter(self, task_id: str) -> None:
         message = (
-            f"task was started {self.max_attempts} times and every attempt died "
-            "(worker crash or stall); moved to the dead-letter queue"
+            f"task was started {self.max_attempts} times without finishing (worker crashes, "
+            "stalls or unavailable dependencies); moved to the dead-letter queue"
         )
         result = task_pb2.TaskResult(
             task_id=task_id, status=task_pb2.TASK_STATUS_FAILED, error=message

@@ -12,9 +12,27 @@ pytestmark = pytest.mark.slow
 
 def test_chaos_run_loses_nothing_and_repeats_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     done = subprocess.run(
-        [sys.executable, "-m", "agentplex.tasks.chaos", "--tasks", "30", "--workers", "2",
-         "--kill-every", "1", "--lease", "1", "--model-delay", "0.2", "--timeout", "120"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "agentplex.tasks.chaos",
+            "--tasks",
+            "30",
+            "--workers",
+            "2",
+            "--kill-every",
+            "1",
+            "--lease",
+            "1",
+            "--model-delay",
+            "0.2",
+            "--timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| lost (must be 0) | 0 |" in done.stdout
