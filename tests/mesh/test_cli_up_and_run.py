@@ -85,6 +85,7 @@ def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-u
     state = json.loads(state_file.read_text())
     for part in ("redis", "memory", "registry", "assistant", "researcher"):
         assert part in state, part
+    assert set(state["workers"]) == {"assistant-worker-1", "researcher-worker-1"}
     assert state["redis"].startswith("redis://127.0.0.1:")
     assert state["assistant"].startswith("127.0.0.1:")
 
@@ -163,6 +164,25 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # 
     assert '"status": "SERVING"' in health.stdout
 
 
+def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    submitted = agentplex("submit", "--task-id", "cli-1", "what is 9*9", state_file=state_file)
+    assert (submitted.returncode, submitted.stdout.strip()) == (0, "cli-1")
+    watched = agentplex("watch", "cli-1", state_file=state_file)
+    assert watched.returncode == 0, watched.stderr
+    assert "tool call  calculator@1.0.0" in watched.stdout
+    assert watched.stdout.rstrip().endswith("answer: 9*9 = 81.")
+    resumed = agentplex("watch", "cli-1", "--after", "5", state_file=state_file)
+    assert resumed.stdout.splitlines()[0].startswith("[  6]")
+    status = agentplex("status", "cli-1", state_file=state_file)
+    assert "task cli-1 on assistant: completed, attempts 1" in status.stdout
+    cancelled = agentplex("cancel", "cli-1", state_file=state_file)
+    assert "completed" in cancelled.stdout  # cancelling a finished task changes nothing
+    missing = agentplex("status", "nope", state_file=state_file)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("agentplex: NOT_FOUND: task 'nope'")
+
+
 def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     second = agentplex("up", "--ephemeral-ports", state_file=state_file, timeout=60)
@@ -181,7 +201,8 @@ def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore
     assert not state_file.exists()
     import socket
 
-    for part in ("memory", "registry", "assistant", "researcher"):
-        host, port = state[part].rsplit(":", 1)
+    addresses = [state[part] for part in ("memory", "registry", "assistant", "researcher")]
+    for address in [*addresses, *state["workers"].values()]:
+        host, port = address.rsplit(":", 1)
         with socket.socket() as sock:
-            assert sock.connect_ex((host, int(port))) != 0, f"{part} still listening"
+            assert sock.connect_ex((host, int(port))) != 0, f"{address} still listening"
