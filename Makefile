@@ -3,7 +3,7 @@ PYTHON ?= python
 BIN := $(dir $(shell $(PYTHON) -c 'import sys; print(sys.executable)'))
 export PATH := $(BIN):$(PATH)
 
-.PHONY: gen lint test check
+.PHONY: gen lint breaking test check
 
 ## gen: regenerate gen/python from proto/ (buf drives grpcio-tools' protoc)
 gen:
@@ -18,9 +18,13 @@ lint:
 	ruff check .
 	ruff format --check .
 
+## breaking: agentplex.v1 against its first published version (wire and JSON)
+breaking:
+	buf breaking --against ".git#ref=$$(git rev-list --max-parents=0 HEAD)"
+
 ## test: the whole suite (the same command CI runs)
 test:
 	pytest
 
 ## check: lint, then the whole suite
-check: lint test
+check: lint breaking test
