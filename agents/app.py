@@ -21,12 +21,13 @@ from agentplex.memory.client import MemoryClient
 from agentplex.registry.client import RegistryClient
 from agentplex.runtime import redis_client
 from agentplex.runtime.clients import open_channel
-from agentplex.runtime.server import DependencyCheck, ServiceHost
+from agentplex.runtime.server import DependencyCheck, Endpoint, ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
-from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
+from agentplex.tools.base import define
+from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, tool_pb2
 
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
@@ -36,7 +37,7 @@ def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
         name=spec.name,
         version=spec.version,
         description=spec.description,
-        tools=list(spec.tools),
+        tools=list(spec.tool_names),
         model=model,
         limits=agent_pb2.AgentLimits(
             max_steps_limit=catalog.MAX_STEPS_LIMIT,
@@ -46,6 +47,42 @@ def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
             default_token_budget=catalog.DEFAULT_TOKEN_BUDGET,
             max_prompt_bytes=catalog.MAX_PROMPT_BYTES,
         ),
+    )
+
+
+def agent_tool(spec: AgentSpec) -> tool_pb2.ToolDefinition:
+    """The tool contract through which other agents (and operators) delegate to `spec`."""
+    return define(
+        name=f"agent.{spec.name}",
+        version=spec.version,
+        description=f"Delegates a task to the {spec.name} agent: {spec.description}",
+        input_schema={
+            "type": "object",
+            "properties": {
+                "prompt": {"type": "string", "minLength": 1, "maxLength": catalog.MAX_PROMPT_BYTES},
+                "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                "max_steps": {"type": "integer", "minimum": 1, "maximum": catalog.MAX_STEPS_LIMIT},
+                "token_budget": {
+                    "type": "integer",
+                    "minimum": catalog.MIN_TOKEN_BUDGET,
+                    "maximum": catalog.MAX_TOKEN_BUDGET,
+                },
+            },
+            "required": ["prompt"],
+            "additionalProperties": False,
+        },
+        output_schema={
+            "type": "object",
+            "properties": {
+                "task_id": {"type": "string"},
+                "output": {"type": "string"},
+                "error": {"type": "string"},
+                "steps_used": {"type": "integer"},
+                "tokens_used": {"type": "integer"},
+            },
+            "required": ["task_id", "output", "error", "steps_used", "tokens_used"],
+        },
+        side_effect=tool_pb2.SIDE_EFFECT_SIDE_EFFECTING,
     )
 
 
@@ -65,6 +102,7 @@ class AgentParts:
     """What an agent process (server or worker) is built from."""
 
     runner: AgentRunner
+    registry: RegistryClient
     tasks: TaskStore
     llm: LLMProvider
     dependency_checks: list[DependencyCheck]
@@ -78,10 +116,11 @@ def build_parts(
     memory_channel = open_channel(settings.memory_address)
     registry_channel = open_channel(settings.registry_address)
     redis = redis_client.connect(settings.redis_url)
+    registry = RegistryClient(settings.registry_address, channel=registry_channel)
     runner = AgentRunner(
         spec=spec,
         llm=llm,
-        tools=RegistryClient(settings.registry_address, channel=registry_channel),
+        tools=registry,
         memory=MemoryClient(settings.memory_address, channel=memory_channel),
         context_tokens=settings.context_tokens,
     )
@@ -105,6 +144,7 @@ def build_parts(
 
     return AgentParts(
         runner=runner,
+        registry=registry,
         tasks=tasks,
         llm=llm,
         dependency_checks=[
@@ -136,9 +176,16 @@ def build_host(
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
+    async def publish_as_tool(endpoint: Endpoint) -> None:
+        # Every agent is also a tool (agent.<name>): the path delegation takes.
+        await parts.registry.publish(
+            [agent_tool(spec)], endpoint.address, tool_pb2.BACKEND_KIND_AGENT, timeout=10.0
+        )
+
     return ServiceHost(
         name=spec.name,
         register=register,
+        on_start=[publish_as_tool],
         host=settings.host,
         port=port,
         metrics_port=metrics_port,

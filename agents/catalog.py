@@ -24,7 +24,12 @@ class AgentSpec:
     version: str
     description: str
     instructions: str
+    # Tool grants as "name@major".
     tools: tuple[str, ...]
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return tuple(grant.partition("@")[0] for grant in self.tools)
 
 
 ASSISTANT = AgentSpec(
@@ -36,7 +41,8 @@ ASSISTANT = AgentSpec(
         "computing in your head. When asked to remember something, save it with "
         "notes.write; when asked what you were told, read notes.read. Answer briefly."
     ),
-    tools=("calculator", "notes.read", "notes.write"),
+    # Each tool pinned to a major version: a breaking 2.0 never reaches this agent unasked.
+    tools=("calculator@1", "notes.read@1", "notes.write@1"),
 )
 
 RESEARCHER = AgentSpec(
@@ -47,7 +53,7 @@ RESEARCHER = AgentSpec(
         "You answer questions about agentplex. Search the documentation with docs.search "
         "and answer only from what it returns, naming the source file."
     ),
-    tools=("docs.search",),
+    tools=("docs.search@1",),
 )
 
 CATALOG: dict[str, AgentSpec] = {spec.name: spec for spec in (ASSISTANT, RESEARCHER)}

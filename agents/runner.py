@@ -263,11 +263,6 @@ class AgentRunner:
         progress: _Progress,
         cancel_requested: CancelCheck | None,
     ) -> str | None:
-        tool_defs = await self._tools.list_tools(
-            self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
-        )
-        versions = {tool.name: tool.version for tool in tool_defs}
-        tool_specs = [ToolSpec(t.name, t.description, t.input_schema_json) for t in tool_defs]
         context = await self._memory.load(
             self.spec.name,
             task.session_id,
@@ -282,6 +277,12 @@ class AgentRunner:
             if cancel_requested is not None and await cancel_requested():
                 raise _Cancelled
             progress.steps = step
+            # Asked every step: a tool (or version) published mid-task is usable at once.
+            tool_defs = await self._tools.list_tools(
+                self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
+            )
+            versions = {tool.name: tool.version for tool in tool_defs}
+            tool_specs = [ToolSpec(t.name, t.description, t.input_schema_json) for t in tool_defs]
             await events.emit(
                 step, step_started=step_event_pb2.StepStarted(tokens_used=progress.tokens)
             )
@@ -441,6 +442,8 @@ class AgentRunner:
                 response = await self._tools.invoke(
                     tool_registry_service_pb2.InvokeToolRequest(
                         tool_name=call.name,
+                        # The exact version whose schema the model was shown.
+                        version=versions.get(call.name, ""),
                         arguments_json=call.arguments_json,
                         idempotency_key=key,
                         caller=tool_registry_service_pb2.Caller(

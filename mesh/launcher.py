@@ -1,6 +1,6 @@
 """`agentplex up`: the whole mesh as local processes, started in dependency order.
 
-Redis (embedded unless REDIS_URL is set) → memory → registry → agents →
+Redis (embedded unless REDIS_URL is set) → memory → registry → tool backend → agents →
 task workers (`--workers N` per agent). Each
 service is its own process; it reports the address it bound through a ready
 file, and counts as up once its gRPC health check says SERVING. Logs go to
@@ -37,6 +37,7 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     # name: (gRPC port, metrics port)
     "memory": (50051, 9151),
     "registry": (50052, 9152),
+    "tools": (50053, 9153),
     "assistant": (50061, 9161),
     "researcher": (50062, 9162),
 }
@@ -107,6 +108,8 @@ class MeshLauncher:
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
         registry = await self._start_part("registry", "agentplex.registry", [], env)
         env["AGENTPLEX_REGISTRY_ADDRESS"] = registry.address
+        # The built-in tool backend publishes its contracts to the registry on start.
+        await self._start_part("tools", "agentplex.tools", [], env)
         # Agents depend only on memory and registry, not on each other.
         await asyncio.gather(
             *(

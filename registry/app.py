@@ -1,4 +1,9 @@
-"""Assembles the Tool Registry process: Redis, built-in tool backends, servicer, host."""
+"""Assembles the Tool Registry process: Redis, ledger, backend router, servicer, host.
+
+The registry runs no tools itself: backends publish their contracts (with
+their address) when they start, and the registry routes each invocation
+there. At start-up it only seeds the catalog agents' access lists.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from agentplex.agents.catalog import CATALOG
+from agentplex.registry.backends import BackendRouter
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry
 from agentplex.registry.servicer import ToolRegistryServicer
@@ -17,10 +23,6 @@ from agentplex.runtime import redis_client
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
-from agentplex.tools.base import Tool
-from agentplex.tools.calculator import Calculator
-from agentplex.tools.docs_search import DocsSearch
-from agentplex.tools.notes import NotesRead, NotesWrite
 from agentplex.v1 import tool_registry_service_pb2, tool_registry_service_pb2_grpc
 
 SERVICE_NAME = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
@@ -28,32 +30,23 @@ SERVICE_NAME = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
 ].full_name
 
 
-async def builtin_backends(docs_dir: Path) -> list[Tool]:
-    return [Calculator(), NotesWrite(), NotesRead(), await DocsSearch.from_directory(docs_dir)]
-
-
 async def build_host(
     settings: Settings, *, port: int = 0, metrics_port: int | None = 0
 ) -> ServiceHost:
-    """Build the registry and publish built-in contracts; Redis must answer."""
+    """Build the registry and seed access lists; Redis must answer."""
     redis = redis_client.connect(settings.redis_url)
-    backends = await builtin_backends(settings.docs_dir)
+    router = BackendRouter(tool_timeout_seconds=settings.tool_timeout_seconds)
     registry = ToolRegistry(
         store=RegistryStore(redis, key_prefix=settings.key_prefix),
         ledger=IdempotencyLedger(
             redis,
             key_prefix=settings.key_prefix,
+            ttl_seconds=settings.idempotency_ttl_seconds,
             pending_ttl_seconds=settings.tool_timeout_seconds * 2,
         ),
-        backends={backend.definition.name: backend for backend in backends},
-        redis=redis,
-        key_prefix=settings.key_prefix,
-        tool_timeout_seconds=settings.tool_timeout_seconds,
+        router=router,
     )
-    await registry.seed(
-        [backend.definition for backend in backends],
-        {spec.name: list(spec.tools) for spec in CATALOG.values()},
-    )
+    await registry.seed_access({spec.name: list(spec.tools) for spec in CATALOG.values()})
 
     def register(server: grpc.aio.Server) -> list[str]:
         tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(
@@ -65,6 +58,10 @@ async def build_host(
     async def redis_answers() -> None:
         await redis.ping()
 
+    async def close() -> None:
+        await router.close()
+        await redis.aclose()
+
     return ServiceHost(
         name="registry",
         register=register,
@@ -74,7 +71,7 @@ async def build_host(
         dependency_checks=[redis_answers],
         health_interval_seconds=settings.health_interval_seconds,
         grace_seconds=settings.grace_seconds,
-        on_stop=[redis.aclose],
+        on_stop=[close],
     )
 
 

@@ -26,5 +26,21 @@ class RegistryClient:
     ) -> pb.InvokeToolResponse:
         return await call_with_deadline(self._stub.InvokeTool, request, timeout=timeout)
 
+    async def register(self, tool: tool_pb2.ToolDefinition, *, timeout: float) -> bool:
+        response = await call_with_deadline(
+            self._stub.RegisterTool, pb.RegisterToolRequest(tool=tool), timeout=timeout
+        )
+        return bool(response.created)
+
+    async def publish(
+        self, tools: list[tool_pb2.ToolDefinition], endpoint: str, kind: int, *, timeout: float
+    ) -> None:
+        """Publish contracts served at `endpoint` (what a backend does on start-up)."""
+        for tool in tools:
+            published = tool_pb2.ToolDefinition()
+            published.CopyFrom(tool)
+            published.endpoint, published.backend_kind = endpoint, kind
+            await self.register(published, timeout=timeout)
+
     async def close(self) -> None:
         await self._channel.close()

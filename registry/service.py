@@ -1,4 +1,5 @@
-"""`ToolRegistry`: registration, discovery and validated invocation of tools.
+"""`ToolRegistry`: the contract authority — versions, compatibility, access,
+validated and deduplicated invocation.
 
 Plain class, no gRPC: the servicer adapts it, tests drive it directly.
 """
@@ -8,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 
-import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from agentplex.registry import schemas
+from agentplex.registry import compat, schemas
+from agentplex.registry.backends import BackendRouter
 from agentplex.registry.ledger import IdempotencyLedger, fingerprint
-from agentplex.registry.store import RegistryStore
+from agentplex.registry.store import Grant, RegistryStore
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import (
     FailedPrecondition,
@@ -24,164 +24,298 @@ from agentplex.runtime.errors import (
     NotFound,
     PermissionDenied,
 )
-from agentplex.tools.base import Tool, ToolContext, ToolFailure
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("agentplex.registry")
 
+ACTIVE = tool_pb2.TOOL_STATE_ACTIVE
+DEPRECATED = tool_pb2.TOOL_STATE_DEPRECATED
+RETIRED = tool_pb2.TOOL_STATE_RETIRED
+
+
+def contract(tool: tool_pb2.ToolDefinition) -> bytes:
+    """The parts of a definition that callers depend on (not endpoint or state)."""
+    core = tool_pb2.ToolDefinition(
+        name=tool.name,
+        version=tool.version,
+        description=tool.description,
+        input_schema_json=json.dumps(json.loads(tool.input_schema_json), sort_keys=True),
+        output_schema_json=json.dumps(json.loads(tool.output_schema_json), sort_keys=True),
+        side_effect=tool.side_effect,
+    )
+    return core.SerializeToString(deterministic=True)
+
+
+def major(tool: tool_pb2.ToolDefinition) -> int:
+    return schemas.semver(tool.version)[0]
+
+
+def parse_pin(spec: str) -> tuple[str, int]:
+    """'calculator@2' → ('calculator', 2); 'calculator' → ('calculator', 0)."""
+    name, _, pinned = spec.partition("@")
+    if pinned and not pinned.isdigit():
+        raise InvalidArgument(f"{spec!r}: the pin after '@' must be a major version number")
+    return name, int(pinned or 0)
+
 
 class ToolRegistry:
     def __init__(
-        self,
-        *,
-        store: RegistryStore,
-        ledger: IdempotencyLedger,
-        backends: Mapping[str, Tool],
-        redis: aioredis.Redis,
-        key_prefix: str,
-        tool_timeout_seconds: float,
+        self, *, store: RegistryStore, ledger: IdempotencyLedger, router: BackendRouter
     ) -> None:
         self._store = store
         self._ledger = ledger
-        self._backends = dict(backends)
-        self._redis = redis
-        self._prefix = key_prefix
-        self._tool_timeout = tool_timeout_seconds
+        self._router = router
+
+    # --- contracts -------------------------------------------------------------------
 
     async def register(self, tool: tool_pb2.ToolDefinition) -> bool:
-        """Publish a contract; False when the identical contract was already there."""
+        """Publish a version; False when that exact contract was already published."""
         schemas.check_definition(tool)
-        current = await self._store.get_tool(tool.name)
-        if current is not None:
-            if current.SerializeToString(deterministic=True) == tool.SerializeToString(
-                deterministic=True
-            ):
-                return False
-            if schemas.semver(tool.version) <= schemas.semver(current.version):
+        versions = await self._store.versions(tool.name)
+        for existing in versions:
+            if existing.version != tool.version:
+                continue
+            if contract(existing) != contract(tool):
                 raise FailedPrecondition(
-                    f"tool {tool.name!r} is at version {current.version}; a changed contract "
-                    f"needs a higher version than that, got {tool.version}",
+                    f"{tool.name} {tool.version} is already published with a different "
+                    "contract; versions are immutable, publish a new version",
+                    reason="VERSION_EXISTS",
+                )
+            if (existing.endpoint, existing.backend_kind) != (tool.endpoint, tool.backend_kind):
+                # The same contract served from a new place (a restarted backend).
+                existing.endpoint, existing.backend_kind = tool.endpoint, tool.backend_kind
+                await self._store.put_version(existing)
+            return False
+        same_major = [v for v in versions if major(v) == major(tool)]
+        if same_major:
+            latest = same_major[-1]
+            if schemas.semver(tool.version) < schemas.semver(latest.version):
+                raise FailedPrecondition(
+                    f"{tool.name} {tool.version} is older than the published {latest.version}; "
+                    "a new version must be the newest of its major",
                     reason="VERSION_NOT_NEWER",
                 )
-        await self._store.put_tool(tool)
-        log.info("registered tool", extra={"tool": tool.name, "version": tool.version})
+            breaks = compat.input_breaks(
+                json.loads(latest.input_schema_json), json.loads(tool.input_schema_json)
+            )
+            breaks += [
+                f"output {b}"
+                for b in compat.output_breaks(
+                    json.loads(latest.output_schema_json), json.loads(tool.output_schema_json)
+                )
+            ]
+            if latest.side_effect != tool.side_effect:
+                breaks.append("side effect class changed")
+            if breaks:
+                raise FailedPrecondition(
+                    f"{tool.name} {tool.version} would break callers of {latest.version}: "
+                    + "; ".join(breaks)
+                    + f". Publish it as {major(tool) + 1}.0.0 instead.",
+                    reason="BREAKING_CHANGE",
+                )
+        published = tool_pb2.ToolDefinition()
+        published.CopyFrom(tool)
+        published.state, published.replacement = ACTIVE, ""
+        if not published.backend_kind:
+            published.backend_kind = tool_pb2.BACKEND_KIND_EXECUTOR
+        await self._store.put_version(published)
+        log.info("published tool", extra={"tool": tool.name, "version": tool.version})
         return True
 
-    async def seed(
-        self, tools: list[tool_pb2.ToolDefinition], access: Mapping[str, list[str]]
-    ) -> None:
-        """Publish the built-in contracts and agents' access lists at start-up."""
-        for tool in tools:
-            try:
-                await self.register(tool)
-            except FailedPrecondition as exc:
-                log.warning("kept the stored contract of %s: %s", tool.name, exc.message)
-        for agent, names in access.items():
-            await self._store.set_agent_tools(agent, names)
+    async def set_state(
+        self, name: str, version: str, state: int, replacement: str
+    ) -> tool_pb2.ToolDefinition:
+        if state not in (ACTIVE, DEPRECATED, RETIRED):
+            raise InvalidArgument("state must be ACTIVE, DEPRECATED or RETIRED")
+        if state != ACTIVE and not replacement:
+            raise InvalidArgument("deprecating or retiring needs a replacement, e.g. 'name@2'")
+        tool = await self.get(name, version, include_retired=True)
+        if tool.version != version:
+            raise InvalidArgument(f"version must be exact (e.g. {tool.version}), got {version!r}")
+        tool.state, tool.replacement = state, replacement if state != ACTIVE else ""
+        await self._store.put_version(tool)
+        return tool
 
-    async def list(self, agent: str = "") -> list[tool_pb2.ToolDefinition]:
-        tools = await self._store.list_tools()
-        if not agent:
-            return tools
-        allowed = await self._store.agent_tools(agent)
-        if allowed is None:
+    # --- discovery -------------------------------------------------------------------
+
+    async def get(
+        self, name: str, version: str = "", *, include_retired: bool = False
+    ) -> tool_pb2.ToolDefinition:
+        """Resolve '' (newest), '2' (newest 2.x) or '2.1.0' (exact) to one version."""
+        versions = await self._store.versions(name)
+        if not versions:
+            raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
+        if version.isdigit():
+            matching = [v for v in versions if major(v) == int(version)]
+        elif version:
+            schemas.semver(version)
+            matching = [v for v in versions if v.version == version]
+        else:
+            matching = versions
+        usable = matching if include_retired else [v for v in matching if v.state != RETIRED]
+        if usable:
+            return usable[-1]
+        wanted = f"{name}@{version}" if version else name
+        if matching:
+            retired = matching[-1]
+            raise NotFound(
+                f"{wanted} ({retired.version}) is retired; use {retired.replacement}",
+                reason="TOOL_RETIRED",
+            )
+        raise NotFound(f"no version of {name!r} matches {version!r}", reason="TOOL_NOT_FOUND")
+
+    async def list(
+        self, agent: str = "", *, all_versions: bool = False
+    ) -> list[tool_pb2.ToolDefinition]:
+        if agent:
+            grants = await self._grants(agent)
+            return [
+                tool
+                for grant in grants
+                if (tool := await self._resolve_quietly(grant.name, grant.major)) is not None
+            ]
+        tools: list[tool_pb2.ToolDefinition] = []
+        for name in await self._store.names():
+            versions = await self._store.versions(name)
+            if all_versions:
+                tools.extend(versions)
+            else:
+                live = [v for v in versions if v.state != RETIRED]
+                tools.extend(live[-1:])
+        return tools
+
+    async def _resolve_quietly(self, name: str, pinned: int) -> tool_pb2.ToolDefinition | None:
+        try:
+            return await self.get(name, str(pinned) if pinned else "")
+        except NotFound:
+            return None  # granted but not (or no longer) published: the model is not shown it
+
+    async def _grants(self, agent: str) -> list[Grant]:
+        grants = await self._store.grants(agent)
+        if grants is None:
             raise NotFound(
                 f"agent {agent!r} is not known to the registry", reason="AGENT_NOT_FOUND"
             )
-        return [tool for tool in tools if tool.name in allowed]
+        return grants
 
-    async def get(self, name: str) -> tool_pb2.ToolDefinition:
-        tool = await self._store.get_tool(name)
-        if tool is None:
-            raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
-        return tool
+    async def set_agent_tools(self, agent: str, grants: Iterable[Grant]) -> list[Grant]:
+        grants = list(grants)
+        for grant in grants:
+            if not schemas.TOOL_NAME_PATTERN.fullmatch(grant.name):
+                raise InvalidArgument(f"{grant.name!r} is not a tool name")
+        await self._store.set_grants(agent, grants)
+        return grants
+
+    async def seed_access(self, access: dict[str, list[str]]) -> None:
+        """Give catalog agents their tools unless an operator already set them."""
+        for agent, pins in access.items():
+            await self._store.set_grants(
+                agent, [Grant(*parse_pin(p)) for p in pins], only_if_new=True
+            )
+
+    # --- invocation ------------------------------------------------------------------
 
     async def invoke(
         self, request: pb.InvokeToolRequest, deadline: Deadline
     ) -> pb.InvokeToolResponse:
         with tracer.start_as_current_span("registry.invoke") as span:
             span.set_attribute("tool.name", request.tool_name)
-            tool = await self.get(request.tool_name)
+            version = request.version
             caller = request.caller
             if caller.agent:
-                allowed = await self._store.agent_tools(caller.agent)
-                if allowed is None or tool.name not in allowed:
+                grant = next(
+                    (
+                        g
+                        for g in await self._store.grants(caller.agent) or ()
+                        if g.name == request.tool_name
+                    ),
+                    None,
+                )
+                if grant is None:
                     raise PermissionDenied(
-                        f"agent {caller.agent!r} may not use tool {tool.name!r}",
+                        f"agent {caller.agent!r} may not use tool {request.tool_name!r}",
                         reason="TOOL_NOT_ALLOWED",
                     )
+                if not version and grant.major:
+                    version = str(grant.major)
+                elif version and grant.major and int(version.split(".")[0]) != grant.major:
+                    raise PermissionDenied(
+                        f"agent {caller.agent!r} is pinned to {request.tool_name}@{grant.major}",
+                        reason="TOOL_VERSION_NOT_ALLOWED",
+                    )
+            if version and not version.split(".")[0].isdigit():
+                raise InvalidArgument(f"version {version!r} must be like '2' or '2.1.0'")
+            tool = await self.get(request.tool_name, version)
+            span.set_attribute("tool.version", tool.version)
             arguments = schemas.parse_arguments(request.arguments_json)
             violation = schemas.schema_violation(tool.input_schema_json, arguments)
             if violation:
                 raise InvalidArgument(
-                    f"arguments for {tool.name} do not match its input schema: {violation}",
+                    f"arguments for {tool.name} {tool.version} do not match its input schema: "
+                    f"{violation}"
                 )
-            backend = self._backends.get(tool.name)
-            if backend is None:
-                raise FailedPrecondition(
-                    f"tool {tool.name!r} is registered but no backend serves it here",
-                    reason="NO_BACKEND",
+            if (
+                tool.side_effect
+                in (tool_pb2.SIDE_EFFECT_SIDE_EFFECTING, tool_pb2.SIDE_EFFECT_UNSPECIFIED)
+                and not request.idempotency_key
+            ):
+                raise InvalidArgument(
+                    f"{tool.name} has side effects: invoke it with an idempotency_key, so a "
+                    "retry cannot repeat them",
+                    reason="IDEMPOTENCY_KEY_REQUIRED",
                 )
             if not request.idempotency_key:
-                return await self._execute(tool, backend, arguments, caller, deadline)
-            fp = fingerprint(tool.name, arguments)
+                return await self._run(tool, arguments, caller, "", deadline)
+            fp = fingerprint(f"{tool.name}@{tool.version}", arguments)
             scope = caller.session_id or caller.agent or "-"
             claim = await self._ledger.claim(scope, request.idempotency_key, fp, deadline)
             if claim.replay is not None:
                 span.set_attribute("tool.replayed", True)
                 return claim.replay
             try:
-                response = await self._execute(tool, backend, arguments, caller, deadline)
+                response = await self._run(
+                    tool, arguments, caller, request.idempotency_key, deadline
+                )
             except BaseException:
                 await asyncio.shield(self._ledger.release(claim))
                 raise
-            await self._ledger.complete(claim, fp, response)
+            if response.HasField("error") and response.error.code == "UNAVAILABLE":
+                # No outcome was reached: a later retry with this key may run it.
+                await self._ledger.release(claim)
+            else:
+                await self._ledger.complete(claim, fp, response)
             return response
 
-    async def _execute(
+    async def _run(
         self,
         tool: tool_pb2.ToolDefinition,
-        backend: Tool,
         arguments: dict[str, object],
         caller: pb.Caller,
+        key: str,
         deadline: Deadline,
     ) -> pb.InvokeToolResponse:
         response = pb.InvokeToolResponse(tool_name=tool.name, tool_version=tool.version)
-        context = ToolContext(
-            agent=caller.agent,
-            session_id=caller.session_id,
-            task_id=caller.task_id,
-            redis=self._redis,
-            key_prefix=self._prefix,
-        )
-        started = time.perf_counter()
+        if tool.state == DEPRECATED:
+            response.warning = (
+                f"{tool.name} {tool.version} is deprecated; move to {tool.replacement}"
+            )
+        executed = await self._router.execute(tool, arguments, caller, key, deadline)
+        if executed.HasField("error"):
+            response.error.CopyFrom(executed.error)
+            return response
         try:
-            async with asyncio.timeout(deadline.timeout(self._tool_timeout)):
-                result = await backend.run(arguments, context)
-        except ToolFailure as exc:
-            response.error.CopyFrom(tool_pb2.ToolError(code=exc.code, message=exc.message))
-            return response
-        except TimeoutError:
-            # The caller's deadline passing is DEADLINE_EXCEEDED, not a tool error.
-            deadline.timeout()
-            response.error.CopyFrom(
-                tool_pb2.ToolError(
-                    code="TIMEOUT", message=f"{tool.name} took longer than {self._tool_timeout:g}s"
-                )
-            )
-            return response
-        finally:
-            log.debug(
-                "tool ran",
-                extra={"tool": tool.name, "ms": round((time.perf_counter() - started) * 1000, 2)},
-            )
-        violation = schemas.schema_violation(tool.output_schema_json, result)
+            result = json.loads(executed.result_json)
+        except json.JSONDecodeError:
+            result = None
+        violation = (
+            schemas.schema_violation(tool.output_schema_json, result)
+            if isinstance(result, dict)
+            else "the result is not a JSON object"
+        )
         if violation:
-            log.error(
-                "tool %s returned a result outside its output schema: %s", tool.name, violation
-            )
+            log.error("%s returned a result outside its output schema: %s", tool.name, violation)
             response.error.CopyFrom(
                 tool_pb2.ToolError(
                     code="INVALID_RESULT",
@@ -189,13 +323,5 @@ class ToolRegistry:
                 )
             )
             return response
-        try:
-            response.result_json = json.dumps(result, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            response.error.CopyFrom(
-                tool_pb2.ToolError(
-                    code="INVALID_RESULT",
-                    message=f"{tool.name} returned a result that is not JSON: {exc}",
-                )
-            )
+        response.result_json = json.dumps(result, sort_keys=True)
         return response

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from agentplex.registry.service import ToolRegistry
+from agentplex.registry.store import Grant
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.v1 import tool_registry_service_pb2 as pb
@@ -22,19 +23,23 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         if not request.HasField("tool"):
             raise InvalidArgument("tool is required")
         created = await self._registry.register(request.tool)
-        return pb.RegisterToolResponse(tool=request.tool, created=created)
+        stored = await self._registry.get(
+            request.tool.name, request.tool.version, include_retired=True
+        )
+        return pb.RegisterToolResponse(tool=stored, created=created)
 
     async def ListTools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListToolsResponse:
-        return pb.ListToolsResponse(tools=await self._registry.list(request.agent))
+        tools = await self._registry.list(request.agent, all_versions=request.all_versions)
+        return pb.ListToolsResponse(tools=tools)
 
     async def GetTool(
         self, request: pb.GetToolRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetToolResponse:
         if not request.name:
             raise InvalidArgument("name is required")
-        return pb.GetToolResponse(tool=await self._registry.get(request.name))
+        return pb.GetToolResponse(tool=await self._registry.get(request.name, request.version))
 
     async def InvokeTool(
         self, request: pb.InvokeToolRequest, context: grpc.aio.ServicerContext
@@ -43,3 +48,25 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
             raise InvalidArgument("tool_name is required")
         deadline = Deadline.from_context(context, self._default_timeout)
         return await self._registry.invoke(request, deadline)
+
+    async def SetToolState(
+        self, request: pb.SetToolStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetToolStateResponse:
+        if not request.name or not request.version:
+            raise InvalidArgument("name and version are required")
+        tool = await self._registry.set_state(
+            request.name, request.version, request.state, request.replacement
+        )
+        return pb.SetToolStateResponse(tool=tool)
+
+    async def SetAgentTools(
+        self, request: pb.SetAgentToolsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetAgentToolsResponse:
+        if not request.agent:
+            raise InvalidArgument("agent is required")
+        grants = await self._registry.set_agent_tools(
+            request.agent, [Grant(g.name, g.major) for g in request.grants]
+        )
+        return pb.SetAgentToolsResponse(
+            grants=[pb.ToolGrant(name=g.name, major=g.major) for g in grants]
+        )

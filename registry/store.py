@@ -1,40 +1,68 @@
-"""Registry state in Redis: tool contracts and per-agent access lists.
+"""Registry state in Redis: every version of every tool contract, and access lists.
 
 Everything the registry knows lives here, so a restarted (or second) registry
-serves exactly the same contracts.
+serves exactly the same contracts, and a registration is visible to every
+replica on its next call.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from agentplex.registry.schemas import semver
 from agentplex.v1 import tool_pb2
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An agent may use `name` at major version `major` (0 = the newest major)."""
+
+    name: str
+    major: int = 0
 
 
 class RegistryStore:
     def __init__(self, redis: aioredis.Redis, *, key_prefix: str) -> None:
         self._redis = redis
-        self._tools_key = f"{key_prefix}:registry:tools"
-        self._access_key = f"{key_prefix}:registry:access"
+        self._prefix = f"{key_prefix}:registry"
+        self._names_key = f"{self._prefix}:names"
+        self._access_key = f"{self._prefix}:access"
 
-    async def get_tool(self, name: str) -> tool_pb2.ToolDefinition | None:
-        raw = await self._redis.hget(self._tools_key, name)
-        return None if raw is None else tool_pb2.ToolDefinition.FromString(raw)
+    def _tool_key(self, name: str) -> str:
+        return f"{self._prefix}:tool:{name}"
 
-    async def put_tool(self, tool: tool_pb2.ToolDefinition) -> None:
-        await self._redis.hset(self._tools_key, tool.name, tool.SerializeToString())
+    async def versions(self, name: str) -> list[tool_pb2.ToolDefinition]:
+        """Every version of a tool, oldest first."""
+        raw = await self._redis.hvals(self._tool_key(name))
+        tools = [tool_pb2.ToolDefinition.FromString(blob) for blob in raw]
+        return sorted(tools, key=lambda tool: semver(tool.version))
 
-    async def list_tools(self) -> list[tool_pb2.ToolDefinition]:
-        raw = await self._redis.hgetall(self._tools_key)
-        tools = [tool_pb2.ToolDefinition.FromString(blob) for blob in raw.values()]
-        return sorted(tools, key=lambda tool: tool.name)
+    async def put_version(self, tool: tool_pb2.ToolDefinition) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._tool_key(tool.name), tool.version, tool.SerializeToString())
+            pipe.sadd(self._names_key, tool.name)
+            await pipe.execute()
 
-    async def agent_tools(self, agent: str) -> list[str] | None:
-        """The tools `agent` may use, or None for an agent the registry does not know."""
+    async def names(self) -> list[str]:
+        return sorted(name.decode() for name in await self._redis.smembers(self._names_key))
+
+    async def grants(self, agent: str) -> list[Grant] | None:
+        """What `agent` may use, or None for an agent the registry does not know."""
         raw = await self._redis.hget(self._access_key, agent)
-        return None if raw is None else list(json.loads(raw))
+        if raw is None:
+            return None
+        return [Grant(item["name"], int(item.get("major", 0))) for item in json.loads(raw)]
 
-    async def set_agent_tools(self, agent: str, tools: list[str]) -> None:
-        await self._redis.hset(self._access_key, agent, json.dumps(sorted(tools)))
+    async def set_grants(
+        self, agent: str, grants: list[Grant], *, only_if_new: bool = False
+    ) -> bool:
+        value = json.dumps(
+            [{"name": g.name, "major": g.major} for g in sorted(grants, key=lambda g: g.name)]
+        )
+        if only_if_new:
+            return bool(await self._redis.hsetnx(self._access_key, agent, value))
+        await self._redis.hset(self._access_key, agent, value)
+        return True

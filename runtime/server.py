@@ -59,6 +59,8 @@ class ServiceHost:
     health_interval_seconds: float = 1.0
     grace_seconds: float = 10.0
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Run once serving, with the bound endpoint (e.g. to announce it to the registry).
+    on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = ()
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _health: health_aio.HealthServicer | None = field(default=None, init=False)
     _service_names: Sequence[str] = field(default=(), init=False)
@@ -89,13 +91,15 @@ class ServiceHost:
                 raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
             self._server = server
             await server.start()
+            metrics_port = self._metrics.port if self._metrics else None
+            endpoint = Endpoint(address=f"{self.host}:{bound}", metrics_port=metrics_port)
+            for hook in self.on_start:
+                await hook(endpoint)
             await self._set_health(await self._dependencies_ok())
         except BaseException:
             await self.stop()
             raise
         self._watch = asyncio.create_task(self._watch_dependencies(), name=f"{self.name}-health")
-        metrics_port = self._metrics.port if self._metrics else None
-        endpoint = Endpoint(address=f"{self.host}:{bound}", metrics_port=metrics_port)
         log.info(
             "%s listening",
             self.name,

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Registry
     docs_dir: Path = Field(default_factory=Path.cwd)
     tool_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long the registry remembers an idempotency key's outcome.
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=1)
 
     # Agents
     llm_provider: Literal["scripted", "openai"] = "scripted"

@@ -70,6 +70,7 @@ class Mesh:
 
     memory: str
     registry: str
+    tools: str
     agents: dict[str, str]
     settings: Settings
 
@@ -81,6 +82,7 @@ async def mesh(settings: Settings) -> AsyncIterator[Mesh]:
     from agentplex.agents.catalog import CATALOG
     from agentplex.memory import app as memory_app
     from agentplex.registry import app as registry_app
+    from agentplex.tools import app as tools_app
 
     hosts = []
     try:
@@ -93,12 +95,17 @@ async def mesh(settings: Settings) -> AsyncIterator[Mesh]:
         agent_settings = settings.model_copy(
             update={"memory_address": memory, "registry_address": registry}
         )
+        tools_host = await tools_app.build_host(agent_settings, metrics_port=None)
+        hosts.append(tools_host)
+        tools = (await tools_host.start()).address
         agents = {}
         for name, spec in CATALOG.items():
             host = agents_app.build_host(spec, agent_settings, metrics_port=None)
             hosts.append(host)
             agents[name] = (await host.start()).address
-        yield Mesh(memory=memory, registry=registry, agents=agents, settings=agent_settings)
+        yield Mesh(
+            memory=memory, registry=registry, tools=tools, agents=agents, settings=agent_settings
+        )
     finally:
         for host in reversed(hosts):
             await host.stop()

@@ -20,6 +20,22 @@ from agentplex.v1 import tool_pb2, tool_registry_service_pb2_grpc
 from agentplex.v1 import tool_registry_service_pb2 as pb
 
 BUILTINS = ["calculator", "docs.search", "notes.read", "notes.write"]
+# Every running agent is published as a tool too.
+AGENT_TOOLS = ["agent.assistant", "agent.researcher"]
+EVERYTHING = sorted([*BUILTINS, *AGENT_TOOLS])
+
+
+def contract_of(tool: tool_pb2.ToolDefinition) -> tool_pb2.ToolDefinition:
+    """The published contract without deployment and lifecycle fields."""
+    core = tool_pb2.ToolDefinition()
+    core.CopyFrom(tool)
+    core.ClearField("endpoint")
+    core.ClearField("backend_kind")
+    core.ClearField("state")
+    core.ClearField("replacement")
+    return core
+
+
 TIMEOUT = 10
 
 
@@ -89,8 +105,9 @@ def weather(version: str = "1.0.0", **overrides: Any) -> tool_pb2.ToolDefinition
 
 async def test_list_all_tools(registry) -> None:  # type: ignore[no-untyped-def]
     response = await registry.ListTools(pb.ListToolsRequest(), timeout=TIMEOUT)
-    assert [tool.name for tool in response.tools] == BUILTINS
+    assert [tool.name for tool in response.tools] == EVERYTHING
     assert all(tool.version == "1.0.0" for tool in response.tools)
+    assert all(tool.endpoint for tool in response.tools)
 
 
 async def test_list_tools_for_assistant(registry) -> None:  # type: ignore[no-untyped-def]
@@ -112,7 +129,9 @@ async def test_list_tools_for_unknown_agent_is_not_found(registry) -> None:  # t
 
 async def test_get_tool_returns_the_published_contract(registry) -> None:  # type: ignore[no-untyped-def]
     response = await registry.GetTool(pb.GetToolRequest(name="calculator"), timeout=TIMEOUT)
-    assert response.tool == Calculator.definition
+    assert contract_of(response.tool) == Calculator.definition
+    assert response.tool.backend_kind == tool_pb2.BACKEND_KIND_EXECUTOR
+    assert response.tool.state == tool_pb2.TOOL_STATE_ACTIVE
     schema = json.loads(response.tool.input_schema_json)
     assert schema["required"] == ["expression"]
     assert response.tool.side_effect == tool_pb2.SIDE_EFFECT_READ_ONLY
@@ -161,11 +180,17 @@ async def test_invoke_docs_search(registry) -> None:  # type: ignore[no-untyped-
 
 
 async def test_invoke_unknown_tool_is_not_found(registry) -> None:  # type: ignore[no-untyped-def]
+    err = await rpc_error(registry.InvokeTool(invoke_request("nope", {}), timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert reason_of(err) == "TOOL_NOT_FOUND"
+
+
+async def test_agent_invoking_a_tool_it_was_not_granted_is_denied(registry) -> None:  # type: ignore[no-untyped-def]
+    # Whether or not the tool exists: an agent learns nothing beyond its grants.
     err = await rpc_error(
         registry.InvokeTool(invoke_request("nope", {}, agent="assistant"), timeout=TIMEOUT)
     )
-    assert err.code() == grpc.StatusCode.NOT_FOUND
-    assert reason_of(err) == "TOOL_NOT_FOUND"
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_invoke_without_tool_name_is_invalid(registry) -> None:  # type: ignore[no-untyped-def]
@@ -272,7 +297,9 @@ async def stored_notes(redis_client: aioredis.Redis, key_prefix: str, session: s
 
 async def test_notes_write_then_read_through_the_registry(registry) -> None:  # type: ignore[no-untyped-def]
     write = await registry.InvokeTool(
-        invoke_request("notes.write", {"text": "remember 42"}, agent="assistant", session="s1"),
+        invoke_request(
+            "notes.write", {"text": "remember 42"}, agent="assistant", session="s1", key="w1"
+        ),
         timeout=TIMEOUT,
     )
     assert json.loads(write.result_json) == {"saved": True, "note_count": 1}
@@ -288,7 +315,8 @@ async def test_notes_write_then_read_through_the_registry(registry) -> None:  # 
 
 async def test_notes_without_session_is_a_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
     response = await registry.InvokeTool(
-        invoke_request("notes.write", {"text": "x"}, agent="assistant"), timeout=TIMEOUT
+        invoke_request("notes.write", {"text": "x"}, agent="assistant", key="k0"),
+        timeout=TIMEOUT,
     )
     assert response.error.code == "NO_SESSION"
 
@@ -359,11 +387,20 @@ async def test_idempotency_keys_are_scoped_by_session(registry, redis_client, ke
     assert await stored_notes(redis_client, key_prefix, "b") == ["for b"]
 
 
-async def test_without_key_every_call_runs(registry, redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_side_effecting_tool_without_key_is_refused(
+    registry, redis_client, key_prefix
+) -> None:  # type: ignore[no-untyped-def]
     request = invoke_request("notes.write", {"text": "again"}, agent="assistant", session="s")
+    err = await rpc_error(registry.InvokeTool(request, timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(err) == "IDEMPOTENCY_KEY_REQUIRED"
+    assert await stored_notes(redis_client, key_prefix, "s") == []
+
+
+async def test_read_only_tool_without_key_runs_every_time(registry) -> None:  # type: ignore[no-untyped-def]
+    request = invoke_request("calculator", {"expression": "1+1"}, agent="assistant")
     for _ in range(2):
         assert (await registry.InvokeTool(request, timeout=TIMEOUT)).replayed is False
-    assert await stored_notes(redis_client, key_prefix, "s") == ["again", "again"]
 
 
 async def test_stored_tool_error_is_replayed(registry) -> None:  # type: ignore[no-untyped-def]
@@ -423,30 +460,33 @@ async def test_register_new_then_identical(registry) -> None:  # type: ignore[no
     tool = weather()
     first = await registry.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=TIMEOUT)
     assert first.created is True
-    assert first.tool == tool
+    assert contract_of(first.tool) == tool
     again = await registry.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=TIMEOUT)
     assert again.created is False
     got = await registry.GetTool(pb.GetToolRequest(name="weather.lookup"), timeout=TIMEOUT)
-    assert got.tool == tool
+    assert contract_of(got.tool) == tool
     listed = await registry.ListTools(pb.ListToolsRequest(), timeout=TIMEOUT)
-    assert [t.name for t in listed.tools] == sorted([*BUILTINS, "weather.lookup"])
+    assert [t.name for t in listed.tools] == sorted([*EVERYTHING, "weather.lookup"])
     # No agent's access list includes it.
     mine = await registry.ListTools(pb.ListToolsRequest(agent="assistant"), timeout=TIMEOUT)
     assert "weather.lookup" not in [t.name for t in mine.tools]
 
 
-@pytest.mark.parametrize("version", ["1.0.0", "0.9.9"])
-async def test_changed_contract_needs_a_higher_version(registry, version) -> None:  # type: ignore[no-untyped-def]
-    original = weather("1.0.0")
+@pytest.mark.parametrize(
+    ("version", "reason"), [("1.1.0", "VERSION_EXISTS"), ("1.0.5", "VERSION_NOT_NEWER")]
+)
+async def test_published_versions_are_immutable_and_ordered(registry, version, reason) -> None:  # type: ignore[no-untyped-def]
+    await registry.RegisterTool(pb.RegisterToolRequest(tool=weather("1.0.0")), timeout=TIMEOUT)
+    original = weather("1.1.0")
     await registry.RegisterTool(pb.RegisterToolRequest(tool=original), timeout=TIMEOUT)
     changed = weather(version, description="Something else entirely.")
     err = await rpc_error(
         registry.RegisterTool(pb.RegisterToolRequest(tool=changed), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason_of(err) == "VERSION_NOT_NEWER"
+    assert reason_of(err) == reason
     got = await registry.GetTool(pb.GetToolRequest(name="weather.lookup"), timeout=TIMEOUT)
-    assert got.tool == original
+    assert contract_of(got.tool) == original
 
 
 async def test_higher_version_is_accepted(registry) -> None:  # type: ignore[no-untyped-def]
@@ -546,12 +586,11 @@ async def test_state_survives_a_registry_restart(mesh, registry, channel_to) -> 
         assert address != mesh.registry
         other = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(address))
         got = await other.GetTool(pb.GetToolRequest(name="weather.lookup"), timeout=TIMEOUT)
-        assert got.tool == tool
+        assert contract_of(got.tool) == tool
         listed = await other.ListTools(pb.ListToolsRequest(), timeout=TIMEOUT)
-        assert [t.name for t in listed.tools] == sorted([*BUILTINS, "weather.lookup"])
-        # Built-ins were re-seeded as identical, so they are unchanged.
+        assert [t.name for t in listed.tools] == sorted([*EVERYTHING, "weather.lookup"])
         calc = await other.GetTool(pb.GetToolRequest(name="calculator"), timeout=TIMEOUT)
-        assert calc.tool == Calculator.definition
+        assert contract_of(calc.tool) == Calculator.definition
         # The idempotency ledger is shared too: the retry is a replay, not a second note.
         replay = await other.InvokeTool(
             invoke_request(
@@ -582,7 +621,7 @@ async def test_restart_keeps_an_upgraded_builtin_contract(mesh, registry, channe
             channel_to((await second.start()).address)
         )
         got = await other.GetTool(pb.GetToolRequest(name="calculator"), timeout=TIMEOUT)
-        assert got.tool == upgraded  # seeding 1.0.0 did not downgrade it
+        assert contract_of(got.tool) == upgraded  # the newest version is still the newest
     finally:
         await second.stop()
 

@@ -11,26 +11,54 @@ class SideEffect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SIDE_EFFECT_READ_ONLY: _ClassVar[SideEffect]
     SIDE_EFFECT_IDEMPOTENT: _ClassVar[SideEffect]
     SIDE_EFFECT_SIDE_EFFECTING: _ClassVar[SideEffect]
+
+class ToolState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_STATE_UNSPECIFIED: _ClassVar[ToolState]
+    TOOL_STATE_ACTIVE: _ClassVar[ToolState]
+    TOOL_STATE_DEPRECATED: _ClassVar[ToolState]
+    TOOL_STATE_RETIRED: _ClassVar[ToolState]
+
+class BackendKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_KIND_UNSPECIFIED: _ClassVar[BackendKind]
+    BACKEND_KIND_EXECUTOR: _ClassVar[BackendKind]
+    BACKEND_KIND_AGENT: _ClassVar[BackendKind]
 SIDE_EFFECT_UNSPECIFIED: SideEffect
 SIDE_EFFECT_READ_ONLY: SideEffect
 SIDE_EFFECT_IDEMPOTENT: SideEffect
 SIDE_EFFECT_SIDE_EFFECTING: SideEffect
+TOOL_STATE_UNSPECIFIED: ToolState
+TOOL_STATE_ACTIVE: ToolState
+TOOL_STATE_DEPRECATED: ToolState
+TOOL_STATE_RETIRED: ToolState
+BACKEND_KIND_UNSPECIFIED: BackendKind
+BACKEND_KIND_EXECUTOR: BackendKind
+BACKEND_KIND_AGENT: BackendKind
 
 class ToolDefinition(_message.Message):
-    __slots__ = ("name", "version", "description", "input_schema_json", "output_schema_json", "side_effect")
+    __slots__ = ("name", "version", "description", "input_schema_json", "output_schema_json", "side_effect", "endpoint", "backend_kind", "state", "replacement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     SIDE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
     input_schema_json: str
     output_schema_json: str
     side_effect: SideEffect
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., side_effect: _Optional[_Union[SideEffect, str]] = ...) -> None: ...
+    endpoint: str
+    backend_kind: BackendKind
+    state: ToolState
+    replacement: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., side_effect: _Optional[_Union[SideEffect, str]] = ..., endpoint: _Optional[str] = ..., backend_kind: _Optional[_Union[BackendKind, str]] = ..., state: _Optional[_Union[ToolState, str]] = ..., replacement: _Optional[str] = ...) -> None: ...
 
 class ToolError(_message.Message):
     __slots__ = ("code", "message")

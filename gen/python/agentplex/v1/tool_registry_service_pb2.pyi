@@ -22,10 +22,12 @@ class RegisterToolResponse(_message.Message):
     def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ListToolsRequest(_message.Message):
-    __slots__ = ("agent",)
+    __slots__ = ("agent", "all_versions")
     AGENT_FIELD_NUMBER: _ClassVar[int]
+    ALL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     agent: str
-    def __init__(self, agent: _Optional[str] = ...) -> None: ...
+    all_versions: bool
+    def __init__(self, agent: _Optional[str] = ..., all_versions: _Optional[bool] = ...) -> None: ...
 
 class ListToolsResponse(_message.Message):
     __slots__ = ("tools",)
@@ -34,10 +36,12 @@ class ListToolsResponse(_message.Message):
     def __init__(self, tools: _Optional[_Iterable[_Union[_tool_pb2.ToolDefinition, _Mapping]]] = ...) -> None: ...
 
 class GetToolRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GetToolResponse(_message.Message):
     __slots__ = ("tool",)
@@ -46,16 +50,18 @@ class GetToolResponse(_message.Message):
     def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ...) -> None: ...
 
 class InvokeToolRequest(_message.Message):
-    __slots__ = ("tool_name", "arguments_json", "idempotency_key", "caller")
+    __slots__ = ("tool_name", "arguments_json", "idempotency_key", "caller", "version")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     arguments_json: str
     idempotency_key: str
     caller: Caller
-    def __init__(self, tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
+    version: str
+    def __init__(self, tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Caller(_message.Message):
     __slots__ = ("agent", "session_id", "task_id")
@@ -68,15 +74,57 @@ class Caller(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class InvokeToolResponse(_message.Message):
-    __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed")
+    __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed", "warning")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     tool_version: str
     result_json: str
     error: _tool_pb2.ToolError
     replayed: bool
-    def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    warning: str
+    def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., replayed: _Optional[bool] = ..., warning: _Optional[str] = ...) -> None: ...
+
+class SetToolStateRequest(_message.Message):
+    __slots__ = ("name", "version", "state", "replacement")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    state: _tool_pb2.ToolState
+    replacement: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[_tool_pb2.ToolState, str]] = ..., replacement: _Optional[str] = ...) -> None: ...
+
+class SetToolStateResponse(_message.Message):
+    __slots__ = ("tool",)
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    tool: _tool_pb2.ToolDefinition
+    def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ...) -> None: ...
+
+class ToolGrant(_message.Message):
+    __slots__ = ("name", "major")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAJOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    major: int
+    def __init__(self, name: _Optional[str] = ..., major: _Optional[int] = ...) -> None: ...
+
+class SetAgentToolsRequest(_message.Message):
+    __slots__ = ("agent", "grants")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    grants: _containers.RepeatedCompositeFieldContainer[ToolGrant]
+    def __init__(self, agent: _Optional[str] = ..., grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ...) -> None: ...
+
+class SetAgentToolsResponse(_message.Message):
+    __slots__ = ("grants",)
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    grants: _containers.RepeatedCompositeFieldContainer[ToolGrant]
+    def __init__(self, grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ...) -> None: ...

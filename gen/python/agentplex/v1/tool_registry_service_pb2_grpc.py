@@ -57,6 +57,16 @@ class ToolRegistryServiceStub:
                 request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.SetToolState = channel.unary_unary(
+                '/agentplex.v1.ToolRegistryService/SetToolState',
+                request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateResponse.FromString,
+                _registered_method=True)
+        self.SetAgentTools = channel.unary_unary(
+                '/agentplex.v1.ToolRegistryService/SetAgentTools',
+                request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolRegistryServiceServicer:
@@ -93,6 +103,20 @@ class ToolRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetToolState(self, request, context):
+        """Deprecates or retires one version of a tool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAgentTools(self, request, context):
+        """Sets which tools (and which major version of each) an agent may use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +139,16 @@ def add_ToolRegistryServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.FromString,
                     response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'SetToolState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetToolState,
+                    request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateResponse.SerializeToString,
+            ),
+            'SetAgentTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAgentTools,
+                    request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +262,60 @@ class ToolRegistryService:
             '/agentplex.v1.ToolRegistryService/InvokeTool',
             agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.SerializeToString,
             agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetToolState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.ToolRegistryService/SetToolState',
+            agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateRequest.SerializeToString,
+            agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAgentTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.ToolRegistryService/SetAgentTools',
+            agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.SerializeToString,
+            agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

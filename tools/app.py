@@ -1,0 +1,94 @@
+"""The built-in tool backend process: `python -m agentplex.tools`.
+
+Serves calculator, notes.* and docs.search over ToolExecutorService and, once
+listening, publishes their contracts (with its own address) to the registry.
+Any number of such backends can run; the registry routes by address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from agentplex.registry.client import RegistryClient
+from agentplex.runtime import redis_client
+from agentplex.runtime.server import Endpoint, ServiceHost
+from agentplex.runtime.settings import Settings
+from agentplex.runtime.telemetry import configure_logging, configure_tracing
+from agentplex.tools.base import Tool
+from agentplex.tools.calculator import Calculator
+from agentplex.tools.docs_search import DocsSearch
+from agentplex.tools.executor import ToolExecutorServicer
+from agentplex.tools.notes import NotesRead, NotesWrite
+from agentplex.v1 import tool_executor_service_pb2, tool_executor_service_pb2_grpc, tool_pb2
+
+SERVICE_NAME = tool_executor_service_pb2.DESCRIPTOR.services_by_name[
+    "ToolExecutorService"
+].full_name
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+
+async def builtin_tools(docs_dir: Path) -> list[Tool]:
+    return [Calculator(), NotesWrite(), NotesRead(), await DocsSearch.from_directory(docs_dir)]
+
+
+async def build_host(
+    settings: Settings, *, port: int = 0, metrics_port: int | None = 0
+) -> ServiceHost:
+    redis = redis_client.connect(settings.redis_url)
+    tools = await builtin_tools(settings.docs_dir)
+    registry = RegistryClient(settings.registry_address)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        tool_executor_service_pb2_grpc.add_ToolExecutorServiceServicer_to_server(
+            ToolExecutorServicer(tools, redis=redis, key_prefix=settings.key_prefix), server
+        )
+        return [SERVICE_NAME]
+
+    async def publish(endpoint: Endpoint) -> None:
+        await registry.publish(
+            [tool.definition for tool in tools],
+            endpoint.address,
+            tool_pb2.BACKEND_KIND_EXECUTOR,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
+        )
+
+    async def redis_answers() -> None:
+        await redis.ping()
+
+    async def close() -> None:
+        await registry.close()
+        await redis.aclose()
+
+    return ServiceHost(
+        name="tools",
+        register=register,
+        host=settings.host,
+        port=port,
+        metrics_port=metrics_port,
+        dependency_checks=[redis_answers],
+        health_interval_seconds=settings.health_interval_seconds,
+        grace_seconds=settings.grace_seconds,
+        on_start=[publish],
+        on_stop=[close],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m agentplex.tools")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
+    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging("tools", settings.log_level)
+    configure_tracing("tools", settings.trace_exporter)
+
+    async def run() -> None:
+        host = await build_host(settings, port=args.port, metrics_port=args.metrics_port)
+        await host.serve_until_signalled(args.ready_file)
+
+    asyncio.run(run())

@@ -1,0 +1,58 @@
+"""`ToolExecutorServicer`: serves the built-in tools as a tool backend.
+
+Only the registry calls it, after access checks and argument validation; a
+tool's own failure comes back as a structured error, never as an RPC failure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import grpc
+import redis.asyncio as aioredis
+
+from agentplex.runtime.errors import NotFound
+from agentplex.tools.base import Tool, ToolContext, ToolFailure
+from agentplex.v1 import tool_executor_service_pb2 as pb
+from agentplex.v1 import tool_executor_service_pb2_grpc as pb_grpc
+from agentplex.v1 import tool_pb2
+
+
+class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
+    def __init__(self, tools: Iterable[Tool], *, redis: aioredis.Redis, key_prefix: str) -> None:
+        self._tools = {(t.definition.name, t.definition.version): t for t in tools}
+        self._redis = redis
+        self._prefix = key_prefix
+
+    async def ExecuteTool(
+        self, request: pb.ExecuteToolRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecuteToolResponse:
+        tool = self._tools.get((request.tool_name, request.tool_version))
+        if tool is None:
+            raise NotFound(
+                f"this backend does not serve {request.tool_name} {request.tool_version}",
+                reason="TOOL_NOT_SERVED",
+            )
+        caller = request.caller
+        context_ = ToolContext(
+            agent=caller.agent,
+            session_id=caller.session_id,
+            task_id=caller.task_id,
+            redis=self._redis,
+            key_prefix=self._prefix,
+        )
+        try:
+            result = await tool.run(json.loads(request.arguments_json), context_)
+        except ToolFailure as exc:
+            return pb.ExecuteToolResponse(
+                error=tool_pb2.ToolError(code=exc.code, message=exc.message)
+            )
+        try:
+            return pb.ExecuteToolResponse(result_json=json.dumps(result, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            return pb.ExecuteToolResponse(
+                error=tool_pb2.ToolError(
+                    code="INVALID_RESULT", message=f"result is not JSON: {exc}"
+                )
+            )
