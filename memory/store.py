@@ -1,8 +1,9 @@
 """`MemoryStore`: ordered per-session history in a Redis list.
 
 One list per (agent, session) holds serialized `MemoryMessage`s, oldest
-first. Appends are a single MULTI/EXEC (push, trim, renew TTL), so concurrent
-writers never interleave half-batches and a session never outlives its TTL.
+first. Appends are one Lua script (push, trim, renew TTL), so concurrent
+writers never interleave half-batches and a session never outlives its TTL; a
+batch whose messages all carry the same task id is stored at most once.
 Loads read the newest messages in one command and keep the most recent that
 fit the token limit.
 """
@@ -25,6 +26,19 @@ AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_MESSAGES_PER_APPEND = 100
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_CONTEXT_TOKENS = 1_000_000
+
+
+# Push, trim and renew the TTL in one step, skipping a task's batch seen before.
+_APPEND = """
+if ARGV[1] ~= '' then
+  if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return redis.call('LLEN', KEYS[1]) end
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('LLEN', KEYS[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class MemoryStore:
         self._ttl = ttl_seconds
         self._max_messages = max_messages
         self._default_context_tokens = default_context_tokens
+        self._append = redis.register_script(_APPEND)
 
     def _key(self, scope: memory_pb2.SessionScope) -> str:
         return f"{self._prefix}:memory:{scope.agent}:{scope.session_id}"
@@ -96,13 +111,16 @@ class MemoryStore:
                 stored.token_count = estimate_message_tokens(stored.content)
             encoded.append(stored.SerializeToString())
         key = self._key(scope)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *encoded)
-            pipe.ltrim(key, -self._max_messages, -1)
-            pipe.expire(key, self._ttl)
-            pipe.llen(key)
-            results = await pipe.execute()
-        return int(results[-1])
+        task_ids = {message.task_id for message in messages}
+        # A batch from one task is stored once, however often it is retried (a
+        # durable task that runs again after its worker died saves its turn again).
+        dedupe = task_ids.pop() if len(task_ids) == 1 else ""
+        return int(
+            await self._append(
+                keys=[key, f"{key}:tasks"],
+                args=[dedupe, self._max_messages, self._ttl, *encoded],
+            )
+        )
 
     async def load(
         self, scope: memory_pb2.SessionScope, max_tokens: int | None = None
@@ -134,4 +152,5 @@ class MemoryStore:
 
     async def clear(self, scope: memory_pb2.SessionScope) -> bool:
         validate_scope(scope)
-        return bool(await self._redis.delete(self._key(scope)))
+        key = self._key(scope)
+        return bool(await self._redis.delete(key, f"{key}:tasks"))

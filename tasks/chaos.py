@@ -52,6 +52,8 @@ class Figures:
     lost: int = 0
     dead_lettered: int = 0
     duplicated_side_effects: int = 0
+    missing_side_effects: int = 0
+    queue_left: int = 0
     watcher_gaps: int = 0
     watcher_reconnects: int = 0
     kills: int = 0
@@ -287,6 +289,8 @@ async def _audit(
     stub, redis: aioredis.Redis, ids: list[str], sequences: dict[str, list[int]], figures: Figures
 ) -> None:  # type: ignore[no-untyped-def]
     prefix = os.environ.get("AGENTPLEX_KEY_PREFIX", "agentplex")
+    queue = f"{prefix}:queue:assistant"
+    figures.queue_left = await redis.xlen(queue) + int(await redis.get(f"{queue}:depth") or 0)
     for task_id in ids:
         task = (await stub.GetTask(pb.GetTaskRequest(task_id=task_id), timeout=10)).task
         if task.status == task_pb2.TASK_STATUS_COMPLETED:
@@ -302,7 +306,9 @@ async def _audit(
             )
         notes = await redis.llen(f"{prefix}:notes:s-{task_id}")
         figures.duplicated_side_effects += max(0, notes - 1)
-        expected = list(range(1, task.last_sequence + 1))
+        if task.status == task_pb2.TASK_STATUS_COMPLETED and notes == 0:
+            figures.missing_side_effects += 1
+        expected = list(range(1, task.last_sequence + 1))  # every event, once, in order
         if sequences.get(task_id) != expected:
             figures.watcher_gaps += 1
 
@@ -317,7 +323,9 @@ def report(figures: Figures, args: argparse.Namespace) -> str:
         ("lost (must be 0)", figures.lost),
         ("of which dead-lettered", figures.dead_lettered),
         ("side effects executed twice (must be 0)", figures.duplicated_side_effects),
+        ("side effects missing from completed tasks (must be 0)", figures.missing_side_effects),
         ("watcher gaps or repeats (must be 0)", figures.watcher_gaps),
+        ("queue entries and unfinished count left at the end (must be 0)", figures.queue_left),
         ("workers killed (SIGKILL)", figures.kills),
         ("tasks taken over from a killed worker", figures.reclaimed_tasks),
         ("watcher reconnects", figures.watcher_reconnects),
@@ -379,7 +387,13 @@ def main(argv: list[str] | None = None) -> None:
         path = Path("docs/CHAOS.md")
         path.write_text(CHAOS_DOC.format(report=text))
         print(f"chaos: figures written to {path}")
-    ok = figures.lost == 0 and figures.duplicated_side_effects == 0 and figures.watcher_gaps == 0
+    ok = not (
+        figures.lost
+        or figures.duplicated_side_effects
+        or figures.missing_side_effects
+        or figures.watcher_gaps
+        or figures.queue_left
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -48,8 +48,9 @@ class TaskService:
             if task.status in TERMINAL:
                 return task  # cancelling a finished task changes nothing
             if task.status == RUNNING:
-                await self._store.request_cancel(task_id)
-                return await self._store.get(task_id)
+                if await self._store.request_cancel(task_id) == RUNNING:
+                    return await self._store.get(task_id)
+                continue  # handed back or ended meanwhile: decide again
             if task.status == PENDING and await self._cancel_pending(task):
                 return await self._store.get(task_id)
             # It started (or ended) between our read and our write: look again.

@@ -63,7 +63,11 @@ class Worker:
     grace_seconds: float = 10.0
     task_timeout_seconds: float = 300.0
     block_seconds: float = 0.5
-    _running: dict[asyncio.Task[None], tuple[str, int]] = field(default_factory=dict)
+    # Running jobs: task id, queue entry and (once started) attempt number.
+    _running: dict[asyncio.Task[None], _Job] = field(default_factory=dict)
+    # Where the last XAUTOCLAIM scan stopped: each call scans only a few pending
+    # entries, so starting from 0-0 every time could starve entries further on.
+    _reclaim_cursor: str = "0-0"
 
     @property
     def _lease_ms(self) -> int:
@@ -76,8 +80,7 @@ class Worker:
         agent = self.store.agent
         log.info("worker %s started", self.consumer, extra={"agent": agent})
         try:
-            while not stop.is_set():
-                await slots.acquire()
+            while await _acquire_unless_stopped(slots, stop):
                 try:
                     claimed = await self._claim()
                 except (OSError, RedisError) as exc:
@@ -92,19 +95,32 @@ class Worker:
                     slots.release()
                     continue
                 entry_id, task_id, how = claimed
+                if stop.is_set():
+                    # Claimed while the stop arrived: give it straight back.
+                    slots.release()
+                    await self._give_back(entry_id)
+                    break
                 tasks_claimed.labels(agent, how).inc()
                 job = asyncio.create_task(self._process(entry_id, task_id), name=f"task-{task_id}")
-                self._running[job] = (task_id, 0)
+                self._running[job] = _Job(task_id, entry_id)
                 job.add_done_callback(lambda done: (self._running.pop(done, None), slots.release()))
         finally:
             await self._drain()
 
     async def _claim(self) -> tuple[bytes, str, str] | None:
         # Abandoned work first: it has waited longest.
-        reclaimed = await self.store.redis.xautoclaim(
-            self.store.queue_key, GROUP, self.consumer, self._lease_ms, "0-0", count=1
+        cursor, entries, *_ = await self.store.redis.xautoclaim(
+            self.store.queue_key,
+            GROUP,
+            self.consumer,
+            self._lease_ms,
+            self._reclaim_cursor,
+            count=1,
         )
-        for entry_id, fields in reclaimed[1]:
+        self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        for entry_id, fields in entries:
+            if entry_id is None:
+                continue  # deleted while pending (Redis 6.2 reports it this way)
             if fields:
                 return entry_id, fields[b"task"].decode(), "reclaimed"
             await self.store.ack_orphan(entry_id)
@@ -120,22 +136,36 @@ class Worker:
                 return entry_id, fields[b"task"].decode(), "new"
         return None
 
+    async def _give_back(self, entry_id: bytes) -> None:
+        """Make a claimed, unstarted entry reclaimable by another worker at once."""
+        await self.store.redis.xclaim(
+            self.store.queue_key,
+            GROUP,
+            self.consumer,
+            0,
+            [entry_id],
+            idle=self._lease_ms * 10,
+            justid=True,
+        )
+
     async def _process(self, entry_id: bytes, task_id: str) -> None:
         agent = self.store.agent
-        started = await self.store.start(task_id, self.consumer, self._lease_ms, self.max_attempts)
-        if started in ("missing", "ended"):
-            await self.store.ack_orphan(entry_id)
-            tasks_outcome.labels(agent, "already_ended").inc()
-            return
-        if started == "exhausted":
-            await self._dead_letter(task_id)
-            tasks_outcome.labels(agent, "dead_lettered").inc()
-            return
-        assert isinstance(started, Started)
-        current = asyncio.current_task()
-        if current is not None:
-            self._running[current] = (task_id, started.attempt)
         try:
+            started = await self.store.start(
+                task_id, self.consumer, self._lease_ms, self.max_attempts
+            )
+            if started in ("missing", "ended"):
+                await self.store.ack_orphan(entry_id)
+                tasks_outcome.labels(agent, "already_ended").inc()
+                return
+            if started == "exhausted":
+                await self._dead_letter(task_id)
+                tasks_outcome.labels(agent, "dead_lettered").inc()
+                return
+            assert isinstance(started, Started)
+            current = asyncio.current_task()
+            if current is not None and current in self._running:
+                self._running[current].attempt = started.attempt
             await self._run_attempt(task_id, started)
             tasks_outcome.labels(agent, "finished").inc()
         except StaleAttempt as exc:
@@ -150,14 +180,24 @@ class Worker:
             # out, a worker (maybe this one) reclaims it and the task runs again.
             log.warning("task interrupted by a Redis failure: %s", exc, extra={"task_id": task_id})
             tasks_outcome.labels(agent, "interrupted").inc()
+        except Exception:
+            # Never lose an error in a background job; the entry stays pending and
+            # is reclaimed after the lease.
+            log.exception("task attempt crashed", extra={"task_id": task_id})
+            tasks_outcome.labels(agent, "crashed").inc()
 
     async def _run_attempt(self, task_id: str, started: Started) -> None:
         final: list[step_event_pb2.StepEvent] = []
 
+        # Parallel tool calls emit events concurrently; appending them one at a
+        # time keeps them in sequence order (FIFO lock, taken before any await).
+        in_order = asyncio.Lock()
+
         async def sink(event: step_event_pb2.StepEvent) -> None:
             if event.WhichOneof("kind") in FINAL_KINDS:
                 final.append(event)  # written together with the result, atomically
-            else:
+                return
+            async with in_order:
                 await self.store.append_event(task_id, started.attempt, event)
 
         async def cancel_requested() -> bool:
@@ -205,7 +245,13 @@ class Worker:
         try:
             while True:
                 await asyncio.sleep(self.lease_seconds / 3)
-                await self.store.heartbeat(task_id, attempt, self.consumer, self._lease_ms)
+                try:
+                    await self.store.heartbeat(task_id, attempt, self.consumer, self._lease_ms)
+                except (OSError, RedisError) as exc:
+                    # One lost beat is not a lost lease: there are three per lease.
+                    log.warning(
+                        "heartbeat failed (%s); trying again", exc, extra={"task_id": task_id}
+                    )
         except StaleAttempt:
             running.cancel()
             raise
@@ -231,21 +277,52 @@ class Worker:
     async def _drain(self) -> None:
         if not self._running:
             return
-        jobs = dict(self._running)
-        log.info("draining %d running task(s)", len(jobs))
-        _done, left = await asyncio.wait(jobs, timeout=self.grace_seconds)
-        for job in left:
+        log.info("draining %d running task(s)", len(self._running))
+        _done, left = await asyncio.wait(list(self._running), timeout=self.grace_seconds)
+        # Read what each unfinished job holds before cancelling it.
+        unfinished = {job: self._running[job] for job in left if job in self._running}
+        for job in unfinished:
             job.cancel()
-        if left:
-            _stopped, stuck = await asyncio.wait(left, timeout=CANCEL_WAIT_SECONDS)
+        if unfinished:
+            _stopped, stuck = await asyncio.wait(unfinished, timeout=CANCEL_WAIT_SECONDS)
             for job in stuck:
                 log.error(
-                    "task %s did not stop when cancelled; handing it back anyway", jobs[job][0]
+                    "task %s did not stop when cancelled; handing it back anyway",
+                    unfinished[job].task_id,
                 )
-        for job in left:
-            task_id, attempt = jobs[job]
-            if attempt and await self.store.hand_back(
-                task_id, attempt, self.consumer, self._lease_ms
+        for held in unfinished.values():
+            if held.attempt and await self.store.hand_back(
+                held.task_id, held.attempt, self.consumer, self._lease_ms
             ):
                 tasks_outcome.labels(self.store.agent, "handed_back").inc()
-                log.info("handed back", extra={"task_id": task_id, "attempt": attempt})
+                log.info("handed back", extra={"task_id": held.task_id, "attempt": held.attempt})
+            elif not held.attempt:
+                await self._give_back(held.entry_id)
+
+
+@dataclass
+class _Job:
+    task_id: str
+    entry_id: bytes
+    attempt: int = 0
+
+
+async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Wait for a free slot; False as soon as `stop` is set instead."""
+    if stop.is_set():
+        return False
+    acquire = asyncio.create_task(slots.acquire())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if acquire.done() and not stop.is_set():
+        return True
+    if acquire.done():
+        slots.release()
+    else:
+        acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+        if acquire.done() and not acquire.cancelled():
+            slots.release()
+    return False

@@ -484,3 +484,28 @@ async def test_concurrent_appends_through_separate_connections(
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_a_tasks_turn_is_stored_once_however_often_it_is_saved(
+    redis_client, key_prefix
+) -> None:  # type: ignore[no-untyped-def]
+    from agentplex.memory.store import MemoryStore
+    from agentplex.v1 import memory_pb2
+
+    store = MemoryStore(
+        redis_client,
+        key_prefix=key_prefix,
+        ttl_seconds=60,
+        max_messages=100,
+        default_context_tokens=1000,
+    )
+    scope = memory_pb2.SessionScope(agent="assistant", session_id="s-dup")
+    turn = [
+        memory_pb2.MemoryMessage(role=memory_pb2.ROLE_USER, content="q", task_id="t-1"),
+        memory_pb2.MemoryMessage(role=memory_pb2.ROLE_ASSISTANT, content="a", task_id="t-1"),
+    ]
+    assert await store.append(scope, turn) == 2
+    assert await store.append(scope, turn) == 2  # the retried save changes nothing
+    other = [memory_pb2.MemoryMessage(role=memory_pb2.ROLE_USER, content="q2", task_id="t-2")]
+    assert await store.append(scope, other) == 3
+    assert [m.content for m in (await store.load(scope)).messages] == ["q", "a", "q2"]

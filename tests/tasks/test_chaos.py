@@ -38,5 +38,6 @@ def test_chaos_run_loses_nothing_and_repeats_nothing(tmp_path) -> None:  # type:
     assert "| lost (must be 0) | 0 |" in done.stdout
     assert "| side effects executed twice (must be 0) | 0 |" in done.stdout
     assert "| watcher gaps or repeats (must be 0) | 0 |" in done.stdout
+    assert "| side effects missing from completed tasks (must be 0) | 0 |" in done.stdout
     kills = next(line for line in done.stdout.splitlines() if "workers killed" in line)
     assert int(kills.split("|")[2]) >= 1

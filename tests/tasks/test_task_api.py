@@ -243,3 +243,24 @@ async def test_events_past_retention_are_out_of_range(
 
 async def _gone(redis_client, key: str) -> bool:  # type: ignore[no-untyped-def]
     return not await redis_client.exists(key)
+
+
+async def test_parallel_tool_calls_keep_their_event_order(
+    assistant, start_worker, eventually
+) -> None:  # type: ignore[no-untyped-def]
+    """Tool calls of one step emit events concurrently; none may be refused as stale."""
+    await start_worker()
+    ids = [f"par-{n}" for n in range(8)]
+    for task_id in ids:
+        await assistant.SubmitTask(
+            pb.SubmitTaskRequest(
+                task=task_pb2.TaskSpec(prompt="what is 1+1, 2+2, 3+3 and 4+4?", task_id=task_id)
+            ),
+            timeout=5,
+        )
+    for task_id in ids:
+        task = await wait_status(assistant, task_id, [COMPLETED], eventually)
+        assert task.attempts == 1 and task.result.tool_calls == 4
+        events = await watch(assistant, task_id)
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert sum(e.HasField("tool_result") for e in events) == 4
