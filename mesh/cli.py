@@ -6,7 +6,7 @@
     agentplex watch ID [--after SEQ]  follow a task's events (resumable)
     agentplex status ID               a task's status and result
     agentplex cancel ID               cancel a task
-    agentplex tools list              list the registry's tools
+    agentplex tools list|register|show|deprecate   manage tool contracts
 
 Every failure is one readable line on stderr and a non-zero exit code:
 1 for a failed task or unreachable mesh, 2 for bad usage or bad input.
@@ -21,14 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agentplex.mesh import launcher, render
+from agentplex.mesh import launcher, render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
-    tool_registry_service_pb2,
-    tool_registry_service_pb2_grpc,
 )
 
 EXIT_FAILED = 1
@@ -110,11 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--agent", default="assistant", help="agent name (default assistant)")
         command.add_argument("--json", action="store_true", help="print the task as JSON")
 
-    tools = commands.add_parser("tools", help="inspect the tool registry")
-    tools_commands = tools.add_subparsers(dest="tools_command", required=True)
-    tools_list = tools_commands.add_parser("list", help="list registered tools")
-    tools_list.add_argument("--agent", default="", help="only the tools this agent may use")
-    tools_list.add_argument("--json", action="store_true")
+    tools = commands.add_parser("tools", help="publish and inspect tool contracts")
+    tool_commands.add_parsers(tools)
     return parser
 
 
@@ -157,7 +152,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     except MeshNotRunning as exc:
         raise CliError(str(exc)) from None
     if args.command == "tools":
-        return await _tools_list(args, state)
+        return await _tools(args, state)
     commands = {
         "run": _run,
         "submit": _submit,
@@ -230,22 +225,16 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     return 0 if result is not None and not result.error else EXIT_FAILED
 
 
-async def _tools_list(args: argparse.Namespace, state: dict[str, object]) -> int:
-    import grpc
-
+async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:
     address = state.get("registry")
     if not isinstance(address, str):
         raise CliError("the state file names no registry; restart with `agentplex up`")
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
-        try:
-            response = await stub.ListTools(
-                tool_registry_service_pb2.ListToolsRequest(agent=args.agent), timeout=10
-            )
-        except grpc.aio.AioRpcError as err:
-            raise _rpc_failure(err, f"the registry at {address}") from None
-    render.print_tools(response.tools, json_lines=args.json)
-    return 0
+    return await tool_commands.run(
+        args,
+        address,
+        on_rpc_error=lambda err: _rpc_failure(err, f"the registry at {address}"),
+        fail=lambda message: CliError(message, EXIT_USAGE),
+    )
 
 
 def _rpc_failure(err: object, what: str) -> CliError:

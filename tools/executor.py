@@ -21,14 +21,16 @@ from agentplex.v1 import tool_pb2
 
 class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
     def __init__(self, tools: Iterable[Tool], *, redis: aioredis.Redis, key_prefix: str) -> None:
-        self._tools = {(t.definition.name, t.definition.version): t for t in tools}
+        # Keyed by name and major: an implementation serves every compatible
+        # (same-major) version of its contract.
+        self._tools = {(t.definition.name, _major(t.definition.version)): t for t in tools}
         self._redis = redis
         self._prefix = key_prefix
 
     async def ExecuteTool(
         self, request: pb.ExecuteToolRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecuteToolResponse:
-        tool = self._tools.get((request.tool_name, request.tool_version))
+        tool = self._tools.get((request.tool_name, _major(request.tool_version)))
         if tool is None:
             raise NotFound(
                 f"this backend does not serve {request.tool_name} {request.tool_version}",
@@ -56,3 +58,7 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
                     code="INVALID_RESULT", message=f"result is not JSON: {exc}"
                 )
             )
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]

@@ -83,7 +83,7 @@ def running_mesh(
 def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
-    for part in ("redis", "memory", "registry", "assistant", "researcher"):
+    for part in ("redis", "memory", "registry", "tools", "assistant", "researcher"):
         assert part in state, part
     assert set(state["workers"]) == {"assistant-worker-1", "researcher-worker-1"}
     assert state["redis"].startswith("redis://127.0.0.1:")
@@ -183,6 +183,65 @@ def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-un
     assert missing.stderr.startswith("agentplex: NOT_FOUND: task 'nope'")
 
 
+CALCULATOR_YAML = """\
+name: calculator
+version: {version}
+description: Evaluates an arithmetic expression exactly.
+side_effect: read_only
+endpoint: {endpoint}
+input_schema:
+  type: object
+  properties:
+    expression: {{type: string, minLength: 1, maxLength: 500}}
+    precision: {{type: integer, minimum: 0, maximum: 12}}
+  required: [{required}]
+  additionalProperties: false
+output_schema:
+  type: object
+  properties:
+    expression: {{type: string}}
+    result: {{type: number}}
+  required: [expression, result]
+"""
+
+
+def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """docs/TOOLS.md, step by step."""
+    state_file, _ = running_mesh
+    endpoint = json.loads(state_file.read_text())["tools"]
+
+    def publish(version: str, required: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"calculator-{version}.yaml"
+        path.write_text(CALCULATOR_YAML.format(version=version, endpoint=endpoint,
+                                               required=required))
+        return agentplex("tools", "register", str(path), state_file=state_file)
+
+    minor = publish("1.1.0", "expression")
+    assert (minor.returncode, minor.stdout.strip()) == (0, "calculator 1.1.0: published")
+    breaking = publish("1.2.0", "expression, precision")
+    assert breaking.returncode == 1
+    assert "FAILED_PRECONDITION: calculator 1.2.0 would break callers of 1.1.0" in breaking.stderr
+    assert "$.precision: property became required" in breaking.stderr
+    major = publish("2.0.0", "expression, precision")
+    assert major.returncode == 0, major.stderr
+    shown = agentplex("tools", "show", "calculator", state_file=state_file)
+    assert "version: 2.0.0" in shown.stdout
+    pinned = agentplex("tools", "list", "--agent", "assistant", state_file=state_file)
+    assert "calculator   1.1.0" in pinned.stdout
+    answer = agentplex("run", "--stream", "what is 17*23?", state_file=state_file)
+    assert "tool call  calculator@1.1.0" in answer.stdout
+    assert "answer: 17*23 = 391." in answer.stdout
+    deprecated = agentplex("tools", "deprecate", "calculator@1.1.0", "--replacement",
+                           "calculator@2", state_file=state_file)
+    assert deprecated.stdout.strip() == "calculator 1.1.0: deprecated; use calculator@2"
+    assert "state: deprecated" in agentplex("tools", "show", "calculator@1",
+                                            state_file=state_file).stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    refused = agentplex("tools", "register", str(bad), state_file=state_file)
+    assert refused.returncode == 2 and "missing version" in refused.stderr
+
+
 def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     second = agentplex("up", "--ephemeral-ports", state_file=state_file, timeout=60)
@@ -201,7 +260,8 @@ def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore
     assert not state_file.exists()
     import socket
 
-    addresses = [state[part] for part in ("memory", "registry", "assistant", "researcher")]
+    addresses = [state[part] for part in ("memory", "registry", "tools", "assistant",
+                                          "researcher")]
     for address in [*addresses, *state["workers"].values()]:
         host, port = address.rsplit(":", 1)
         with socket.socket() as sock:
