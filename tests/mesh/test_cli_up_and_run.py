@@ -212,8 +212,9 @@ def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:  # type: ig
 
     def publish(version: str, required: str) -> subprocess.CompletedProcess[str]:
         path = tmp_path / f"calculator-{version}.yaml"
-        path.write_text(CALCULATOR_YAML.format(version=version, endpoint=endpoint,
-                                               required=required))
+        path.write_text(
+            CALCULATOR_YAML.format(version=version, endpoint=endpoint, required=required)
+        )
         return agentplex("tools", "register", str(path), state_file=state_file)
 
     minor = publish("1.1.0", "expression")
@@ -231,11 +232,19 @@ def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:  # type: ig
     answer = agentplex("run", "--stream", "what is 17*23?", state_file=state_file)
     assert "tool call  calculator@1.1.0" in answer.stdout
     assert "answer: 17*23 = 391." in answer.stdout
-    deprecated = agentplex("tools", "deprecate", "calculator@1.1.0", "--replacement",
-                           "calculator@2", state_file=state_file)
+    deprecated = agentplex(
+        "tools",
+        "deprecate",
+        "calculator@1.1.0",
+        "--replacement",
+        "calculator@2",
+        state_file=state_file,
+    )
     assert deprecated.stdout.strip() == "calculator 1.1.0: deprecated; use calculator@2"
-    assert "state: deprecated" in agentplex("tools", "show", "calculator@1",
-                                            state_file=state_file).stdout
+    assert (
+        "state: deprecated"
+        in agentplex("tools", "show", "calculator@1", state_file=state_file).stdout
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\n")
     refused = agentplex("tools", "register", str(bad), state_file=state_file)
@@ -260,8 +269,7 @@ def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore
     assert not state_file.exists()
     import socket
 
-    addresses = [state[part] for part in ("memory", "registry", "tools", "assistant",
-                                          "researcher")]
+    addresses = [state[part] for part in ("memory", "registry", "tools", "assistant", "researcher")]
     for address in [*addresses, *state["workers"].values()]:
         host, port = address.rsplit(":", 1)
         with socket.socket() as sock:
