@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,9 +19,9 @@ from agentplex.memory.client import MemoryClient
 from agentplex.registry.client import RegistryClient
 from agentplex.runtime import redis_client
 from agentplex.runtime.clients import open_channel
+from agentplex.runtime.process import service_main
 from agentplex.runtime.server import DependencyCheck, Endpoint, ServiceHost
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
 from agentplex.tools.base import define
@@ -197,21 +195,18 @@ def build_host(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.agents")
-    parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    configure_logging(args.agent, settings.log_level)
-    configure_tracing(args.agent, settings.trace_exporter)
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
 
-    async def run() -> None:
-        # gRPC channels and Redis clients bind to the running loop: build inside it.
-        host = build_host(
+    async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
+        return build_host(
             CATALOG[args.agent], settings, port=args.port, metrics_port=args.metrics_port
         )
-        await host.serve_until_signalled(args.ready_file)
 
-    asyncio.run(run())
+    service_main(
+        "python -m agentplex.agents",
+        build,
+        name=lambda args: args.agent,
+        add_arguments=add_arguments,
+        argv=argv,
+    )

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-from pathlib import Path
 
 import grpc
 
 from agentplex.memory.servicer import MemoryServicer
 from agentplex.memory.store import MemoryStore
 from agentplex.runtime import redis_client
+from agentplex.runtime.process import service_main
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.v1 import memory_service_pb2, memory_service_pb2_grpc
 
 SERVICE_NAME = memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -50,18 +48,7 @@ def build_host(settings: Settings, *, port: int = 0, metrics_port: int | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.memory")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    configure_logging("memory", settings.log_level)
-    configure_tracing("memory", settings.trace_exporter)
+    async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
+        return build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    async def run() -> None:
-        # gRPC channels and Redis clients bind to the running loop: build inside it.
-        host = build_host(settings, port=args.port, metrics_port=args.metrics_port)
-        await host.serve_until_signalled(args.ready_file)
-
-    asyncio.run(run())
+    service_main("python -m agentplex.memory", build, name="memory", argv=argv)

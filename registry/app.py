@@ -8,8 +8,6 @@ there. At start-up it only seeds the catalog agents' access lists.
 from __future__ import annotations
 
 import argparse
-import asyncio
-from pathlib import Path
 
 import grpc
 
@@ -20,9 +18,9 @@ from agentplex.registry.service import ToolRegistry
 from agentplex.registry.servicer import ToolRegistryServicer
 from agentplex.registry.store import RegistryStore
 from agentplex.runtime import redis_client
+from agentplex.runtime.process import service_main
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.v1 import tool_registry_service_pb2, tool_registry_service_pb2_grpc
 
 SERVICE_NAME = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
@@ -76,17 +74,7 @@ async def build_host(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.registry")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    configure_logging("registry", settings.log_level)
-    configure_tracing("registry", settings.trace_exporter)
+    async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
+        return await build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    async def run() -> None:
-        host = await build_host(settings, port=args.port, metrics_port=args.metrics_port)
-        await host.serve_until_signalled(args.ready_file)
-
-    asyncio.run(run())
+    service_main("python -m agentplex.registry", build, name="registry", argv=argv)

@@ -165,15 +165,25 @@ class ServiceHost:
         endpoint = await self.start()
         if ready_file is not None:
             write_ready_file(ready_file, endpoint)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await wait_for_stop_signal()
             log.info("%s received a stop signal; draining", self.name)
         finally:
             await self.stop()
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set `stop` on SIGTERM or SIGINT (the event loop must be running)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await stop.wait()
 
 
 def write_ready_file(path: Path, endpoint: Endpoint) -> None:

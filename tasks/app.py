@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
 from pathlib import Path
 
 from agentplex.agents.app import build_parts
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.llm.base import LLMProvider
-from agentplex.runtime.server import ServiceHost, write_ready_file
+from agentplex.runtime.server import ServiceHost, stop_on_signals, write_ready_file
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.tasks.worker import Worker
@@ -66,9 +65,7 @@ async def serve(worker: Worker, host: ServiceHost, ready_file: Path | None) -> N
     if ready_file is not None:
         write_ready_file(ready_file, endpoint)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     try:
         await worker.run(stop)
     finally:

@@ -8,16 +8,15 @@ Any number of such backends can run; the registry routes by address.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 import grpc
 
 from agentplex.registry.client import RegistryClient
 from agentplex.runtime import redis_client
+from agentplex.runtime.process import service_main
 from agentplex.runtime.server import Endpoint, ServiceHost
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.tools.base import Tool
 from agentplex.tools.calculator import Calculator
 from agentplex.tools.docs_search import DocsSearch
@@ -78,17 +77,7 @@ async def build_host(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.tools")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    configure_logging("tools", settings.log_level)
-    configure_tracing("tools", settings.trace_exporter)
+    async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
+        return await build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    async def run() -> None:
-        host = await build_host(settings, port=args.port, metrics_port=args.metrics_port)
-        await host.serve_until_signalled(args.ready_file)
-
-    asyncio.run(run())
+    service_main("python -m agentplex.tools", build, name="tools", argv=argv)
