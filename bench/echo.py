@@ -1,0 +1,58 @@
+"""A bare grpc.aio echo server: the floor one mesh hop is compared with.
+
+Generic handlers on raw bytes, no protobuf, no interceptors: what one unary
+or server-streaming call costs on this machine and this grpcio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+ECHO = "/bench.Echo/Echo"
+STREAM = "/bench.Echo/Stream"
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    for _ in range(int(request or b"1")):
+        yield b"x" * 64
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def serve(ready_file: Path) -> None:
+    server = grpc.aio.server()
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            _echo, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            _stream, request_deserializer=_identity, response_serializer=_identity
+        ),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await asyncio.to_thread(ready_file.write_text, json.dumps({"address": f"127.0.0.1:{port}"}))
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m agentplex.bench.echo")
+    parser.add_argument("--ready-file", type=Path, required=True)
+    asyncio.run(serve(parser.parse_args().ready_file))
+
+
+if __name__ == "__main__":
+    main()

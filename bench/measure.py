@@ -1,0 +1,49 @@
+"""Timing helpers: latency samples, percentiles, closed-loop throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Latency:
+    samples: int
+    p50_ms: float
+    p99_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Latency:
+        ordered = sorted(seconds)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return cls(len(ordered), statistics.median(ordered) * 1000, p99 * 1000)
+
+
+async def latency(call: Callable[[], Awaitable[object]], count: int, warmup: int = 5) -> Latency:
+    """Sequential calls, one in flight."""
+    for _ in range(warmup):
+        await call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return Latency.of(samples)
+
+
+async def throughput(call: Callable[[], Awaitable[object]], count: int, in_flight: int) -> float:
+    """Calls per second with `in_flight` concurrent callers, `count` calls in all."""
+    remaining = count
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return count / (time.perf_counter() - started)
