@@ -401,8 +401,9 @@ def render(report: Report, args: argparse.Namespace) -> str:
                 "## Not measured yet",
                 "The gateway scenarios (throughput through Envoy, gateway overhead against a bare "
                 "Envoy proxy) wait for the gateway; the peer comparison (AutoGen's gRPC worker "
-                "runtime, the A2A SDK, each in its own virtualenv) and the recovery time of a killed "
-                "worker's task are the next additions. `python -m agentplex.tasks.chaos` measures "
+                "runtime, the A2A SDK, each in its own virtualenv) and the recovery time of a "
+                "killed worker's task are the next additions. `python -m agentplex.tasks.chaos` "
+                "measures "
                 "recovery today (docs/CHAOS.md).",
             ]
         )
