@@ -59,7 +59,7 @@ def load_definition(path: Path) -> tool_pb2.ToolDefinition:
     missing = [
         k
         for k in ("name", "version", "description", "input_schema", "output_schema")
-        if k not in data
+        if data.get(k) in (None, "")
     ]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
@@ -71,14 +71,21 @@ def load_definition(path: Path) -> tool_pb2.ToolDefinition:
             f"{path}: side_effect must be read_only, idempotent or "
             f"side_effecting, not {data.get('side_effect')!r}"
         ) from None
+    try:
+        input_schema, output_schema = (
+            json.dumps(data["input_schema"]),
+            json.dumps(data["output_schema"]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: schemas must be plain JSON values ({exc})") from None
     return tool_pb2.ToolDefinition(
         name=str(data["name"]),
         version=str(data["version"]),
         description=str(data["description"]),
-        input_schema_json=json.dumps(data["input_schema"]),
-        output_schema_json=json.dumps(data["output_schema"]),
+        input_schema_json=input_schema,
+        output_schema_json=output_schema,
         side_effect=side_effect,
-        endpoint=str(data.get("endpoint", "")),
+        endpoint=str(data.get("endpoint") or ""),
     )
 
 

@@ -81,7 +81,12 @@ class BackendRouter:
                 with attempt:
                     return await self._call(tool, arguments, caller, idempotency_key, deadline)
         except errors.DeadlineExceeded:
-            raise
+            if deadline.remaining() < 0.01:
+                raise  # the caller's own deadline: the whole call is over
+            # Only the tool's own time limit ran out: the model can try something else.
+            return _failure(
+                "TIMEOUT", f"{tool.name} took longer than its {self._tool_timeout:g}s limit"
+            )
         except errors.Unavailable as exc:
             retried = f" after {attempts} attempts" if attempts > 1 else ""
             return _failure(
@@ -101,10 +106,12 @@ class BackendRouter:
         idempotency_key: str,
         deadline: Deadline,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
-        timeout = deadline.timeout(self._tool_timeout)
         channel = self._channel(tool.endpoint)
         if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
+            # A delegated task is bounded by the caller's deadline, not the tool limit.
+            timeout = deadline.timeout()
             return await self._run_agent(channel, arguments, caller, idempotency_key, timeout)
+        timeout = deadline.timeout(self._tool_timeout)
         stub = tool_executor_service_pb2_grpc.ToolExecutorServiceStub(channel)
         return await call_with_deadline(
             stub.ExecuteTool,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from agentplex.runtime.clients import call_with_deadline, open_channel
+from agentplex.runtime.errors import FailedPrecondition
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 
 class RegistryClient:
@@ -40,7 +45,12 @@ class RegistryClient:
             published = tool_pb2.ToolDefinition()
             published.CopyFrom(tool)
             published.endpoint, published.backend_kind = endpoint, kind
-            await self.register(published, timeout=timeout)
+            try:
+                await self.register(published, timeout=timeout)
+            except FailedPrecondition as exc:
+                # E.g. the contract was edited without a version bump. The service
+                # still runs; its other contracts still publish; the log says why.
+                log.error("could not publish %s %s: %s", tool.name, tool.version, exc.message)
 
     async def close(self) -> None:
         await self._channel.close()

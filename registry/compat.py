@@ -18,14 +18,42 @@ from typing import Any
 
 Schema = dict[str, Any]
 
+# Keywords that only describe, never constrain.
+_ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "examples",
+        "default",
+        "$comment",
+        "$schema",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "format",
+    }
+)
+
 # Constraints where a larger value accepts less ("min" side) or more ("max" side).
 _LOWER_BOUNDS = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
 _UPPER_BOUNDS = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")
 
 
-def input_breaks(old: Schema, new: Schema, path: str = "$") -> list[str]:
+def input_breaks(old: Schema | bool, new: Schema | bool, path: str = "$") -> list[str]:
     """Ways `new` rejects arguments that `old` accepted."""
-    breaks: list[str] = []
+    if isinstance(old, bool) or isinstance(new, bool):
+        # true accepts anything, false nothing.
+        accepts_all_old = old is True or old == {}
+        return (
+            []
+            if new is True or new == {} or old is False
+            else (
+                [f"{path}: narrowed from accepting anything"]
+                if accepts_all_old
+                else _opaque(path, old, new)
+            )
+        )
+    breaks: list[str] = _unknown_changes(old, new, path)
     old_types, new_types = _types(old), _types(new)
     if old_types and new_types and not old_types <= _widen(new_types):
         breaks.append(f"{path}: type narrowed from {_fmt(old_types)} to {_fmt(new_types)}")
@@ -59,16 +87,22 @@ def input_breaks(old: Schema, new: Schema, path: str = "$") -> list[str]:
         breaks.append(f"{path}.{name}: property became required")
     if _closed(new) and not _closed(old):
         breaks.append(f"{path}: additionalProperties closed")
+    elif isinstance(new.get("additionalProperties"), dict) and new.get(
+        "additionalProperties"
+    ) != old.get("additionalProperties"):
+        breaks.append(f"{path}: additionalProperties constrained")
     for name in sorted(set(old_props) & set(new_props)):
         breaks.extend(input_breaks(old_props[name], new_props[name], f"{path}.{name}"))
-    if isinstance(old.get("items"), dict) and isinstance(new.get("items"), dict):
-        breaks.extend(input_breaks(old["items"], new["items"], f"{path}[]"))
+    if "items" in new:
+        breaks.extend(input_breaks(old.get("items", True), new["items"], f"{path}[]"))
     return breaks
 
 
-def output_breaks(old: Schema, new: Schema, path: str = "$") -> list[str]:
+def output_breaks(old: Schema | bool, new: Schema | bool, path: str = "$") -> list[str]:
     """Ways `new` may return results that readers of `old` cannot handle."""
-    breaks: list[str] = []
+    if isinstance(old, bool) or isinstance(new, bool):
+        return [] if new == old or old is True or old == {} else _opaque(path, old, new)
+    breaks: list[str] = _unknown_changes(old, new, path)
     old_types, new_types = _types(old), _types(new)
     if old_types and (not new_types or not new_types <= _widen(old_types)):
         breaks.append(f"{path}: type changed from {_fmt(old_types)} to {_fmt(new_types)}")
@@ -84,9 +118,43 @@ def output_breaks(old: Schema, new: Schema, path: str = "$") -> list[str]:
             breaks.append(f"{path}.{name}: output property no longer always present")
     for name in sorted(set(old_props) & set(new_props)):
         breaks.extend(output_breaks(old_props[name], new_props[name], f"{path}.{name}"))
-    if isinstance(old.get("items"), dict) and isinstance(new.get("items"), dict):
-        breaks.extend(output_breaks(old["items"], new["items"], f"{path}[]"))
+    if "items" in old:
+        breaks.extend(output_breaks(old["items"], new.get("items", True), f"{path}[]"))
+    if "const" in old and new.get("const") != old["const"]:
+        breaks.append(f"{path}: const {old['const']!r} no longer guaranteed")
     return breaks
+
+
+def _unknown_changes(old: Schema, new: Schema, path: str) -> list[str]:
+    """Keywords this checker does not analyse ($ref, anyOf, prefixItems, …): any
+    change to them is reported, because compatibility cannot be proven."""
+    understood = _ANNOTATIONS | _HANDLED
+    return [
+        f"{path}: '{key}' changed (not analysed; treated as breaking)"
+        for key in sorted((set(old) | set(new)) - understood)
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _opaque(path: str, old: object, new: object) -> list[str]:
+    return [f"{path}: schema changed from {old!r} to {new!r}"]
+
+
+_HANDLED = frozenset(
+    {
+        "type",
+        "enum",
+        "const",
+        "pattern",
+        "multipleOf",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        *_LOWER_BOUNDS,
+        *_UPPER_BOUNDS,
+    }
+)
 
 
 def _types(schema: Schema) -> set[str]:

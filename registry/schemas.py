@@ -19,7 +19,9 @@ _WORD = r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
 TOOL_NAME_PATTERN = re.compile(rf"^{_WORD}(?:\.{_WORD})*$")
 # Function names on OpenAI-compatible APIs are limited to 64 characters after mapping.
 MAX_WIRE_NAME_LENGTH = 64
-SEMVER_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+# ASCII digits only: \d would accept other scripts' digits as versions.
+SEMVER_PATTERN = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+VERSION_SPEC_PATTERN = re.compile(r"|(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*))?")
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_ARGUMENTS_BYTES = 256 * 1024
 
@@ -30,6 +32,14 @@ def semver(version: str) -> tuple[int, int, int]:
         raise InvalidArgument(f"version {version!r} is not semantic (MAJOR.MINOR.PATCH)")
     major, minor, patch = (int(part) for part in match.groups())
     return major, minor, patch
+
+
+def check_version_spec(spec: str) -> None:
+    """'' (newest), a major ('2') or an exact version ('2.1.0')."""
+    if not VERSION_SPEC_PATTERN.fullmatch(spec):
+        raise InvalidArgument(
+            f"version {spec!r} must be empty, a major like '2', or exact like '2.1.0'"
+        )
 
 
 def check_definition(tool: tool_pb2.ToolDefinition) -> None:
@@ -80,6 +90,8 @@ def parse_arguments(arguments_json: str) -> dict[str, Any]:
         arguments = json.loads(arguments_json or "{}")
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"arguments_json is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidArgument("arguments_json is nested too deeply") from None
     if not isinstance(arguments, dict):
         raise InvalidArgument("arguments_json must be a JSON object")
     return arguments

@@ -30,6 +30,7 @@ from agentplex.v1 import tool_registry_service_pb2 as pb
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("agentplex.registry")
 
+SAFE_TO_REPEAT = (tool_pb2.SIDE_EFFECT_READ_ONLY, tool_pb2.SIDE_EFFECT_IDEMPOTENT)
 ACTIVE = tool_pb2.TOOL_STATE_ACTIVE
 DEPRECATED = tool_pb2.TOOL_STATE_DEPRECATED
 RETIRED = tool_pb2.TOOL_STATE_RETIRED
@@ -46,6 +47,19 @@ def contract(tool: tool_pb2.ToolDefinition) -> bytes:
         side_effect=tool.side_effect,
     )
     return core.SerializeToString(deterministic=True)
+
+
+def outcome_unknown(tool: tool_pb2.ToolDefinition) -> pb.InvokeToolResponse:
+    """What a key remembers when a side-effecting call ended without an answer."""
+    return pb.InvokeToolResponse(
+        tool_name=tool.name,
+        tool_version=tool.version,
+        error=tool_pb2.ToolError(
+            code="OUTCOME_UNKNOWN",
+            message=f"{tool.name} was interrupted and may or may not have taken effect; it "
+            "will not run again under this idempotency key",
+        ),
+    )
 
 
 def major(tool: tool_pb2.ToolDefinition) -> int:
@@ -120,7 +134,10 @@ class ToolRegistry:
         published.state, published.replacement = ACTIVE, ""
         if not published.backend_kind:
             published.backend_kind = tool_pb2.BACKEND_KIND_EXECUTOR
-        await self._store.put_version(published)
+        if not await self._store.add_version(published):
+            # Someone published this version between our read and our write:
+            # decide again against what is there now.
+            return await self.register(tool)
         log.info("published tool", extra={"tool": tool.name, "version": tool.version})
         return True
 
@@ -144,6 +161,7 @@ class ToolRegistry:
         self, name: str, version: str = "", *, include_retired: bool = False
     ) -> tool_pb2.ToolDefinition:
         """Resolve '' (newest), '2' (newest 2.x) or '2.1.0' (exact) to one version."""
+        schemas.check_version_spec(version)
         versions = await self._store.versions(name)
         if not versions:
             raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
@@ -205,6 +223,9 @@ class ToolRegistry:
         for grant in grants:
             if not schemas.TOOL_NAME_PATTERN.fullmatch(grant.name):
                 raise InvalidArgument(f"{grant.name!r} is not a tool name")
+        names = [grant.name for grant in grants]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("each tool may be granted once, at one major version")
         await self._store.set_grants(agent, grants)
         return grants
 
@@ -223,6 +244,7 @@ class ToolRegistry:
         with tracer.start_as_current_span("registry.invoke") as span:
             span.set_attribute("tool.name", request.tool_name)
             version = request.version
+            schemas.check_version_spec(version)
             caller = request.caller
             if caller.agent:
                 grant = next(
@@ -245,8 +267,6 @@ class ToolRegistry:
                         f"agent {caller.agent!r} is pinned to {request.tool_name}@{grant.major}",
                         reason="TOOL_VERSION_NOT_ALLOWED",
                     )
-            if version and not version.split(".")[0].isdigit():
-                raise InvalidArgument(f"version {version!r} must be like '2' or '2.1.0'")
             tool = await self.get(request.tool_name, version)
             span.set_attribute("tool.version", tool.version)
             arguments = schemas.parse_arguments(request.arguments_json)
@@ -268,22 +288,26 @@ class ToolRegistry:
                 )
             if not request.idempotency_key:
                 return await self._run(tool, arguments, caller, "", deadline)
-            fp = fingerprint(f"{tool.name}@{tool.version}", arguments)
-            scope = caller.session_id or caller.agent or "-"
-            claim = await self._ledger.claim(scope, request.idempotency_key, fp, deadline)
+            # The tool, not its version: a retry after a compatible release is a replay.
+            fp = fingerprint(tool.name, arguments)
+            claim = await self._ledger.claim(caller, request.idempotency_key, fp, deadline)
             if claim.replay is not None:
                 span.set_attribute("tool.replayed", True)
                 return claim.replay
+            repeatable = tool.side_effect in SAFE_TO_REPEAT
             try:
                 response = await self._run(
                     tool, arguments, caller, request.idempotency_key, deadline
                 )
             except BaseException:
-                await asyncio.shield(self._ledger.release(claim))
+                if repeatable:
+                    await asyncio.shield(self._ledger.release(claim))
+                else:
+                    # It may have happened: at most once means never running it again.
+                    await asyncio.shield(self._ledger.complete(claim, fp, outcome_unknown(tool)))
                 raise
-            if response.HasField("error") and response.error.code == "UNAVAILABLE":
-                # No outcome was reached: a later retry with this key may run it.
-                await self._ledger.release(claim)
+            if repeatable and response.HasField("error") and response.error.code == "UNAVAILABLE":
+                await self._ledger.release(claim)  # safe to run again later
             else:
                 await self._ledger.complete(claim, fp, response)
             return response

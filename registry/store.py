@@ -46,6 +46,14 @@ class RegistryStore:
             pipe.sadd(self._names_key, tool.name)
             await pipe.execute()
 
+    async def add_version(self, tool: tool_pb2.ToolDefinition) -> bool:
+        """Publish a version that must not exist yet; False if it already does."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self._tool_key(tool.name), tool.version, tool.SerializeToString())
+            pipe.sadd(self._names_key, tool.name)
+            created, _ = await pipe.execute()
+        return bool(created)
+
     async def names(self) -> list[str]:
         return sorted(name.decode() for name in await self._redis.smembers(self._names_key))
 

@@ -13,11 +13,17 @@ from agentplex.registry.ledger import (
     Claim,
     IdempotencyLedger,
     fingerprint,
+    ledger_key,
 )
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
+
+
+def session(session_id: str) -> pb.Caller:
+    return pb.Caller(session_id=session_id)
+
 
 FP = fingerprint("notes.write", {"text": "hello"})
 OTHER_FP = fingerprint("notes.write", {"text": "goodbye"})
@@ -50,42 +56,43 @@ def test_fingerprint_is_canonical_and_distinguishes() -> None:
 async def test_first_claim_runs(
     ledger: IdempotencyLedger, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    claim = await ledger.claim("session-1", "key-1", FP, deadline())
+    claim = await ledger.claim(session("session-1"), "key-1", FP, deadline())
     assert claim.replay is None
-    assert claim.key == f"{key_prefix}:idempotency:session-1:key-1"
+    assert claim.key == ledger_key(key_prefix, "", "session-1", "key-1")
+    assert claim.key.startswith(f"{key_prefix}:idempotency:")
     entry = json.loads(await redis_client.get(claim.key))
-    assert entry == {"fp": FP, "state": "pending"}
+    assert entry == {"fp": FP, "state": "pending", "token": claim.token}
 
 
 async def test_pending_claim_expires(redis_client: aioredis.Redis, key_prefix: str) -> None:
     ledger = IdempotencyLedger(redis_client, key_prefix=key_prefix, pending_ttl_seconds=7)
-    claim = await ledger.claim("s", "k", FP, deadline())
+    claim = await ledger.claim(session("s"), "k", FP, deadline())
     assert 0 < await redis_client.ttl(claim.key) <= 7
 
 
 async def test_completed_then_same_key_and_arguments_replays(
     ledger: IdempotencyLedger, redis_client: aioredis.Redis
 ) -> None:
-    claim = await ledger.claim("s", "k", FP, deadline())
+    claim = await ledger.claim(session("s"), "k", FP, deadline())
     await ledger.complete(claim, FP, ok_response())
     assert 3000 < await redis_client.ttl(claim.key) <= 3600
 
-    again = await ledger.claim("s", "k", FP, deadline())
+    again = await ledger.claim(session("s"), "k", FP, deadline())
     assert again.replay is not None
     assert again.replay.replayed is True
     assert again.replay.tool_name == "notes.write"
     assert again.replay.tool_version == "1.0.0"
     assert json.loads(again.replay.result_json) == {"saved": True, "note_count": 1}
     # A third time still replays the same stored response.
-    third = await ledger.claim("s", "k", FP, deadline())
+    third = await ledger.claim(session("s"), "k", FP, deadline())
     assert third.replay == again.replay
 
 
 async def test_same_key_different_arguments_is_a_conflict(ledger: IdempotencyLedger) -> None:
-    claim = await ledger.claim("s", "k", FP, deadline())
+    claim = await ledger.claim(session("s"), "k", FP, deadline())
     await ledger.complete(claim, FP, ok_response())
     with pytest.raises(FailedPrecondition) as info:
-        await ledger.claim("s", "k", OTHER_FP, deadline())
+        await ledger.claim(session("s"), "k", OTHER_FP, deadline())
     assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
     assert "'k'" in info.value.message
 
@@ -93,9 +100,9 @@ async def test_same_key_different_arguments_is_a_conflict(ledger: IdempotencyLed
 async def test_conflict_is_detected_while_the_first_call_is_pending(
     ledger: IdempotencyLedger,
 ) -> None:
-    await ledger.claim("s", "k", FP, deadline())
+    await ledger.claim(session("s"), "k", FP, deadline())
     with pytest.raises(FailedPrecondition) as info:
-        await ledger.claim("s", "k", OTHER_FP, deadline())
+        await ledger.claim(session("s"), "k", OTHER_FP, deadline())
     assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
@@ -107,7 +114,7 @@ async def test_concurrent_claims_run_exactly_once(
     runs: list[int] = []
 
     async def invoke() -> pb.InvokeToolResponse:
-        claim = await ledger.claim("s", "concurrent", FP, deadline())
+        claim = await ledger.claim(session("s"), "concurrent", FP, deadline())
         if claim.replay is not None:
             return claim.replay
         runs.append(1)
@@ -128,28 +135,28 @@ async def test_concurrent_claims_run_exactly_once(
 
 
 async def test_waiting_claim_gives_up_at_the_deadline(ledger: IdempotencyLedger) -> None:
-    await ledger.claim("s", "stuck", FP, deadline())
+    await ledger.claim(session("s"), "stuck", FP, deadline())
     with pytest.raises(DeadlineExceeded):
-        await ledger.claim("s", "stuck", FP, Deadline.after(0.1))
+        await ledger.claim(session("s"), "stuck", FP, Deadline.after(0.1))
 
 
 async def test_release_lets_a_retry_run(
     ledger: IdempotencyLedger, redis_client: aioredis.Redis
 ) -> None:
-    claim = await ledger.claim("s", "k", FP, deadline())
+    claim = await ledger.claim(session("s"), "k", FP, deadline())
     await ledger.release(claim)
     assert await redis_client.exists(claim.key) == 0
-    retry = await ledger.claim("s", "k", FP, deadline())
+    retry = await ledger.claim(session("s"), "k", FP, deadline())
     assert retry.replay is None
     # After a release the key is free, even for other arguments.
     await ledger.release(retry)
-    other = await ledger.claim("s", "k", OTHER_FP, deadline())
+    other = await ledger.claim(session("s"), "k", OTHER_FP, deadline())
     assert other.replay is None
 
 
 async def test_release_wakes_a_waiting_claim_to_run(ledger: IdempotencyLedger) -> None:
-    first = await ledger.claim("s", "k", FP, deadline())
-    waiter = asyncio.ensure_future(ledger.claim("s", "k", FP, deadline()))
+    first = await ledger.claim(session("s"), "k", FP, deadline())
+    waiter = asyncio.ensure_future(ledger.claim(session("s"), "k", FP, deadline()))
     await ledger.release(first)
     second = await asyncio.wait_for(waiter, timeout=5)
     assert second.replay is None
@@ -161,9 +168,9 @@ async def test_stored_failure_is_replayed(ledger: IdempotencyLedger) -> None:
         tool_version="1.0.0",
         error=tool_pb2.ToolError(code="NO_SESSION", message="notes need a session"),
     )
-    claim = await ledger.claim("s", "k", FP, deadline())
+    claim = await ledger.claim(session("s"), "k", FP, deadline())
     await ledger.complete(claim, FP, failed)
-    again = await ledger.claim("s", "k", FP, deadline())
+    again = await ledger.claim(session("s"), "k", FP, deadline())
     assert again.replay is not None
     assert again.replay.replayed is True
     assert again.replay.WhichOneof("outcome") == "error"
@@ -172,14 +179,14 @@ async def test_stored_failure_is_replayed(ledger: IdempotencyLedger) -> None:
 
 
 async def test_keys_are_scoped(ledger: IdempotencyLedger) -> None:
-    a = await ledger.claim("session-a", "same-key", FP, deadline())
-    b = await ledger.claim("session-b", "same-key", OTHER_FP, deadline())
+    a = await ledger.claim(session("session-a"), "same-key", FP, deadline())
+    b = await ledger.claim(session("session-b"), "same-key", OTHER_FP, deadline())
     assert a.replay is None and b.replay is None
     assert a.key != b.key
     await ledger.complete(a, FP, ok_response(1))
     await ledger.complete(b, OTHER_FP, ok_response(2))
-    replay_a = (await ledger.claim("session-a", "same-key", FP, deadline())).replay
-    replay_b = (await ledger.claim("session-b", "same-key", OTHER_FP, deadline())).replay
+    replay_a = (await ledger.claim(session("session-a"), "same-key", FP, deadline())).replay
+    replay_b = (await ledger.claim(session("session-b"), "same-key", OTHER_FP, deadline())).replay
     assert replay_a is not None and replay_b is not None
     assert json.loads(replay_a.result_json)["note_count"] == 1
     assert json.loads(replay_b.result_json)["note_count"] == 2
@@ -188,19 +195,43 @@ async def test_keys_are_scoped(ledger: IdempotencyLedger) -> None:
 async def test_key_prefixes_are_independent(redis_client: aioredis.Redis, key_prefix: str) -> None:
     mine = IdempotencyLedger(redis_client, key_prefix=key_prefix)
     theirs = IdempotencyLedger(redis_client, key_prefix=f"{key_prefix}-other")
-    claim = await mine.claim("s", "k", FP, deadline())
+    claim = await mine.claim(session("s"), "k", FP, deadline())
     await mine.complete(claim, FP, ok_response())
-    assert (await theirs.claim("s", "k", FP, deadline())).replay is None
+    assert (await theirs.claim(session("s"), "k", FP, deadline())).replay is None
 
 
 async def test_overlong_key_is_rejected(
     ledger: IdempotencyLedger, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    await ledger.claim("s", "k" * MAX_KEY_LENGTH, FP, deadline())  # at the limit: fine
+    await ledger.claim(session("s"), "k" * MAX_KEY_LENGTH, FP, deadline())  # at the limit: fine
     with pytest.raises(InvalidArgument):
-        await ledger.claim("s", "k" * (MAX_KEY_LENGTH + 1), FP, deadline())
+        await ledger.claim(session("s"), "k" * (MAX_KEY_LENGTH + 1), FP, deadline())
     assert len(await redis_client.keys(f"{key_prefix}:idempotency:*")) == 1
 
 
 async def test_claim_is_a_plain_value() -> None:
     assert Claim("k", None) == Claim("k", None)
+
+
+async def test_keys_of_different_callers_never_collide(ledger: IdempotencyLedger) -> None:
+    # Separator games ("s" + "a:b" vs "s:a" + "b") and agents sharing a session.
+    first = await ledger.claim(session("s"), "a:b", FP, deadline())
+    await ledger.complete(first, FP, pb.InvokeToolResponse(result_json="{}"))
+    assert (await ledger.claim(session("s:a"), "b", FP, deadline())).replay is None
+    bot1 = await ledger.claim(pb.Caller(agent="bot1", session_id="shared"), "k", FP, deadline())
+    await ledger.complete(bot1, FP, pb.InvokeToolResponse(result_json="{}"))
+    bot2 = pb.Caller(agent="bot2", session_id="shared")
+    assert (await ledger.claim(bot2, "k", FP, deadline())).replay is None
+
+
+async def test_a_stale_claim_cannot_overwrite_a_newer_outcome(
+    ledger: IdempotencyLedger, redis_client: aioredis.Redis
+) -> None:
+    stale = await ledger.claim(session("s"), "k", FP, deadline())
+    await redis_client.delete(stale.key)  # its pending marker expired
+    fresh = await ledger.claim(session("s"), "k", FP, deadline())
+    await ledger.complete(fresh, FP, pb.InvokeToolResponse(result_json='{"n": 1}'))
+    await ledger.release(stale)  # too late: must not delete the stored outcome
+    await ledger.complete(stale, FP, pb.InvokeToolResponse(result_json='{"n": 2}'))
+    replay = (await ledger.claim(session("s"), "k", FP, deadline())).replay
+    assert replay is not None and replay.result_json == '{"n": 1}'

@@ -254,11 +254,22 @@ async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry
     assert backend.calls == 1  # never blindly repeated
     assert response.error.code == "UNAVAILABLE"
     assert "warming up" in response.error.message
-    # No outcome was stored for the key: a later retry runs it.
+    # It may have reached the backend: at most once means the key keeps this outcome.
     again = await registry.InvokeTool(
         pb.InvokeToolRequest(tool_name="flaky.write", idempotency_key="w1"), timeout=10
     )
-    assert again.error.code == "UNAVAILABLE" and backend.calls == 2
+    assert again.replayed and again.error.code == "UNAVAILABLE" and backend.calls == 1
+    # A read-only call that failed for good leaves its key free for a later retry.
+    backend.calls, backend.failures = 0, 5
+    failed = await registry.InvokeTool(
+        pb.InvokeToolRequest(tool_name="flaky.read", idempotency_key="r1"), timeout=10
+    )
+    assert failed.error.code == "UNAVAILABLE" and backend.calls == 3
+    backend.calls, backend.failures = 0, 0
+    retried = await registry.InvokeTool(
+        pb.InvokeToolRequest(tool_name="flaky.read", idempotency_key="r1"), timeout=10
+    )
+    assert not retried.replayed and json.loads(retried.result_json) == {"ok": True}
 
 
 async def test_backend_gone_is_a_structured_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
