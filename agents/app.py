@@ -174,11 +174,19 @@ def build_host(
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
+    published: list[str] = []
+
     async def publish_as_tool(endpoint: Endpoint) -> None:
         # Every agent is also a tool (agent.<name>): the path delegation takes.
+        published.append(endpoint.address)
         await parts.registry.publish(
             [agent_tool(spec)], endpoint.address, tool_pb2.BACKEND_KIND_AGENT, timeout=10.0
         )
+
+    async def withdraw_and_close() -> None:
+        for address in published:
+            await parts.registry.withdraw([agent_tool(spec)], address, timeout=5.0)
+        await parts.close()
 
     return ServiceHost(
         name=spec.name,
@@ -190,7 +198,7 @@ def build_host(
         dependency_checks=parts.dependency_checks,
         health_interval_seconds=settings.health_interval_seconds,
         grace_seconds=settings.grace_seconds,
-        on_stop=[parts.close],
+        on_stop=[withdraw_and_close],
     )
 
 

@@ -10,8 +10,11 @@ it can route around, not a failed task.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import random
+import time
 from typing import Any
 
 import grpc
@@ -34,6 +37,11 @@ from agentplex.v1 import (
 )
 
 RETRY_ATTEMPTS = 3
+# How long one backend gets to accept a connection before the next is tried.
+CONNECT_SECONDS = 1.0
+# A backend that failed to connect is tried last for this long.
+SUSPECT_SECONDS = 10.0
+MAX_CHANNELS = 256
 SAFE_TO_RETRY = (tool_pb2.SIDE_EFFECT_READ_ONLY, tool_pb2.SIDE_EFFECT_IDEMPOTENT)
 
 
@@ -43,9 +51,14 @@ class BackendRouter:
         self._retry_wait = retry_wait_seconds
         # Connections, not state: one channel per backend address, reused.
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._suspect: dict[str, float] = {}
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         if endpoint not in self._channels:
+            if len(self._channels) >= MAX_CHANNELS:
+                # Drop the oldest: backends that left long ago should not pin sockets.
+                oldest = next(iter(self._channels))
+                asyncio.get_running_loop().create_task(self._channels.pop(oldest).close())
             self._channels[endpoint] = open_channel(endpoint)
         return self._channels[endpoint]
 
@@ -57,12 +70,13 @@ class BackendRouter:
     async def execute(
         self,
         tool: tool_pb2.ToolDefinition,
+        endpoints: list[str],
         arguments: dict[str, Any],
         caller: tool_registry_service_pb2.Caller,
         idempotency_key: str,
         deadline: Deadline,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
-        if not tool.endpoint:
+        if not endpoints:
             raise errors.FailedPrecondition(
                 f"tool {tool.name} {tool.version} is registered but no backend serves it",
                 reason="NO_BACKEND",
@@ -79,7 +93,10 @@ class BackendRouter:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._call(tool, arguments, caller, idempotency_key, deadline)
+                    channel = await self._connect(tool, endpoints, deadline)
+                    return await self._call(
+                        tool, channel, arguments, caller, idempotency_key, deadline
+                    )
         except errors.DeadlineExceeded:
             if deadline.remaining() < 0.01:
                 raise  # the caller's own deadline: the whole call is over
@@ -89,29 +106,49 @@ class BackendRouter:
             )
         except errors.Unavailable as exc:
             retried = f" after {attempts} attempts" if attempts > 1 else ""
-            return _failure(
-                "UNAVAILABLE",
-                f"the {tool.name} backend at {tool.endpoint} is unavailable{retried}: "
-                f"{exc.message}",
-            )
+            return _failure("UNAVAILABLE", f"{tool.name} is unavailable{retried}: {exc.message}")
         except errors.AgentplexError as exc:
             return _failure(exc.reason, exc.message)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
+    async def _connect(
+        self, tool: tool_pb2.ToolDefinition, endpoints: list[str], deadline: Deadline
+    ) -> grpc.aio.Channel:
+        """A backend that accepts a connection. Nothing has been sent to the ones
+        skipped, so moving on is safe even for side-effecting tools."""
+        now = time.monotonic()
+        # Spread load; try backends that failed recently last.
+        order = sorted(endpoints, key=lambda e: (self._suspect.get(e, 0) > now, random.random()))
+        for endpoint in order:
+            channel = self._channel(endpoint)
+            try:
+                await asyncio.wait_for(
+                    channel.channel_ready(), timeout=deadline.timeout(CONNECT_SECONDS)
+                )
+            except TimeoutError:
+                self._suspect[endpoint] = time.monotonic() + SUSPECT_SECONDS
+                continue
+            self._suspect.pop(endpoint, None)
+            return channel
+        raise errors.Unavailable(
+            f"no backend of {tool.name} {tool.version} accepted a connection "
+            f"(tried {', '.join(order)})"
+        )
+
     async def _call(
         self,
         tool: tool_pb2.ToolDefinition,
+        channel: grpc.aio.Channel,
         arguments: dict[str, Any],
         caller: tool_registry_service_pb2.Caller,
         idempotency_key: str,
         deadline: Deadline,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
-        channel = self._channel(tool.endpoint)
         if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
             # A delegated task is bounded by the caller's deadline, not the tool limit.
-            timeout = deadline.timeout()
-            return await self._run_agent(channel, arguments, caller, idempotency_key, timeout)
-        timeout = deadline.timeout(self._tool_timeout)
+            return await self._run_agent(
+                channel, arguments, caller, idempotency_key, deadline.timeout()
+            )
         stub = tool_executor_service_pb2_grpc.ToolExecutorServiceStub(channel)
         return await call_with_deadline(
             stub.ExecuteTool,
@@ -122,7 +159,7 @@ class BackendRouter:
                 caller=caller,
                 idempotency_key=idempotency_key,
             ),
-            timeout=timeout,
+            timeout=deadline.timeout(self._tool_timeout),
         )
 
     async def _run_agent(

@@ -7,7 +7,7 @@ import logging
 import grpc
 
 from agentplex.runtime.clients import call_with_deadline, open_channel
-from agentplex.runtime.errors import FailedPrecondition
+from agentplex.runtime.errors import AgentplexError, FailedPrecondition
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
@@ -51,6 +51,22 @@ class RegistryClient:
                 # E.g. the contract was edited without a version bump. The service
                 # still runs; its other contracts still publish; the log says why.
                 log.error("could not publish %s %s: %s", tool.name, tool.version, exc.message)
+
+    async def withdraw(
+        self, tools: list[tool_pb2.ToolDefinition], endpoint: str, *, timeout: float
+    ) -> None:
+        """Stop routing to `endpoint` (what a backend does when it shuts down)."""
+        for tool in tools:
+            try:
+                await call_with_deadline(
+                    self._stub.WithdrawEndpoint,
+                    pb.WithdrawEndpointRequest(
+                        name=tool.name, version=tool.version, endpoint=endpoint
+                    ),
+                    timeout=timeout,
+                )
+            except AgentplexError as exc:  # best effort: the registry may be gone first
+                log.warning("could not withdraw %s from %s: %s", endpoint, tool.name, exc.message)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -97,10 +97,10 @@ class ToolRegistry:
                     "contract; versions are immutable, publish a new version",
                     reason="VERSION_EXISTS",
                 )
-            if (existing.endpoint, existing.backend_kind) != (tool.endpoint, tool.backend_kind):
-                # The same contract served from a new place (a restarted backend).
-                existing.endpoint, existing.backend_kind = tool.endpoint, tool.backend_kind
-                await self._store.put_version(existing)
+            if tool.endpoint:
+                # The same contract served from one more place: another backend
+                # (or a restarted one). It joins the others; none is replaced.
+                await self._store.add_endpoint(tool.name, tool.version, tool.endpoint)
             return False
         same_major = [v for v in versions if major(v) == major(tool)]
         if same_major:
@@ -138,8 +138,20 @@ class ToolRegistry:
             # Someone published this version between our read and our write:
             # decide again against what is there now.
             return await self.register(tool)
+        if tool.endpoint:
+            await self._store.add_endpoint(tool.name, tool.version, tool.endpoint)
         log.info("published tool", extra={"tool": tool.name, "version": tool.version})
         return True
+
+    async def withdraw_endpoint(self, name: str, version: str, endpoint: str) -> int:
+        tool = await self.get(name, version, include_retired=True)
+        if tool.version != version:
+            raise InvalidArgument(f"version must be exact (e.g. {tool.version}), got {version!r}")
+        return await self._store.remove_endpoint(name, version, endpoint)
+
+    async def with_endpoints(self, tool: tool_pb2.ToolDefinition) -> tool_pb2.ToolDefinition:
+        tool.endpoints[:] = await self._store.endpoints(tool.name, tool.version)
+        return tool
 
     async def set_state(
         self, name: str, version: str, state: int, replacement: str
@@ -325,7 +337,8 @@ class ToolRegistry:
             response.warning = (
                 f"{tool.name} {tool.version} is deprecated; move to {tool.replacement}"
             )
-        executed = await self._router.execute(tool, arguments, caller, key, deadline)
+        endpoints = await self._store.endpoints(tool.name, tool.version)
+        executed = await self._router.execute(tool, endpoints, arguments, caller, key, deadline)
         if executed.HasField("error"):
             response.error.CopyFrom(executed.error)
             return response

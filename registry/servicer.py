@@ -39,7 +39,8 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
     ) -> pb.GetToolResponse:
         if not request.name:
             raise InvalidArgument("name is required")
-        return pb.GetToolResponse(tool=await self._registry.get(request.name, request.version))
+        tool = await self._registry.get(request.name, request.version)
+        return pb.GetToolResponse(tool=await self._registry.with_endpoints(tool))
 
     async def InvokeTool(
         self, request: pb.InvokeToolRequest, context: grpc.aio.ServicerContext
@@ -58,6 +59,16 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
             request.name, request.version, request.state, request.replacement
         )
         return pb.SetToolStateResponse(tool=tool)
+
+    async def WithdrawEndpoint(
+        self, request: pb.WithdrawEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WithdrawEndpointResponse:
+        if not (request.name and request.version and request.endpoint):
+            raise InvalidArgument("name, version and endpoint are required")
+        remaining = await self._registry.withdraw_endpoint(
+            request.name, request.version, request.endpoint
+        )
+        return pb.WithdrawEndpointResponse(remaining=remaining)
 
     async def SetAgentTools(
         self, request: pb.SetAgentToolsRequest, context: grpc.aio.ServicerContext

@@ -54,6 +54,26 @@ class RegistryStore:
             created, _ = await pipe.execute()
         return bool(created)
 
+    def _endpoints_key(self, name: str, version: str) -> str:
+        return f"{self._prefix}:endpoints:{name}:{version}"
+
+    async def add_endpoint(self, name: str, version: str, endpoint: str) -> None:
+        await self._redis.sadd(self._endpoints_key(name, version), endpoint)
+
+    async def remove_endpoint(self, name: str, version: str, endpoint: str) -> int:
+        """Remove one backend address; returns how many remain."""
+        key = self._endpoints_key(name, version)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(key, endpoint)
+            pipe.scard(key)
+            _, remaining = await pipe.execute()
+        return int(remaining)
+
+    async def endpoints(self, name: str, version: str) -> list[str]:
+        return sorted(
+            e.decode() for e in await self._redis.smembers(self._endpoints_key(name, version))
+        )
+
     async def names(self) -> list[str]:
         return sorted(name.decode() for name in await self._redis.smembers(self._names_key))
 

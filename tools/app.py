@@ -47,7 +47,10 @@ async def build_host(
         )
         return [SERVICE_NAME]
 
+    published: list[str] = []
+
     async def publish(endpoint: Endpoint) -> None:
+        published.append(endpoint.address)
         await registry.publish(
             [tool.definition for tool in tools],
             endpoint.address,
@@ -59,6 +62,10 @@ async def build_host(
         await redis.ping()
 
     async def close() -> None:
+        for address in published:
+            await registry.withdraw(
+                [tool.definition for tool in tools], address, timeout=PUBLISH_TIMEOUT_SECONDS
+            )
         await registry.close()
         await redis.aclose()
 

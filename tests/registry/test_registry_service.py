@@ -33,6 +33,7 @@ def contract_of(tool: tool_pb2.ToolDefinition) -> tool_pb2.ToolDefinition:
     core.ClearField("backend_kind")
     core.ClearField("state")
     core.ClearField("replacement")
+    core.ClearField("endpoints")
     return core
 
 

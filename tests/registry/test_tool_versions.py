@@ -305,3 +305,28 @@ async def test_agents_are_tools(registry) -> None:  # type: ignore[no-untyped-de
         timeout=20,
     )
     assert replay.replayed and json.loads(replay.result_json) == result
+
+
+async def test_several_backends_serve_one_version_and_a_dead_one_is_skipped(registry, mesh) -> None:  # type: ignore[no-untyped-def]
+    """A second backend joins the first instead of taking its routes; one that
+    went away is skipped (nothing was sent to it, so even side effects are safe)."""
+    from agentplex.mesh.redis_process import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    extra = calculator("1.0.0", dead)
+    created = await register(registry, extra)
+    assert not created.created  # same contract: one more backend, no new version
+    got = (
+        await registry.GetTool(pb.GetToolRequest(name="calculator", version="1.0.0"), timeout=5)
+    ).tool
+    assert sorted(got.endpoints) == sorted([mesh.tools, dead])
+    for _ in range(4):  # whichever order is tried, the live backend answers
+        response = await registry.InvokeTool(
+            pb.InvokeToolRequest(tool_name="calculator", arguments_json='{"expression": "2*21"}'),
+            timeout=10,
+        )
+        assert json.loads(response.result_json)["result"] == 42
+    remaining = await registry.WithdrawEndpoint(
+        pb.WithdrawEndpointRequest(name="calculator", version="1.0.0", endpoint=dead), timeout=5
+    )
+    assert remaining.remaining == 1

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -37,7 +39,7 @@ BACKEND_KIND_EXECUTOR: BackendKind
 BACKEND_KIND_AGENT: BackendKind
 
 class ToolDefinition(_message.Message):
-    __slots__ = ("name", "version", "description", "input_schema_json", "output_schema_json", "side_effect", "endpoint", "backend_kind", "state", "replacement")
+    __slots__ = ("name", "version", "description", "input_schema_json", "output_schema_json", "side_effect", "endpoint", "backend_kind", "state", "replacement", "endpoints")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +50,7 @@ class ToolDefinition(_message.Message):
     BACKEND_KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REPLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -58,7 +61,8 @@ class ToolDefinition(_message.Message):
     backend_kind: BackendKind
     state: ToolState
     replacement: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., side_effect: _Optional[_Union[SideEffect, str]] = ..., endpoint: _Optional[str] = ..., backend_kind: _Optional[_Union[BackendKind, str]] = ..., state: _Optional[_Union[ToolState, str]] = ..., replacement: _Optional[str] = ...) -> None: ...
+    endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., side_effect: _Optional[_Union[SideEffect, str]] = ..., endpoint: _Optional[str] = ..., backend_kind: _Optional[_Union[BackendKind, str]] = ..., state: _Optional[_Union[ToolState, str]] = ..., replacement: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ToolError(_message.Message):
     __slots__ = ("code", "message")

@@ -128,3 +128,19 @@ class SetAgentToolsResponse(_message.Message):
     GRANTS_FIELD_NUMBER: _ClassVar[int]
     grants: _containers.RepeatedCompositeFieldContainer[ToolGrant]
     def __init__(self, grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ...) -> None: ...
+
+class WithdrawEndpointRequest(_message.Message):
+    __slots__ = ("name", "version", "endpoint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    endpoint: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class WithdrawEndpointResponse(_message.Message):
+    __slots__ = ("remaining",)
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    remaining: int
+    def __init__(self, remaining: _Optional[int] = ...) -> None: ...

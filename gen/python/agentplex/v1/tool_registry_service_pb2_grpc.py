@@ -67,6 +67,11 @@ class ToolRegistryServiceStub:
                 request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.SerializeToString,
                 response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.FromString,
                 _registered_method=True)
+        self.WithdrawEndpoint = channel.unary_unary(
+                '/agentplex.v1.ToolRegistryService/WithdrawEndpoint',
+                request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointResponse.FromString,
+                _registered_method=True)
 
 
 class ToolRegistryServiceServicer:
@@ -117,6 +122,13 @@ class ToolRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WithdrawEndpoint(self, request, context):
+        """Removes one backend address from a tool version (a backend shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +161,11 @@ def add_ToolRegistryServiceServicer_to_server(servicer, server):
                     servicer.SetAgentTools,
                     request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.FromString,
                     response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.SerializeToString,
+            ),
+            'WithdrawEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawEndpoint,
+                    request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +333,33 @@ class ToolRegistryService:
             '/agentplex.v1.ToolRegistryService/SetAgentTools',
             agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsRequest.SerializeToString,
             agentplex_dot_v1_dot_tool__registry__service__pb2.SetAgentToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.ToolRegistryService/WithdrawEndpoint',
+            agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointRequest.SerializeToString,
+            agentplex_dot_v1_dot_tool__registry__service__pb2.WithdrawEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
