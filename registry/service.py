@@ -74,6 +74,36 @@ def parse_pin(spec: str) -> tuple[str, int]:
     return name, int(pinned or 0)
 
 
+def resolve(
+    name: str,
+    versions: list[tool_pb2.ToolDefinition],
+    version: str,
+    *,
+    include_retired: bool = False,
+) -> tool_pb2.ToolDefinition:
+    """Pick the version a spec asks for from all versions of a tool (no I/O)."""
+    if not versions:
+        raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
+    if version.isdigit():
+        matching = [v for v in versions if major(v) == int(version)]
+    elif version:
+        schemas.semver(version)
+        matching = [v for v in versions if v.version == version]
+    else:
+        matching = versions
+    usable = matching if include_retired else [v for v in matching if v.state != RETIRED]
+    if usable:
+        return usable[-1]
+    wanted = f"{name}@{version}" if version else name
+    if matching:
+        retired = matching[-1]
+        raise NotFound(
+            f"{wanted} ({retired.version}) is retired; use {retired.replacement}",
+            reason="TOOL_RETIRED",
+        )
+    raise NotFound(f"no version of {name!r} matches {version!r}", reason="TOOL_NOT_FOUND")
+
+
 class ToolRegistry:
     def __init__(
         self, *, store: RegistryStore, ledger: IdempotencyLedger, router: BackendRouter
@@ -174,53 +204,32 @@ class ToolRegistry:
     ) -> tool_pb2.ToolDefinition:
         """Resolve '' (newest), '2' (newest 2.x) or '2.1.0' (exact) to one version."""
         schemas.check_version_spec(version)
-        versions = await self._store.versions(name)
-        if not versions:
-            raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
-        if version.isdigit():
-            matching = [v for v in versions if major(v) == int(version)]
-        elif version:
-            schemas.semver(version)
-            matching = [v for v in versions if v.version == version]
-        else:
-            matching = versions
-        usable = matching if include_retired else [v for v in matching if v.state != RETIRED]
-        if usable:
-            return usable[-1]
-        wanted = f"{name}@{version}" if version else name
-        if matching:
-            retired = matching[-1]
-            raise NotFound(
-                f"{wanted} ({retired.version}) is retired; use {retired.replacement}",
-                reason="TOOL_RETIRED",
-            )
-        raise NotFound(f"no version of {name!r} matches {version!r}", reason="TOOL_NOT_FOUND")
+        return resolve(
+            name, await self._store.versions(name), version, include_retired=include_retired
+        )
 
     async def list(
         self, agent: str = "", *, all_versions: bool = False
     ) -> list[tool_pb2.ToolDefinition]:
         if agent:
             grants = await self._grants(agent)
+            by_name = await self._store.versions_of([grant.name for grant in grants])
             return [
                 tool
                 for grant in grants
-                if (tool := await self._resolve_quietly(grant.name, grant.major)) is not None
+                if (tool := _resolve_quietly(grant, by_name[grant.name])) is not None
             ]
         tools: list[tool_pb2.ToolDefinition] = []
-        for name in await self._store.names():
-            versions = await self._store.versions(name)
+        names = await self._store.names()
+        by_name = await self._store.versions_of(names)
+        for name in names:
+            versions = by_name[name]
             if all_versions:
                 tools.extend(versions)
             else:
                 live = [v for v in versions if v.state != RETIRED]
                 tools.extend(live[-1:])
         return tools
-
-    async def _resolve_quietly(self, name: str, pinned: int) -> tool_pb2.ToolDefinition | None:
-        try:
-            return await self.get(name, str(pinned) if pinned else "")
-        except NotFound:
-            return None  # granted but not (or no longer) published: the model is not shown it
 
     async def _grants(self, agent: str) -> list[Grant]:
         grants = await self._store.grants(agent)
@@ -258,15 +267,11 @@ class ToolRegistry:
             version = request.version
             schemas.check_version_spec(version)
             caller = request.caller
+            grants, versions = await self._store.grants_and_versions(
+                caller.agent, request.tool_name
+            )
             if caller.agent:
-                grant = next(
-                    (
-                        g
-                        for g in await self._store.grants(caller.agent) or ()
-                        if g.name == request.tool_name
-                    ),
-                    None,
-                )
+                grant = next((g for g in grants or () if g.name == request.tool_name), None)
                 if grant is None:
                     raise PermissionDenied(
                         f"agent {caller.agent!r} may not use tool {request.tool_name!r}",
@@ -279,7 +284,11 @@ class ToolRegistry:
                         f"agent {caller.agent!r} is pinned to {request.tool_name}@{grant.major}",
                         reason="TOOL_VERSION_NOT_ALLOWED",
                     )
-            tool = await self.get(request.tool_name, version)
+            if not versions:
+                raise NotFound(
+                    f"tool {request.tool_name!r} is not registered", reason="TOOL_NOT_FOUND"
+                )
+            tool = resolve(request.tool_name, versions, version)
             span.set_attribute("tool.version", tool.version)
             arguments = schemas.parse_arguments(request.arguments_json)
             violation = schemas.schema_violation(tool.input_schema_json, arguments)
@@ -362,3 +371,12 @@ class ToolRegistry:
             return response
         response.result_json = json.dumps(result, sort_keys=True)
         return response
+
+
+def _resolve_quietly(
+    grant: Grant, versions: list[tool_pb2.ToolDefinition]
+) -> tool_pb2.ToolDefinition | None:
+    try:
+        return resolve(grant.name, versions, str(grant.major) if grant.major else "")
+    except NotFound:
+        return None  # granted but not (or no longer) published: the model is not shown it

@@ -36,9 +36,25 @@ class RegistryStore:
 
     async def versions(self, name: str) -> list[tool_pb2.ToolDefinition]:
         """Every version of a tool, oldest first."""
-        raw = await self._redis.hvals(self._tool_key(name))
-        tools = [tool_pb2.ToolDefinition.FromString(blob) for blob in raw]
-        return sorted(tools, key=lambda tool: semver(tool.version))
+        return _sorted(await self._redis.hvals(self._tool_key(name)))
+
+    async def versions_of(self, names: list[str]) -> dict[str, list[tool_pb2.ToolDefinition]]:
+        """Every version of several tools, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hvals(self._tool_key(name))
+            rows = await pipe.execute()
+        return {name: _sorted(raw) for name, raw in zip(names, rows, strict=True)}
+
+    async def grants_and_versions(
+        self, agent: str, name: str
+    ) -> tuple[list[Grant] | None, list[tool_pb2.ToolDefinition]]:
+        """An agent's grants and a tool's versions, in one round trip (the invoke path)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._access_key, agent)
+            pipe.hvals(self._tool_key(name))
+            raw_grants, raw_versions = await pipe.execute()
+        return _grants(raw_grants), _sorted(raw_versions)
 
     async def put_version(self, tool: tool_pb2.ToolDefinition) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -79,10 +95,7 @@ class RegistryStore:
 
     async def grants(self, agent: str) -> list[Grant] | None:
         """What `agent` may use, or None for an agent the registry does not know."""
-        raw = await self._redis.hget(self._access_key, agent)
-        if raw is None:
-            return None
-        return [Grant(item["name"], int(item.get("major", 0))) for item in json.loads(raw)]
+        return _grants(await self._redis.hget(self._access_key, agent))
 
     async def set_grants(
         self, agent: str, grants: list[Grant], *, only_if_new: bool = False
@@ -94,3 +107,14 @@ class RegistryStore:
             return bool(await self._redis.hsetnx(self._access_key, agent, value))
         await self._redis.hset(self._access_key, agent, value)
         return True
+
+
+def _sorted(raw: list[bytes]) -> list[tool_pb2.ToolDefinition]:
+    tools = [tool_pb2.ToolDefinition.FromString(blob) for blob in raw]
+    return sorted(tools, key=lambda tool: semver(tool.version))
+
+
+def _grants(raw: bytes | None) -> list[Grant] | None:
+    if raw is None:
+        return None
+    return [Grant(item["name"], int(item.get("major", 0))) for item in json.loads(raw)]
