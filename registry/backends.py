@@ -121,6 +121,8 @@ class BackendRouter:
         order = sorted(endpoints, key=lambda e: (self._suspect.get(e, 0) > now, random.random()))
         for endpoint in order:
             channel = self._channel(endpoint)
+            if channel.get_state() == grpc.ChannelConnectivity.READY:
+                return channel  # the common case: no waiting, no extra task
             try:
                 await asyncio.wait_for(
                     channel.channel_ready(), timeout=deadline.timeout(CONNECT_SECONDS)
