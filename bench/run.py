@@ -397,6 +397,12 @@ def render(report: Report, args: argparse.Namespace) -> str:
                 f"measured minutes apart on the same machine). Machine: {facts}.",
                 "## Goals",
                 "\n".join(goals),
+                "How to read these: the machine is shared and has two cores, so absolute times "
+                "drift between runs by ±20 %; compare ratios within one run. The floor of (a) "
+                "counts Redis *commands*, and a pipeline's commands share one round trip, so the "
+                "floor is if anything too high and the ratio flattering. In (e) the memory is "
+                "almost all the fixed cost of the mesh's Python processes (one per service); the "
+                "streams themselves add little: compare the before and with-streams rows.",
                 *report.sections,
                 "## Not measured yet",
                 "The gateway scenarios (throughput through Envoy, gateway overhead against a bare "
