@@ -69,7 +69,10 @@ class MeshLauncher:
     port_overrides: dict[str, int] = field(default_factory=dict)
     llm_provider: str | None = None
     workers: int = 1
-    docs_dir: Path = field(default_factory=Path.cwd)
+    # What docs.search indexes: $AGENTPLEX_DOCS_DIR, else the directory `up` runs in.
+    docs_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("AGENTPLEX_DOCS_DIR") or Path.cwd())
+    )
     say: Callable[[str], None] = print
     _redis: EmbeddedRedis | None = None
     _parts: list[Part] = field(default_factory=list)

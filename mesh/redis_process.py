@@ -65,7 +65,8 @@ class EmbeddedRedis:
         self.host = host
         self._requested_port = port
         self.port = 0
-        self._data_dir = data_dir
+        # Absolute: redis-server chdirs into --dir before it opens --logfile.
+        self._data_dir = data_dir.resolve() if data_dir is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._log_path = Path(os.devnull)

@@ -23,12 +23,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def agentplex(
     *args: str, state_file: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a newcomer would: from the mesh's directory, default state file."""
+    if state_file.parent.name == ".agentplex":
+        cwd, flags = state_file.parent.parent, []
+    else:
+        cwd, flags = state_file.parent, ["--state-file", str(state_file)]
     return subprocess.run(
-        [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file), *args],
+        [sys.executable, "-m", "agentplex.mesh", *flags, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO_ROOT,
+        cwd=cwd,
     )
 
 
@@ -44,22 +49,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
 def running_mesh(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    state_file = tmp_path_factory.mktemp("mesh") / "mesh.json"
+    # The default, relative state file (.agentplex/mesh.json in the working
+    # directory): exactly what `agentplex up` uses for a newcomer.
+    workdir = tmp_path_factory.mktemp("mesh")
+    state_file = workdir / ".agentplex" / "mesh.json"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["AGENTPLEX_DOCS_DIR"] = str(REPO_ROOT)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentplex.mesh",
-            "--state-file",
-            str(state_file),
-            "up",
-            "--ephemeral-ports",
-        ],
+        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=REPO_ROOT,
+        cwd=workdir,
         env=env,
     )
     try:
@@ -112,7 +113,7 @@ def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore
         "run", "--agent", "researcher", "how do I run the tests?", state_file=state_file
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(("From ", "I found nothing"))
+    assert done.stdout.startswith("From "), done.stdout  # a section of README or docs/
 
 
 def test_tools_list(running_mesh) -> None:  # type: ignore[no-untyped-def]
