@@ -131,9 +131,6 @@ def build_parts(
         event_retention_seconds=settings.task_event_retention_seconds,
     )
 
-    async def redis_answers() -> None:
-        await redis.ping()
-
     async def close() -> None:
         await llm.aclose()
         await memory_channel.close()
@@ -146,7 +143,7 @@ def build_parts(
         tasks=tasks,
         llm=llm,
         dependency_checks=[
-            redis_answers,
+            redis_client.answers(redis),
             _serving_check(memory_channel, "memory"),
             _serving_check(registry_channel, "registry"),
         ],
@@ -188,16 +185,14 @@ def build_host(
             await parts.registry.withdraw([agent_tool(spec)], address, timeout=5.0)
         await parts.close()
 
-    return ServiceHost(
+    return ServiceHost.for_settings(
+        settings,
         name=spec.name,
         register=register,
         on_start=[publish_as_tool],
-        host=settings.host,
         port=port,
         metrics_port=metrics_port,
         dependency_checks=parts.dependency_checks,
-        health_interval_seconds=settings.health_interval_seconds,
-        grace_seconds=settings.grace_seconds,
         on_stop=[withdraw_and_close],
     )
 

@@ -31,18 +31,13 @@ def build_host(settings: Settings, *, port: int = 0, metrics_port: int | None = 
         memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(store), server)
         return [SERVICE_NAME]
 
-    async def redis_answers() -> None:
-        await redis.ping()
-
-    return ServiceHost(
+    return ServiceHost.for_settings(
+        settings,
         name="memory",
         register=register,
-        host=settings.host,
         port=port,
         metrics_port=metrics_port,
-        dependency_checks=[redis_answers],
-        health_interval_seconds=settings.health_interval_seconds,
-        grace_seconds=settings.grace_seconds,
+        dependency_checks=[redis_client.answers(redis)],
         on_stop=[redis.aclose],
     )
 

@@ -53,22 +53,17 @@ async def build_host(
         )
         return [SERVICE_NAME]
 
-    async def redis_answers() -> None:
-        await redis.ping()
-
     async def close() -> None:
         await router.close()
         await redis.aclose()
 
-    return ServiceHost(
+    return ServiceHost.for_settings(
+        settings,
         name="registry",
         register=register,
-        host=settings.host,
         port=port,
         metrics_port=metrics_port,
-        dependency_checks=[redis_answers],
-        health_interval_seconds=settings.health_interval_seconds,
-        grace_seconds=settings.grace_seconds,
+        dependency_checks=[redis_client.answers(redis)],
         on_stop=[close],
     )
 

@@ -27,6 +27,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
+from agentplex.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,33 @@ class ServiceHost:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _stopping: bool = field(default=False, init=False)
     _metrics: MetricsEndpoint | None = field(default=None, init=False)
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: Settings,
+        *,
+        name: str,
+        register: Callable[[grpc.aio.Server], Sequence[str]],
+        port: int,
+        metrics_port: int | None,
+        dependency_checks: Sequence[DependencyCheck] = (),
+        on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = (),
+        on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> ServiceHost:
+        """A host listening where settings say, with their health interval and grace."""
+        return cls(
+            name=name,
+            register=register,
+            host=settings.host,
+            port=port,
+            metrics_port=metrics_port,
+            dependency_checks=dependency_checks,
+            health_interval_seconds=settings.health_interval_seconds,
+            grace_seconds=settings.grace_seconds,
+            on_start=on_start,
+            on_stop=on_stop,
+        )
 
     async def start(self) -> Endpoint:
         """Serve; on any failure part-way, whatever was started is stopped again."""

@@ -45,15 +45,13 @@ def build_worker(
         grace_seconds=settings.grace_seconds,
         task_timeout_seconds=settings.default_task_timeout_seconds,
     )
-    host = ServiceHost(
+    host = ServiceHost.for_settings(
+        settings,
         name=f"{spec.name}-worker",
         register=lambda server: [],
-        host=settings.host,
         port=0,
         metrics_port=metrics_port,
         dependency_checks=parts.dependency_checks,
-        health_interval_seconds=settings.health_interval_seconds,
-        grace_seconds=settings.grace_seconds,
         on_stop=[parts.close],
     )
     return worker, host

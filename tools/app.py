@@ -58,9 +58,6 @@ async def build_host(
             timeout=PUBLISH_TIMEOUT_SECONDS,
         )
 
-    async def redis_answers() -> None:
-        await redis.ping()
-
     async def close() -> None:
         for address in published:
             await registry.withdraw(
@@ -69,15 +66,13 @@ async def build_host(
         await registry.close()
         await redis.aclose()
 
-    return ServiceHost(
+    return ServiceHost.for_settings(
+        settings,
         name="tools",
         register=register,
-        host=settings.host,
         port=port,
         metrics_port=metrics_port,
-        dependency_checks=[redis_answers],
-        health_interval_seconds=settings.health_interval_seconds,
-        grace_seconds=settings.grace_seconds,
+        dependency_checks=[redis_client.answers(redis)],
         on_start=[publish],
         on_stop=[close],
     )
