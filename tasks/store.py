@@ -74,15 +74,20 @@ return {'run', tostring(attempt), redis.call('HGET', KEYS[1], 'seq'),
 """
 
 # Append one event of the current attempt; 0 if the attempt is stale.
+# Append a batch of consecutive events of the current attempt; 0 if the
+# attempt is stale, -1 if the batch does not continue the numbering.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1]
-   or tonumber(redis.call('HGET', KEYS[1], 'status')) ~= tonumber(ARGV[4]) then
+   or tonumber(redis.call('HGET', KEYS[1], 'status')) ~= tonumber(ARGV[2]) then
   return 0
 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
-if seq ~= tonumber(ARGV[2]) then return -1 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if seq + 1 ~= tonumber(ARGV[3]) then return -1 end
+for i = 4, #ARGV do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[i])
+end
 redis.call('HSET', KEYS[1], 'seq', seq)
-redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[3])
 return 1
 """
 
@@ -288,12 +293,18 @@ class TaskStore:
             cancel_requested=outcome[4] == b"1",
         )
 
-    async def append_event(
-        self, task_id: str, attempt: int, event: step_event_pb2.StepEvent
+    async def append_events(
+        self, task_id: str, attempt: int, events: list[step_event_pb2.StepEvent]
     ) -> None:
+        """Append consecutive events in one round trip; raises if the attempt is stale."""
         outcome = await self._append(
             keys=[self.task_key(task_id), self.events_key(task_id)],
-            args=[attempt, event.sequence, event.SerializeToString(), RUNNING],
+            args=[
+                attempt,
+                RUNNING,
+                events[0].sequence,
+                *(event.SerializeToString() for event in events),
+            ],
         )
         if outcome != 1:
             raise StaleAttempt(f"attempt {attempt} of {task_id} no longer owns the task")

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from agentplex.agents.runner import AgentRunner
+from agentplex.agents.runner import AgentRunner, TaskOutcome
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import Unavailable
+from agentplex.tasks.events import EventWriter
 from agentplex.tasks.store import GROUP, StaleAttempt, Started, TaskStore
 from agentplex.v1 import step_event_pb2, task_pb2
 
@@ -188,17 +189,19 @@ class Worker:
 
     async def _run_attempt(self, task_id: str, started: Started) -> None:
         final: list[step_event_pb2.StepEvent] = []
+        running: asyncio.Task[TaskOutcome] | None = None
 
-        # Parallel tool calls emit events concurrently; appending them one at a
-        # time keeps them in sequence order (FIFO lock, taken before any await).
-        in_order = asyncio.Lock()
+        def stop_run() -> None:
+            if running is not None:
+                running.cancel()
+
+        writer = EventWriter(self.store, task_id, started.attempt, on_error=stop_run)
 
         async def sink(event: step_event_pb2.StepEvent) -> None:
             if event.WhichOneof("kind") in FINAL_KINDS:
                 final.append(event)  # written together with the result, atomically
-                return
-            async with in_order:
-                await self.store.append_event(task_id, started.attempt, event)
+            else:
+                writer.add(event)
 
         async def cancel_requested() -> bool:
             return await self.store.cancel_flag(task_id)
@@ -219,11 +222,20 @@ class Worker:
         except asyncio.CancelledError:
             if beat.done() and isinstance(beat.exception(), StaleAttempt):
                 raise beat.exception() from None  # type: ignore[misc]
+            if writer.error is not None:
+                raise writer.error from None
+            writer.abort()
+            raise
+        except BaseException:
+            writer.abort()
             raise
         finally:
             beat.cancel()
             # Don't let a heartbeat stuck in a Redis call hold the task hostage.
             await asyncio.wait([beat], timeout=1.0)
+        # Everything before the final event is written first: finish() checks that
+        # the final event continues the numbering.
+        await writer.close()
         if isinstance(outcome.failure, Unavailable):
             # A dependency was down: that is not this task's answer. Leave the
             # entry pending; after the lease it is reclaimed and tried again
