@@ -404,6 +404,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
                 "almost all the fixed cost of the mesh's Python processes (one per service); the "
                 "streams themselves add little: compare the before and with-streams rows.",
                 *report.sections,
+                (Path(__file__).parent / "history.md").read_text().strip(),
                 "## Not measured yet",
                 "The gateway scenarios (throughput through Envoy, gateway overhead against a bare "
                 "Envoy proxy) wait for the gateway; the peer comparison (AutoGen's gRPC worker "
