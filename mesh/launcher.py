@@ -216,9 +216,16 @@ class MeshLauncher:
         ready: dict[str, Any] | None = None
         while loop.time() < give_up:
             if part.process.returncode is not None:
+                tail = _tail(part.log_path)
+                hint = (
+                    f"\nIs port {part.port} taken? Use --port {part.name}=PORT or "
+                    "--ephemeral-ports."
+                    if "cannot listen" in tail
+                    else ""
+                )
                 raise LaunchError(
                     f"{part.name} exited with code {part.process.returncode} "
-                    f"while starting:\n{_tail(part.log_path)}"
+                    f"while starting:\n{tail}{hint}"
                 )
             if ready is None:
                 ready = await asyncio.to_thread(_read_ready, ready_file)
@@ -275,7 +282,7 @@ def _read_ready(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _tail(path: Path | None, lines: int = 15) -> str:
+def _tail(path: Path | None, lines: int = 6) -> str:
     if path is None or not path.exists():
         return "(no log)"
     text = path.read_text(errors="replace").splitlines()[-lines:]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -44,4 +46,8 @@ def service_main(
         host = await build(settings, args)
         await host.serve_until_signalled(args.ready_file)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as exc:  # e.g. the port is taken: one readable line, not a traceback
+        logging.getLogger(service).error("cannot start: %s", exc)
+        sys.exit(1)

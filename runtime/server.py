@@ -105,7 +105,10 @@ class ServiceHost:
             # Health checks make no spans: they are noise, and the OpenTelemetry
             # interceptor cannot wrap Watch, which streams with context.write().
             tracing = aio_server_interceptor(filter_=filters.negate(filters.health_check()))
-            server = grpc.aio.server(interceptors=[tracing, EdgeInterceptor()])
+            # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
+            server = grpc.aio.server(
+                interceptors=[tracing, EdgeInterceptor()], options=[("grpc.so_reuseport", 0)]
+            )
             self._service_names = list(self.register(server))
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
