@@ -444,3 +444,11 @@ def test_write_ready_file_is_complete_json(tmp_path: Path) -> None:
         "pid": os.getpid(),
     }
     assert not path.with_suffix(".json.tmp").exists()
+
+
+async def test_a_port_in_use_is_refused_not_shared(make_host) -> None:  # type: ignore[no-untyped-def]
+    """gRPC would share a port through SO_REUSEPORT; a second mesh must fail instead."""
+    first = await make_host().start()
+    port = int(first.address.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match="cannot listen"):
+        await make_host(port=port).start()
