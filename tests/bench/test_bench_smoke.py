@@ -24,6 +24,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
         "b. Throughput",
         "c. Streaming",
         "d. Queue",
+        "d. Recovery after a worker is killed",
         "e. Open streams",
     ):
         assert f"## {title}" in done.stdout
