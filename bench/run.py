@@ -29,6 +29,7 @@ import httpx
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentplex.bench import peer_runs
 from agentplex.bench.measure import Latency, latency, throughput
 from agentplex.mesh.launcher import MeshLauncher
 from agentplex.tasks.chaos import WorkerPool
@@ -273,6 +274,62 @@ async def queue(stub, pool: WorkerPool, direct: dict[int, float], counts, report
     report.goal("(d) queued path vs direct RunTask (16 in flight)", "≥ 90 %", f"{ratio:.0%}")
 
 
+async def peers(task: Latency, direct: dict[int, float], counts, report, smoke: bool) -> None:  # type: ignore[no-untyped-def]
+    """The same task shape on peer runtimes, each in its own virtualenv."""
+    header = (
+        "runtime",
+        "p50 ms (1 in flight)",
+        "tasks/s (1)",
+        "tasks/s (16)",
+        "agentplex ÷ peer, throughput at 16",
+        "agentplex ÷ peer, p50",
+    )
+    rows: list[tuple[object, ...]] = [
+        (
+            "agentplex " + PROMPT_SHAPE,
+            f"{task.p50_ms:.2f}",
+            f"{direct[1]:.0f}",
+            f"{direct[16]:.0f}",
+            "–",
+            "–",
+        )
+    ]
+    intro = (
+        "One agent, one tool call, answer `391`: agentplex's RunTask (scenario a: "
+        "agent → memory, registry → tool backend, memory) against the closest equivalent "
+        "on each peer, whose tool runs inside the agent process. Each peer runs from its "
+        "own virtualenv (bench/peers/), server and client as separate processes."
+    )
+    if smoke:
+        report.table("f. Peers", intro + " Skipped in smoke mode.", header, rows)
+        return
+    goals = {"a2a": 1.5, "autogen": 1.0}
+    for name in peer_runs.available():
+        result = await peer_runs.run_peer(name, count=counts.throughput, in_flight=16)
+        if result.figures is None:
+            rows.append((name, "failed", "–", "–", "–", result.error[:120].replace("|", "/")))
+            continue
+        f = result.figures
+        throughput_ratio = direct[16] / float(f["rps_k"])  # type: ignore[arg-type]
+        latency_ratio = task.p50_ms / float(f["p50_ms"])  # type: ignore[arg-type]
+        label = f"{f['peer']} {f['version']}" + (f" ({f['transport']})" if "transport" in f else "")
+        rows.append(
+            (
+                label,
+                f"{float(f['p50_ms']):.2f}",
+                f"{float(f['rps_1']):.0f}",  # type: ignore[arg-type]
+                f"{float(f['rps_k']):.0f}",
+                f"{throughput_ratio:.2f}×",  # type: ignore[arg-type]
+                f"{latency_ratio:.2f}×",
+            )
+        )
+        report.goal(
+            f"(b) throughput vs {f['peer']}", f"≥ {goals[name]:g}×", f"{throughput_ratio:.2f}×"
+        )
+    report.table("f. Peers", intro, header, rows)
+
+
+PROMPT_SHAPE = "(RunTask, one tool call)"
 RECOVERY_LEASE_SECONDS = 2.0
 RECOVERY_STEP_SECONDS = 0.5
 
@@ -420,10 +477,12 @@ async def run(args: argparse.Namespace) -> Report:
         async with EchoServer(workdir) as echo:
             echo_lat, first_floor, ping_lat = await floor(echo.address, state["redis"], counts)
         print("bench: floor measured", flush=True)
-        await per_task_overhead(stub, state, echo_lat, ping_lat, counts, report)
+        task = await per_task_overhead(stub, state, echo_lat, ping_lat, counts, report)
         print("bench: a done", flush=True)
         direct = await task_throughput(stub, counts, report)
         print("bench: b done", flush=True)
+        await peers(task, direct, counts, report, args.smoke)
+        print("bench: f done", flush=True)
         await streaming(stub, first_floor, counts, report)
         print("bench: c done", flush=True)
         await queue(stub, pool, direct, counts, report)

@@ -25,6 +25,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
         "c. Streaming",
         "d. Queue",
         "d. Recovery after a worker is killed",
+        "f. Peers",
         "e. Open streams",
     ):
         assert f"## {title}" in done.stdout
