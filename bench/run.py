@@ -530,9 +530,8 @@ def render(report: Report, args: argparse.Namespace) -> str:
                 (Path(__file__).parent / "history.md").read_text().strip(),
                 "## Not measured yet",
                 "The gateway scenarios (throughput through Envoy, gateway overhead against a bare "
-                "Envoy proxy) wait for the gateway; the peer comparison (AutoGen's gRPC worker "
-                "runtime and the A2A SDK, each in its own virtualenv, doing scenario (a)'s task "
-                "shape) is the next addition. Recovery under repeated kills: docs/CHAOS.md.",
+                "Envoy proxy) wait for the gateway. Recovery under repeated kills: "
+                "docs/CHAOS.md.",
             ]
         )
         + "\n"
