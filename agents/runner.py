@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf import timestamp_pb2
@@ -70,7 +70,7 @@ TOOL_CALL_SECONDS = 30.0
 class ToolGateway(Protocol):
     async def list_tools(
         self, agent: str = "", *, timeout: float
-    ) -> list[tool_pb2.ToolDefinition]: ...
+    ) -> tool_registry_service_pb2.ListToolsResponse: ...
 
     async def invoke(
         self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
@@ -121,6 +121,34 @@ CancelCheck = Callable[[], Awaitable[bool]]
 """Returns True when the task should stop at this step boundary."""
 
 CANCELLED = "cancelled"
+
+
+@dataclass
+class _ToolList:
+    """The agent's tool list, read again only when the registry has moved on.
+
+    Every tool call reports the registry's revision; a step after one that saw
+    a newer revision (or a failed call, which reports none) re-reads the list,
+    so a newly published tool or version is used on the next step without a
+    registry round trip on every step.
+    """
+
+    tools: list[tool_pb2.ToolDefinition] = field(default_factory=list)
+    revision: int = -1  # revision the list was read at; -1: never read
+    seen: int | None = None  # newest revision a call reported; None: unknown
+
+    def stale(self) -> bool:
+        return self.revision < 0 or self.seen != self.revision
+
+    def read(self, response: tool_registry_service_pb2.ListToolsResponse) -> None:
+        self.tools = list(response.tools)
+        self.revision = self.seen = int(response.revision)
+
+    def saw(self, revision: int | None) -> None:
+        if revision is None or self.seen is None:
+            self.seen = None
+        else:
+            self.seen = max(self.seen, revision)
 
 
 @dataclass
@@ -273,15 +301,18 @@ class AgentRunner:
         messages.extend(_from_memory(m) for m in context.messages)
         messages.append(ChatMessage("user", task.prompt))
 
+        tool_list = _ToolList()
         for step in range(1, task.max_steps + 1):
             if cancel_requested is not None and await cancel_requested():
                 raise _Cancelled
             progress.steps = step
-            # Asked every step: a tool (or version) published mid-task is usable at once.
-            tool_defs = await self._tools.list_tools(
-                self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
-            )
-            versions = {tool.name: tool.version for tool in tool_defs}
+            if tool_list.stale():
+                tool_list.read(
+                    await self._tools.list_tools(
+                        self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
+                    )
+                )
+            tool_defs = tool_list.tools
             tool_specs = [ToolSpec(t.name, t.description, t.input_schema_json) for t in tool_defs]
             await events.emit(
                 step, step_started=step_event_pb2.StepStarted(tokens_used=progress.tokens)
@@ -314,7 +345,7 @@ class AgentRunner:
             messages.append(ChatMessage("assistant", completion.content, completion.tool_calls))
             results = await asyncio.gather(
                 *(
-                    self._invoke(task, step, index, call, versions, deadline, events)
+                    self._invoke(task, step, index, call, tool_list, deadline, events)
                     for index, call in enumerate(completion.tool_calls)
                 )
             )
@@ -416,11 +447,12 @@ class AgentRunner:
         step: int,
         index: int,
         call: ToolCall,
-        versions: dict[str, str],
+        tool_list: _ToolList,
         deadline: Deadline,
         events: EventRecorder,
     ) -> str:
         """Run one tool call; always returns the text the model will see."""
+        versions = {tool.name: tool.version for tool in tool_list.tools}
         # Derived, not random: a retried step reuses the key, so the registry
         # replays a side effect instead of repeating it.
         key = f"{task.task_id}:{step}:{index}"
@@ -452,6 +484,7 @@ class AgentRunner:
                     ),
                     timeout=deadline.timeout(TOOL_CALL_SECONDS),
                 )
+                tool_list.saw(response.registry_revision)
                 if response.HasField("error"):
                     outcome.error.CopyFrom(response.error)
                 else:
@@ -459,6 +492,7 @@ class AgentRunner:
             except errors.DeadlineExceeded:
                 raise
             except errors.AgentplexError as exc:
+                tool_list.saw(None)  # the list may be out of date: read it again
                 # Refusals (bad arguments, unknown or forbidden tool, backend down)
                 # go back to the model, which may correct itself.
                 outcome.error.CopyFrom(tool_pb2.ToolError(code=exc.reason, message=exc.message))

@@ -168,8 +168,8 @@ async def per_task_overhead(stub, state, echo_lat, ping_lat, counts, report) -> 
     ratio = task.p50_ms / floor_ms
     report.table(
         "a. Per-task overhead",
-        f"One task with one tool call (`{PROMPT}`): memory load, two model steps, tool list "
-        "per step, registry invoke with idempotency key, tool backend, memory save. The floor "
+        f"One task with one tool call (`{PROMPT}`): memory load, two model steps, the tool "
+        "list, registry invoke with idempotency key, tool backend, memory save. The floor "
         f"is the same number of bare hops measured in this run: {hops} gRPC calls × the echo "
         f"p50 + {cmds} Redis commands × the PING p50.",
         ("measure", "p50 ms", "p99 ms", "ratio to floor"),

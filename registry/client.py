@@ -20,11 +20,10 @@ class RegistryClient:
         self._channel = channel or open_channel(address)
         self._stub = pb_grpc.ToolRegistryServiceStub(self._channel)
 
-    async def list_tools(self, agent: str = "", *, timeout: float) -> list[tool_pb2.ToolDefinition]:
-        response = await call_with_deadline(
+    async def list_tools(self, agent: str = "", *, timeout: float) -> pb.ListToolsResponse:
+        return await call_with_deadline(
             self._stub.ListTools, pb.ListToolsRequest(agent=agent), timeout=timeout
         )
-        return list(response.tools)
 
     async def invoke(
         self, request: pb.InvokeToolRequest, *, timeout: float

@@ -208,6 +208,13 @@ class ToolRegistry:
             name, await self._store.versions(name), version, include_retired=include_retired
         )
 
+    async def list_with_revision(
+        self, agent: str = "", *, all_versions: bool = False
+    ) -> tuple[list[tool_pb2.ToolDefinition], int]:
+        """The list and the revision it is at (read first, so never newer than the list)."""
+        revision = await self._store.revision()
+        return await self.list(agent, all_versions=all_versions), revision
+
     async def list(
         self, agent: str = "", *, all_versions: bool = False
     ) -> list[tool_pb2.ToolDefinition]:
@@ -267,7 +274,7 @@ class ToolRegistry:
             version = request.version
             schemas.check_version_spec(version)
             caller = request.caller
-            grants, versions = await self._store.grants_and_versions(
+            grants, versions, revision = await self._store.grants_and_versions(
                 caller.agent, request.tool_name
             )
             if caller.agent:
@@ -308,13 +315,13 @@ class ToolRegistry:
                     reason="IDEMPOTENCY_KEY_REQUIRED",
                 )
             if not request.idempotency_key:
-                return await self._run(tool, arguments, caller, "", deadline)
+                return _at(revision, await self._run(tool, arguments, caller, "", deadline))
             # The tool, not its version: a retry after a compatible release is a replay.
             fp = fingerprint(tool.name, arguments)
             claim = await self._ledger.claim(caller, request.idempotency_key, fp, deadline)
             if claim.replay is not None:
                 span.set_attribute("tool.replayed", True)
-                return claim.replay
+                return _at(revision, claim.replay)
             repeatable = tool.side_effect in SAFE_TO_REPEAT
             try:
                 response = await self._run(
@@ -331,7 +338,7 @@ class ToolRegistry:
                 await self._ledger.release(claim)  # safe to run again later
             else:
                 await self._ledger.complete(claim, fp, response)
-            return response
+            return _at(revision, response)
 
     async def _run(
         self,
@@ -380,3 +387,8 @@ def _resolve_quietly(
         return resolve(grant.name, versions, str(grant.major) if grant.major else "")
     except NotFound:
         return None  # granted but not (or no longer) published: the model is not shown it
+
+
+def _at(revision: int, response: pb.InvokeToolResponse) -> pb.InvokeToolResponse:
+    response.registry_revision = revision
+    return response

@@ -31,8 +31,10 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
     async def ListTools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListToolsResponse:
-        tools = await self._registry.list(request.agent, all_versions=request.all_versions)
-        return pb.ListToolsResponse(tools=tools)
+        tools, revision = await self._registry.list_with_revision(
+            request.agent, all_versions=request.all_versions
+        )
+        return pb.ListToolsResponse(tools=tools, revision=revision)
 
     async def GetTool(
         self, request: pb.GetToolRequest, context: grpc.aio.ServicerContext

@@ -30,6 +30,7 @@ class RegistryStore:
         self._prefix = f"{key_prefix}:registry"
         self._names_key = f"{self._prefix}:names"
         self._access_key = f"{self._prefix}:access"
+        self._revision_key = f"{self._prefix}:revision"
 
     def _tool_key(self, name: str) -> str:
         return f"{self._prefix}:tool:{name}"
@@ -46,20 +47,26 @@ class RegistryStore:
             rows = await pipe.execute()
         return {name: _sorted(raw) for name, raw in zip(names, rows, strict=True)}
 
+    async def revision(self) -> int:
+        """Bumped by every change an agent's tool list could see."""
+        return int(await self._redis.get(self._revision_key) or 0)
+
     async def grants_and_versions(
         self, agent: str, name: str
-    ) -> tuple[list[Grant] | None, list[tool_pb2.ToolDefinition]]:
-        """An agent's grants and a tool's versions, in one round trip (the invoke path)."""
+    ) -> tuple[list[Grant] | None, list[tool_pb2.ToolDefinition], int]:
+        """An agent's grants, a tool's versions and the revision: one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._revision_key)  # first: a change after it only makes it look older
             pipe.hget(self._access_key, agent)
             pipe.hvals(self._tool_key(name))
-            raw_grants, raw_versions = await pipe.execute()
-        return _grants(raw_grants), _sorted(raw_versions)
+            revision, raw_grants, raw_versions = await pipe.execute()
+        return _grants(raw_grants), _sorted(raw_versions), int(revision or 0)
 
     async def put_version(self, tool: tool_pb2.ToolDefinition) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._tool_key(tool.name), tool.version, tool.SerializeToString())
             pipe.sadd(self._names_key, tool.name)
+            pipe.incr(self._revision_key)
             await pipe.execute()
 
     async def add_version(self, tool: tool_pb2.ToolDefinition) -> bool:
@@ -67,7 +74,8 @@ class RegistryStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(self._tool_key(tool.name), tool.version, tool.SerializeToString())
             pipe.sadd(self._names_key, tool.name)
-            created, _ = await pipe.execute()
+            pipe.incr(self._revision_key)
+            created, *_ = await pipe.execute()
         return bool(created)
 
     def _endpoints_key(self, name: str, version: str) -> str:
@@ -103,10 +111,14 @@ class RegistryStore:
         value = json.dumps(
             [{"name": g.name, "major": g.major} for g in sorted(grants, key=lambda g: g.name)]
         )
-        if only_if_new:
-            return bool(await self._redis.hsetnx(self._access_key, agent, value))
-        await self._redis.hset(self._access_key, agent, value)
-        return True
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if only_if_new:
+                pipe.hsetnx(self._access_key, agent, value)
+            else:
+                pipe.hset(self._access_key, agent, value)
+            pipe.incr(self._revision_key)
+            changed, _ = await pipe.execute()
+        return bool(changed) or not only_if_new
 
 
 def _sorted(raw: list[bytes]) -> list[tool_pb2.ToolDefinition]:

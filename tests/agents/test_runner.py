@@ -101,12 +101,22 @@ class FakeTools:
         self.release = asyncio.Event()
         self.release.set()
         self.refuse: dict[str, errors.AgentplexError] = {}
+        self.lists = 0
+        self.revision = 7
 
-    async def list_tools(self, agent: str = "", *, timeout: float) -> list[tool_pb2.ToolDefinition]:
-        return [
-            tool_pb2.ToolDefinition(name=n, version="1.2.3", description=n, input_schema_json="{}")
-            for n in SPEC.tools
-        ]
+    async def list_tools(
+        self, agent: str = "", *, timeout: float
+    ) -> tool_registry_service_pb2.ListToolsResponse:
+        self.lists += 1
+        return tool_registry_service_pb2.ListToolsResponse(
+            tools=[
+                tool_pb2.ToolDefinition(
+                    name=n, version="1.2.3", description=n, input_schema_json="{}"
+                )
+                for n in SPEC.tools
+            ],
+            revision=self.revision,
+        )
 
     async def invoke(
         self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
@@ -121,7 +131,7 @@ class FakeTools:
         finally:
             self.in_flight -= 1
         response = tool_registry_service_pb2.InvokeToolResponse(
-            tool_name=request.tool_name, tool_version="1.2.3"
+            tool_name=request.tool_name, tool_version="1.2.3", registry_revision=self.revision
         )
         args = json.loads(request.arguments_json)
         if args.get("fail"):
@@ -396,3 +406,26 @@ async def test_cancellation_during_tool_calls_cancels_them(eventually) -> None: 
         await running
     assert tools.in_flight == 0
     assert memory.appended == []
+
+
+async def test_tool_list_is_read_again_only_when_the_registry_moved_on() -> None:
+    tools = FakeTools()
+    llm = FakeLLM(call_tools(("echo", {})), call_tools(("echo", {})), answer("done"))
+    await runner(llm, tools).run(task(), Deadline.after(10), Recorder())
+    assert tools.lists == 1  # three steps, one list: nothing changed
+
+    tools = FakeTools()
+
+    def bump_after_first_call(step: Step) -> Step:
+        async def wrapped(request: CompletionRequest) -> AsyncIterator[LLMEvent]:
+            tools.revision = 8  # something was published while the task ran
+            async for event in step(request):
+                yield event
+
+        return wrapped
+
+    llm = FakeLLM(
+        call_tools(("echo", {})), bump_after_first_call(call_tools(("echo", {}))), answer("done")
+    )
+    await runner(llm, tools).run(task(), Deadline.after(10), Recorder())
+    assert tools.lists == 2  # the newer revision reported by a call triggers one re-read

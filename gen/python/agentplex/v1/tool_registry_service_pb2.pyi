@@ -30,10 +30,12 @@ class ListToolsRequest(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., all_versions: _Optional[bool] = ...) -> None: ...
 
 class ListToolsResponse(_message.Message):
-    __slots__ = ("tools",)
+    __slots__ = ("tools", "revision")
     TOOLS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     tools: _containers.RepeatedCompositeFieldContainer[_tool_pb2.ToolDefinition]
-    def __init__(self, tools: _Optional[_Iterable[_Union[_tool_pb2.ToolDefinition, _Mapping]]] = ...) -> None: ...
+    revision: int
+    def __init__(self, tools: _Optional[_Iterable[_Union[_tool_pb2.ToolDefinition, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GetToolRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -74,20 +76,22 @@ class Caller(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class InvokeToolResponse(_message.Message):
-    __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed", "warning")
+    __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed", "warning", "registry_revision")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     WARNING_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_REVISION_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     tool_version: str
     result_json: str
     error: _tool_pb2.ToolError
     replayed: bool
     warning: str
-    def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., replayed: _Optional[bool] = ..., warning: _Optional[str] = ...) -> None: ...
+    registry_revision: int
+    def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[_Union[_tool_pb2.ToolError, _Mapping]] = ..., replayed: _Optional[bool] = ..., warning: _Optional[str] = ..., registry_revision: _Optional[int] = ...) -> None: ...
 
 class SetToolStateRequest(_message.Message):
     __slots__ = ("name", "version", "state", "replacement")
