@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentplex.bench import peer_runs
 from agentplex.bench.measure import Latency, latency, throughput
 from agentplex.mesh.launcher import MeshLauncher
-from agentplex.tasks.chaos import WorkerPool
+from agentplex.tasks.chaos import WorkerPool, worker_env
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
@@ -337,12 +337,11 @@ RECOVERY_STEP_SECONDS = 0.5
 async def recovery(stub, state, workdir: Path, report) -> None:  # type: ignore[no-untyped-def]
     """Kill the worker running a task; time until another takes it over and ends it."""
     pool = WorkerPool(
-        2,
-        {
-            **_worker_env(state),
-            "AGENTPLEX_TASK_LEASE_SECONDS": str(RECOVERY_LEASE_SECONDS),
-            "AGENTPLEX_SCRIPTED_DELAY_SECONDS": str(RECOVERY_STEP_SECONDS),
-        },
+        worker_env(
+            state,
+            AGENTPLEX_TASK_LEASE_SECONDS=str(RECOVERY_LEASE_SECONDS),
+            AGENTPLEX_SCRIPTED_DELAY_SECONDS=str(RECOVERY_STEP_SECONDS),
+        ),
         workdir / "logs",
     )
     redis = aioredis.Redis.from_url(state["redis"])
@@ -392,15 +391,6 @@ async def recovery(stub, state, workdir: Path, report) -> None:  # type: ignore[
     )
 
 
-def _worker_env(state: dict[str, object]) -> dict[str, str]:
-    return {
-        **os.environ,
-        "AGENTPLEX_REDIS_URL": str(state["redis"]),
-        "AGENTPLEX_MEMORY_ADDRESS": str(state["memory"]),
-        "AGENTPLEX_REGISTRY_ADDRESS": str(state["registry"]),
-    }
-
-
 async def open_streams(stub, state, pids: list[int], counts, report) -> None:  # type: ignore[no-untyped-def]
     before = _rss_mb(pids)
     ids = [f"watch-{n}-{time.monotonic_ns()}" for n in range(counts.streams)]
@@ -409,8 +399,15 @@ async def open_streams(stub, state, pids: list[int], counts, report) -> None:  #
             pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt=PROMPT, task_id=task_id)), timeout=10
         )
     calls = [stub.WatchTask(pb.WatchTaskRequest(task_id=task_id), timeout=300) for task_id in ids]
+    redis = aioredis.Redis.from_url(state["redis"])
     readers = [asyncio.create_task(_drain(call)) for call in calls]
-    await asyncio.sleep(2.0)  # let every stream reach its blocking read
+    # Wait until (nearly) every watch is parked in its blocking XREAD.
+    give_up = time.monotonic() + 30
+    while (await redis.info("clients"))["blocked_clients"] < counts.streams * 0.95:
+        if time.monotonic() > give_up:
+            break
+        await asyncio.sleep(0.05)
+    await redis.aclose()
     during = _rss_mb(pids)
     task = await latency(
         lambda: stub.RunTask(pb.RunTaskRequest(prompt=PROMPT), timeout=30),
@@ -470,7 +467,7 @@ async def run(args: argparse.Namespace) -> Report:
         state_file=workdir / "mesh.json", ephemeral_ports=True, workers=0, say=lambda line: None
     )
     state = await mesh.start()
-    pool = WorkerPool(4, _worker_env(state), workdir / "logs")
+    pool = WorkerPool(worker_env(state), workdir / "logs")
     channel = grpc.aio.insecure_channel(state["assistant"])
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
     try:

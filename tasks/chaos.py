@@ -62,9 +62,19 @@ class Figures:
     wall_seconds: float = 0.0
 
 
+def worker_env(state: dict[str, object], **overrides: str) -> dict[str, str]:
+    """Environment for worker processes joining the mesh described by `state`."""
+    return {
+        **os.environ,
+        "AGENTPLEX_REDIS_URL": str(state["redis"]),
+        "AGENTPLEX_MEMORY_ADDRESS": str(state["memory"]),
+        "AGENTPLEX_REGISTRY_ADDRESS": str(state["registry"]),
+        **overrides,
+    }
+
+
 class WorkerPool:
-    def __init__(self, size: int, env: dict[str, str], log_dir: Path) -> None:
-        self.size = size
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
         self.log_dir = log_dir
         self.processes: dict[str, asyncio.subprocess.Process] = {}
@@ -162,16 +172,7 @@ async def run(args: argparse.Namespace) -> Figures:
     os.environ.update(env_overrides)
     started = time.monotonic()
     state = await mesh.start()
-    pool = WorkerPool(
-        args.workers,
-        {
-            **os.environ,
-            "AGENTPLEX_REDIS_URL": state["redis"],
-            "AGENTPLEX_MEMORY_ADDRESS": state["memory"],
-            "AGENTPLEX_REGISTRY_ADDRESS": state["registry"],
-        },
-        workdir / "logs",
-    )
+    pool = WorkerPool(worker_env(state), workdir / "logs")
     redis = aioredis.Redis.from_url(state["redis"])
     channel = grpc.aio.insecure_channel(state["assistant"])
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
