@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG, AgentSpec
+from agentplex.agents.context import ContextManager, ContextPolicy
 from agentplex.agents.llm.base import LLMProvider
 from agentplex.agents.llm.factory import build_provider
 from agentplex.agents.runner import AgentRunner
@@ -115,12 +116,16 @@ def build_parts(
     registry_channel = open_channel(settings.registry_address)
     redis = redis_client.connect(settings.redis_url)
     registry = RegistryClient(settings.registry_address, channel=registry_channel)
+    memory = MemoryClient(settings.memory_address, channel=memory_channel)
     runner = AgentRunner(
         spec=spec,
         llm=llm,
         tools=registry,
-        memory=MemoryClient(settings.memory_address, channel=memory_channel),
+        memory=memory,
         context_tokens=settings.context_tokens,
+        context=ContextManager(
+            memory=memory, llm=llm, policy=ContextPolicy.from_settings(settings)
+        ),
     )
     tasks = TaskStore(
         redis,

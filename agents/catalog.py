@@ -56,4 +56,23 @@ RESEARCHER = AgentSpec(
     tools=("docs.search@1",),
 )
 
-CATALOG: dict[str, AgentSpec] = {spec.name: spec for spec in (ASSISTANT, RESEARCHER)}
+SUPERVISOR = AgentSpec(
+    name="supervisor",
+    version="1.0.0",
+    description=(
+        "Plans, hands independent sub-tasks to the other agents in parallel and "
+        "answers from their results."
+    ),
+    instructions=(
+        "You coordinate other agents; you have no tools of your own. Split the request "
+        "into independent parts and delegate each in the same turn: arithmetic and notes "
+        "to agent.assistant, questions about agentplex to agent.researcher. Give each a "
+        "self-contained prompt. When their results are in, answer from them, saying which "
+        "agent found what. If a delegation fails, answer with what you have and say what "
+        "is missing."
+    ),
+    # Delegation is tool use: the same grants, pins and checks as any other tool.
+    tools=("agent.assistant@1", "agent.researcher@1"),
+)
+
+CATALOG: dict[str, AgentSpec] = {spec.name: spec for spec in (ASSISTANT, RESEARCHER, SUPERVISOR)}

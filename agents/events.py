@@ -48,3 +48,20 @@ class EventRecorder:
         )
         await self._sink(event)
         return event
+
+    async def relay(self, event: step_event_pb2.StepEvent) -> step_event_pb2.StepEvent:
+        """Carry a sub-task's event in this task's stream.
+
+        It is renumbered into this stream (so the stream stays gap-free and
+        resumable) and keeps its agent, depth, step and time; where it came
+        from moves to `source_task_id`/`source_sequence`, set once at the
+        first hop so deeper events keep their true origin.
+        """
+        self._sequence += 1
+        relayed = step_event_pb2.StepEvent()
+        relayed.CopyFrom(event)
+        if not relayed.source_task_id:
+            relayed.source_task_id, relayed.source_sequence = event.task_id, event.sequence
+        relayed.task_id, relayed.sequence = self._task_id, self._sequence
+        await self._sink(relayed)
+        return relayed

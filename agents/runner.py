@@ -15,9 +15,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
@@ -31,6 +31,8 @@ from tenacity import (
 
 from agentplex.agents import metrics
 from agentplex.agents.catalog import AgentSpec
+from agentplex.agents.context import Context, ContextManager, ContextMemory, ContextPolicy
+from agentplex.agents.delegation import Delegated, delegate
 from agentplex.agents.events import EventRecorder, EventSink
 from agentplex.agents.llm.base import (
     ChatMessage,
@@ -46,10 +48,13 @@ from agentplex.agents.llm.base import (
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
-from agentplex.runtime.tokens import estimate_message_tokens, estimate_tokens
+from agentplex.runtime.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    estimate_message_tokens,
+    estimate_tokens,
+)
 from agentplex.v1 import (
     memory_pb2,
-    memory_service_pb2,
     step_event_pb2,
     task_pb2,
     tool_pb2,
@@ -76,12 +81,12 @@ class ToolGateway(Protocol):
         self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
     ) -> tool_registry_service_pb2.InvokeToolResponse: ...
 
+    def invoke_stream(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[tool_registry_service_pb2.InvokeToolStreamResponse]: ...
 
-class MemoryGateway(Protocol):
-    async def load(
-        self, agent: str, session_id: str, max_tokens: int, *, timeout: float
-    ) -> memory_service_pb2.LoadContextResponse: ...
 
+class MemoryGateway(ContextMemory, Protocol):
     async def append(
         self,
         agent: str,
@@ -117,6 +122,8 @@ class _Cancelled(Exception):
     pass
 
 
+T = TypeVar("T")
+
 CancelCheck = Callable[[], Awaitable[bool]]
 """Returns True when the task should stop at this step boundary."""
 
@@ -144,6 +151,12 @@ class _ToolList:
         self.tools = list(response.tools)
         self.revision = self.seen = int(response.revision)
 
+    def delegates(self, name: str) -> bool:
+        """Whether invoking `name` runs a task on another agent."""
+        return any(
+            t.name == name and t.backend_kind == tool_pb2.BACKEND_KIND_AGENT for t in self.tools
+        )
+
     def saw(self, revision: int | None) -> None:
         if revision is None or self.seen is None:
             self.seen = None
@@ -157,6 +170,9 @@ class _Progress:
     tokens: int = 0
     tool_calls: int = 0
     output: str = ""
+    # The provider's token count of `output`, framing included; 0 when it reported none.
+    output_tokens: int = 0
+    budget_warned: bool = False
 
 
 class AgentRunner:
@@ -169,12 +185,16 @@ class AgentRunner:
         memory: MemoryGateway,
         context_tokens: int,
         retry: RetryPolicy | None = None,
+        context: ContextManager | None = None,
     ) -> None:
         self.spec = spec
         self._llm = llm
         self._tools = tools
         self._memory = memory
-        self._context_tokens = context_tokens
+        # Bounded packets, old turns summarized by this agent's own model (agents/context.py).
+        self._context = context or ContextManager(
+            memory=memory, llm=llm, policy=ContextPolicy(max_tokens=context_tokens)
+        )
         self._retry = retry or RetryPolicy()
 
     async def run(
@@ -185,6 +205,7 @@ class AgentRunner:
         *,
         cancel_requested: CancelCheck | None = None,
         last_sequence: int = 0,
+        interrupt: asyncio.Event | None = None,
     ) -> TaskOutcome:
         """Run one task to its end, streaming events into `sink`.
 
@@ -192,10 +213,16 @@ class AgentRunner:
         task that did not finish. `cancel_requested` is asked at every step
         boundary; when it says yes the task ends CANCELLED there, with nothing
         half-written. `last_sequence` continues the event numbering of an
-        earlier attempt of the same task.
+        earlier attempt of the same task. `interrupt`, once set, ends the task
+        CANCELLED at once, mid-step: in-flight model and tool calls (and the
+        sub-tasks of delegations) are cancelled.
         """
         events = EventRecorder(
-            task_id=task.task_id, agent=self.spec.name, sink=sink, last_sequence=last_sequence
+            task_id=task.task_id,
+            agent=self.spec.name,
+            sink=sink,
+            depth=task.depth,
+            last_sequence=last_sequence,
         )
         progress = _Progress()
         started = time.monotonic()
@@ -225,7 +252,9 @@ class AgentRunner:
                 try:
                     try:
                         error = (
-                            await self._loop(task, deadline, events, progress, cancel_requested)
+                            await self._loop(
+                                task, deadline, events, progress, cancel_requested, interrupt
+                            )
                             or ""
                         )
                     except _BudgetExceeded:
@@ -290,20 +319,24 @@ class AgentRunner:
         events: EventRecorder,
         progress: _Progress,
         cancel_requested: CancelCheck | None,
+        interrupt: asyncio.Event | None = None,
     ) -> str | None:
-        context = await self._memory.load(
+        context = await self._context.load(
             self.spec.name,
             task.session_id,
-            self._context_tokens,
-            timeout=deadline.timeout(MEMORY_CALL_SECONDS),
+            deadline,
+            # Summaries are paid from the task's budget, but never most of it.
+            spend_limit=task.token_budget // 4,
         )
-        messages: list[ChatMessage] = [ChatMessage("system", self.spec.instructions)]
-        messages.extend(_from_memory(m) for m in context.messages)
+        await self._account_summaries(context, events, progress)
+        messages = context.chat_messages(self.spec.instructions)
         messages.append(ChatMessage("user", task.prompt))
 
         tool_list = _ToolList()
         for step in range(1, task.max_steps + 1):
-            if cancel_requested is not None and await cancel_requested():
+            if (interrupt is not None and interrupt.is_set()) or (
+                cancel_requested is not None and await cancel_requested()
+            ):
                 raise _Cancelled
             progress.steps = step
             if tool_list.stale():
@@ -321,12 +354,17 @@ class AgentRunner:
             # Do not start a call whose prompt alone cannot fit in the budget.
             if _estimate_prompt(messages, tool_specs) >= remaining:
                 raise _BudgetExceeded
-            completion = await self._complete(
-                messages, tool_specs, remaining, step, deadline, events
+            completion = await _interruptible(
+                self._complete(messages, tool_specs, remaining, step, deadline, events), interrupt
             )
             progress.tokens += completion.usage.total_tokens
             if completion.content:
                 progress.output = completion.content
+                progress.output_tokens = (
+                    0
+                    if completion.usage.estimated or completion.tool_calls
+                    else completion.usage.completion_tokens + MESSAGE_OVERHEAD_TOKENS
+                )
             await events.emit(
                 step,
                 llm_call_finished=step_event_pb2.LlmCallFinished(
@@ -340,21 +378,57 @@ class AgentRunner:
             )
             if progress.tokens > task.token_budget:
                 raise _BudgetExceeded
+            await _warn_if_low(task, progress, events, step)
             if not completion.tool_calls:
                 return None
             messages.append(ChatMessage("assistant", completion.content, completion.tool_calls))
-            results = await asyncio.gather(
-                *(
-                    self._invoke(task, step, index, call, tool_list, deadline, events)
-                    for index, call in enumerate(completion.tool_calls)
-                )
+            # Sub-agents spend from this task's budget: each delegation of the
+            # step gets an equal share of what is left (see agents/delegation.py).
+            delegations = sum(tool_list.delegates(call.name) for call in completion.tool_calls)
+            share = (task.token_budget - progress.tokens) // max(delegations, 1)
+            results = await _interruptible(
+                asyncio.gather(
+                    *(
+                        self._invoke(task, step, index, call, tool_list, deadline, events, share)
+                        for index, call in enumerate(completion.tool_calls)
+                    )
+                ),
+                interrupt,
             )
             progress.tool_calls += len(completion.tool_calls)
+            progress.tokens += sum(result.tokens for result in results)
             messages.extend(
-                ChatMessage("tool", content, tool_call_id=call.id)
-                for call, content in zip(completion.tool_calls, results, strict=True)
+                ChatMessage("tool", result.content, tool_call_id=call.id)
+                for call, result in zip(completion.tool_calls, results, strict=True)
             )
+            # Until the model answers from them, the sub-agents' answers are the
+            # best partial output this task has.
+            progress.output = progress.output or " ".join(r.output for r in results if r.output)
+            if progress.tokens > task.token_budget or any(r.budget_exhausted for r in results):
+                raise _BudgetExceeded  # the tree is out of tokens: stop here
+            await _warn_if_low(task, progress, events, step)
         return MAX_STEPS_REACHED
+
+    async def _account_summaries(
+        self, context: Context, events: EventRecorder, progress: _Progress
+    ) -> None:
+        """Summaries written for this packet cost tokens like any call: report and count them."""
+        for call in context.summary_calls:
+            progress.tokens += call.usage.total_tokens
+            metrics.llm_tokens.labels(self.spec.name, "prompt").inc(call.usage.prompt_tokens)
+            metrics.llm_tokens.labels(self.spec.name, "completion").inc(
+                call.usage.completion_tokens
+            )
+            await events.emit(
+                0,
+                llm_call_finished=step_event_pb2.LlmCallFinished(
+                    model=call.model,
+                    prompt_tokens=call.usage.prompt_tokens,
+                    completion_tokens=call.usage.completion_tokens,
+                    finish_reason=call.finish_reason,
+                    usage_estimated=call.usage.estimated,
+                ),
+            )
 
     async def _complete(
         self,
@@ -450,9 +524,11 @@ class AgentRunner:
         tool_list: _ToolList,
         deadline: Deadline,
         events: EventRecorder,
-    ) -> str:
+        token_share: int = 0,
+    ) -> _ToolOutcome:
         """Run one tool call; always returns the text the model will see."""
         versions = {tool.name: tool.version for tool in tool_list.tools}
+        delegated: Delegated | None = None
         # Derived, not random: a retried step reuses the key, so the registry
         # replays a side effect instead of repeating it.
         key = f"{task.task_id}:{step}:{index}"
@@ -471,19 +547,36 @@ class AgentRunner:
         with tracer.start_as_current_span("agent.tool_call") as span:
             span.set_attributes({"tool.name": call.name, "tool.call_id": call.id})
             try:
-                response = await self._tools.invoke(
-                    tool_registry_service_pb2.InvokeToolRequest(
-                        tool_name=call.name,
-                        # The exact version whose schema the model was shown.
-                        version=versions.get(call.name, ""),
-                        arguments_json=call.arguments_json,
-                        idempotency_key=key,
-                        caller=tool_registry_service_pb2.Caller(
-                            agent=self.spec.name, session_id=task.session_id, task_id=task.task_id
-                        ),
+                request = tool_registry_service_pb2.InvokeToolRequest(
+                    tool_name=call.name,
+                    # The exact version whose schema the model was shown.
+                    version=versions.get(call.name, ""),
+                    arguments_json=call.arguments_json,
+                    idempotency_key=key,
+                    caller=tool_registry_service_pb2.Caller(
+                        agent=self.spec.name,
+                        session_id=task.session_id,
+                        task_id=task.task_id,
+                        lineage=task.lineage,
                     ),
-                    timeout=deadline.timeout(TOOL_CALL_SECONDS),
                 )
+                if tool_list.delegates(call.name):
+                    # A sub-task: bounded by this task's deadline and budget share,
+                    # not the tool limit; its events join this task's stream.
+                    request.token_budget = max(token_share, 1)
+                    delegated = await delegate(
+                        self._tools,
+                        request,
+                        timeout=deadline.timeout(),
+                        events=events,
+                        step=step,
+                        call_id=call.id,
+                    )
+                    response = delegated.response
+                else:
+                    response = await self._tools.invoke(
+                        request, timeout=deadline.timeout(TOOL_CALL_SECONDS)
+                    )
                 tool_list.saw(response.registry_revision)
                 if response.HasField("error"):
                     outcome.error.CopyFrom(response.error)
@@ -501,11 +594,14 @@ class AgentRunner:
         metrics.tool_calls.labels(self.spec.name, call.name, label).inc()
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         await events.emit(step, tool_result=outcome)
+        content = outcome.result_json
         if outcome.HasField("error"):
-            return json.dumps(
+            content = json.dumps(
                 {"error": {"code": outcome.error.code, "message": outcome.error.message}}
             )
-        return outcome.result_json
+        if delegated is None:
+            return _ToolOutcome(content)
+        return _ToolOutcome(content, delegated.tokens, delegated.budget_exhausted, delegated.output)
 
     async def _save(self, task: TaskRequest, progress: _Progress, deadline: Deadline) -> None:
         """Save the finished turn: prompt and answer, in one atomic append."""
@@ -517,27 +613,62 @@ class AgentRunner:
                     role=memory_pb2.ROLE_USER, content=task.prompt, task_id=task.task_id
                 ),
                 memory_pb2.MemoryMessage(
-                    role=memory_pb2.ROLE_ASSISTANT, content=progress.output, task_id=task.task_id
+                    role=memory_pb2.ROLE_ASSISTANT,
+                    content=progress.output,
+                    task_id=task.task_id,
+                    # Memory estimates when this is 0.
+                    token_count=progress.output_tokens,
                 ),
             ],
             timeout=deadline.timeout(MEMORY_CALL_SECONDS),
         )
 
 
-_ROLES = {
-    memory_pb2.ROLE_SYSTEM: "system",
-    memory_pb2.ROLE_USER: "user",
-    memory_pb2.ROLE_ASSISTANT: "assistant",
-    memory_pb2.ROLE_TOOL: "tool",
-}
+@dataclass(frozen=True)
+class _ToolOutcome:
+    """What one tool call gave the model, and what a delegation cost."""
+
+    content: str
+    tokens: int = 0  # spent by a sub-task (and its sub-tasks); charged to this task
+    budget_exhausted: bool = False
+    output: str = ""  # a sub-task's (partial) answer
 
 
-def _from_memory(message: memory_pb2.MemoryMessage) -> ChatMessage:
-    return ChatMessage(
-        _ROLES.get(message.role, "user"),
-        message.content,  # type: ignore[arg-type]
-        tool_call_id=message.tool_call_id,
+# A budget warning is emitted once, when this share of the budget is spent.
+BUDGET_WARNING_RATIO = 0.8
+
+
+async def _warn_if_low(
+    task: TaskRequest, progress: _Progress, events: EventRecorder, step: int
+) -> None:
+    if progress.budget_warned or progress.tokens < task.token_budget * BUDGET_WARNING_RATIO:
+        return
+    progress.budget_warned = True
+    await events.emit(
+        step,
+        budget_warning=step_event_pb2.BudgetWarning(
+            tokens_used=progress.tokens, token_budget=task.token_budget
+        ),
     )
+
+
+async def _interruptible(work: Awaitable[T], interrupt: asyncio.Event | None) -> T:
+    """Await `work`, unless `interrupt` is set first: then cancel it and end the task
+    CANCELLED (cancelling a delegation's call cancels its sub-task)."""
+    if interrupt is None:
+        return await work
+    running = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not running.done():
+            running.cancel()
+            await asyncio.wait({running})  # let it unwind; its errors are moot now
+    if interrupt.is_set() and (running.cancelled() or running.exception() is not None):
+        raise _Cancelled
+    return running.result()
 
 
 def _estimate_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> int:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from agentplex.agents import lineage
 from agentplex.agents.runner import AgentRunner, TaskOutcome
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.clients import Deadline
@@ -38,6 +39,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agent_service_pb2.RunTaskRequest, context: grpc.aio.ServicerContext
     ) -> agent_service_pb2.RunTaskResponse:
         task = TaskRequest.from_proto(request)
+        lineage.check_accepts(self._card.name, request.lineage)
         deadline = Deadline.from_context(context, self._default_timeout)
         outcome = await self._runner.run(task, deadline, _discard)
         if outcome.failure is not None:
@@ -48,6 +50,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agent_service_pb2.StreamStepsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_service_pb2.StreamStepsResponse]:
         task = TaskRequest.from_proto(request)
+        lineage.check_accepts(self._card.name, request.lineage)
         deadline = Deadline.from_context(context, self._default_timeout)
         events: asyncio.Queue[step_event_pb2.StepEvent | None] = asyncio.Queue()
         running: asyncio.Task[TaskOutcome] = asyncio.create_task(

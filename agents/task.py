@@ -12,11 +12,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agentplex.agents import catalog
+from agentplex.agents import catalog, lineage
 from agentplex.runtime.errors import InvalidArgument
-from agentplex.v1 import agent_service_pb2
+from agentplex.v1 import agent_service_pb2, task_pb2
 
-TaskMessage = agent_service_pb2.RunTaskRequest | agent_service_pb2.StreamStepsRequest
+TaskMessage = (
+    agent_service_pb2.RunTaskRequest | agent_service_pb2.StreamStepsRequest | task_pb2.TaskSpec
+)
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 
@@ -32,6 +34,23 @@ class TaskRequest(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
     max_steps: int = Field(ge=1, le=catalog.MAX_STEPS_LIMIT)
     token_budget: int = Field(ge=catalog.MIN_TOKEN_BUDGET, le=catalog.MAX_TOKEN_BUDGET)
+    # Place in a delegation tree (all empty for a root task), kept as plain
+    # fields so the model stays frozen and hashable; `lineage` rebuilds the proto.
+    parent_task_id: str = ""
+    root_task_id: str = ""
+    depth: int = Field(default=0, ge=0)
+    chain: tuple[str, ...] = ()
+    # Wall-clock (Unix seconds) deadline a durable task carries; None: the caller's.
+    deadline_unix: float | None = None
+
+    @property
+    def lineage(self) -> task_pb2.TaskLineage:
+        return task_pb2.TaskLineage(
+            parent_task_id=self.parent_task_id,
+            root_task_id=self.root_task_id,
+            depth=self.depth,
+            agents=list(self.chain),
+        )
 
     @field_validator("prompt")
     @classmethod
@@ -53,6 +72,12 @@ class TaskRequest(BaseModel):
 
     @classmethod
     def from_proto(cls, request: TaskMessage) -> TaskRequest:
+        lineage.check_shape(request.lineage)
+        deadline = (
+            request.deadline.ToMicroseconds() / 1e6
+            if isinstance(request, task_pb2.TaskSpec) and request.HasField("deadline")
+            else None
+        )
         try:
             return cls(
                 task_id=request.task_id or f"t-{uuid.uuid4().hex}",
@@ -69,6 +94,11 @@ class TaskRequest(BaseModel):
                     if request.HasField("token_budget")
                     else catalog.DEFAULT_TOKEN_BUDGET
                 ),
+                parent_task_id=request.lineage.parent_task_id,
+                root_task_id=request.lineage.root_task_id,
+                depth=request.lineage.depth,
+                chain=tuple(request.lineage.agents),
+                deadline_unix=deadline,
             )
         except ValidationError as exc:
             raise InvalidArgument(_describe(exc)) from None

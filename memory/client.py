@@ -41,5 +41,31 @@ class MemoryClient:
         response = await call_with_deadline(self._stub.AppendMessages, request, timeout=timeout)
         return int(response.message_count)
 
+    async def read(
+        self, agent: str, session_id: str, start_position: int, max_messages: int, *, timeout: float
+    ) -> pb.ReadMessagesResponse:
+        request = pb.ReadMessagesRequest(
+            scope=memory_pb2.SessionScope(agent=agent, session_id=session_id),
+            start_position=start_position,
+            max_messages=max_messages,
+        )
+        return await call_with_deadline(self._stub.ReadMessages, request, timeout=timeout)
+
+    async def store_summary(
+        self,
+        agent: str,
+        session_id: str,
+        summary: memory_pb2.ContextSummary,
+        expected_through_position: int,
+        *,
+        timeout: float,
+    ) -> pb.StoreSummaryResponse:
+        request = pb.StoreSummaryRequest(
+            scope=memory_pb2.SessionScope(agent=agent, session_id=session_id),
+            summary=summary,
+            expected_through_position=expected_through_position,
+        )
+        return await call_with_deadline(self._stub.StoreSummary, request, timeout=timeout)
+
     async def close(self) -> None:
         await self._channel.close()

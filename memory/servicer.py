@@ -28,9 +28,27 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             messages=packet.messages,
             token_count=packet.token_count,
             omitted_count=packet.omitted_count,
+            summary=packet.summary,
+            next_position=packet.next_position,
         )
 
     async def ClearSession(
         self, request: pb.ClearSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClearSessionResponse:
         return pb.ClearSessionResponse(existed=await self._store.clear(request.scope))
+
+    async def ReadMessages(
+        self, request: pb.ReadMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReadMessagesResponse:
+        stored = await self._store.read(request.scope, request.start_position, request.max_messages)
+        return pb.ReadMessagesResponse(messages=stored.messages, next_position=stored.next_position)
+
+    async def StoreSummary(
+        self, request: pb.StoreSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StoreSummaryResponse:
+        stored = await self._store.store_summary(
+            request.scope, request.summary, request.expected_through_position
+        )
+        return pb.StoreSummaryResponse(
+            removed_count=stored.removed_count, message_count=stored.message_count
+        )

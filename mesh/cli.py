@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--llm",
-        choices=["scripted", "openai"],
+        choices=["scripted", "openai", "local"],
         default=None,
-        help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted)",
+        help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted); "
+        "local starts SmolLM2-135M offline (needs the local extra)",
     )
 
     run = commands.add_parser("run", help="run one task on an agent, within this call")

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.agents.catalog import CATALOG
+from agentplex.mesh.local_model import LocalModelError, LocalModelServer
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.state import pid_alive, write_state
 
@@ -40,6 +41,7 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "tools": (50053, 9153),
     "assistant": (50061, 9161),
     "researcher": (50062, 9162),
+    "supervisor": (50063, 9163),
 }
 DEFAULT_REDIS_PORT = 6399
 
@@ -75,6 +77,7 @@ class MeshLauncher:
     )
     say: Callable[[str], None] = print
     _redis: EmbeddedRedis | None = None
+    _local_model: LocalModelServer | None = None
     _parts: list[Part] = field(default_factory=list)
     _run_dir: Path | None = None
 
@@ -107,6 +110,8 @@ class MeshLauncher:
         else:
             self.say(f"  {'redis':<20} {redis_url}  (REDIS_URL)")
         env = self._child_env(redis_url)
+        if (self.llm_provider or os.environ.get("AGENTPLEX_LLM_PROVIDER")) == "local":
+            env.update(await self._start_local_model())
         memory = await self._start_part("memory", "agentplex.memory", [], env)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
         registry = await self._start_part("registry", "agentplex.registry", [], env)
@@ -134,6 +139,8 @@ class MeshLauncher:
             )
         )
         state: dict[str, Any] = {"redis": redis_url}
+        if self._local_model is not None:
+            state["llm"] = self._local_model.base_url
         state.update(
             {part.name: part.address for part in self._parts if "-worker-" not in part.name}
         )
@@ -149,6 +156,18 @@ class MeshLauncher:
         state["pid"] = os.getpid()
         write_state(self.state_file, state)
         return state
+
+    async def _start_local_model(self) -> dict[str, str]:
+        """Start the offline model server; the env that points agents at it."""
+        assert self._run_dir is not None
+        log_path = self._run_dir / "logs" / "llm.log"
+        self._local_model = LocalModelServer(log_path=log_path)
+        try:
+            base_url = await self._local_model.start()
+        except LocalModelError as exc:
+            raise LaunchError(f"local model: {exc}") from None
+        self.say(f"  {'llm (local)':<20} {base_url}  (SmolLM2-135M-Instruct, log {log_path})")
+        return self._local_model.agent_env()
 
     def _refuse_second_mesh(self) -> None:
         if not self.state_file.exists():
@@ -251,6 +270,9 @@ class MeshLauncher:
                 process.kill()
                 await process.wait()
         self._parts.clear()
+        if self._local_model is not None:
+            await self._local_model.stop()
+            self._local_model = None
         if self._redis is not None:
             await self._redis.stop()
             self._redis = None

@@ -34,18 +34,25 @@ class EventPrinter:
 
     def event(self, event: step_event_pb2.StepEvent) -> None:
         kind = event.WhichOneof("kind")
-        if kind == "final_result":
+        nested = bool(event.source_task_id)  # relayed from a sub-agent
+        if kind == "final_result" and not nested:
             self.final_result = event.final_result.result
-        elif kind == "error":
+        elif kind == "error" and not nested:
             self.final_result = event.error.result
         if self._json:
             self._line(_json(event))
             return
+        # Sub-agents' events are indented by depth and name their agent, so the
+        # tree reads top-down while parallel branches interleave as they happen.
         prefix = f"[{event.sequence:>3}]"
+        if nested:
+            prefix += "  " * event.depth + f"{event.agent} |"
+            if kind == "llm_output_delta":
+                return  # parallel branches' words would interleave; the answer comes at the end
         if kind == "task_accepted":
             accepted = event.task_accepted
             self._line(
-                f"{prefix} task {event.task_id} accepted by {event.agent} "
+                f"{prefix} task {event.source_task_id or event.task_id} accepted by {event.agent} "
                 f"(session {accepted.session_id}, max {accepted.max_steps} steps, "
                 f"budget {accepted.token_budget} tokens)"
             )
@@ -76,6 +83,26 @@ class EventPrinter:
                 else f"ERROR {res.error.code}: {res.error.message}"
             )
             self._line(f"{prefix} tool result {res.tool_name} ({res.duration_ms} ms): {body}")
+        elif kind == "delegation_started":
+            started = event.delegation_started
+            self._line(
+                f"{prefix} delegated to {started.agent}: task {started.task_id} "
+                f"(depth {started.lineage.depth}, up to {started.token_budget} tokens)"
+            )
+        elif kind == "delegation_finished":
+            result = event.delegation_finished.result
+            status = task_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
+            note = f" — {result.error}" if result.error else ""
+            self._line(
+                f"{prefix} {event.delegation_finished.agent} {status}{note} "
+                f"({result.tokens_used} tokens, {result.duration_ms} ms): {result.output}"
+            )
+        elif kind == "budget_warning":
+            warning = event.budget_warning
+            self._line(
+                f"{prefix} budget warning: {warning.tokens_used} of "
+                f"{warning.token_budget} tokens used"
+            )
         elif kind == "final_result":
             self._summary(prefix, event.final_result.result)
         elif kind == "error":
@@ -133,6 +160,12 @@ def print_task(task: task_pb2.Task, *, json_lines: bool = False, out: TextIO | N
         f"task {task.task_id} on {task.agent}: {status}, attempts {task.attempts}, "
         f"last event {task.last_sequence}\n"
     )
+    if task.lineage.depth:
+        chain = " → ".join([*task.lineage.agents, task.agent])
+        out.write(
+            f"sub-task of {task.lineage.parent_task_id} (root {task.lineage.root_task_id}, "
+            f"depth {task.lineage.depth}: {chain})\n"
+        )
     if task.HasField("result"):
         result = task.result
         if result.error:

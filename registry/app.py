@@ -33,7 +33,11 @@ async def build_host(
 ) -> ServiceHost:
     """Build the registry and seed access lists; Redis must answer."""
     redis = redis_client.connect(settings.redis_url)
-    router = BackendRouter(tool_timeout_seconds=settings.tool_timeout_seconds)
+    router = BackendRouter(
+        tool_timeout_seconds=settings.tool_timeout_seconds,
+        breaker_failure_threshold=settings.breaker_failure_threshold,
+        breaker_reset_seconds=settings.breaker_reset_seconds,
+    )
     registry = ToolRegistry(
         store=RegistryStore(redis, key_prefix=settings.key_prefix),
         ledger=IdempotencyLedger(
@@ -43,6 +47,7 @@ async def build_host(
             pending_ttl_seconds=settings.tool_timeout_seconds * 2,
         ),
         router=router,
+        max_delegation_depth=settings.max_delegation_depth,
     )
     await registry.seed_access({spec.name: list(spec.tools) for spec in CATALOG.values()})
 

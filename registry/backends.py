@@ -1,11 +1,14 @@
 """`BackendRouter`: how the registry reaches the service that runs a tool.
 
-Executor tools go to a ToolExecutorService, agent tools (`agent.<name>`) to
-that agent's RunTask. Every call gets the caller's remaining deadline, capped
-by the tool timeout. UNAVAILABLE is retried only for tools declared read-only
-or idempotent (a side-effecting call that may have happened is never blindly
-repeated); when the backend stays down the model gets a structured tool error
-it can route around, not a failed task.
+Executor tools go to a ToolExecutorService. Agent tools (`agent.<name>`)
+become a durable sub-task on that agent's queue (SubmitTask), followed with
+WatchTask and relayed to a streaming caller; each downstream agent is guarded
+by a circuit breaker. Every call gets the caller's remaining deadline, capped
+by the tool timeout (a sub-task by the deadline alone). UNAVAILABLE is
+retried only for tools declared read-only or idempotent (a side-effecting
+call that may have happened is never blindly repeated); when the backend
+stays down the model gets a structured tool error it can route around, not
+a failed task.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -25,11 +30,15 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from agentplex.agents import catalog, lineage
+from agentplex.registry.breaker import CircuitBreaker
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline, call_with_deadline, open_channel
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
+    step_event_pb2,
+    task_pb2,
     tool_executor_service_pb2,
     tool_executor_service_pb2_grpc,
     tool_pb2,
@@ -37,6 +46,27 @@ from agentplex.v1 import (
 )
 
 RETRY_ATTEMPTS = 3
+# Re-attaching to a sub-task's event stream after it broke (it runs on regardless).
+WATCH_ATTEMPTS = 3
+FINAL_KINDS = ("final_result", "error")
+# Tool error codes that count against a downstream agent's breaker: it was
+# unreachable, too slow, or its task failed. Refusals, cancellations and budget
+# limits say nothing about its health.
+BREAKER_FAILURES = frozenset(
+    {
+        "UNAVAILABLE",
+        "TIMEOUT",
+        "RESOURCE_EXHAUSTED",
+        "INTERNAL",
+        "UNKNOWN",
+        "ABORTED",
+        "AGENT_FAILED",
+        "FAILED_PRECONDITION",
+    }
+)
+
+Progress = Callable[[tool_registry_service_pb2.InvokeToolStreamResponse], Awaitable[None]]
+"""Receives what a streamed invocation relays: an agent tool's sub-task, then its events."""
 # How long one backend gets to accept a connection before the next is tried.
 CONNECT_SECONDS = 1.0
 # A backend that failed to connect is tried last for this long.
@@ -44,11 +74,26 @@ SUSPECT_SECONDS = 10.0
 MAX_CHANNELS = 256
 SAFE_TO_RETRY = (tool_pb2.SIDE_EFFECT_READ_ONLY, tool_pb2.SIDE_EFFECT_IDEMPOTENT)
 
+log = logging.getLogger(__name__)
+
 
 class BackendRouter:
-    def __init__(self, *, tool_timeout_seconds: float, retry_wait_seconds: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        tool_timeout_seconds: float,
+        retry_wait_seconds: float = 0.1,
+        breaker_failure_threshold: int = 5,
+        breaker_reset_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._tool_timeout = tool_timeout_seconds
         self._retry_wait = retry_wait_seconds
+        self._breaker_threshold = breaker_failure_threshold
+        self._breaker_reset = breaker_reset_seconds
+        self._clock = clock
+        # Per-process health knowledge about downstream agents (see breaker.py).
+        self._breakers: dict[str, CircuitBreaker] = {}
         # Connections, not state: one channel per backend address, reused.
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect: dict[str, float] = {}
@@ -67,6 +112,16 @@ class BackendRouter:
             await channel.close()
         self._channels.clear()
 
+    def breaker(self, tool_name: str) -> CircuitBreaker:
+        """The breaker guarding one downstream agent (created on first use)."""
+        if tool_name not in self._breakers:
+            self._breakers[tool_name] = CircuitBreaker(
+                failure_threshold=self._breaker_threshold,
+                reset_seconds=self._breaker_reset,
+                clock=self._clock,
+            )
+        return self._breakers[tool_name]
+
     async def execute(
         self,
         tool: tool_pb2.ToolDefinition,
@@ -75,12 +130,58 @@ class BackendRouter:
         caller: tool_registry_service_pb2.Caller,
         idempotency_key: str,
         deadline: Deadline,
+        *,
+        token_budget: int = 0,
+        progress: Progress | None = None,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
         if not endpoints:
             raise errors.FailedPrecondition(
                 f"tool {tool.name} {tool.version} is registered but no backend serves it",
                 reason="NO_BACKEND",
             )
+        if tool.backend_kind != tool_pb2.BACKEND_KIND_AGENT:
+            return await self._execute(
+                tool, endpoints, arguments, caller, idempotency_key, deadline, 0, None
+            )
+        # One breaker per downstream agent: a sub-agent that keeps failing is
+        # not called again until its cool-down ends; the caller's model gets a
+        # tool error it can route around at once instead of a timeout each time.
+        breaker = self.breaker(tool.name)
+        if not breaker.allow():
+            return _failure(
+                "CIRCUIT_OPEN",
+                f"{tool.name} failed {breaker.consecutive_failures} times in a row and is "
+                f"not being called for the next {breaker.retry_after():.0f}s; do without it",
+            )
+        verdict: bool | None = None
+        try:
+            response = await self._execute(
+                tool,
+                endpoints,
+                arguments,
+                caller,
+                idempotency_key,
+                deadline,
+                token_budget,
+                progress,
+            )
+            verdict = not (response.HasField("error") and response.error.code in BREAKER_FAILURES)
+            return response
+        finally:
+            # No verdict when the caller gave up (cancelled, or its own deadline).
+            breaker.record(verdict)
+
+    async def _execute(
+        self,
+        tool: tool_pb2.ToolDefinition,
+        endpoints: list[str],
+        arguments: dict[str, Any],
+        caller: tool_registry_service_pb2.Caller,
+        idempotency_key: str,
+        deadline: Deadline,
+        token_budget: int,
+        progress: Progress | None,
+    ) -> tool_executor_service_pb2.ExecuteToolResponse:
         attempts = RETRY_ATTEMPTS if tool.side_effect in SAFE_TO_RETRY else 1
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
@@ -94,6 +195,17 @@ class BackendRouter:
             async for attempt in retrying:
                 with attempt:
                     channel = await self._connect(tool, endpoints, deadline)
+                    if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
+                        return await self._run_agent(
+                            tool,
+                            channel,
+                            arguments,
+                            caller,
+                            idempotency_key,
+                            deadline,
+                            token_budget,
+                            progress,
+                        )
                     return await self._call(
                         tool, channel, arguments, caller, idempotency_key, deadline
                     )
@@ -146,11 +258,6 @@ class BackendRouter:
         idempotency_key: str,
         deadline: Deadline,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
-        if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
-            # A delegated task is bounded by the caller's deadline, not the tool limit.
-            return await self._run_agent(
-                channel, arguments, caller, idempotency_key, deadline.timeout()
-            )
         stub = tool_executor_service_pb2_grpc.ToolExecutorServiceStub(channel)
         return await call_with_deadline(
             stub.ExecuteTool,
@@ -166,27 +273,71 @@ class BackendRouter:
 
     async def _run_agent(
         self,
+        tool: tool_pb2.ToolDefinition,
         channel: grpc.aio.Channel,
         arguments: dict[str, Any],
         caller: tool_registry_service_pb2.Caller,
         idempotency_key: str,
-        timeout: float,
+        deadline: Deadline,
+        token_budget: int,
+        progress: Progress | None,
     ) -> tool_executor_service_pb2.ExecuteToolResponse:
-        request = agent_service_pb2.RunTaskRequest(
+        """Delegate: a durable sub-task on the agent's queue, followed to its end.
+
+        Durable, so the sub-task has a record of its own (status, lineage,
+        result: `GetTask` on that agent) and its events can be watched by
+        anyone. It is bounded by the caller's deadline (carried in the spec,
+        so even a worker that picks it up late stops in time) and its share of
+        the caller's budget, and it does not outlive the call: when the caller
+        goes away or its deadline passes, the sub-task is cancelled.
+        """
+        agent = lineage.agent_of_tool(tool.name)
+        budget = int(arguments.get("token_budget", catalog.DEFAULT_TOKEN_BUDGET))
+        if token_budget:
+            budget = min(budget, token_budget)
+        if budget < catalog.MIN_TOKEN_BUDGET:
+            return _failure(
+                "TOKEN_BUDGET_EXCEEDED",
+                f"token budget exceeded: only {budget} tokens are left for {tool.name}, "
+                f"and a sub-task needs at least {catalog.MIN_TOKEN_BUDGET}",
+            )
+        spec = task_pb2.TaskSpec(
             # Derived from the invocation's key, so a replayed delegation keeps its id.
-            task_id=f"d-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}"
-            if idempotency_key
-            else "",
+            task_id=_subtask_id(caller, idempotency_key),
             prompt=arguments["prompt"],
             session_id=arguments.get("session_id", ""),
             metadata={"delegated_by": caller.agent or "operator", "parent_task": caller.task_id},
+            token_budget=budget,
+            lineage=lineage.child_lineage(
+                caller_agent=caller.agent, caller_task_id=caller.task_id, caller=caller.lineage
+            ),
         )
-        for field in ("max_steps", "token_budget"):
-            if field in arguments:
-                setattr(request, field, arguments[field])
+        if "max_steps" in arguments:
+            spec.max_steps = arguments["max_steps"]
+        spec.deadline.FromNanoseconds(int((time.time() + deadline.timeout()) * 1e9))
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
-        response = await call_with_deadline(stub.RunTask, request, timeout=timeout)
-        result = response.result
+        submitted = await call_with_deadline(
+            stub.SubmitTask,
+            agent_service_pb2.SubmitTaskRequest(task=spec),
+            timeout=deadline.timeout(CONNECT_SECONDS * 5),
+        )
+        subtask = submitted.task
+        try:
+            if progress is not None:
+                await progress(tool_registry_service_pb2.InvokeToolStreamResponse(subtask=subtask))
+            final = await self._follow(stub, subtask.task_id, deadline, progress)
+        except BaseException:
+            # Cancelled, or out of time: the sub-task must not outlive this call.
+            await asyncio.shield(_cancel_quietly(stub, subtask.task_id))
+            raise
+        if final.WhichOneof("kind") == "error":
+            return _failure(
+                final.error.code or "AGENT_FAILED",
+                f"the {agent} agent failed: {final.error.message}",
+            )
+        result = final.final_result.result
+        if result.status == task_pb2.TASK_STATUS_CANCELLED:
+            return _failure("CANCELLED", f"the {agent} task {result.task_id} was cancelled")
         payload = {
             "task_id": result.task_id,
             "output": result.output,
@@ -195,6 +346,53 @@ class BackendRouter:
             "tokens_used": result.tokens_used,
         }
         return tool_executor_service_pb2.ExecuteToolResponse(result_json=json.dumps(payload))
+
+    async def _follow(
+        self,
+        stub: agent_service_pb2_grpc.AgentServiceStub,
+        task_id: str,
+        deadline: Deadline,
+        progress: Progress | None,
+    ) -> step_event_pb2.StepEvent:
+        """Watch a sub-task to its final event, resuming after a broken stream."""
+        after = 0
+        for attempt in range(1, WATCH_ATTEMPTS + 1):
+            call = stub.WatchTask(
+                agent_service_pb2.WatchTaskRequest(task_id=task_id, after_sequence=after),
+                timeout=deadline.timeout(),
+            )
+            try:
+                async for response in call:
+                    event = response.event
+                    after = event.sequence
+                    if progress is not None:
+                        await progress(
+                            tool_registry_service_pb2.InvokeToolStreamResponse(event=event)
+                        )
+                    if event.WhichOneof("kind") in FINAL_KINDS:
+                        return event
+            except grpc.aio.AioRpcError as err:
+                failure = errors.from_rpc_error(err)
+                if not isinstance(failure, errors.Unavailable) or attempt == WATCH_ATTEMPTS:
+                    raise failure from err
+            finally:
+                call.cancel()
+        raise errors.Unavailable(f"lost the event stream of sub-task {task_id}")
+
+
+def _subtask_id(caller: tool_registry_service_pb2.Caller, idempotency_key: str) -> str:
+    if not idempotency_key:
+        return ""
+    scope = json.dumps([caller.agent, caller.session_id, idempotency_key])
+    return f"d-{hashlib.sha256(scope.encode()).hexdigest()[:32]}"
+
+
+async def _cancel_quietly(stub: agent_service_pb2_grpc.AgentServiceStub, task_id: str) -> None:
+    try:
+        await stub.CancelTask(agent_service_pb2.CancelTaskRequest(task_id=task_id), timeout=2.0)
+    except grpc.aio.AioRpcError as err:
+        # Its own deadline (in the spec) still stops it; say so in the log.
+        log.warning("could not cancel sub-task %s: %s", task_id, err.details())
 
 
 def _failure(code: str, message: str) -> tool_executor_service_pb2.ExecuteToolResponse:

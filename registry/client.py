@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
 from agentplex.runtime.clients import call_with_deadline, open_channel
-from agentplex.runtime.errors import AgentplexError, FailedPrecondition
+from agentplex.runtime.errors import AgentplexError, FailedPrecondition, from_rpc_error
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
@@ -29,6 +30,21 @@ class RegistryClient:
         self, request: pb.InvokeToolRequest, *, timeout: float
     ) -> pb.InvokeToolResponse:
         return await call_with_deadline(self._stub.InvokeTool, request, timeout=timeout)
+
+    async def invoke_stream(
+        self, request: pb.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[pb.InvokeToolStreamResponse]:
+        """Invoke and stream progress; leaving the loop early cancels the invocation."""
+        call = self._stub.InvokeToolStream(
+            pb.InvokeToolStreamRequest(invocation=request), timeout=timeout
+        )
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
 
     async def register(self, tool: tool_pb2.ToolDefinition, *, timeout: float) -> bool:
         response = await call_with_deadline(

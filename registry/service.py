@@ -13,8 +13,9 @@ from collections.abc import Iterable
 
 from opentelemetry import trace
 
+from agentplex.agents import lineage
 from agentplex.registry import compat, schemas
-from agentplex.registry.backends import BackendRouter
+from agentplex.registry.backends import BackendRouter, Progress
 from agentplex.registry.ledger import IdempotencyLedger, fingerprint
 from agentplex.registry.store import Grant, RegistryStore
 from agentplex.runtime.clients import Deadline
@@ -106,11 +107,17 @@ def resolve(
 
 class ToolRegistry:
     def __init__(
-        self, *, store: RegistryStore, ledger: IdempotencyLedger, router: BackendRouter
+        self,
+        *,
+        store: RegistryStore,
+        ledger: IdempotencyLedger,
+        router: BackendRouter,
+        max_delegation_depth: int = 3,
     ) -> None:
         self._store = store
         self._ledger = ledger
         self._router = router
+        self._max_depth = max_delegation_depth
 
     # --- contracts -------------------------------------------------------------------
 
@@ -267,8 +274,14 @@ class ToolRegistry:
     # --- invocation ------------------------------------------------------------------
 
     async def invoke(
-        self, request: pb.InvokeToolRequest, deadline: Deadline
+        self,
+        request: pb.InvokeToolRequest,
+        deadline: Deadline,
+        *,
+        progress: Progress | None = None,
     ) -> pb.InvokeToolResponse:
+        """Check, validate and run one invocation; `progress` receives what a
+        streamed invocation relays (an agent tool's sub-task and its events)."""
         with tracer.start_as_current_span("registry.invoke") as span:
             span.set_attribute("tool.name", request.tool_name)
             version = request.version
@@ -304,6 +317,14 @@ class ToolRegistry:
                     f"arguments for {tool.name} {tool.version} do not match its input schema: "
                     f"{violation}"
                 )
+            if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
+                # Before the ledger: a refused delegation leaves nothing behind.
+                lineage.check_delegation(
+                    caller_agent=caller.agent,
+                    caller=caller.lineage,
+                    target=lineage.agent_of_tool(tool.name),
+                    max_depth=self._max_depth,
+                )
             if (
                 tool.side_effect
                 in (tool_pb2.SIDE_EFFECT_SIDE_EFFECTING, tool_pb2.SIDE_EFFECT_UNSPECIFIED)
@@ -315,7 +336,12 @@ class ToolRegistry:
                     reason="IDEMPOTENCY_KEY_REQUIRED",
                 )
             if not request.idempotency_key:
-                return _at(revision, await self._run(tool, arguments, caller, "", deadline))
+                return _at(
+                    revision,
+                    await self._run(
+                        tool, arguments, caller, "", deadline, request.token_budget, progress
+                    ),
+                )
             # The tool, not its version: a retry after a compatible release is a replay.
             fp = fingerprint(tool.name, arguments)
             claim = await self._ledger.claim(caller, request.idempotency_key, fp, deadline)
@@ -325,7 +351,13 @@ class ToolRegistry:
             repeatable = tool.side_effect in SAFE_TO_REPEAT
             try:
                 response = await self._run(
-                    tool, arguments, caller, request.idempotency_key, deadline
+                    tool,
+                    arguments,
+                    caller,
+                    request.idempotency_key,
+                    deadline,
+                    request.token_budget,
+                    progress,
                 )
             except BaseException:
                 if repeatable:
@@ -347,6 +379,8 @@ class ToolRegistry:
         caller: pb.Caller,
         key: str,
         deadline: Deadline,
+        token_budget: int = 0,
+        progress: Progress | None = None,
     ) -> pb.InvokeToolResponse:
         response = pb.InvokeToolResponse(tool_name=tool.name, tool_version=tool.version)
         if tool.state == DEPRECATED:
@@ -354,7 +388,16 @@ class ToolRegistry:
                 f"{tool.name} {tool.version} is deprecated; move to {tool.replacement}"
             )
         endpoints = await self._store.endpoints(tool.name, tool.version)
-        executed = await self._router.execute(tool, endpoints, arguments, caller, key, deadline)
+        executed = await self._router.execute(
+            tool,
+            endpoints,
+            arguments,
+            caller,
+            key,
+            deadline,
+            token_budget=token_budget,
+            progress=progress,
+        )
         if executed.HasField("error"):
             response.error.CopyFrom(executed.error)
             return response

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 import grpc
 
 from agentplex.registry.service import ToolRegistry
@@ -51,6 +55,31 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
             raise InvalidArgument("tool_name is required")
         deadline = Deadline.from_context(context, self._default_timeout)
         return await self._registry.invoke(request, deadline)
+
+    async def InvokeToolStream(
+        self, request: pb.InvokeToolStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InvokeToolStreamResponse]:
+        invocation = request.invocation
+        if not invocation.tool_name:
+            raise InvalidArgument("invocation.tool_name is required")
+        deadline = Deadline.from_context(context, self._default_timeout)
+        items: asyncio.Queue[pb.InvokeToolStreamResponse | None] = asyncio.Queue()
+        running = asyncio.create_task(
+            self._registry.invoke(invocation, deadline, progress=items.put),
+            name=f"invoke-{invocation.tool_name}",
+        )
+        running.add_done_callback(lambda _: items.put_nowait(None))
+        try:
+            while (item := await items.get()) is not None:
+                yield item
+            response = running.result()
+        finally:
+            # The caller hung up: stop the invocation, which cancels its sub-task.
+            if not running.done():
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        yield pb.InvokeToolStreamResponse(response=response)
 
     async def SetToolState(
         self, request: pb.SetToolStateRequest, context: grpc.aio.ServicerContext

@@ -72,6 +72,12 @@ class OutOfRange(AgentplexError):
     reason = "OUT_OF_RANGE"
 
 
+class Aborted(AgentplexError):
+    """A read-modify-write lost a race (optimistic concurrency): read again, then retry."""
+
+    reason = "ABORTED"
+
+
 class DeadlineExceeded(AgentplexError):
     """The caller's deadline passed before the work could finish."""
 
@@ -88,6 +94,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (Aborted, grpc.StatusCode.ABORTED),
     # A Redis that cannot be reached is a dependency outage, not a bug.
     (redis.exceptions.ConnectionError, grpc.StatusCode.UNAVAILABLE),
     (redis.exceptions.TimeoutError, grpc.StatusCode.UNAVAILABLE),
@@ -102,6 +109,7 @@ _EXCEPTION_FOR_CODE: dict[grpc.StatusCode, type[AgentplexError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.ABORTED: Aborted,
 }
 
 

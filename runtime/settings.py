@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     tool_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long the registry remembers an idempotency key's outcome.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    # Delegation: deepest sub-task allowed (a root task is depth 0).
+    max_delegation_depth: int = Field(default=3, ge=0)
+    # Circuit breaker per downstream agent: consecutive failures that open it,
+    # and how long it stays open before one probe call is let through.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_seconds: float = Field(default=30.0, gt=0)
 
     # Agents
     llm_provider: Literal["scripted", "openai"] = "scripted"
@@ -56,6 +62,11 @@ class Settings(BaseSettings):
     scripted_delay_seconds: float = Field(default=0.0, ge=0)
     # Token limit of the memory packet loaded into each task's prompt.
     context_tokens: int = Field(default=2048, ge=64)
+    # Stored turns a session keeps verbatim; past this (or past context_tokens) the
+    # oldest are summarized by the agent's own model into Memory (agents/context.py).
+    context_max_messages: int = Field(default=40, ge=2)
+    # Upper bound of one summary, in tokens; at most half of context_tokens is used.
+    context_summary_tokens: int = Field(default=256, ge=16)
     # Deadline applied to a task whose caller set none (every RPC has one).
     default_task_timeout_seconds: float = Field(default=300.0, gt=0)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+from opentelemetry import propagate
+
+from agentplex.agents import lineage
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from agentplex.tasks.store import PENDING, RUNNING, TERMINAL, StaleAttempt, TaskStore, fingerprint
@@ -26,6 +29,7 @@ class TaskService:
     async def submit(self, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:
         fp = fingerprint(spec)  # of the request as sent, before defaults
         request = TaskRequest.from_proto(spec)  # validates; fills defaults
+        lineage.check_accepts(self._store.agent, spec.lineage)
         normalized = task_pb2.TaskSpec(
             prompt=request.prompt,
             session_id=request.session_id,
@@ -33,7 +37,13 @@ class TaskService:
             max_steps=request.max_steps,
             token_budget=request.token_budget,
             task_id=spec.task_id or f"t-{uuid.uuid4().hex}",
+            lineage=spec.lineage,
+            trace_context=dict(spec.trace_context),
         )
+        if spec.HasField("deadline"):
+            normalized.deadline.CopyFrom(spec.deadline)
+        # The queue breaks the gRPC call chain; the trace continues through the record.
+        propagate.inject(normalized.trace_context)
         created = await self._store.submit(normalized, fp)
         return await self._store.get(normalized.task_id), created
 

@@ -258,7 +258,10 @@ class TaskStore:
             last_sequence=int(fields.get(b"seq", 0)),
             cancel_requested=fields.get(b"cancel") == b"1",
             session_id=spec.session_id,
+            lineage=spec.lineage,
         )
+        if spec.HasField("deadline"):
+            task.deadline.CopyFrom(spec.deadline)
         if b"result" in fields:
             task.result.ParseFromString(fields[b"result"])
         for name, key in (

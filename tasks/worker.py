@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
@@ -64,6 +67,8 @@ class Worker:
     grace_seconds: float = 10.0
     task_timeout_seconds: float = 300.0
     block_seconds: float = 0.5
+    # How often a running task's cancel flag is read (one HGET per task).
+    cancel_poll_seconds: float = 0.2
     # Running jobs: task id, queue entry and (once started) attempt number.
     _running: dict[asyncio.Task[None], _Job] = field(default_factory=dict)
     # Where the last XAUTOCLAIM scan stopped: each call scans only a few pending
@@ -207,16 +212,30 @@ class Worker:
             return await self.store.cancel_flag(task_id)
 
         task = TaskRequest.from_proto(started.spec)
-        running = asyncio.create_task(
-            self.runner.run(
-                task,
-                Deadline.after(self.task_timeout_seconds),
-                sink,
-                cancel_requested=cancel_requested,
-                last_sequence=started.last_sequence,
+        timeout = self.task_timeout_seconds
+        if task.deadline_unix is not None:
+            # The submitter's deadline (a parent task's, for a sub-task) wins; one
+            # already past leaves no time, so the run ends before its first step.
+            timeout = min(timeout, task.deadline_unix - time.time())
+        interrupt = asyncio.Event()
+        # Continue the submitter's trace across the queue (create_task copies
+        # the context, so the runner's spans are children of the submitter's).
+        token = otel_context.attach(propagate.extract(dict(started.spec.trace_context)))
+        try:
+            running = asyncio.create_task(
+                self.runner.run(
+                    task,
+                    Deadline.after(timeout),
+                    sink,
+                    cancel_requested=cancel_requested,
+                    last_sequence=started.last_sequence,
+                    interrupt=interrupt,
+                )
             )
-        )
+        finally:
+            otel_context.detach(token)
         beat = asyncio.create_task(self._heartbeat(task_id, started.attempt, running))
+        watch = asyncio.create_task(self._watch_cancel(task_id, interrupt))
         try:
             outcome = await running
         except asyncio.CancelledError:
@@ -231,8 +250,9 @@ class Worker:
             raise
         finally:
             beat.cancel()
+            watch.cancel()
             # Don't let a heartbeat stuck in a Redis call hold the task hostage.
-            await asyncio.wait([beat], timeout=1.0)
+            await asyncio.wait([beat, watch], timeout=1.0)
         # Everything before the final event is written first: finish() checks that
         # the final event continues the numbering.
         await writer.close()
@@ -267,6 +287,18 @@ class Worker:
         except StaleAttempt:
             running.cancel()
             raise
+
+    async def _watch_cancel(self, task_id: str, interrupt: asyncio.Event) -> None:
+        """Interrupt the run as soon as a cancel is requested, not only at the next
+        step boundary: a step waiting on sub-agents stops at once, which cancels
+        them (and, through their own workers, their sub-agents)."""
+        while not interrupt.is_set():
+            await asyncio.sleep(self.cancel_poll_seconds)
+            try:
+                if await self.store.cancel_flag(task_id):
+                    interrupt.set()
+            except (OSError, RedisError) as exc:
+                log.warning("cannot read the cancel flag (%s)", exc, extra={"task_id": task_id})
 
     async def _dead_letter(self, task_id: str) -> None:
         message = (

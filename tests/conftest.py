@@ -335,3 +335,46 @@ def worker_processes(
         yield workers
     finally:
         workers.stop_all()
+
+
+@pytest.fixture
+async def start_worker(mesh: Mesh) -> AsyncIterator[Callable[..., Awaitable[object]]]:
+    """`await start_worker("assistant", llm=…)`: a task worker for that agent's queue,
+    in this event loop, pointed at the test's mesh; drained and stopped afterwards.
+    Delegation (agent.<name> tools) runs sub-tasks on these queues."""
+    from agentplex.agents.catalog import CATALOG
+    from agentplex.tasks.app import build_worker
+
+    running: list[tuple[asyncio.Event, asyncio.Task[None], object]] = []
+
+    async def start(agent: str, *, llm: object = None) -> object:
+        worker, host = build_worker(
+            CATALOG[agent],
+            mesh.settings,
+            consumer=f"{agent}-test-{len(running)}",
+            metrics_port=None,
+            llm=llm,  # type: ignore[arg-type]
+        )
+        worker.cancel_poll_seconds = 0.05
+        await host.start()
+        stop = asyncio.Event()
+        running.append((stop, asyncio.create_task(worker.run(stop)), host))
+        return worker
+
+    try:
+        yield start
+    finally:
+        for stop, _, _ in running:
+            stop.set()
+        for _, task, host in reversed(running):
+            await asyncio.wait_for(task, timeout=15)
+            await host.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def workers(start_worker) -> None:  # type: ignore[no-untyped-def]
+    """One plain worker per catalog agent, so delegated sub-tasks run."""
+    from agentplex.agents.catalog import CATALOG
+
+    for agent in CATALOG:
+        await start_worker(agent)

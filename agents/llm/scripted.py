@@ -9,6 +9,11 @@ rules over the last user message:
 - "remember …" → `notes.write` with the rest of the sentence;
 - "what did I ask you to remember" / "my notes" / "recall" → `notes.read`;
 - any other question → `docs.search` with the question;
+- for an agent that may only delegate (`agent.<name>` tools): arithmetic and
+  notes clauses → `agent.assistant`, questions → `agent.researcher`, both in
+  the same turn so they run in parallel;
+- "summarize …" with no tools offered (what agents/context.py sends) → an
+  extractive summary: the first sentence of each line, within `max_tokens`;
 
 and once the tool results are in, it answers from them. Rules only fire for
 tools the agent was given; with no matching tool it says so. Output is
@@ -43,6 +48,7 @@ _RECALL = re.compile(
     r"what did i (?:ask|tell) you to remember|\bmy notes\b|\brecall\b|\bwhat do you remember\b",
     re.IGNORECASE,
 )
+_SUMMARIZE = re.compile(r"\bsummar(?:ize|ise|y)\b", re.IGNORECASE)
 _QUESTION = re.compile(
     r"\?\s*$|^\s*(what|how|why|where|which|who|when|does|do|is|are|can|should|explain|describe)\b",
     re.IGNORECASE,
@@ -71,7 +77,10 @@ class ScriptedLLM:
         if self._delay:
             await asyncio.sleep(self._delay)
         pending_results = _results_since_last_user(request.messages)
-        if pending_results is None:
+        last_user = _last_user_text(request.messages)
+        if not request.tools and pending_results is None and _SUMMARIZE.search(last_user):
+            answer = extractive_summary(last_user, request.max_tokens)
+        elif pending_results is None:
             calls = plan_tool_calls(_last_user_text(request.messages), request.tools)
             if calls:
                 completion_tokens = sum(estimate_tokens(c.arguments_json) for c in calls)
@@ -114,10 +123,65 @@ def plan_tool_calls(prompt: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:
         calls.extend(("calculator", {"expression": e}) for e in seen)
     if not calls and _QUESTION.search(prompt) and "docs.search" in available:
         calls.append(("docs.search", {"query": prompt.strip()}))
+    if not calls:
+        calls.extend(plan_delegations(prompt, available))
     return [
         ToolCall(id=f"call_{index}", name=name, arguments_json=json.dumps(arguments))
         for index, (name, arguments) in enumerate(calls, start=1)
     ]
+
+
+def extractive_summary(text: str, max_tokens: int | None) -> str:
+    """A previous summary kept whole, then the first sentence of every "role: text" line;
+    past `max_tokens` (by the estimate) the oldest part goes first."""
+    sentences = []
+    previous = False
+    for line in text.splitlines():
+        role, sep, content = line.partition(": ")
+        if line.strip() == "Summary so far:":
+            previous = True
+        elif previous and line.strip():
+            sentences.append(line.strip())
+        elif sep and role in {"user", "assistant", "tool", "system"} and content.strip():
+            previous = False
+            sentence = re.split(r"(?<=[.!?])\s", content.strip(), maxsplit=1)[0]
+            sentences.append(f"{role.capitalize()}: {sentence}")
+        else:
+            previous = False
+    summary = " ".join(sentences) or "Nothing to summarize."
+    if max_tokens is not None:
+        data = summary.encode("utf-8")
+        summary = data[max(0, len(data) - max(1, max_tokens) * 4) :].decode("utf-8", "ignore")
+    return summary.strip()
+
+
+# Where a prompt splits into independent requests: after a sentence, or at an
+# "and"/"then"/"also" that starts a new question.
+_CLAUSES = re.compile(
+    r"(?<=[?.!;])\s+|,?\s+(?:and|then|also)\s+(?=(?:what|how|why|where|which|who|when|does|do|"
+    r"is|are|can|should|explain|describe|tell|remember|compute|calculate)\b)",
+    re.IGNORECASE,
+)
+
+
+def plan_delegations(prompt: str, available: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Split a prompt into sub-tasks for other agents: what the assistant's tools
+    answer (arithmetic, notes) and what the researcher's do (other questions)."""
+    for_assistant: list[str] = []
+    for_researcher: list[str] = []
+    for clause in (c.strip() for c in _CLAUSES.split(prompt)):
+        if not clause:
+            continue
+        if _EXPRESSION.search(clause) or _REMEMBER.search(clause) or _RECALL.search(clause):
+            for_assistant.append(clause)
+        elif _QUESTION.search(clause):
+            for_researcher.append(clause)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    if for_assistant and "agent.assistant" in available:
+        calls.append(("agent.assistant", {"prompt": " ".join(for_assistant)}))
+    if for_researcher and "agent.researcher" in available:
+        calls.append(("agent.researcher", {"prompt": " ".join(for_researcher)}))
+    return calls
 
 
 def _normalize(expression: str) -> str:
@@ -178,6 +242,10 @@ def _describe(call: ToolCall, payload: dict[str, Any]) -> str:
             if notes
             else ("You have not asked me to remember anything yet.")
         )
+    if call.name.startswith("agent."):
+        output = payload.get("output") or "(no answer)"
+        stopped = f" (stopped early: {payload['error']})" if payload.get("error") else ""
+        return f"{call.name.removeprefix('agent.')}: {output}{stopped}"
     if call.name == "docs.search":
         hits = payload.get("results") or []
         if not hits:

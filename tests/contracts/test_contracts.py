@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agentplex.gateway import googleapis
 from agentplex.v1 import agent_service_pb2, memory_service_pb2, tool_registry_service_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,7 @@ def run_buf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_buf_lint_is_clean() -> None:
+    googleapis.stage(REPO_ROOT / ".build" / "googleapis")
     done = run_buf("lint", cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -44,6 +46,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
             shutil.copytree(source, tmp_path / item)
         else:
             shutil.copy(source, tmp_path / item)
+    googleapis.stage(tmp_path / ".build" / "googleapis")
     (tmp_path / "gen" / "python").mkdir(parents=True)
     done = run_buf("generate", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr

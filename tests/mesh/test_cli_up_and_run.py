@@ -84,9 +84,13 @@ def running_mesh(
 def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
-    for part in ("redis", "memory", "registry", "tools", "assistant", "researcher"):
+    for part in ("redis", "memory", "registry", "tools", "assistant", "researcher", "supervisor"):
         assert part in state, part
-    assert set(state["workers"]) == {"assistant-worker-1", "researcher-worker-1"}
+    assert set(state["workers"]) == {
+        "assistant-worker-1",
+        "researcher-worker-1",
+        "supervisor-worker-1",
+    }
     assert state["redis"].startswith("redis://127.0.0.1:")
     assert state["assistant"].startswith("127.0.0.1:")
 
@@ -116,6 +120,33 @@ def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore
     assert done.stdout.startswith("From "), done.stdout  # a section of README or docs/
 
 
+def test_supervisor_streams_a_live_tree_of_two_sub_agents(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    state_file, _ = running_mesh
+    done = agentplex(
+        "run",
+        "--stream",
+        "--agent",
+        "supervisor",
+        "what is 17*23 and how does the tool registry validate arguments?",
+        state_file=state_file,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    started = [first("delegated to assistant: task d-"), first("delegated to researcher: task d-")]
+    ended = [first("] assistant completed"), first("] researcher completed")]
+    assert max(started) < min(ended)  # both sub-agents at work at once
+    # Their own steps, nested under the supervisor's, as they happened.
+    assert any("  assistant | tool call  calculator@" in line for line in lines)
+    assert any("  researcher | tool call  docs.search@" in line for line in lines)
+    answers = [line for line in lines if line.startswith("answer: ")]
+    assert len(answers) == 1
+    assert "assistant: 17*23 = 391." in answers[0] and "researcher: From " in answers[0]
+
+
 def test_tools_list(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     done = agentplex("tools", "list", state_file=state_file)
@@ -129,7 +160,7 @@ def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:  # 
     unknown = agentplex("run", "--agent", "nope", "hi", state_file=state_file)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == (
-        "agentplex: unknown agent 'nope'; this mesh runs: assistant, researcher"
+        "agentplex: unknown agent 'nope'; this mesh runs: assistant, researcher, supervisor"
     )
     bad = agentplex("run", "--max-steps", "26", "hi", state_file=state_file)
     assert bad.returncode == 2
@@ -270,7 +301,10 @@ def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore
     assert not state_file.exists()
     import socket
 
-    addresses = [state[part] for part in ("memory", "registry", "tools", "assistant", "researcher")]
+    addresses = [
+        state[part]
+        for part in ("memory", "registry", "tools", "assistant", "researcher", "supervisor")
+    ]
     for address in [*addresses, *state["workers"].values()]:
         host, port = address.rsplit(":", 1)
         with socket.socket() as sock:

@@ -21,7 +21,7 @@ from agentplex.v1 import tool_registry_service_pb2 as pb
 
 BUILTINS = ["calculator", "docs.search", "notes.read", "notes.write"]
 # Every running agent is published as a tool too.
-AGENT_TOOLS = ["agent.assistant", "agent.researcher"]
+AGENT_TOOLS = ["agent.assistant", "agent.researcher", "agent.supervisor"]
 EVERYTHING = sorted([*BUILTINS, *AGENT_TOOLS])
 
 

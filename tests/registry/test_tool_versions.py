@@ -282,7 +282,8 @@ async def test_backend_gone_is_a_structured_tool_error(registry) -> None:  # typ
     assert "after 3 attempts" in response.error.message
 
 
-async def test_agents_are_tools(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_agents_are_tools(registry, workers) -> None:  # type: ignore[no-untyped-def]
+    """An agent tool runs a durable sub-task on that agent's queue (hence the workers)."""
     tool = (await registry.GetTool(pb.GetToolRequest(name="agent.assistant"), timeout=5)).tool
     assert tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT
     response = await registry.InvokeTool(

@@ -28,6 +28,7 @@ DOMAIN_ERRORS: list[tuple[type[errors.AgentplexError], grpc.StatusCode, str]] = 
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_RANGE"),
+    (errors.Aborted, grpc.StatusCode.ABORTED, "ABORTED"),
 ]
 DOMAIN_IDS = [cls.__name__ for cls, _, _ in DOMAIN_ERRORS]
 

@@ -235,7 +235,13 @@ async def test_reflection_serves_the_memory_contract(settings: Settings, channel
         ]
         service_file = next(f for f in files if f.name == "agentplex/v1/memory_service.proto")
         methods = {m.name for m in service_file.service[0].method}
-        assert methods == {"AppendMessages", "LoadContext", "ClearSession"}
+        assert methods == {
+            "AppendMessages",
+            "LoadContext",
+            "ClearSession",
+            "ReadMessages",
+            "StoreSummary",
+        }
     finally:
         await host.stop()
 

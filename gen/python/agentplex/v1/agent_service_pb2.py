@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from agentplex.v1 import agent_pb2 as agentplex_dot_v1_dot_agent__pb2
 from agentplex.v1 import step_event_pb2 as agentplex_dot_v1_dot_step__event__pb2
 from agentplex.v1 import task_pb2 as agentplex_dot_v1_dot_task__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agentplex/v1/agent_service.proto\x12\x0c\x61gentplex.v1\x1a\x18\x61gentplex/v1/agent.proto\x1a\x1d\x61gentplex/v1/step_event.proto\x1a\x17\x61gentplex/v1/task.proto\"\xce\x02\n\x0eRunTaskRequest\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x46\n\x08metadata\x18\x03 \x03(\x0b\x32*.agentplex.v1.RunTaskRequest.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"C\n\x0fRunTaskResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"\xd6\x02\n\x12StreamStepsRequest\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12J\n\x08metadata\x18\x03 \x03(\x0b\x32..agentplex.v1.StreamStepsRequest.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"D\n\x13StreamStepsResponse\x12-\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.StepEventR\x05\x65vent\"\x15\n\x13GetAgentCardRequest\"C\n\x14GetAgentCardResponse\x12+\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.AgentCardR\x04\x63\x61rd\"?\n\x11SubmitTaskRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x16.agentplex.v1.TaskSpecR\x04task\"V\n\x12SubmitTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\")\n\x0eGetTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\"9\n\x0fGetTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\",\n\x11\x43\x61ncelTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\"<\n\x12\x43\x61ncelTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\"R\n\x10WatchTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12%\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04R\rafterSequence\"B\n\x11WatchTaskResponse\x12-\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.StepEventR\x05\x65vent2\xbd\x04\n\x0c\x41gentService\x12\x46\n\x07RunTask\x12\x1c.agentplex.v1.RunTaskRequest\x1a\x1d.agentplex.v1.RunTaskResponse\x12T\n\x0bStreamSteps\x12 .agentplex.v1.StreamStepsRequest\x1a!.agentplex.v1.StreamStepsResponse0\x01\x12U\n\x0cGetAgentCard\x12!.agentplex.v1.GetAgentCardRequest\x1a\".agentplex.v1.GetAgentCardResponse\x12O\n\nSubmitTask\x12\x1f.agentplex.v1.SubmitTaskRequest\x1a .agentplex.v1.SubmitTaskResponse\x12\x46\n\x07GetTask\x12\x1c.agentplex.v1.GetTaskRequest\x1a\x1d.agentplex.v1.GetTaskResponse\x12O\n\nCancelTask\x12\x1f.agentplex.v1.CancelTaskRequest\x1a .agentplex.v1.CancelTaskResponse\x12N\n\tWatchTask\x12\x1e.agentplex.v1.WatchTaskRequest\x1a\x1f.agentplex.v1.WatchTaskResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agentplex/v1/agent_service.proto\x12\x0c\x61gentplex.v1\x1a\x18\x61gentplex/v1/agent.proto\x1a\x1d\x61gentplex/v1/step_event.proto\x1a\x17\x61gentplex/v1/task.proto\x1a\x1cgoogle/api/annotations.proto\"\x83\x03\n\x0eRunTaskRequest\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x46\n\x08metadata\x18\x03 \x03(\x0b\x32*.agentplex.v1.RunTaskRequest.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x12\x33\n\x07lineage\x18\x07 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"C\n\x0fRunTaskResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"\x8b\x03\n\x12StreamStepsRequest\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12J\n\x08metadata\x18\x03 \x03(\x0b\x32..agentplex.v1.StreamStepsRequest.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x12\x33\n\x07lineage\x18\x07 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"D\n\x13StreamStepsResponse\x12-\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.StepEventR\x05\x65vent\"\x15\n\x13GetAgentCardRequest\"C\n\x14GetAgentCardResponse\x12+\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.AgentCardR\x04\x63\x61rd\"?\n\x11SubmitTaskRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x16.agentplex.v1.TaskSpecR\x04task\"V\n\x12SubmitTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\")\n\x0eGetTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\"9\n\x0fGetTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\",\n\x11\x43\x61ncelTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\"<\n\x12\x43\x61ncelTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskR\x04task\"R\n\x10WatchTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12%\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04R\rafterSequence\"B\n\x11WatchTaskResponse\x12-\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.agentplex.v1.StepEventR\x05\x65vent2\xc6\x06\n\x0c\x41gentService\x12i\n\x07RunTask\x12\x1c.agentplex.v1.RunTaskRequest\x1a\x1d.agentplex.v1.RunTaskResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/agents/*/tasks:run:\x01*\x12z\n\x0bStreamSteps\x12 .agentplex.v1.StreamStepsRequest\x1a!.agentplex.v1.StreamStepsResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/agents/*/tasks:stream:\x01*0\x01\x12p\n\x0cGetAgentCard\x12!.agentplex.v1.GetAgentCardRequest\x1a\".agentplex.v1.GetAgentCardResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/agents/*/card\x12q\n\nSubmitTask\x12\x1f.agentplex.v1.SubmitTaskRequest\x1a .agentplex.v1.SubmitTaskResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x12/v1/agents/*/tasks:\x04task\x12l\n\x07GetTask\x12\x1c.agentplex.v1.GetTaskRequest\x1a\x1d.agentplex.v1.GetTaskResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/agents/*/tasks/{task_id}\x12\x7f\n\nCancelTask\x12\x1f.agentplex.v1.CancelTaskRequest\x1a .agentplex.v1.CancelTaskResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/agents/*/tasks/{task_id}:cancel:\x01*\x12{\n\tWatchTask\x12\x1e.agentplex.v1.WatchTaskRequest\x1a\x1f.agentplex.v1.WatchTaskResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/agents/*/tasks/{task_id}/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,38 +39,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNTASKREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_RUNTASKREQUEST']._serialized_start=133
-  _globals['_RUNTASKREQUEST']._serialized_end=467
-  _globals['_RUNTASKREQUEST_METADATAENTRY']._serialized_start=377
-  _globals['_RUNTASKREQUEST_METADATAENTRY']._serialized_end=436
-  _globals['_RUNTASKRESPONSE']._serialized_start=469
-  _globals['_RUNTASKRESPONSE']._serialized_end=536
-  _globals['_STREAMSTEPSREQUEST']._serialized_start=539
-  _globals['_STREAMSTEPSREQUEST']._serialized_end=881
-  _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._serialized_start=377
-  _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._serialized_end=436
-  _globals['_STREAMSTEPSRESPONSE']._serialized_start=883
-  _globals['_STREAMSTEPSRESPONSE']._serialized_end=951
-  _globals['_GETAGENTCARDREQUEST']._serialized_start=953
-  _globals['_GETAGENTCARDREQUEST']._serialized_end=974
-  _globals['_GETAGENTCARDRESPONSE']._serialized_start=976
-  _globals['_GETAGENTCARDRESPONSE']._serialized_end=1043
-  _globals['_SUBMITTASKREQUEST']._serialized_start=1045
-  _globals['_SUBMITTASKREQUEST']._serialized_end=1108
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=1110
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=1196
-  _globals['_GETTASKREQUEST']._serialized_start=1198
-  _globals['_GETTASKREQUEST']._serialized_end=1239
-  _globals['_GETTASKRESPONSE']._serialized_start=1241
-  _globals['_GETTASKRESPONSE']._serialized_end=1298
-  _globals['_CANCELTASKREQUEST']._serialized_start=1300
-  _globals['_CANCELTASKREQUEST']._serialized_end=1344
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1346
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1406
-  _globals['_WATCHTASKREQUEST']._serialized_start=1408
-  _globals['_WATCHTASKREQUEST']._serialized_end=1490
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1492
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1558
-  _globals['_AGENTSERVICE']._serialized_start=1561
-  _globals['_AGENTSERVICE']._serialized_end=2134
+  _globals['_AGENTSERVICE'].methods_by_name['RunTask']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['RunTask']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/agents/*/tasks:run:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['StreamSteps']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['StreamSteps']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/agents/*/tasks:stream:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['GetAgentCard']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['GetAgentCard']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/agents/*/card'
+  _globals['_AGENTSERVICE'].methods_by_name['SubmitTask']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['SubmitTask']._serialized_options = b'\202\323\344\223\002\032\"\022/v1/agents/*/tasks:\004task'
+  _globals['_AGENTSERVICE'].methods_by_name['GetTask']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['GetTask']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/agents/*/tasks/{task_id}'
+  _globals['_AGENTSERVICE'].methods_by_name['CancelTask']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['CancelTask']._serialized_options = b'\202\323\344\223\002(\"#/v1/agents/*/tasks/{task_id}:cancel:\001*'
+  _globals['_AGENTSERVICE'].methods_by_name['WatchTask']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['WatchTask']._serialized_options = b'\202\323\344\223\002%\022#/v1/agents/*/tasks/{task_id}/events'
+  _globals['_RUNTASKREQUEST']._serialized_start=163
+  _globals['_RUNTASKREQUEST']._serialized_end=550
+  _globals['_RUNTASKREQUEST_METADATAENTRY']._serialized_start=460
+  _globals['_RUNTASKREQUEST_METADATAENTRY']._serialized_end=519
+  _globals['_RUNTASKRESPONSE']._serialized_start=552
+  _globals['_RUNTASKRESPONSE']._serialized_end=619
+  _globals['_STREAMSTEPSREQUEST']._serialized_start=622
+  _globals['_STREAMSTEPSREQUEST']._serialized_end=1017
+  _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._serialized_start=460
+  _globals['_STREAMSTEPSREQUEST_METADATAENTRY']._serialized_end=519
+  _globals['_STREAMSTEPSRESPONSE']._serialized_start=1019
+  _globals['_STREAMSTEPSRESPONSE']._serialized_end=1087
+  _globals['_GETAGENTCARDREQUEST']._serialized_start=1089
+  _globals['_GETAGENTCARDREQUEST']._serialized_end=1110
+  _globals['_GETAGENTCARDRESPONSE']._serialized_start=1112
+  _globals['_GETAGENTCARDRESPONSE']._serialized_end=1179
+  _globals['_SUBMITTASKREQUEST']._serialized_start=1181
+  _globals['_SUBMITTASKREQUEST']._serialized_end=1244
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=1246
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=1332
+  _globals['_GETTASKREQUEST']._serialized_start=1334
+  _globals['_GETTASKREQUEST']._serialized_end=1375
+  _globals['_GETTASKRESPONSE']._serialized_start=1377
+  _globals['_GETTASKRESPONSE']._serialized_end=1434
+  _globals['_CANCELTASKREQUEST']._serialized_start=1436
+  _globals['_CANCELTASKREQUEST']._serialized_end=1480
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1482
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1542
+  _globals['_WATCHTASKREQUEST']._serialized_start=1544
+  _globals['_WATCHTASKREQUEST']._serialized_end=1626
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1628
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1694
+  _globals['_AGENTSERVICE']._serialized_start=1697
+  _globals['_AGENTSERVICE']._serialized_end=2535
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 from agentplex.v1 import agent_pb2 as _agent_pb2
 from agentplex.v1 import step_event_pb2 as _step_event_pb2
 from agentplex.v1 import task_pb2 as _task_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -10,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunTaskRequest(_message.Message):
-    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id")
+    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id", "lineage")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,13 +25,15 @@ class RunTaskRequest(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     max_steps: int
     token_budget: int
     task_id: str
-    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+    lineage: _task_pb2.TaskLineage
+    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ..., lineage: _Optional[_Union[_task_pb2.TaskLineage, _Mapping]] = ...) -> None: ...
 
 class RunTaskResponse(_message.Message):
     __slots__ = ("result",)
@@ -39,7 +42,7 @@ class RunTaskResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id")
+    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id", "lineage")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,13 +56,15 @@ class StreamStepsRequest(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     max_steps: int
     token_budget: int
     task_id: str
-    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+    lineage: _task_pb2.TaskLineage
+    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ..., lineage: _Optional[_Union[_task_pb2.TaskLineage, _Mapping]] = ...) -> None: ...
 
 class StreamStepsResponse(_message.Message):
     __slots__ = ("event",)

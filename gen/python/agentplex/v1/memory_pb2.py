@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentplex/v1/memory.proto\x12\x0c\x61gentplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n\rMemoryMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x12.agentplex.v1.RoleR\x04role\x12\x18\n\x07\x63ontent\x18\x02 \x01(\tR\x07\x63ontent\x12 \n\x0ctool_call_id\x18\x03 \x01(\tR\ntoolCallId\x12\x39\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1f\n\x0btoken_count\x18\x05 \x01(\x05R\ntokenCount\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\"C\n\x0cSessionScope\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentplex/v1/memory.proto\x12\x0c\x61gentplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x02\n\rMemoryMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x12.agentplex.v1.RoleR\x04role\x12\x18\n\x07\x63ontent\x18\x02 \x01(\tR\x07\x63ontent\x12 \n\x0ctool_call_id\x18\x03 \x01(\tR\ntoolCallId\x12\x39\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1f\n\x0btoken_count\x18\x05 \x01(\x05R\ntokenCount\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x12\x1a\n\x08position\x18\x07 \x01(\x03R\x08position\"\xc7\x01\n\x0e\x43ontextSummary\x12\x18\n\x07\x63ontent\x18\x01 \x01(\tR\x07\x63ontent\x12\x1f\n\x0btoken_count\x18\x02 \x01(\x05R\ntokenCount\x12)\n\x10through_position\x18\x03 \x01(\x03R\x0fthroughPosition\x12\x14\n\x05model\x18\x04 \x01(\tR\x05model\x12\x39\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\"C\n\x0cSessionScope\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplex.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=380
-  _globals['_ROLE']._serialized_end=475
+  _globals['_ROLE']._serialized_start=610
+  _globals['_ROLE']._serialized_end=705
   _globals['_MEMORYMESSAGE']._serialized_start=77
-  _globals['_MEMORYMESSAGE']._serialized_end=309
-  _globals['_SESSIONSCOPE']._serialized_start=311
-  _globals['_SESSIONSCOPE']._serialized_end=378
+  _globals['_MEMORYMESSAGE']._serialized_end=337
+  _globals['_CONTEXTSUMMARY']._serialized_start=340
+  _globals['_CONTEXTSUMMARY']._serialized_end=539
+  _globals['_SESSIONSCOPE']._serialized_start=541
+  _globals['_SESSIONSCOPE']._serialized_end=608
 # @@protoc_insertion_point(module_scope)

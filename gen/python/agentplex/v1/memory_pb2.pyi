@@ -23,20 +23,36 @@ ROLE_ASSISTANT: Role
 ROLE_TOOL: Role
 
 class MemoryMessage(_message.Message):
-    __slots__ = ("role", "content", "tool_call_id", "created_at", "token_count", "task_id")
+    __slots__ = ("role", "content", "tool_call_id", "created_at", "token_count", "task_id", "position")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     role: Role
     content: str
     tool_call_id: str
     created_at: _timestamp_pb2.Timestamp
     token_count: int
     task_id: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_count: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+    position: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_count: _Optional[int] = ..., task_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class ContextSummary(_message.Message):
+    __slots__ = ("content", "token_count", "through_position", "model", "created_at")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_POSITION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    token_count: int
+    through_position: int
+    model: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, content: _Optional[str] = ..., token_count: _Optional[int] = ..., through_position: _Optional[int] = ..., model: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SessionScope(_message.Message):
     __slots__ = ("agent", "session_id")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from agentplex.v1 import memory_pb2 as agentplex_dot_v1_dot_memory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplex/v1/memory_service.proto\x12\x0c\x61gentplex.v1\x1a\x19\x61gentplex/v1/memory.proto\"\x82\x01\n\x15\x41ppendMessagesRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.agentplex.v1.MemoryMessageR\x08messages\"=\n\x16\x41ppendMessagesResponse\x12#\n\rmessage_count\x18\x01 \x01(\x03R\x0cmessageCount\"y\n\x12LoadContextRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12\"\n\nmax_tokens\x18\x02 \x01(\x05H\x00R\tmaxTokens\x88\x01\x01\x42\r\n\x0b_max_tokens\"\x94\x01\n\x13LoadContextResponse\x12\x37\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.agentplex.v1.MemoryMessageR\x08messages\x12\x1f\n\x0btoken_count\x18\x02 \x01(\x05R\ntokenCount\x12#\n\romitted_count\x18\x03 \x01(\x03R\x0comittedCount\"G\n\x13\x43learSessionRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\"0\n\x14\x43learSessionResponse\x12\x18\n\x07\x65xisted\x18\x01 \x01(\x08R\x07\x65xisted2\x97\x02\n\rMemoryService\x12[\n\x0e\x41ppendMessages\x12#.agentplex.v1.AppendMessagesRequest\x1a$.agentplex.v1.AppendMessagesResponse\x12R\n\x0bLoadContext\x12 .agentplex.v1.LoadContextRequest\x1a!.agentplex.v1.LoadContextResponse\x12U\n\x0c\x43learSession\x12!.agentplex.v1.ClearSessionRequest\x1a\".agentplex.v1.ClearSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplex/v1/memory_service.proto\x12\x0c\x61gentplex.v1\x1a\x19\x61gentplex/v1/memory.proto\"\x82\x01\n\x15\x41ppendMessagesRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.agentplex.v1.MemoryMessageR\x08messages\"=\n\x16\x41ppendMessagesResponse\x12#\n\rmessage_count\x18\x01 \x01(\x03R\x0cmessageCount\"y\n\x12LoadContextRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12\"\n\nmax_tokens\x18\x02 \x01(\x05H\x00R\tmaxTokens\x88\x01\x01\x42\r\n\x0b_max_tokens\"\xf1\x01\n\x13LoadContextResponse\x12\x37\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.agentplex.v1.MemoryMessageR\x08messages\x12\x1f\n\x0btoken_count\x18\x02 \x01(\x05R\ntokenCount\x12#\n\romitted_count\x18\x03 \x01(\x03R\x0comittedCount\x12\x36\n\x07summary\x18\x04 \x01(\x0b\x32\x1c.agentplex.v1.ContextSummaryR\x07summary\x12#\n\rnext_position\x18\x05 \x01(\x03R\x0cnextPosition\"G\n\x13\x43learSessionRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\"0\n\x14\x43learSessionResponse\x12\x18\n\x07\x65xisted\x18\x01 \x01(\x08R\x07\x65xisted\"\x91\x01\n\x13ReadMessagesRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12%\n\x0estart_position\x18\x02 \x01(\x03R\rstartPosition\x12!\n\x0cmax_messages\x18\x03 \x01(\x05R\x0bmaxMessages\"t\n\x14ReadMessagesResponse\x12\x37\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.agentplex.v1.MemoryMessageR\x08messages\x12#\n\rnext_position\x18\x02 \x01(\x03R\x0cnextPosition\"\xbb\x01\n\x13StoreSummaryRequest\x12\x30\n\x05scope\x18\x01 \x01(\x0b\x32\x1a.agentplex.v1.SessionScopeR\x05scope\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.agentplex.v1.ContextSummaryR\x07summary\x12:\n\x19\x65xpected_through_position\x18\x03 \x01(\x03R\x17\x65xpectedThroughPosition\"`\n\x14StoreSummaryResponse\x12#\n\rremoved_count\x18\x01 \x01(\x03R\x0cremovedCount\x12#\n\rmessage_count\x18\x02 \x01(\x03R\x0cmessageCount2\xc5\x03\n\rMemoryService\x12[\n\x0e\x41ppendMessages\x12#.agentplex.v1.AppendMessagesRequest\x1a$.agentplex.v1.AppendMessagesResponse\x12R\n\x0bLoadContext\x12 .agentplex.v1.LoadContextRequest\x1a!.agentplex.v1.LoadContextResponse\x12U\n\x0c\x43learSession\x12!.agentplex.v1.ClearSessionRequest\x1a\".agentplex.v1.ClearSessionResponse\x12U\n\x0cReadMessages\x12!.agentplex.v1.ReadMessagesRequest\x1a\".agentplex.v1.ReadMessagesResponse\x12U\n\x0cStoreSummary\x12!.agentplex.v1.StoreSummaryRequest\x1a\".agentplex.v1.StoreSummaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,11 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADCONTEXTREQUEST']._serialized_start=274
   _globals['_LOADCONTEXTREQUEST']._serialized_end=395
   _globals['_LOADCONTEXTRESPONSE']._serialized_start=398
-  _globals['_LOADCONTEXTRESPONSE']._serialized_end=546
-  _globals['_CLEARSESSIONREQUEST']._serialized_start=548
-  _globals['_CLEARSESSIONREQUEST']._serialized_end=619
-  _globals['_CLEARSESSIONRESPONSE']._serialized_start=621
-  _globals['_CLEARSESSIONRESPONSE']._serialized_end=669
-  _globals['_MEMORYSERVICE']._serialized_start=672
-  _globals['_MEMORYSERVICE']._serialized_end=951
+  _globals['_LOADCONTEXTRESPONSE']._serialized_end=639
+  _globals['_CLEARSESSIONREQUEST']._serialized_start=641
+  _globals['_CLEARSESSIONREQUEST']._serialized_end=712
+  _globals['_CLEARSESSIONRESPONSE']._serialized_start=714
+  _globals['_CLEARSESSIONRESPONSE']._serialized_end=762
+  _globals['_READMESSAGESREQUEST']._serialized_start=765
+  _globals['_READMESSAGESREQUEST']._serialized_end=910
+  _globals['_READMESSAGESRESPONSE']._serialized_start=912
+  _globals['_READMESSAGESRESPONSE']._serialized_end=1028
+  _globals['_STORESUMMARYREQUEST']._serialized_start=1031
+  _globals['_STORESUMMARYREQUEST']._serialized_end=1218
+  _globals['_STORESUMMARYRESPONSE']._serialized_start=1220
+  _globals['_STORESUMMARYRESPONSE']._serialized_end=1316
+  _globals['_MEMORYSERVICE']._serialized_start=1319
+  _globals['_MEMORYSERVICE']._serialized_end=1772
 # @@protoc_insertion_point(module_scope)

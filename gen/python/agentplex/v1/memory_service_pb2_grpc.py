@@ -51,6 +51,16 @@ class MemoryServiceStub:
                 request_serializer=agentplex_dot_v1_dot_memory__service__pb2.ClearSessionRequest.SerializeToString,
                 response_deserializer=agentplex_dot_v1_dot_memory__service__pb2.ClearSessionResponse.FromString,
                 _registered_method=True)
+        self.ReadMessages = channel.unary_unary(
+                '/agentplex.v1.MemoryService/ReadMessages',
+                request_serializer=agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesResponse.FromString,
+                _registered_method=True)
+        self.StoreSummary = channel.unary_unary(
+                '/agentplex.v1.MemoryService/StoreSummary',
+                request_serializer=agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -79,6 +89,22 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadMessages(self, request, context):
+        """Reads stored messages oldest first from a position: what a summarizer folds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreSummary(self, request, context):
+        """Replaces the oldest messages of a session with a summary of them, in one
+        atomic step guarded by the summary it replaces (optimistic concurrency):
+        messages appended meanwhile are kept, a concurrent summary wins or loses whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +122,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ClearSession,
                     request_deserializer=agentplex_dot_v1_dot_memory__service__pb2.ClearSessionRequest.FromString,
                     response_serializer=agentplex_dot_v1_dot_memory__service__pb2.ClearSessionResponse.SerializeToString,
+            ),
+            'ReadMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadMessages,
+                    request_deserializer=agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesResponse.SerializeToString,
+            ),
+            'StoreSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreSummary,
+                    request_deserializer=agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +217,60 @@ class MemoryService:
             '/agentplex.v1.MemoryService/ClearSession',
             agentplex_dot_v1_dot_memory__service__pb2.ClearSessionRequest.SerializeToString,
             agentplex_dot_v1_dot_memory__service__pb2.ClearSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.MemoryService/ReadMessages',
+            agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesRequest.SerializeToString,
+            agentplex_dot_v1_dot_memory__service__pb2.ReadMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplex.v1.MemoryService/StoreSummary',
+            agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryRequest.SerializeToString,
+            agentplex_dot_v1_dot_memory__service__pb2.StoreSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

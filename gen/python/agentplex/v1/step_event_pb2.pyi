@@ -11,13 +11,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepEvent(_message.Message):
-    __slots__ = ("task_id", "sequence", "time", "agent", "depth", "step", "task_accepted", "step_started", "llm_output_delta", "llm_call_finished", "tool_call", "tool_result", "final_result", "error")
+    __slots__ = ("task_id", "sequence", "time", "agent", "depth", "step", "source_task_id", "source_sequence", "task_accepted", "step_started", "llm_output_delta", "llm_call_finished", "tool_call", "tool_result", "final_result", "error", "delegation_started", "delegation_finished", "budget_warning")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TASK_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     STEP_STARTED_FIELD_NUMBER: _ClassVar[int]
     LLM_OUTPUT_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -26,12 +28,17 @@ class StepEvent(_message.Message):
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     FINAL_RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DELEGATION_STARTED_FIELD_NUMBER: _ClassVar[int]
+    DELEGATION_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_WARNING_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
     agent: str
     depth: int
     step: int
+    source_task_id: str
+    source_sequence: int
     task_accepted: TaskAccepted
     step_started: StepStarted
     llm_output_delta: LlmOutputDelta
@@ -40,7 +47,44 @@ class StepEvent(_message.Message):
     tool_result: ToolCallResult
     final_result: TaskFinished
     error: TaskFailed
-    def __init__(self, task_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., depth: _Optional[int] = ..., step: _Optional[int] = ..., task_accepted: _Optional[_Union[TaskAccepted, _Mapping]] = ..., step_started: _Optional[_Union[StepStarted, _Mapping]] = ..., llm_output_delta: _Optional[_Union[LlmOutputDelta, _Mapping]] = ..., llm_call_finished: _Optional[_Union[LlmCallFinished, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallStarted, _Mapping]] = ..., tool_result: _Optional[_Union[ToolCallResult, _Mapping]] = ..., final_result: _Optional[_Union[TaskFinished, _Mapping]] = ..., error: _Optional[_Union[TaskFailed, _Mapping]] = ...) -> None: ...
+    delegation_started: DelegationStarted
+    delegation_finished: DelegationFinished
+    budget_warning: BudgetWarning
+    def __init__(self, task_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., depth: _Optional[int] = ..., step: _Optional[int] = ..., source_task_id: _Optional[str] = ..., source_sequence: _Optional[int] = ..., task_accepted: _Optional[_Union[TaskAccepted, _Mapping]] = ..., step_started: _Optional[_Union[StepStarted, _Mapping]] = ..., llm_output_delta: _Optional[_Union[LlmOutputDelta, _Mapping]] = ..., llm_call_finished: _Optional[_Union[LlmCallFinished, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallStarted, _Mapping]] = ..., tool_result: _Optional[_Union[ToolCallResult, _Mapping]] = ..., final_result: _Optional[_Union[TaskFinished, _Mapping]] = ..., error: _Optional[_Union[TaskFailed, _Mapping]] = ..., delegation_started: _Optional[_Union[DelegationStarted, _Mapping]] = ..., delegation_finished: _Optional[_Union[DelegationFinished, _Mapping]] = ..., budget_warning: _Optional[_Union[BudgetWarning, _Mapping]] = ...) -> None: ...
+
+class DelegationStarted(_message.Message):
+    __slots__ = ("call_id", "agent", "task_id", "token_budget", "lineage")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    agent: str
+    task_id: str
+    token_budget: int
+    lineage: _task_pb2.TaskLineage
+    def __init__(self, call_id: _Optional[str] = ..., agent: _Optional[str] = ..., task_id: _Optional[str] = ..., token_budget: _Optional[int] = ..., lineage: _Optional[_Union[_task_pb2.TaskLineage, _Mapping]] = ...) -> None: ...
+
+class DelegationFinished(_message.Message):
+    __slots__ = ("call_id", "agent", "task_id", "result")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    agent: str
+    task_id: str
+    result: _task_pb2.TaskResult
+    def __init__(self, call_id: _Optional[str] = ..., agent: _Optional[str] = ..., task_id: _Optional[str] = ..., result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...
+
+class BudgetWarning(_message.Message):
+    __slots__ = ("tokens_used", "token_budget")
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    tokens_used: int
+    token_budget: int
+    def __init__(self, tokens_used: _Optional[int] = ..., token_budget: _Optional[int] = ...) -> None: ...
 
 class TaskAccepted(_message.Message):
     __slots__ = ("session_id", "max_steps", "token_budget")

@@ -5,7 +5,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -26,8 +26,15 @@ TASK_STATUS_FAILED: TaskStatus
 TASK_STATUS_CANCELLED: TaskStatus
 
 class TaskSpec(_message.Message):
-    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id")
+    __slots__ = ("prompt", "session_id", "metadata", "max_steps", "token_budget", "task_id", "lineage", "deadline", "trace_context")
     class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -40,13 +47,31 @@ class TaskSpec(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     max_steps: int
     token_budget: int
     task_id: str
-    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+    lineage: TaskLineage
+    deadline: _timestamp_pb2.Timestamp
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., task_id: _Optional[str] = ..., lineage: _Optional[_Union[TaskLineage, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TaskLineage(_message.Message):
+    __slots__ = ("parent_task_id", "root_task_id", "depth", "agents")
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    parent_task_id: str
+    root_task_id: str
+    depth: int
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, parent_task_id: _Optional[str] = ..., root_task_id: _Optional[str] = ..., depth: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
     __slots__ = ("task_id", "status", "output", "steps_used", "tokens_used", "tool_calls", "error", "duration_ms", "session_id", "started_at")
@@ -73,7 +98,7 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., output: _Optional[str] = ..., steps_used: _Optional[int] = ..., tokens_used: _Optional[int] = ..., tool_calls: _Optional[int] = ..., error: _Optional[str] = ..., duration_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "agent", "status", "result", "attempts", "created_at", "started_at", "finished_at", "last_sequence", "cancel_requested", "session_id")
+    __slots__ = ("task_id", "agent", "status", "result", "attempts", "created_at", "started_at", "finished_at", "last_sequence", "cancel_requested", "session_id", "lineage", "deadline")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +110,8 @@ class Task(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     agent: str
     status: TaskStatus
@@ -96,4 +123,6 @@ class Task(_message.Message):
     last_sequence: int
     cancel_requested: bool
     session_id: str
-    def __init__(self, task_id: _Optional[str] = ..., agent: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sequence: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
+    lineage: TaskLineage
+    deadline: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., agent: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sequence: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., session_id: _Optional[str] = ..., lineage: _Optional[_Union[TaskLineage, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -22,48 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agentplex.v1 import step_event_pb2 as agentplex_dot_v1_dot_step__event__pb2
+from agentplex.v1 import task_pb2 as agentplex_dot_v1_dot_task__pb2
 from agentplex.v1 import tool_pb2 as agentplex_dot_v1_dot_tool__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentplex/v1/tool_registry_service.proto\x12\x0c\x61gentplex.v1\x1a\x17\x61gentplex/v1/tool.proto\"G\n\x13RegisterToolRequest\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"b\n\x14RegisterToolResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"K\n\x10ListToolsRequest\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12!\n\x0c\x61ll_versions\x18\x02 \x01(\x08R\x0b\x61llVersions\"c\n\x11ListToolsResponse\x12\x32\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x05tools\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\">\n\x0eGetToolRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\"C\n\x0fGetToolResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"\xc8\x01\n\x11InvokeToolRequest\x12\x1b\n\ttool_name\x18\x01 \x01(\tR\x08toolName\x12%\n\x0e\x61rguments_json\x18\x02 \x01(\tR\rargumentsJson\x12\'\n\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x12,\n\x06\x63\x61ller\x18\x04 \x01(\x0b\x32\x14.agentplex.v1.CallerR\x06\x63\x61ller\x12\x18\n\x07version\x18\x05 \x01(\tR\x07version\"V\n\x06\x43\x61ller\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\"\x96\x02\n\x12InvokeToolResponse\x12\x1b\n\ttool_name\x18\x01 \x01(\tR\x08toolName\x12!\n\x0ctool_version\x18\x02 \x01(\tR\x0btoolVersion\x12!\n\x0bresult_json\x18\x03 \x01(\tH\x00R\nresultJson\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.agentplex.v1.ToolErrorH\x00R\x05\x65rror\x12\x1a\n\x08replayed\x18\x05 \x01(\x08R\x08replayed\x12\x18\n\x07warning\x18\x06 \x01(\tR\x07warning\x12+\n\x11registry_revision\x18\x07 \x01(\x04R\x10registryRevisionB\t\n\x07outcome\"\x94\x01\n\x13SetToolStateRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x17.agentplex.v1.ToolStateR\x05state\x12 \n\x0breplacement\x18\x04 \x01(\tR\x0breplacement\"H\n\x14SetToolStateResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"5\n\tToolGrant\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05major\x18\x02 \x01(\rR\x05major\"]\n\x14SetAgentToolsRequest\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12/\n\x06grants\x18\x02 \x03(\x0b\x32\x17.agentplex.v1.ToolGrantR\x06grants\"H\n\x15SetAgentToolsResponse\x12/\n\x06grants\x18\x01 \x03(\x0b\x32\x17.agentplex.v1.ToolGrantR\x06grants\"c\n\x17WithdrawEndpointRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1a\n\x08\x65ndpoint\x18\x03 \x01(\tR\x08\x65ndpoint\"8\n\x18WithdrawEndpointResponse\x12\x1c\n\tremaining\x18\x01 \x01(\x05R\tremaining2\xe7\x04\n\x13ToolRegistryService\x12U\n\x0cRegisterTool\x12!.agentplex.v1.RegisterToolRequest\x1a\".agentplex.v1.RegisterToolResponse\x12L\n\tListTools\x12\x1e.agentplex.v1.ListToolsRequest\x1a\x1f.agentplex.v1.ListToolsResponse\x12\x46\n\x07GetTool\x12\x1c.agentplex.v1.GetToolRequest\x1a\x1d.agentplex.v1.GetToolResponse\x12O\n\nInvokeTool\x12\x1f.agentplex.v1.InvokeToolRequest\x1a .agentplex.v1.InvokeToolResponse\x12U\n\x0cSetToolState\x12!.agentplex.v1.SetToolStateRequest\x1a\".agentplex.v1.SetToolStateResponse\x12X\n\rSetAgentTools\x12\".agentplex.v1.SetAgentToolsRequest\x1a#.agentplex.v1.SetAgentToolsResponse\x12\x61\n\x10WithdrawEndpoint\x12%.agentplex.v1.WithdrawEndpointRequest\x1a&.agentplex.v1.WithdrawEndpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentplex/v1/tool_registry_service.proto\x12\x0c\x61gentplex.v1\x1a\x1d\x61gentplex/v1/step_event.proto\x1a\x17\x61gentplex/v1/task.proto\x1a\x17\x61gentplex/v1/tool.proto\x1a\x1cgoogle/api/annotations.proto\"G\n\x13RegisterToolRequest\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"b\n\x14RegisterToolResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"K\n\x10ListToolsRequest\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12!\n\x0c\x61ll_versions\x18\x02 \x01(\x08R\x0b\x61llVersions\"c\n\x11ListToolsResponse\x12\x32\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x05tools\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\">\n\x0eGetToolRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\"C\n\x0fGetToolResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"\xeb\x01\n\x11InvokeToolRequest\x12\x1b\n\ttool_name\x18\x01 \x01(\tR\x08toolName\x12%\n\x0e\x61rguments_json\x18\x02 \x01(\tR\rargumentsJson\x12\'\n\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x12,\n\x06\x63\x61ller\x18\x04 \x01(\x0b\x32\x14.agentplex.v1.CallerR\x06\x63\x61ller\x12\x18\n\x07version\x18\x05 \x01(\tR\x07version\x12!\n\x0ctoken_budget\x18\x06 \x01(\x05R\x0btokenBudget\"Z\n\x17InvokeToolStreamRequest\x12?\n\ninvocation\x18\x01 \x01(\x0b\x32\x1f.agentplex.v1.InvokeToolRequestR\ninvocation\"\xc3\x01\n\x18InvokeToolStreamResponse\x12.\n\x07subtask\x18\x01 \x01(\x0b\x32\x12.agentplex.v1.TaskH\x00R\x07subtask\x12/\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.agentplex.v1.StepEventH\x00R\x05\x65vent\x12>\n\x08response\x18\x03 \x01(\x0b\x32 .agentplex.v1.InvokeToolResponseH\x00R\x08responseB\x06\n\x04item\"\x8b\x01\n\x06\x43\x61ller\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12\x33\n\x07lineage\x18\x04 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\"\x96\x02\n\x12InvokeToolResponse\x12\x1b\n\ttool_name\x18\x01 \x01(\tR\x08toolName\x12!\n\x0ctool_version\x18\x02 \x01(\tR\x0btoolVersion\x12!\n\x0bresult_json\x18\x03 \x01(\tH\x00R\nresultJson\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.agentplex.v1.ToolErrorH\x00R\x05\x65rror\x12\x1a\n\x08replayed\x18\x05 \x01(\x08R\x08replayed\x12\x18\n\x07warning\x18\x06 \x01(\tR\x07warning\x12+\n\x11registry_revision\x18\x07 \x01(\x04R\x10registryRevisionB\t\n\x07outcome\"\x94\x01\n\x13SetToolStateRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x17.agentplex.v1.ToolStateR\x05state\x12 \n\x0breplacement\x18\x04 \x01(\tR\x0breplacement\"H\n\x14SetToolStateResponse\x12\x30\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.agentplex.v1.ToolDefinitionR\x04tool\"5\n\tToolGrant\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05major\x18\x02 \x01(\rR\x05major\"]\n\x14SetAgentToolsRequest\x12\x14\n\x05\x61gent\x18\x01 \x01(\tR\x05\x61gent\x12/\n\x06grants\x18\x02 \x03(\x0b\x32\x17.agentplex.v1.ToolGrantR\x06grants\"H\n\x15SetAgentToolsResponse\x12/\n\x06grants\x18\x01 \x03(\x0b\x32\x17.agentplex.v1.ToolGrantR\x06grants\"c\n\x17WithdrawEndpointRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1a\n\x08\x65ndpoint\x18\x03 \x01(\tR\x08\x65ndpoint\"8\n\x18WithdrawEndpointResponse\x12\x1c\n\tremaining\x18\x01 \x01(\x05R\tremaining2\xf9\x05\n\x13ToolRegistryService\x12U\n\x0cRegisterTool\x12!.agentplex.v1.RegisterToolRequest\x1a\".agentplex.v1.RegisterToolResponse\x12_\n\tListTools\x12\x1e.agentplex.v1.ListToolsRequest\x1a\x1f.agentplex.v1.ListToolsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tools\x12`\n\x07GetTool\x12\x1c.agentplex.v1.GetToolRequest\x1a\x1d.agentplex.v1.GetToolResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/tools/{name}\x12O\n\nInvokeTool\x12\x1f.agentplex.v1.InvokeToolRequest\x1a .agentplex.v1.InvokeToolResponse\x12\x63\n\x10InvokeToolStream\x12%.agentplex.v1.InvokeToolStreamRequest\x1a&.agentplex.v1.InvokeToolStreamResponse0\x01\x12U\n\x0cSetToolState\x12!.agentplex.v1.SetToolStateRequest\x1a\".agentplex.v1.SetToolStateResponse\x12X\n\rSetAgentTools\x12\".agentplex.v1.SetAgentToolsRequest\x1a#.agentplex.v1.SetAgentToolsResponse\x12\x61\n\x10WithdrawEndpoint\x12%.agentplex.v1.WithdrawEndpointRequest\x1a&.agentplex.v1.WithdrawEndpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplex.v1.tool_registry_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERTOOLREQUEST']._serialized_start=83
-  _globals['_REGISTERTOOLREQUEST']._serialized_end=154
-  _globals['_REGISTERTOOLRESPONSE']._serialized_start=156
-  _globals['_REGISTERTOOLRESPONSE']._serialized_end=254
-  _globals['_LISTTOOLSREQUEST']._serialized_start=256
-  _globals['_LISTTOOLSREQUEST']._serialized_end=331
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=333
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=432
-  _globals['_GETTOOLREQUEST']._serialized_start=434
-  _globals['_GETTOOLREQUEST']._serialized_end=496
-  _globals['_GETTOOLRESPONSE']._serialized_start=498
-  _globals['_GETTOOLRESPONSE']._serialized_end=565
-  _globals['_INVOKETOOLREQUEST']._serialized_start=568
-  _globals['_INVOKETOOLREQUEST']._serialized_end=768
-  _globals['_CALLER']._serialized_start=770
-  _globals['_CALLER']._serialized_end=856
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=859
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=1137
-  _globals['_SETTOOLSTATEREQUEST']._serialized_start=1140
-  _globals['_SETTOOLSTATEREQUEST']._serialized_end=1288
-  _globals['_SETTOOLSTATERESPONSE']._serialized_start=1290
-  _globals['_SETTOOLSTATERESPONSE']._serialized_end=1362
-  _globals['_TOOLGRANT']._serialized_start=1364
-  _globals['_TOOLGRANT']._serialized_end=1417
-  _globals['_SETAGENTTOOLSREQUEST']._serialized_start=1419
-  _globals['_SETAGENTTOOLSREQUEST']._serialized_end=1512
-  _globals['_SETAGENTTOOLSRESPONSE']._serialized_start=1514
-  _globals['_SETAGENTTOOLSRESPONSE']._serialized_end=1586
-  _globals['_WITHDRAWENDPOINTREQUEST']._serialized_start=1588
-  _globals['_WITHDRAWENDPOINTREQUEST']._serialized_end=1687
-  _globals['_WITHDRAWENDPOINTRESPONSE']._serialized_start=1689
-  _globals['_WITHDRAWENDPOINTRESPONSE']._serialized_end=1745
-  _globals['_TOOLREGISTRYSERVICE']._serialized_start=1748
-  _globals['_TOOLREGISTRYSERVICE']._serialized_end=2363
+  _globals['_TOOLREGISTRYSERVICE'].methods_by_name['ListTools']._loaded_options = None
+  _globals['_TOOLREGISTRYSERVICE'].methods_by_name['ListTools']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/tools'
+  _globals['_TOOLREGISTRYSERVICE'].methods_by_name['GetTool']._loaded_options = None
+  _globals['_TOOLREGISTRYSERVICE'].methods_by_name['GetTool']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/tools/{name}'
+  _globals['_REGISTERTOOLREQUEST']._serialized_start=169
+  _globals['_REGISTERTOOLREQUEST']._serialized_end=240
+  _globals['_REGISTERTOOLRESPONSE']._serialized_start=242
+  _globals['_REGISTERTOOLRESPONSE']._serialized_end=340
+  _globals['_LISTTOOLSREQUEST']._serialized_start=342
+  _globals['_LISTTOOLSREQUEST']._serialized_end=417
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=419
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=518
+  _globals['_GETTOOLREQUEST']._serialized_start=520
+  _globals['_GETTOOLREQUEST']._serialized_end=582
+  _globals['_GETTOOLRESPONSE']._serialized_start=584
+  _globals['_GETTOOLRESPONSE']._serialized_end=651
+  _globals['_INVOKETOOLREQUEST']._serialized_start=654
+  _globals['_INVOKETOOLREQUEST']._serialized_end=889
+  _globals['_INVOKETOOLSTREAMREQUEST']._serialized_start=891
+  _globals['_INVOKETOOLSTREAMREQUEST']._serialized_end=981
+  _globals['_INVOKETOOLSTREAMRESPONSE']._serialized_start=984
+  _globals['_INVOKETOOLSTREAMRESPONSE']._serialized_end=1179
+  _globals['_CALLER']._serialized_start=1182
+  _globals['_CALLER']._serialized_end=1321
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=1324
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=1602
+  _globals['_SETTOOLSTATEREQUEST']._serialized_start=1605
+  _globals['_SETTOOLSTATEREQUEST']._serialized_end=1753
+  _globals['_SETTOOLSTATERESPONSE']._serialized_start=1755
+  _globals['_SETTOOLSTATERESPONSE']._serialized_end=1827
+  _globals['_TOOLGRANT']._serialized_start=1829
+  _globals['_TOOLGRANT']._serialized_end=1882
+  _globals['_SETAGENTTOOLSREQUEST']._serialized_start=1884
+  _globals['_SETAGENTTOOLSREQUEST']._serialized_end=1977
+  _globals['_SETAGENTTOOLSRESPONSE']._serialized_start=1979
+  _globals['_SETAGENTTOOLSRESPONSE']._serialized_end=2051
+  _globals['_WITHDRAWENDPOINTREQUEST']._serialized_start=2053
+  _globals['_WITHDRAWENDPOINTREQUEST']._serialized_end=2152
+  _globals['_WITHDRAWENDPOINTRESPONSE']._serialized_start=2154
+  _globals['_WITHDRAWENDPOINTRESPONSE']._serialized_end=2210
+  _globals['_TOOLREGISTRYSERVICE']._serialized_start=2213
+  _globals['_TOOLREGISTRYSERVICE']._serialized_end=2974
 # @@protoc_insertion_point(module_scope)

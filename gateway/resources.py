@@ -1,0 +1,785 @@
+"""Pure builders: the agent directory in, Envoy's listeners, routes, clusters and endpoints out.
+
+Nothing here does I/O, so every routing and resilience decision is a plain
+function of (directory, options) that unit tests can read back. The
+discovery server only ships what these functions return.
+
+Routing, in the order Envoy matches it:
+- `/`, `/console/…`: the web console, served by Envoy itself (direct responses).
+- `/v1/agents`: the routable agents as JSON; `/v1/agents/{agent}/…`: the JSON
+  API, transcoded to AgentService calls on that agent's cluster.
+- `/v1/tools…` and `/agentplex.v1.ToolRegistryService/…`: the registry.
+- gRPC and gRPC-Web with `x-agentplex-agent: NAME`: that agent (the name
+  `registry` reaches the registry, so reflection — and grpcurl — work for it).
+- gRPC without the header: the default agent.
+An agent name nobody serves gets NOT_FOUND, never another agent's answer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    AndFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    HeaderFilter,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterCommonLbConfig,
+    ClusterDiscoveryType,
+    ClusterEdsClusterConfig,
+    ClusterLbPolicy,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    HttpProtocolOptions,
+    HttpProtocolOptionsHeadersWithUnderscoresAction,
+    RuntimeFractionalPercent,
+    RuntimeUInt32,
+    SocketAddress,
+    SubstitutionFormatString,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    RedirectAction,
+    RetryPolicy,
+    RetryPolicyRetryHostPredicate,
+    Route,
+    RouteAction,
+    RouteActionMaxStreamDuration,
+    RouteConfiguration,
+    RouteMatch,
+    RouteMatchGrpcRouteMatchOptions,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
+    GrpcJsonTranscoder,
+    GrpcJsonTranscoderPrintOptions,
+)
+from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
+from envoy_data_plane.envoy.extensions.filters.http.health_check.v3 import (
+    HealthCheck as HealthCheckFilter,
+)
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+    LocalReplyConfig,
+    Rds,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import (
+    PreviousHostsPredicate,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions as UpstreamHttpProtocolOptions,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, Percent, TokenBucket
+from envoy_data_plane.google.protobuf import Any, Struct
+
+from agentplex.gateway import console, descriptors
+
+AGENT_HEADER = "x-agentplex-agent"
+REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the registry
+LISTENER_NAME = "gateway"
+ROUTE_CONFIG_NAME = "gateway"
+REGISTRY_CLUSTER = "registry"
+AGENT_CLUSTER_PREFIX = "agent."
+
+_AGENT_SERVICE = "/" + descriptors.AGENT_SERVICE + "/"
+_REGISTRY_SERVICE = "/" + descriptors.REGISTRY_SERVICE + "/"
+_STREAMING_METHODS = ("StreamSteps", "WatchTask")
+# Safe to send twice: they read, or (WatchTask) resume from the caller's cursor.
+_IDEMPOTENT_METHODS = ("GetTask", "GetAgentCard", "WatchTask")
+_HEALTH_PATH = "/grpc.health.v1.Health/"
+_REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+_NEVER_SENT = "connect-failure,refused-stream"  # the request never reached the service
+_GRPC_MATCH = RouteMatchGrpcRouteMatchOptions()  # content-type application/grpc*
+# For routes that never read the body (answered by Envoy, or bidirectional streams).
+_NO_BUFFER = {"envoy.filters.http.buffer": Any.pack(BufferPerRoute(disabled=True))}
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+@dataclass(frozen=True, order=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> HostPort:
+        """`host:port` (IPv6 as `[::1]:port`); `localhost` becomes 127.0.0.1 for Envoy's EDS."""
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"not a host:port address: {address!r}")
+        host = host.strip("[]")
+        if host == "localhost":
+            host = "127.0.0.1"
+        ipaddress.ip_address(host)  # EDS takes IPs only; names would need a DNS cluster
+        return cls(host, int(port))
+
+
+@dataclass(frozen=True)
+class Directory:
+    """What the gateway routes to: every agent's live replicas, and the registry's."""
+
+    agents: Mapping[str, tuple[HostPort, ...]]
+    registry: tuple[HostPort, ...]
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """The edge policy. Defaults follow Envoy's edge-proxy best practices, sized for a dev box."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    default_agent: str = "assistant"
+    # Origins allowed to call through gRPC-Web/JSON from a browser, besides the gateway's own.
+    cors_origins: tuple[str, ...] = ()
+    max_request_bytes: int = 1024 * 1024
+    rate_limit_per_second: int = 1000
+    rate_limit_burst: int = 2000
+    unary_timeout_seconds: float = 330.0
+    stream_idle_timeout_seconds: float = 300.0
+    watch_idle_timeout_seconds: float = 3600.0
+    health_check_interval_seconds: float = 1.0
+    max_connections_per_cluster: int = 1024
+    max_requests_per_cluster: int = 4096
+    console: bool = True
+    access_log: bool = True
+    max_concurrent_streams: int = 1000
+
+
+@dataclass(frozen=True)
+class Resources:
+    listeners: list[Listener]
+    routes: list[RouteConfiguration]
+    clusters: list[Cluster]
+    endpoints: list[ClusterLoadAssignment]
+
+
+def agent_cluster(agent: str) -> str:
+    return AGENT_CLUSTER_PREFIX + agent
+
+
+def build(directory: Directory, options: GatewayOptions) -> Resources:
+    clusters = [_cluster(agent_cluster(name), options) for name in sorted(directory.agents)]
+    endpoints = [
+        _load_assignment(agent_cluster(name), directory.agents[name])
+        for name in sorted(directory.agents)
+    ]
+    clusters.append(_cluster(REGISTRY_CLUSTER, options))
+    endpoints.append(_load_assignment(REGISTRY_CLUSTER, directory.registry))
+    return Resources(
+        listeners=[_listener(options)],
+        routes=[_route_configuration(directory, options)],
+        clusters=clusters,
+        endpoints=endpoints,
+    )
+
+
+# --- clusters and endpoints --------------------------------------------------------
+
+
+def _cluster(name: str, options: GatewayOptions) -> Cluster:
+    http2 = UpstreamHttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions(
+                max_concurrent_streams=options.max_concurrent_streams
+            )
+        )
+    )
+    interval = _seconds(options.health_check_interval_seconds)
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.EDS,
+        eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_seconds(1),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
+        },
+        # grpc.health.v1 answers SERVING only while the service's own dependencies
+        # answer, so an agent that lost Redis leaves the rotation too.
+        health_checks=[
+            HealthCheck(
+                timeout=_seconds(1),
+                interval=interval,
+                no_traffic_interval=interval,
+                unhealthy_threshold=2,
+                healthy_threshold=1,
+                grpc_health_check=HealthCheckGrpcHealthCheck(),
+            )
+        ],
+        # A replica that keeps failing is ejected before the next health check says so.
+        outlier_detection=OutlierDetection(
+            consecutive_5xx=5,
+            consecutive_gateway_failure=3,
+            interval=_seconds(1),
+            base_ejection_time=_seconds(5),
+            max_ejection_percent=100,
+        ),
+        circuit_breakers=CircuitBreakers(
+            thresholds=[
+                CircuitBreakersThresholds(
+                    max_connections=options.max_connections_per_cluster,
+                    max_pending_requests=options.max_connections_per_cluster,
+                    max_requests=options.max_requests_per_cluster,
+                    max_retries=16,
+                )
+            ]
+        ),
+        # No panic routing: with every replica unhealthy, fail fast (UNAVAILABLE)
+        # instead of spraying requests at replicas known to be down.
+        common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
+    )
+
+
+def _load_assignment(cluster: str, replicas: Sequence[HostPort]) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=cluster,
+        endpoints=[
+            LocalityLbEndpoints(
+                lb_endpoints=[
+                    LbEndpoint(
+                        endpoint=Endpoint(
+                            address=Address(
+                                socket_address=SocketAddress(
+                                    address=replica.host, port_value=replica.port
+                                )
+                            )
+                        )
+                    )
+                    for replica in sorted(set(replicas))
+                ]
+            )
+        ],
+    )
+
+
+def _ads() -> ConfigSource:
+    return ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+
+
+# --- the listener ------------------------------------------------------------------
+
+
+def _typed(name: str, config: object) -> TypedExtensionConfig:
+    return TypedExtensionConfig(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
+
+
+def _http_filter(name: str, config: object) -> HttpFilter:
+    return HttpFilter(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
+
+
+def _always() -> RuntimeFractionalPercent:
+    return RuntimeFractionalPercent(default_value=FractionalPercent(numerator=100))
+
+
+def _listener(options: GatewayOptions) -> Listener:
+    manager = HttpConnectionManager(
+        stat_prefix="gateway",
+        # HTTP/1.1 for curl and browsers, h2c for gRPC, on one port.
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        rds=Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        # The caller's address is the TCP peer, not whatever X-Forwarded-For claims.
+        use_remote_address=True,
+        # Streams are bounded by idleness, not by total length (routes say more).
+        stream_idle_timeout=_seconds(options.stream_idle_timeout_seconds),
+        request_timeout=_seconds(0),
+        request_headers_timeout=_seconds(10),
+        common_http_protocol_options=HttpProtocolOptions(
+            idle_timeout=_seconds(3600),
+            headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST,
+        ),
+        http2_protocol_options=Http2ProtocolOptions(
+            max_concurrent_streams=options.max_concurrent_streams,
+            initial_stream_window_size=65536,
+            initial_connection_window_size=1048576,
+        ),
+        max_request_headers_kb=64,
+        access_log=[_access_log()] if options.access_log else [],
+        local_reply_config=_local_replies(),
+        http_filters=_http_filters(options),
+    )
+    return Listener(
+        name=LISTENER_NAME,
+        address=Address(
+            socket_address=SocketAddress(
+                address=options.listen_host, port_value=options.listen_port
+            )
+        ),
+        per_connection_buffer_limit_bytes=32768,
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=Any.pack(manager),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
+    cluster_ready = {agent_cluster(options.default_agent): Percent(value=1.0)}
+    return [
+        # Liveness of the gateway itself, and readiness: the default agent routable.
+        _http_filter(
+            "envoy.filters.http.health_check.live",
+            HealthCheckFilter(
+                pass_through_mode=False,
+                headers=[HeaderMatcher(name=":path", string_match=StringMatcher(exact="/health"))],
+            ),
+        ),
+        _http_filter(
+            "envoy.filters.http.health_check.ready",
+            HealthCheckFilter(
+                pass_through_mode=False,
+                headers=[HeaderMatcher(name=":path", string_match=StringMatcher(exact="/ready"))],
+                cluster_min_healthy_percentages=cluster_ready,
+            ),
+        ),
+        _http_filter(
+            "envoy.filters.http.local_ratelimit",
+            LocalRateLimit(
+                stat_prefix="gateway_rate_limit",
+                token_bucket=TokenBucket(
+                    max_tokens=options.rate_limit_burst,
+                    tokens_per_fill=options.rate_limit_per_second,
+                    fill_interval=_seconds(1),
+                ),
+                filter_enabled=_always(),
+                filter_enforced=_always(),
+                # gRPC callers see RESOURCE_EXHAUSTED (back off), not UNAVAILABLE (retry now).
+                rate_limited_as_resource_exhausted=True,
+            ),
+        ),
+        _http_filter("envoy.filters.http.cors", Cors()),
+        _http_filter("envoy.filters.http.grpc_web", GrpcWeb()),
+        # Rejects oversize requests at the edge (413) before any agent sees a byte.
+        _http_filter(
+            "envoy.filters.http.buffer", Buffer(max_request_bytes=options.max_request_bytes)
+        ),
+        _http_filter(
+            "envoy.filters.http.grpc_json_transcoder",
+            GrpcJsonTranscoder(
+                proto_descriptor_bin=descriptors.descriptor_set(),
+                services=[descriptors.AGENT_SERVICE, descriptors.REGISTRY_SERVICE],
+                # Route on the URL the caller sent (/v1/agents/NAME/…), which names the agent.
+                match_incoming_request_route=True,
+                auto_mapping=False,
+                convert_grpc_status=True,
+                max_request_body_size=options.max_request_bytes,
+                print_options=GrpcJsonTranscoderPrintOptions(
+                    always_print_primitive_fields=True,
+                    preserve_proto_field_names=True,
+                    # Streams as one JSON message per line: curl and scripts read them live.
+                    stream_newline_delimited=True,
+                ),
+            ),
+        ),
+        _http_filter("envoy.filters.http.router", Router()),
+    ]
+
+
+def _local_replies() -> LocalReplyConfig:
+    """Edge rejections in gRPC's own terms.
+
+    Envoy turns a local 413 into grpc-status UNKNOWN for gRPC callers; an
+    oversize request is RESOURCE_EXHAUSTED (what a gRPC server says for a
+    message over its limit), so the status is set explicitly.
+    """
+    too_large = AccessLogFilter(
+        and_filter=AndFilter(
+            filters=[
+                AccessLogFilter(
+                    status_code_filter=StatusCodeFilter(
+                        comparison=ComparisonFilter(
+                            op=ComparisonFilterOp.EQ,
+                            value=RuntimeUInt32(default_value=413, runtime_key="gateway.413"),
+                        )
+                    )
+                ),
+                AccessLogFilter(
+                    header_filter=HeaderFilter(
+                        header=HeaderMatcher(
+                            name="content-type",
+                            string_match=StringMatcher(prefix="application/grpc"),
+                        )
+                    )
+                ),
+            ]
+        )
+    )
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=too_large,
+                headers_to_add=[_header("grpc-status", "8")],
+                body=DataSource(inline_string="request larger than the gateway accepts"),
+            )
+        ]
+    )
+
+
+def _access_log() -> AccessLog:
+    fields = {
+        "time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%",
+        "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS%",
+        "flags": "%RESPONSE_FLAGS%",
+        "duration_ms": "%DURATION%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%",
+        "agent": f"%REQ({AGENT_HEADER.upper()})%",
+        "upstream": "%UPSTREAM_HOST%",
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        # W3C trace context: the same trace id the services log and export.
+        "traceparent": "%REQ(TRACEPARENT)%",
+    }
+    return AccessLog(
+        name="envoy.access_loggers.stdout",
+        typed_config=Any.pack(
+            StdoutAccessLog(
+                log_format=SubstitutionFormatString(json_format=Struct.from_dict(fields))
+            )
+        ),
+    )
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+def _route_configuration(directory: Directory, options: GatewayOptions) -> RouteConfiguration:
+    routes: list[Route] = []
+    if options.console:
+        routes.extend(_console_routes())
+    routes.append(_agents_listing(directory, options))
+    for name in sorted(directory.agents):
+        routes.extend(_rest_routes(name, options))
+    routes.append(
+        _json_error_route(
+            RouteMatch(prefix="/v1/agents/"),
+            404,
+            "NOT_FOUND",
+            "no such agent: GET /v1/agents lists them",
+        )
+    )
+    routes.extend(_registry_routes(options))
+    for name in sorted(directory.agents):
+        routes.extend(_grpc_routes(agent_cluster(name), options, header=name))
+    routes.append(
+        _grpc_error_route(
+            RouteMatch(
+                prefix="/",
+                headers=[HeaderMatcher(name=AGENT_HEADER, present_match=True)],
+            ),
+            code=5,
+            message=f"no agent with that {AGENT_HEADER} is routable (GET /v1/agents lists them)",
+        )
+    )
+    if options.default_agent in directory.agents:
+        routes.extend(_grpc_routes(agent_cluster(options.default_agent), options, header=None))
+    routes.append(
+        _grpc_error_route(
+            RouteMatch(prefix="/", grpc=_GRPC_MATCH),
+            code=14,
+            message=f"the default agent {options.default_agent!r} is not routable right now",
+        )
+    )
+    routes.append(_json_error_route(RouteMatch(prefix="/"), 404, "NOT_FOUND", "no such path"))
+    return RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        # The console is served from the route table itself.
+        max_direct_response_body_size_bytes=1024 * 1024,
+        virtual_hosts=[
+            VirtualHost(
+                name="gateway",
+                domains=["*"],
+                routes=routes,
+                typed_per_filter_config={
+                    "envoy.filters.http.cors": Any.pack(_cors_policy(options)),
+                },
+            )
+        ],
+    )
+
+
+def _cors_policy(options: GatewayOptions) -> CorsPolicy:
+    return CorsPolicy(
+        allow_origin_string_match=[StringMatcher(exact=origin) for origin in options.cors_origins],
+        allow_methods="GET, POST, OPTIONS",
+        allow_headers=(
+            f"content-type, x-grpc-web, x-user-agent, grpc-timeout, traceparent, {AGENT_HEADER}"
+        ),
+        expose_headers="grpc-status, grpc-message, grpc-status-details-bin",
+        max_age="600",
+    )
+
+
+def _route_action(
+    cluster: str,
+    options: GatewayOptions,
+    *,
+    streaming: bool,
+    idempotent: bool,
+    idle_seconds: float | None = None,
+) -> RouteAction:
+    action = RouteAction(
+        cluster=cluster,
+        # Unary calls are bounded; a stream is bounded by idleness instead.
+        timeout=_seconds(0 if streaming else options.unary_timeout_seconds),
+        # A caller's grpc-timeout (its deadline) bounds the call at the edge too.
+        max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=_seconds(0)),
+        retry_policy=RetryPolicy(
+            retry_on=f"{_NEVER_SENT},unavailable" if idempotent else _NEVER_SENT,
+            num_retries=2,
+            retry_host_predicate=[
+                RetryPolicyRetryHostPredicate(
+                    name="envoy.retry_host_predicates.previous_hosts",
+                    typed_config=Any.pack(PreviousHostsPredicate()),
+                )
+            ],
+            host_selection_retry_max_attempts=3,
+        ),
+    )
+    if idle_seconds is not None:
+        action.idle_timeout = _seconds(idle_seconds)
+    return action
+
+
+def _grpc_routes(cluster: str, options: GatewayOptions, *, header: str | None) -> list[Route]:
+    """Routes to one gRPC upstream: by `x-agentplex-agent: header`, or by default (no header)."""
+    if header is None:
+        headers = [HeaderMatcher(name=AGENT_HEADER, present_match=True, invert_match=True)]
+    else:
+        headers = [HeaderMatcher(name=AGENT_HEADER, string_match=StringMatcher(exact=header))]
+
+    def route(match: RouteMatch, action: RouteAction, **extra: object) -> Route:
+        match.headers = list(headers)
+        return Route(match=match, route=action, **extra)  # type: ignore[arg-type]
+
+    routes = []
+    for method in _STREAMING_METHODS:
+        routes.append(
+            route(
+                RouteMatch(path=_AGENT_SERVICE + method),
+                _route_action(
+                    cluster,
+                    options,
+                    streaming=True,
+                    idempotent=method in _IDEMPOTENT_METHODS,
+                    idle_seconds=options.watch_idle_timeout_seconds
+                    if method == "WatchTask"
+                    else None,
+                ),
+            )
+        )
+    for method in _IDEMPOTENT_METHODS:
+        if method not in _STREAMING_METHODS:
+            routes.append(
+                route(
+                    RouteMatch(path=_AGENT_SERVICE + method),
+                    _route_action(cluster, options, streaming=False, idempotent=True),
+                )
+            )
+    routes.append(
+        route(
+            RouteMatch(prefix=_HEALTH_PATH),
+            _route_action(cluster, options, streaming=True, idempotent=True),
+        )
+    )
+    for prefix in _REFLECTION_PREFIXES:
+        # Reflection is a bidirectional stream: buffering it whole would deadlock it.
+        routes.append(
+            route(
+                RouteMatch(prefix=prefix),
+                _route_action(cluster, options, streaming=True, idempotent=False),
+                typed_per_filter_config=_NO_BUFFER,
+            )
+        )
+    routes.append(
+        route(
+            RouteMatch(prefix="/", grpc=_GRPC_MATCH),
+            _route_action(cluster, options, streaming=False, idempotent=False),
+        )
+    )
+    return routes
+
+
+def _registry_routes(options: GatewayOptions) -> list[Route]:
+    read_only = ("ListTools", "GetTool")
+    routes = [
+        Route(
+            match=RouteMatch(path=_REGISTRY_SERVICE + method),
+            route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=True),
+        )
+        for method in read_only
+    ]
+    routes.append(
+        Route(
+            match=RouteMatch(prefix=_REGISTRY_SERVICE),
+            route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=False),
+        )
+    )
+    routes.append(
+        Route(
+            match=RouteMatch(
+                safe_regex=RegexMatcher(regex=r"/v1/tools(/[^/]+)?"),
+                headers=[_method("GET")],
+            ),
+            route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=True),
+        )
+    )
+    routes.extend(_grpc_routes(REGISTRY_CLUSTER, options, header=REGISTRY_TARGET))
+    return routes
+
+
+def _method(name: str) -> HeaderMatcher:
+    return HeaderMatcher(name=":method", string_match=StringMatcher(exact=name))
+
+
+def _rest_routes(agent: str, options: GatewayOptions) -> list[Route]:
+    """The JSON API of one agent; the URL names the agent, the transcoder picks the method."""
+    cluster = agent_cluster(agent)
+    base = f"/v1/agents/{agent}"
+    return [
+        Route(
+            match=RouteMatch(path=f"{base}/tasks:stream"),
+            route=_route_action(cluster, options, streaming=True, idempotent=False),
+        ),
+        Route(
+            match=RouteMatch(safe_regex=RegexMatcher(regex=f"{base}/tasks/[^/]+/events")),
+            route=_route_action(
+                cluster,
+                options,
+                streaming=True,
+                idempotent=True,
+                idle_seconds=options.watch_idle_timeout_seconds,
+            ),
+        ),
+        Route(
+            match=RouteMatch(prefix=f"{base}/", headers=[_method("GET")]),
+            route=_route_action(cluster, options, streaming=False, idempotent=True),
+        ),
+        Route(
+            match=RouteMatch(prefix=f"{base}/"),
+            route=_route_action(cluster, options, streaming=False, idempotent=False),
+        ),
+    ]
+
+
+def _agents_listing(directory: Directory, options: GatewayOptions) -> Route:
+    body = {
+        "default_agent": options.default_agent,
+        "agents": [
+            {"name": name, "replicas": len(directory.agents[name])}
+            for name in sorted(directory.agents)
+        ],
+    }
+    return _direct(RouteMatch(path="/v1/agents"), 200, json.dumps(body), "application/json")
+
+
+def _console_routes() -> list[Route]:
+    routes = [
+        Route(
+            match=RouteMatch(path="/"),
+            redirect=RedirectAction(path_redirect="/console/"),
+            typed_per_filter_config=_NO_BUFFER,
+        )
+    ]
+    for asset in console.assets():
+        routes.append(
+            _direct(
+                RouteMatch(
+                    path=f"/console/{asset.name}" if asset.name != "index.html" else "/console/"
+                ),
+                200,
+                asset.body,
+                asset.content_type,
+            )
+        )
+    return routes
+
+
+def _direct(match: RouteMatch, status: int, body: str, content_type: str) -> Route:
+    return Route(
+        match=match,
+        direct_response=DirectResponseAction(status=status, body=DataSource(inline_string=body)),
+        response_headers_to_add=[_header("content-type", content_type)],
+        typed_per_filter_config=_NO_BUFFER,
+    )
+
+
+def _json_error_route(match: RouteMatch, status: int, code: str, message: str) -> Route:
+    body = json.dumps({"code": code, "message": message})
+    return _direct(match, status, body, "application/json")
+
+
+def _grpc_error_route(match: RouteMatch, *, code: int, message: str) -> Route:
+    """A trailers-only gRPC answer (status in the headers), as a server would send it."""
+    return Route(
+        match=match,
+        direct_response=DirectResponseAction(status=200),
+        response_headers_to_add=[
+            _header("content-type", "application/grpc"),
+            _header("grpc-status", str(code)),
+            _header("grpc-message", message),  # printable ASCII: no percent-encoding needed
+        ],
+        typed_per_filter_config=_NO_BUFFER,
+    )
+
+
+def _header(key: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=key, value=value))

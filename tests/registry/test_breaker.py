@@ -1,0 +1,114 @@
+"""The circuit breaker per downstream agent: opens, probes, closes."""
+
+from __future__ import annotations
+
+import json
+
+from agentplex.agents.app import agent_tool
+from agentplex.agents.catalog import ASSISTANT
+from agentplex.mesh.redis_process import free_port
+from agentplex.registry.backends import BackendRouter
+from agentplex.registry.breaker import BreakerState, CircuitBreaker
+from agentplex.runtime.clients import Deadline
+from agentplex.v1 import tool_pb2
+from agentplex.v1 import tool_registry_service_pb2 as pb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opens_after_consecutive_failures_only() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_seconds=30, clock=Clock())
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(False)
+    assert breaker.allow()
+    breaker.record(True)  # a success resets the count
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.allow()
+    breaker.record(False)
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow()
+
+
+def test_half_open_admits_one_probe_and_closes_on_success() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_seconds=30, clock=clock)
+    breaker.record(False)
+    clock.now += 29.9
+    assert not breaker.allow() and breaker.retry_after() > 0
+    clock.now += 0.1
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one at a time
+    breaker.record(True)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.allow() and breaker.allow()
+
+
+def test_a_failed_probe_opens_it_for_another_cool_down() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=5, reset_seconds=10, clock=clock)
+    for _ in range(5):
+        breaker.record(False)
+    clock.now += 10
+    assert breaker.allow()
+    breaker.record(False)  # one failed probe is enough
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 9
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow()
+
+
+def test_a_probe_without_a_verdict_frees_the_slot() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_seconds=10, clock=clock)
+    breaker.record(False)
+    clock.now += 10
+    assert breaker.allow()
+    breaker.record(None)  # the caller gave up: says nothing about the peer
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()
+
+
+async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
+    """Through the router: failures are tool errors the calling model can route
+    around; once open, the agent is not even called."""
+    clock = Clock()
+    router = BackendRouter(
+        tool_timeout_seconds=5, breaker_failure_threshold=2, breaker_reset_seconds=30, clock=clock
+    )
+    tool = agent_tool(ASSISTANT)
+    tool.backend_kind = tool_pb2.BACKEND_KIND_AGENT
+    dead = f"127.0.0.1:{free_port()}"
+    caller = pb.Caller(agent="supervisor", session_id="s", task_id="t")
+
+    async def call() -> tool_pb2.ToolError:
+        response = await router.execute(
+            tool, [dead], {"prompt": "hi"}, caller, "t:1:0", Deadline.after(10)
+        )
+        assert response.HasField("error")
+        return response.error
+
+    try:
+        assert (await call()).code == "UNAVAILABLE"
+        assert (await call()).code == "UNAVAILABLE"
+        refused = await call()
+        assert refused.code == "CIRCUIT_OPEN"
+        assert "agent.assistant failed 2 times in a row" in refused.message
+        assert router.breaker(tool.name).state is BreakerState.OPEN
+        clock.now += 30
+        assert (await call()).code == "UNAVAILABLE"  # the probe went through, and failed
+        assert (await call()).code == "CIRCUIT_OPEN"
+    finally:
+        await router.close()
+    assert json.loads(tool.input_schema_json)["required"] == ["prompt"]
