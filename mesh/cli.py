@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="task workers per agent, for submitted tasks (default 1)",
     )
     up.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="skip the Envoy gateway and its control plane (agents are still reachable directly)",
+    )
+    up.add_argument(
         "--llm",
         choices=["scripted", "openai", "local"],
         default=None,
@@ -168,7 +173,7 @@ async def _up(args: argparse.Namespace, state_file: Path) -> int:
     overrides: dict[str, int] = {}
     for item in args.port:
         name, _, port = item.partition("=")
-        known = {*launcher.DEFAULT_PORTS, "redis"}
+        known = {*launcher.DEFAULT_PORTS, *launcher.GATEWAY_PORTS, "redis"}
         if name not in known or not port.isdigit():
             raise CliError(
                 f"--port expects NAME=PORT with NAME one of {', '.join(sorted(known))};"
@@ -183,6 +188,7 @@ async def _up(args: argparse.Namespace, state_file: Path) -> int:
         port_overrides=overrides,
         llm_provider=args.llm,
         workers=args.workers,
+        gateway=not args.no_gateway,
         say=lambda line: print(line, flush=True),
     )
     return await launcher.run_until_signalled(mesh)

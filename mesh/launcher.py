@@ -1,7 +1,8 @@
 """`agentplex up`: the whole mesh as local processes, started in dependency order.
 
 Redis (embedded unless REDIS_URL is set) → memory → registry → tool backend → agents →
-task workers (`--workers N` per agent). Each
+task workers (`--workers N` per agent) → the gateway's xDS control plane → Envoy
+(unless `--no-gateway`). Each
 service is its own process; it reports the address it bound through a ready
 file, and counts as up once its gRPC health check says SERVING. Logs go to
 `.agentplex/logs/<name>.log` so this terminal shows only progress. Stopping
@@ -23,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.agents.catalog import CATALOG
+from agentplex.gateway.bootstrap import BootstrapOptions
+from agentplex.gateway.envoy import EnvoyError, EnvoyProcess
+from agentplex.gateway.resources import HostPort
 from agentplex.mesh.local_model import LocalModelError, LocalModelServer
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.state import pid_alive, write_state
@@ -44,6 +49,9 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "supervisor": (50063, 9163),
 }
 DEFAULT_REDIS_PORT = 6399
+# The gateway's control plane is a service like the others; Envoy's own ports:
+DEFAULT_PORTS["gateway-xds"] = (50070, 9170)
+GATEWAY_PORTS = {"gateway": 8080, "envoy-admin": 9901}
 
 
 class LaunchError(Exception):
@@ -71,6 +79,8 @@ class MeshLauncher:
     port_overrides: dict[str, int] = field(default_factory=dict)
     llm_provider: str | None = None
     workers: int = 1
+    # Envoy in front of every agent, configured by its xDS control plane.
+    gateway: bool = True
     # What docs.search indexes: $AGENTPLEX_DOCS_DIR, else the directory `up` runs in.
     docs_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("AGENTPLEX_DOCS_DIR") or Path.cwd())
@@ -138,6 +148,8 @@ class MeshLauncher:
                 for index in range(1, self.workers + 1)
             )
         )
+        if self.gateway:
+            await self._start_gateway(env)
         state: dict[str, Any] = {"redis": redis_url}
         if self._local_model is not None:
             state["llm"] = self._local_model.base_url
@@ -152,10 +164,64 @@ class MeshLauncher:
             for part in self._parts
             if part.metrics
         }
+        gateway = next((p for p in self._parts if p.name == "gateway"), None)
+        if gateway is not None:
+            state["console"] = f"http://{gateway.address}/console/"
+            state["envoy_admin"] = f"http://127.0.0.1:{gateway.metrics}"
         state["logs"] = str(self._run_dir / "logs")
         state["pid"] = os.getpid()
         write_state(self.state_file, state)
         return state
+
+    def _gateway_port(self, name: str) -> int:
+        if name in self.port_overrides:
+            return self.port_overrides[name]
+        return 0 if self.ephemeral_ports else GATEWAY_PORTS[name]
+
+    async def _start_gateway(self, env: dict[str, str]) -> None:
+        """The control plane (healthy once it has a snapshot), then Envoy booting from it."""
+        assert self._run_dir is not None
+        listen_port = self._gateway_port("gateway")
+        xds = await self._start_part(
+            "gateway-xds",
+            "agentplex.gateway",
+            [],
+            {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)},
+        )
+        log_path = self._run_dir / "logs" / "envoy.log"
+        envoy = EnvoyProcess(
+            BootstrapOptions(
+                HostPort.parse(xds.address), admin_port=self._gateway_port("envoy-admin")
+            ),
+            work_dir=self._run_dir / "envoy",
+            log_path=log_path,
+        )
+        try:
+            admin = await envoy.start(timeout=START_TIMEOUT_SECONDS)
+            listener = await envoy.listener(timeout=START_TIMEOUT_SECONDS)
+        except EnvoyError as exc:
+            await envoy.stop()
+            hint = f" Is port {listen_port} taken? Use --port gateway=PORT." if listen_port else ""
+            raise LaunchError(f"the Envoy gateway failed to start: {exc}{hint}") from None
+        if not await _gateway_ready(listener, envoy):
+            await envoy.stop()
+            raise LaunchError(
+                f"the gateway did not become ready within {START_TIMEOUT_SECONDS:g}s "
+                f"(its default agent never passed a health check); see {log_path}"
+            )
+        # Envoy is one more part: watched for crashes, stopped first.
+        part = Part("gateway", "envoy", [], listen_port, admin.port, process=envoy.process)
+        part.address, part.metrics, part.log_path = (
+            f"{listener.host}:{listener.port}",
+            admin.port,
+            log_path,
+        )
+        self._parts.append(part)
+        self.say(
+            f"  {'gateway':<20} {part.address}  (gRPC, gRPC-Web and JSON; "
+            f"envoy admin :{admin.port}, log {log_path})"
+        )
+        self.say(f"  {'console':<20} http://{part.address}/console/")
 
     async def _start_local_model(self) -> dict[str, str]:
         """Start the offline model server; the env that points agents at it."""
@@ -311,6 +377,26 @@ def _tail(path: Path | None, lines: int = 6) -> str:
     return "\n".join(f"    {line}" for line in text)
 
 
+async def _gateway_ready(listener: HostPort, envoy: EnvoyProcess) -> bool:
+    """/ready answers 200 once Envoy has health-checked the default agent."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + START_TIMEOUT_SECONDS
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while loop.time() < give_up:
+            if envoy.process is not None and envoy.process.returncode is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                response = await client.get(f"http://{listener.host}:{listener.port}/ready")
+                if response.status_code == 200:
+                    return True
+            await asyncio.sleep(0.1)
+    return False
+
+
+def _state_address(launcher: MeshLauncher, name: str) -> str:
+    return next((p.address for p in launcher._parts if p.name == name), "?")
+
+
 async def run_until_signalled(launcher: MeshLauncher) -> int:
     """`agentplex up`'s main loop: start, report, wait for Ctrl-C/SIGTERM or a crash, stop."""
     stop = asyncio.Event()
@@ -325,6 +411,11 @@ async def run_until_signalled(launcher: MeshLauncher) -> int:
         except LaunchError as exc:
             launcher.say(f"agentplex: {exc}")
             return 1
+        if launcher.gateway:
+            launcher.say(
+                "agentplex: through the gateway: grpcurl -plaintext "
+                f"{_state_address(launcher, 'gateway')} list"
+            )
         launcher.say(
             f"agentplex: mesh is up; addresses in {launcher.state_file}. "
             'Try: agentplex run --stream --agent assistant "what is 17*23?"  '

@@ -84,8 +84,10 @@ def running_mesh(
 def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
-    for part in ("redis", "memory", "registry", "tools", "assistant", "researcher", "supervisor"):
+    parts = ("redis", "memory", "registry", "tools", "assistant", "researcher", "supervisor")
+    for part in (*parts, "gateway", "gateway-xds", "console", "envoy_admin"):
         assert part in state, part
+    assert state["console"] == f"http://{state['gateway']}/console/"
     assert set(state["workers"]) == {
         "assistant-worker-1",
         "researcher-worker-1",
@@ -196,6 +198,41 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # 
     assert '"status": "SERVING"' in health.stdout
 
 
+def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    """The issue's newcomer path: one gateway address, gRPC (grpcurl) and JSON (HTTP)."""
+    import httpx
+
+    state_file, _ = running_mesh
+    state = json.loads(state_file.read_text())
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    streamed = subprocess.run(
+        [
+            grpcurl,
+            "-plaintext",
+            "-d",
+            '{"prompt": "what is 17*23?"}',
+            state["gateway"],
+            "agentplex.v1.AgentService/StreamSteps",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert '"toolName": "calculator"' in streamed.stdout
+    assert "391" in streamed.stdout
+    response = httpx.post(
+        f"http://{state['gateway']}/v1/agents/assistant/tasks:run",
+        json={"prompt": "what is 17*23?"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["result"]["status"] == "TASK_STATUS_COMPLETED"
+    assert "391" in response.json()["result"]["output"]
+    console = httpx.get(state["console"], timeout=10)
+    assert console.status_code == 200 and "agentplex console" in console.text
+
+
 def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-untyped-def]
     state_file, _ = running_mesh
     submitted = agentplex("submit", "--task-id", "cli-1", "what is 9*9", state_file=state_file)
@@ -303,7 +340,16 @@ def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore
 
     addresses = [
         state[part]
-        for part in ("memory", "registry", "tools", "assistant", "researcher", "supervisor")
+        for part in (
+            "memory",
+            "registry",
+            "tools",
+            "assistant",
+            "researcher",
+            "supervisor",
+            "gateway-xds",
+            "gateway",
+        )
     ]
     for address in [*addresses, *state["workers"].values()]:
         host, port = address.rsplit(":", 1)
