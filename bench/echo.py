@@ -1,7 +1,9 @@
 """A bare grpc.aio echo server: the floor one mesh hop is compared with.
 
 Generic handlers on raw bytes, no protobuf, no interceptors: what one unary
-or server-streaming call costs on this machine and this grpcio.
+or server-streaming call costs on this machine and this grpcio. It also
+answers grpc.health.v1 (SERVING), so the gateway's health checks let it into
+rotation when the gateway scenario routes the same echo through Envoy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 ECHO = "/bench.Echo/Echo"
 STREAM = "/bench.Echo/Stream"
@@ -42,6 +46,9 @@ async def serve(ready_file: Path) -> None:
         ),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
+    health = health_aio.HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await asyncio.to_thread(ready_file.write_text, json.dumps({"address": f"127.0.0.1:{port}"}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -32,6 +32,26 @@ async def latency(call: Callable[[], Awaitable[object]], count: int, warmup: int
         await call()
         samples.append(time.perf_counter() - started)
     return Latency.of(samples)
+
+
+async def interleaved(
+    calls: Mapping[str, Callable[[], Awaitable[object]]], count: int, warmup: int = 5
+) -> dict[str, Latency]:
+    """Sequential calls, one in flight, taking turns (one of each per round).
+
+    Paths compared with each other see the same moments of a shared machine,
+    so drift between them cancels instead of landing on whichever ran last.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            await call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(count):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            await call()
+            samples[name].append(time.perf_counter() - started)
+    return {name: Latency.of(seconds) for name, seconds in samples.items()}
 
 
 async def throughput(call: Callable[[], Awaitable[object]], count: int, in_flight: int) -> float:

@@ -50,7 +50,7 @@ class EnvoyProcess:
     async def start(self, *, timeout: float = 30.0) -> HostPort:
         """Start Envoy and wait for its admin API; returns the admin address."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        config = bootstrap.write(self.options, self.work_dir / "envoy.json")
+        config = self.write_config()
         admin_file = self.work_dir / "admin.address"
         admin_file.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,11 @@ class EnvoyProcess:
             await asyncio.sleep(0.05)
         raise EnvoyError(f"envoy did not start within {timeout:g}s: {self._tail()}")
 
-    async def listener(self, *, timeout: float = 30.0) -> HostPort:
+    def write_config(self) -> Path:
+        """The bootstrap Envoy starts from (a subclass may serve a static config instead)."""
+        return bootstrap.write(self.options, self.work_dir / "envoy.json")
+
+    async def listener(self, *, name: str = LISTENER_NAME, timeout: float = 30.0) -> HostPort:
         """The gateway listener's bound address, once Envoy got it from the control plane."""
         assert self.admin is not None, "start() first"
         loop = asyncio.get_running_loop()
@@ -100,7 +104,7 @@ class EnvoyProcess:
                         params={"format": "json"},
                     )
                     for listener in response.json().get("listener_statuses", []):
-                        if listener.get("name") == LISTENER_NAME:
+                        if listener.get("name") == name:
                             socket = listener["local_address"]["socket_address"]
                             return HostPort(socket["address"], int(socket["port_value"]))
                 await asyncio.sleep(0.1)

@@ -160,7 +160,9 @@ class MeshLauncher:
             part.name: part.address for part in self._parts if "-worker-" in part.name
         }
         state["metrics"] = {
-            part.name: f"http://127.0.0.1:{part.metrics}/metrics"
+            # Envoy serves Prometheus text on its admin API, not at /metrics.
+            part.name: f"http://127.0.0.1:{part.metrics}"
+            + ("/stats/prometheus" if part.name == "gateway" else "/metrics")
             for part in self._parts
             if part.metrics
         }

