@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -321,12 +321,15 @@ class AgentRunner:
         cancel_requested: CancelCheck | None,
         interrupt: asyncio.Event | None = None,
     ) -> str | None:
-        context = await self._context.load(
-            self.spec.name,
-            task.session_id,
-            deadline,
-            # Summaries are paid from the task's budget, but never most of it.
-            spend_limit=task.token_budget // 4,
+        context = await _interruptible(
+            self._context.load(
+                self.spec.name,
+                task.session_id,
+                deadline,
+                # Summaries are paid from the task's budget, but never most of it.
+                spend_limit=task.token_budget // 4,
+            ),
+            interrupt,  # summarizing is model calls too: a cancel stops it at once
         )
         await self._account_summaries(context, events, progress)
         messages = context.chat_messages(self.spec.instructions)
@@ -387,11 +390,9 @@ class AgentRunner:
             delegations = sum(tool_list.delegates(call.name) for call in completion.tool_calls)
             share = (task.token_budget - progress.tokens) // max(delegations, 1)
             results = await _interruptible(
-                asyncio.gather(
-                    *(
-                        self._invoke(task, step, index, call, tool_list, deadline, events, share)
-                        for index, call in enumerate(completion.tool_calls)
-                    )
+                _all_or_none(
+                    self._invoke(task, step, index, call, tool_list, deadline, events, share)
+                    for index, call in enumerate(completion.tool_calls)
                 ),
                 interrupt,
             )
@@ -650,6 +651,24 @@ async def _warn_if_low(
             tokens_used=progress.tokens, token_budget=task.token_budget
         ),
     )
+
+
+async def _all_or_none(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all of `work` in parallel; if one fails, cancel the others before raising.
+
+    `asyncio.gather` alone would leave the others running after the task ended
+    (a delegation relaying events past the task's final event, its sub-task
+    uncancelled until its deadline).
+    """
+    running = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*running))
+    finally:
+        pending = [r for r in running if not r.done()]
+        for r in pending:
+            r.cancel()
+        if pending:
+            await asyncio.wait(pending)  # let them unwind (cancelling their sub-tasks)
 
 
 async def _interruptible(work: Awaitable[T], interrupt: asyncio.Event | None) -> T:

@@ -50,13 +50,16 @@ RETRY_ATTEMPTS = 3
 WATCH_ATTEMPTS = 3
 FINAL_KINDS = ("final_result", "error")
 # Tool error codes that count against a downstream agent's breaker: it was
-# unreachable, too slow, or its task failed. Refusals, cancellations and budget
-# limits say nothing about its health.
+# unreachable, too slow, its queue was full, or its task failed. Any other error
+# (refusals, cancellations, budget limits, the caller's own deadline) says
+# nothing about its health and gives no verdict: it neither counts as a failure
+# nor resets the count, and a half-open probe that ends so frees its slot.
 BREAKER_FAILURES = frozenset(
     {
         "UNAVAILABLE",
         "TIMEOUT",
         "RESOURCE_EXHAUSTED",
+        "QUEUE_FULL",
         "INTERNAL",
         "UNKNOWN",
         "ABORTED",
@@ -165,7 +168,7 @@ class BackendRouter:
                 token_budget,
                 progress,
             )
-            verdict = not (response.HasField("error") and response.error.code in BREAKER_FAILURES)
+            verdict = breaker_verdict(response)
             return response
         finally:
             # No verdict when the caller gave up (cancelled, or its own deadline).
@@ -378,6 +381,14 @@ class BackendRouter:
             finally:
                 call.cancel()
         raise errors.Unavailable(f"lost the event stream of sub-task {task_id}")
+
+
+def breaker_verdict(response: tool_executor_service_pb2.ExecuteToolResponse) -> bool | None:
+    """What one call says about the downstream agent's health: True healthy, False
+    failing, None nothing (see BREAKER_FAILURES)."""
+    if not response.HasField("error"):
+        return True
+    return False if response.error.code in BREAKER_FAILURES else None
 
 
 def _subtask_id(caller: tool_registry_service_pb2.Caller, idempotency_key: str) -> str:

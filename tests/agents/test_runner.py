@@ -429,3 +429,27 @@ async def test_tool_list_is_read_again_only_when_the_registry_moved_on() -> None
     )
     await runner(llm, tools).run(task(), Deadline.after(10), Recorder())
     assert tools.lists == 2  # the newer revision reported by a call triggers one re-read
+
+
+async def test_a_failing_tool_call_cancels_its_siblings() -> None:
+    """A step's calls run in parallel; when one fails the task, none outlives it."""
+    from agentplex.agents.runner import _all_or_none
+
+    sibling_cancelled = asyncio.Event()
+
+    async def slow() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            sibling_cancelled.set()
+            raise
+        return "late"
+
+    async def failing() -> str:
+        await asyncio.sleep(0.01)
+        raise errors.DeadlineExceeded("out of time")
+
+    with pytest.raises(errors.DeadlineExceeded):
+        await _all_or_none([slow(), failing()])
+    assert sibling_cancelled.is_set()  # already unwound when the failure surfaced
+    assert await _all_or_none([asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)]) == [1, 2]

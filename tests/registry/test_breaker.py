@@ -7,7 +7,7 @@ import json
 from agentplex.agents.app import agent_tool
 from agentplex.agents.catalog import ASSISTANT
 from agentplex.mesh.redis_process import free_port
-from agentplex.registry.backends import BackendRouter
+from agentplex.registry.backends import BackendRouter, _failure
 from agentplex.registry.breaker import BreakerState, CircuitBreaker
 from agentplex.runtime.clients import Deadline
 from agentplex.v1 import tool_pb2
@@ -112,3 +112,43 @@ async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
     finally:
         await router.close()
     assert json.loads(tool.input_schema_json)["required"] == ["prompt"]
+
+
+async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only failures of the agent itself count; a refused, cancelled or unaffordable
+    call neither counts nor resets the count, and a full queue counts."""
+    clock = Clock()
+    router = BackendRouter(
+        tool_timeout_seconds=5, breaker_failure_threshold=3, breaker_reset_seconds=30, clock=clock
+    )
+    tool = agent_tool(ASSISTANT)
+    tool.backend_kind = tool_pb2.BACKEND_KIND_AGENT
+    caller = pb.Caller(agent="supervisor", session_id="s", task_id="t")
+    codes: list[str] = []
+
+    async def fake_execute(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return _failure(codes.pop(0), "scripted")
+
+    monkeypatch.setattr(router, "_execute", fake_execute)
+
+    async def call(code: str) -> str:
+        codes.append(code)
+        response = await router.execute(
+            tool, ["127.0.0.1:1"], {"prompt": "hi"}, caller, "t:1:0", Deadline.after(10)
+        )
+        return response.error.code
+
+    breaker = router.breaker(tool.name)
+    assert await call("UNAVAILABLE") == "UNAVAILABLE"
+    assert await call("QUEUE_FULL") == "QUEUE_FULL"
+    for harmless in ("TOKEN_BUDGET_EXCEEDED", "CANCELLED", "DELEGATION_CYCLE"):
+        assert await call(harmless) == harmless
+        assert breaker.consecutive_failures == 2  # not reset, not counted
+    assert await call("AGENT_FAILED") == "AGENT_FAILED"
+    assert breaker.state is BreakerState.OPEN
+
+    clock.now += 30
+    assert await call("CANCELLED") == "CANCELLED"  # the probe ended without a verdict
+    assert breaker.state is BreakerState.HALF_OPEN  # ... so it did not close the breaker
+    assert await call("UNAVAILABLE") == "UNAVAILABLE"  # the next probe is admitted, and fails
+    assert breaker.state is BreakerState.OPEN
