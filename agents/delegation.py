@@ -10,6 +10,11 @@ produced it; the sub-task's end becomes one `DelegationFinished` event.
 
 What the sub-task spent is charged to this task's budget, and a sub-task
 that ran out of its share ends the whole tree with "token budget exceeded".
+
+A delegation whose stream breaks after the sub-task started (the registry
+lost the sub-task's events, or this call to the registry broke) still ends
+its branch with a `DelegationFinished`: FAILED, the error, and the tokens the
+sub-task's relayed model calls showed it had spent — which are charged too.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agentplex.agents.events import EventRecorder
-from agentplex.v1 import step_event_pb2, task_pb2, tool_registry_service_pb2
+from agentplex.runtime import errors
+from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2, tool_registry_service_pb2
 
 TOKEN_BUDGET_EXCEEDED = "token budget exceeded"
 # Tool error code for a delegation refused because the caller's share of its
@@ -61,32 +67,54 @@ async def delegate(
     subtask: task_pb2.Task | None = None
     result: task_pb2.TaskResult | None = None
     response = tool_registry_service_pb2.InvokeToolResponse(tool_name=request.tool_name)
-    async for item in tools.invoke_stream(request, timeout=timeout):
-        which = item.WhichOneof("item")
-        if which == "subtask":
-            subtask = item.subtask
-            await events.emit(
-                step,
-                delegation_started=step_event_pb2.DelegationStarted(
-                    call_id=call_id,
-                    agent=subtask.agent,
-                    task_id=subtask.task_id,
-                    token_budget=request.token_budget,
-                    lineage=subtask.lineage,
-                ),
-            )
-        elif which == "event":
-            event = item.event
-            kind = event.WhichOneof("kind")
-            if kind in FINAL_KINDS:
-                # Only the sub-task's own end can be final here (it turned its
-                # sub-tasks' ends into DelegationFinished); report it as such.
-                result = event.final_result.result if kind == "final_result" else event.error.result
-                continue
-            await events.relay(event)
-        elif which == "response":
-            response = item.response
-    if subtask is not None and result is not None:
+    # Model tokens the sub-tree's relayed events reported, for a stream that breaks.
+    seen_tokens = 0
+    try:
+        async for item in tools.invoke_stream(request, timeout=timeout):
+            which = item.WhichOneof("item")
+            if which == "subtask":
+                subtask = item.subtask
+                await events.emit(
+                    step,
+                    delegation_started=step_event_pb2.DelegationStarted(
+                        call_id=call_id,
+                        agent=subtask.agent,
+                        task_id=subtask.task_id,
+                        token_budget=request.token_budget,
+                        lineage=subtask.lineage,
+                    ),
+                )
+            elif which == "event":
+                event = item.event
+                kind = event.WhichOneof("kind")
+                if kind in FINAL_KINDS:
+                    # Only the sub-task's own end can be final here (it turned its
+                    # sub-tasks' ends into DelegationFinished); report it as such.
+                    result = (
+                        event.final_result.result if kind == "final_result" else event.error.result
+                    )
+                    continue
+                if kind == "llm_call_finished":
+                    usage = event.llm_call_finished
+                    seen_tokens += usage.prompt_tokens + usage.completion_tokens
+                await events.relay(event)
+            elif which == "response":
+                response = item.response
+    except errors.AgentplexError as exc:
+        if subtask is None:
+            raise  # nothing started: the runner reports it as before
+        response = tool_registry_service_pb2.InvokeToolResponse(
+            tool_name=request.tool_name,
+            error=tool_pb2.ToolError(code=exc.reason, message=exc.message),
+        )
+        if isinstance(exc, errors.DeadlineExceeded):
+            await _finish_lost(events, step, call_id, subtask, response, seen_tokens)
+            raise  # the task's own deadline: it ends, the branch with it
+    if subtask is not None and result is None:
+        # The sub-task started but its end never came through: end the branch
+        # with what is known, and charge what it was seen to spend.
+        result = await _finish_lost(events, step, call_id, subtask, response, seen_tokens)
+    elif subtask is not None and result is not None:
         await events.emit(
             step,
             delegation_finished=step_event_pb2.DelegationFinished(
@@ -98,6 +126,32 @@ async def delegate(
         response.HasField("error") and response.error.code == BUDGET_ERROR_CODE
     )
     return Delegated(response=response, tokens=tokens, budget_exhausted=exhausted, output=output)
+
+
+async def _finish_lost(
+    events: EventRecorder,
+    step: int,
+    call_id: str,
+    subtask: task_pb2.Task,
+    response: tool_registry_service_pb2.InvokeToolResponse,
+    tokens: int,
+) -> task_pb2.TaskResult:
+    """Emit the DelegationFinished of a sub-task whose own end was never seen."""
+    error = response.error.message if response.HasField("error") else ""
+    result = task_pb2.TaskResult(
+        task_id=subtask.task_id,
+        status=task_pb2.TASK_STATUS_FAILED,
+        tokens_used=tokens,
+        error=f"lost the sub-task's event stream: {error or 'it ended without a result'}",
+        session_id=subtask.session_id,
+    )
+    await events.emit(
+        step,
+        delegation_finished=step_event_pb2.DelegationFinished(
+            call_id=call_id, agent=subtask.agent, task_id=subtask.task_id, result=result
+        ),
+    )
+    return result
 
 
 def _spent(

@@ -41,15 +41,22 @@ MAX_SUMMARY_BYTES = 64 * 1024
 
 # Push, trim and renew the TTL in one step, skipping a task's batch seen before.
 # Messages past the hard cap leave from the head, and `base` moves with them so
-# positions stay stable. KEYS: list, task ids seen, meta hash.
+# positions stay stable. The task ids seen are a sorted set scored by the
+# position their batch started at, trimmed to the newest `cap`: every batch
+# holds at least one message, so a batch still (partly) in the list always has
+# its id kept, and the set never outgrows the list's own bound.
+# KEYS: list, task ids seen, meta hash.
 _APPEND = """
+local cap = tonumber(ARGV[2])
 if ARGV[1] ~= '' then
-  if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return redis.call('LLEN', KEYS[1]) end
+  if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return redis.call('LLEN', KEYS[1]) end
+  local tail = tonumber(redis.call('HGET', KEYS[3], 'base') or '0') + redis.call('LLEN', KEYS[1])
+  redis.call('ZADD', KEYS[2], tail, ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -cap - 1)
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
 for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 local len = redis.call('LLEN', KEYS[1])
-local cap = tonumber(ARGV[2])
 if len > cap then
   redis.call('LTRIM', KEYS[1], -cap, -1)
   redis.call('HINCRBY', KEYS[3], 'base', len - cap)
@@ -153,9 +160,11 @@ class MemoryStore:
         return f"{self._prefix}:memory:{scope.agent}:{scope.session_id}"
 
     def _keys(self, scope: memory_pb2.SessionScope) -> tuple[str, str, str]:
-        """The session's list, its set of task ids seen, and its meta hash."""
+        """The session's list, its task ids seen (a sorted set: see `_APPEND`), and
+        its meta hash. (The ids were once a plain set under `:tasks`; the new name
+        keeps a session written before from hitting a key of the wrong type.)"""
         key = self._key(scope)
-        return key, f"{key}:tasks", f"{key}:meta"
+        return key, f"{key}:task-ids", f"{key}:meta"
 
     async def append(
         self, scope: memory_pb2.SessionScope, messages: Sequence[memory_pb2.MemoryMessage]

@@ -305,7 +305,8 @@ class BackendRouter:
                 f"and a sub-task needs at least {catalog.MIN_TOKEN_BUDGET}",
             )
         spec = task_pb2.TaskSpec(
-            # Derived from the invocation's key, so a replayed delegation keeps its id.
+            # Derived from the invocation's key, so a replayed delegation keeps its id
+            # and re-attaches to the sub-task (see TaskService.submit).
             task_id=_subtask_id(caller, idempotency_key),
             prompt=arguments["prompt"],
             session_id=arguments.get("session_id", ""),

@@ -14,7 +14,15 @@ from opentelemetry import propagate
 from agentplex.agents import lineage
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
-from agentplex.tasks.store import PENDING, RUNNING, TERMINAL, StaleAttempt, TaskStore, fingerprint
+from agentplex.tasks.store import (
+    PENDING,
+    RUNNING,
+    TERMINAL,
+    StaleAttempt,
+    TaskStore,
+    delegation_fingerprint,
+    fingerprint,
+)
 from agentplex.v1 import step_event_pb2, task_pb2
 
 FINAL_KINDS = ("final_result", "error")
@@ -27,7 +35,27 @@ class TaskService:
         self._store = store
 
     async def submit(self, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:
+        """Record and queue a task; (the task, whether it is new).
+
+        A task id already taken by the same request returns that task; by a
+        different one, TASK_ID_REUSED — except for a replayed delegation. The
+        registry derives a sub-task's id from the invocation's idempotency key
+        and recomputes its deadline and budget share each time it runs it (a
+        durable parent retried after its worker died, its ledger claim gone).
+        If only those differ — same agent, prompt, session, lineage, metadata,
+        step limit — it is the same delegation, and the resubmission
+        *re-attaches*: it gets the existing sub-task, which the registry then
+        watches to its end. Chosen over cancel-and-replace because the work
+        already done (model calls, tool side effects, tokens spent) is kept
+        rather than paid for twice, and the id keeps naming one sub-task, whose
+        record and events stay whole; it keeps the deadline and budget share
+        it was given first (the watching registry still cancels it if the
+        replayed caller goes away or runs out of time). A sub-task that
+        already ended is re-attached to as well: its result is the answer
+        (a CANCELLED one a tool error the caller's model sees).
+        """
         fp = fingerprint(spec)  # of the request as sent, before defaults
+        same_delegation = delegation_fingerprint(spec)
         request = TaskRequest.from_proto(spec)  # validates; fills defaults
         lineage.check_accepts(self._store.agent, spec.lineage)
         normalized = task_pb2.TaskSpec(
@@ -44,7 +72,7 @@ class TaskService:
             normalized.deadline.CopyFrom(spec.deadline)
         # The queue breaks the gRPC call chain; the trace continues through the record.
         propagate.inject(normalized.trace_context)
-        created = await self._store.submit(normalized, fp)
+        created = await self._store.submit(normalized, fp, same_delegation)
         return await self._store.get(normalized.task_id), created
 
     async def get(self, task_id: str) -> task_pb2.Task:

@@ -42,13 +42,16 @@ TERMINAL = (
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'fp') == ARGV[2] then return {'exists'} end
+  if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'delegation') == ARGV[7] then
+    return {'exists'}
+  end
   return {'conflict'}
 end
 local depth = tonumber(redis.call('GET', KEYS[3]) or '0')
 if depth >= tonumber(ARGV[4]) then return {'full', tostring(depth)} end
 local entry = redis.call('XADD', KEYS[2], '*', 'task', ARGV[5])
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', ARGV[2], 'status', ARGV[6], 'attempt', 0,
-  'seq', 0, 'cancel', 0, 'created_ms', ARGV[3], 'entry', entry)
+  'seq', 0, 'cancel', 0, 'created_ms', ARGV[3], 'entry', entry, 'delegation', ARGV[7])
 redis.call('INCR', KEYS[3])
 return {'created'}
 """
@@ -179,6 +182,24 @@ def fingerprint(spec: task_pb2.TaskSpec) -> str:
     return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
 
 
+def delegation_fingerprint(spec: task_pb2.TaskSpec) -> str:
+    """Identity of a delegation, for a sub-task (lineage with a parent); "" otherwise.
+
+    The request as sent, but without what the registry recomputes each time it
+    runs the same delegation: the wall-clock `deadline` (from the caller's time
+    left) and the `token_budget` (the caller's share left), and the trace
+    context. Same agent (this queue), prompt, session, lineage, metadata and
+    step limit under the same task id: the same delegation, replayed.
+    """
+    if not spec.lineage.parent_task_id:
+        return ""
+    identity = task_pb2.TaskSpec()
+    identity.CopyFrom(spec)
+    for name in ("deadline", "token_budget", "trace_context"):
+        identity.ClearField(name)
+    return hashlib.sha256(identity.SerializeToString(deterministic=True)).hexdigest()
+
+
 class TaskStore:
     def __init__(
         self,
@@ -220,11 +241,20 @@ class TaskStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, spec: task_pb2.TaskSpec, fp: str) -> bool:
-        """Record and queue a task atomically; False if it was already there."""
+    async def submit(self, spec: task_pb2.TaskSpec, fp: str, delegation: str = "") -> bool:
+        """Record and queue a task atomically; False if it was already there: the
+        same request (`fp`), or the same delegation (`delegation`, if not empty)."""
         outcome = await self._submit(
             keys=[self.task_key(spec.task_id), self.queue_key, self.depth_key],
-            args=[spec.SerializeToString(), fp, now_ms(), self._queue_limit, spec.task_id, PENDING],
+            args=[
+                spec.SerializeToString(),
+                fp,
+                now_ms(),
+                self._queue_limit,
+                spec.task_id,
+                PENDING,
+                delegation,
+            ],
         )
         verdict = outcome[0].decode()
         if verdict == "conflict":

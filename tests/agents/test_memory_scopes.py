@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+from agentplex.agents import app as agents_app
+from agentplex.agents.catalog import CATALOG
+from agentplex.agents.llm.base import CompletionRequest
+from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.memory.client import MemoryClient
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import (
@@ -70,33 +74,69 @@ async def test_twenty_concurrent_appends_through_the_service_lose_nothing(mesh) 
         assert contents[start : start + 3] == [f"{writer}-{i}" for i in range(3)]
 
 
-async def test_a_sub_agent_sees_only_its_own_scope(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
-    """A delegation reaches the sub-agent as a task of its own: a prompt and a session
-    id, nothing of the caller's history. Even under the caller's session id, the
-    sub-agent's memory is its own (agent, session) scope."""
+class RecordingLLM(ScriptedLLM):
+    """The scripted model, keeping every request it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[CompletionRequest] = []
+
+    async def stream(self, request: CompletionRequest):  # type: ignore[no-untyped-def, override]
+        self.requests.append(request)
+        async for event in super().stream(request):
+            yield event
+
+
+def contents(model: RecordingLLM) -> list[str]:
+    return [m.content for request in model.requests for m in request.messages]
+
+
+async def test_a_sub_agent_sees_only_its_own_scope(mesh, channel_to, start_worker) -> None:  # type: ignore[no-untyped-def]
+    """A delegation reaches the sub-agent as a task of its own: the delegated prompt
+    and its own (agent, session) memory, nothing of the caller's history. Checked on
+    what the sub-agent's model was actually sent, in a real supervisor delegation."""
+    sub_model = RecordingLLM()
+    await start_worker("assistant", llm=sub_model)
+    supervisor_model = RecordingLLM()
+    host = agents_app.build_host(
+        CATALOG["supervisor"], mesh.settings, metrics_port=None, llm=supervisor_model
+    )
+    address = (await host.start()).address
     memory = MemoryClient(mesh.memory)
     try:
-        secret = memory_pb2.MemoryMessage(
-            role=memory_pb2.ROLE_USER, content="the caller's secret is zq-7781"
-        )
-        await memory.append("assistant", "s-shared", [secret], timeout=5)
-
-        researcher = agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["researcher"]))
-        response = await researcher.RunTask(
-            pb.RunTaskRequest(
-                prompt="how does the registry validate?",
-                session_id="s-shared",
-                metadata={"delegated_by": "assistant"},
+        history = [
+            memory_pb2.MemoryMessage(
+                role=memory_pb2.ROLE_USER, content="the caller's secret is zq-7781"
             ),
-            timeout=30,
+            memory_pb2.MemoryMessage(
+                role=memory_pb2.ROLE_ASSISTANT, content="noted: only the supervisor knows xk-4420"
+            ),
+        ]
+        await memory.append("supervisor", "s-shared", history, timeout=5)
+
+        supervisor = agent_service_pb2_grpc.AgentServiceStub(channel_to(address))
+        response = await supervisor.RunTask(
+            pb.RunTaskRequest(prompt="what is 17*23?", session_id="s-shared"), timeout=30
         )
         assert response.result.status == task_pb2.TASK_STATUS_COMPLETED
+        assert "17*23 = 391." in response.result.output  # the sub-agent did answer
 
-        sub = await memory.load("researcher", "s-shared", EVERYTHING, timeout=5)
-        assert sub.messages[0].content == "how does the registry validate?"
-        assert len(sub.messages) == 2
-        assert not any("zq-7781" in m.content for m in sub.messages)
-        caller = await memory.load("assistant", "s-shared", EVERYTHING, timeout=5)
-        assert [m.content for m in caller.messages] == ["the caller's secret is zq-7781"]
+        # The supervisor's own model had the history (so there was something to leak) ...
+        seen_by_supervisor = contents(supervisor_model)
+        assert any("zq-7781" in c for c in seen_by_supervisor)
+        assert any("xk-4420" in c for c in seen_by_supervisor)
+        # ... and delegated: the sub-agent's model was called, with none of it.
+        assert sub_model.requests
+        first = sub_model.requests[0].messages
+        assert [m.content for m in first if m.role == "user"] == ["what is 17*23?"]
+        seen_by_sub = contents(sub_model)
+        assert not any("zq-7781" in c or "xk-4420" in c for c in seen_by_sub)
+        assert not any(m.content in c for m in history for c in seen_by_sub)
+
+        # The caller's scope has the new turn; nothing of the sub-agent's went into it.
+        caller = await memory.load("supervisor", "s-shared", EVERYTHING, timeout=5)
+        assert [m.content for m in caller.messages][:2] == [m.content for m in history]
+        assert len(caller.messages) == 4
     finally:
         await memory.close()
+        await host.stop()

@@ -509,3 +509,38 @@ async def test_a_tasks_turn_is_stored_once_however_often_it_is_saved(
     other = [memory_pb2.MemoryMessage(role=memory_pb2.ROLE_USER, content="q2", task_id="t-2")]
     assert await store.append(scope, other) == 3
     assert [m.content for m in (await store.load(scope)).messages] == ["q", "a", "q2"]
+
+
+async def test_task_ids_kept_for_de_duplication_are_bounded_like_the_messages(
+    make_store, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    store = make_store(max_messages=6)
+    s = scope(session_id="s-many-tasks")
+
+    def turn(n: int) -> list[memory_pb2.MemoryMessage]:
+        return [
+            msg(f"q{n}", task_id=f"t-{n}"),
+            msg(f"a{n}", role=memory_pb2.ROLE_ASSISTANT, task_id=f"t-{n}"),
+        ]
+
+    for n in range(50):
+        await store.append(s, turn(n))
+    # Every other key of the session (its list, its meta hash) is bounded by the
+    # cap; the ids seen are too, instead of growing by one per task until the TTL.
+    ids = [k for k in await redis_client.keys(f"{key_of(key_prefix, s)}:*") if b"meta" not in k]
+    assert len(ids) == 1
+    kind = await redis_client.type(ids[0])
+    kept = await (redis_client.zcard if kind == b"zset" else redis_client.scard)(ids[0])
+    assert kept <= 6
+    # Every batch still (partly) stored is still de-duplicated: a retried save of
+    # any of them changes nothing.
+    for n in (47, 48, 49):
+        assert await store.append(s, turn(n)) == 6
+    assert [m.content for m in (await store.load(s, MAX_CONTEXT_TOKENS)).messages] == [
+        "q47",
+        "a47",
+        "q48",
+        "a48",
+        "q49",
+        "a49",
+    ]

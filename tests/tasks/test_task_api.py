@@ -100,6 +100,46 @@ async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -
     assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
 
 
+async def test_a_delegation_resubmitted_with_new_limits_is_the_same_task(assistant) -> None:  # type: ignore[no-untyped-def]
+    """The registry recomputes a sub-task's deadline and budget share each time it
+    runs a delegation; a replay under the same id is the same task, not a conflict.
+    A task without a parent keeps the strict rule."""
+    lineage = task_pb2.TaskLineage(
+        parent_task_id="t-parent", root_task_id="t-parent", depth=1, agents=["supervisor"]
+    )
+    spec = task_pb2.TaskSpec(
+        prompt="what is 1+1", task_id="d-1", token_budget=4000, lineage=lineage
+    )
+    spec.deadline.FromSeconds(4_000_000_000)
+    first = await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
+    replay = task_pb2.TaskSpec()
+    replay.CopyFrom(spec)
+    replay.token_budget = 3000
+    replay.deadline.FromSeconds(4_000_000_060)
+    again = await assistant.SubmitTask(pb.SubmitTaskRequest(task=replay), timeout=5)
+    assert first.created and not again.created
+    assert again.task.task_id == "d-1" and again.task.deadline == first.task.deadline
+
+    for changed in (
+        task_pb2.TaskSpec(prompt="what is 2+2", task_id="d-1", lineage=lineage),
+        task_pb2.TaskSpec(
+            prompt="what is 1+1", task_id="d-1", session_id="s-other", lineage=lineage
+        ),
+    ):
+        changed.token_budget = 4000
+        changed.deadline.CopyFrom(spec.deadline)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await assistant.SubmitTask(pb.SubmitTaskRequest(task=changed), timeout=5)
+        assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
+
+    root = task_pb2.TaskSpec(prompt="what is 1+1", task_id="r-1", token_budget=4000)
+    await assistant.SubmitTask(pb.SubmitTaskRequest(task=root), timeout=5)
+    root.token_budget = 3000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await assistant.SubmitTask(pb.SubmitTaskRequest(task=root), timeout=5)
+    assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
+
+
 async def test_bad_submit_is_invalid_argument_and_queues_nothing(
     mesh, assistant, redis_client
 ) -> None:  # type: ignore[no-untyped-def]

@@ -105,8 +105,11 @@ class AgentServiceServicer:
     def SubmitTask(self, request, context):
         """Queues a task and returns at once with its id (status pending). Submitting
         the same client-chosen task_id again with the same request returns the same
-        task; with a different request it is FAILED_PRECONDITION. RESOURCE_EXHAUSTED
-        when the agent's queue is full.
+        task; with a different request it is FAILED_PRECONDITION. A delegated task
+        (lineage with a parent) is the same request if only its deadline and
+        token_budget differ: a replayed delegation recomputes both and re-attaches
+        to the sub-task already there. RESOURCE_EXHAUSTED when the agent's queue is
+        full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,8 +124,10 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTask(self, request, context):
-        """Cancels a task: a pending task never starts, a running one stops at its next
-        step boundary. Cancelling a finished task changes nothing and returns it.
+        """Cancels a task: a pending task never starts; a running one is stopped by its
+        worker within a fraction of a second (it checks the cancel flag every 0.2 s
+        and interrupts the step in progress), ending CANCELLED. Cancelling a finished
+        task changes nothing and returns it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
