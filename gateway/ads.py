@@ -132,7 +132,12 @@ class DiscoveryServer(AggregatedDiscoveryServiceBase):
                 subscription.sent_version == version
                 and subscription.sent_names == subscription.names
             )
-            if unchanged or version == subscription.nacked_version:
+            # A rejected version is not offered again, unless Envoy now asks for other names.
+            rejected = (
+                version == subscription.nacked_version
+                and subscription.sent_names == subscription.names
+            )
+            if unchanged or rejected:
                 continue
             subscription.sent_version = version
             subscription.sent_names = subscription.names

@@ -67,6 +67,37 @@ class SnapshotHealth:
         }
 
 
+class _Server(Server):
+    """grpclib's server, able to drop the connections it accepted.
+
+    `Server.close()` only stops listening and cancels the handlers; a
+    cancelled handler sends no trailers, so Envoy's ADS stream — and the
+    HTTP/2 connection under it — stays open to a server that no longer
+    answers, and Envoy never reconnects to a control plane started in its
+    place. Closing the transports makes Envoy see the disconnect and retry.
+    """
+
+    def __init__(self, handlers: list[object]) -> None:
+        super().__init__(handlers)  # type: ignore[arg-type]
+        self._transports: set[asyncio.BaseTransport] = set()
+
+    def _protocol_factory(self):  # type: ignore[no-untyped-def]
+        protocol = super()._protocol_factory()
+        connection_made = protocol.connection_made
+
+        def track(transport: asyncio.BaseTransport) -> None:
+            self._transports.add(transport)
+            connection_made(transport)
+
+        protocol.connection_made = track  # type: ignore[method-assign]
+        return protocol
+
+    def close_connections(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        self._transports.clear()
+
+
 class ControlPlaneServer:
     """The ADS server and the directory poller, started and stopped together."""
 
@@ -82,7 +113,7 @@ class ControlPlaneServer:
             self.cache,
             poll_seconds=gateway.directory_poll_seconds,
         )
-        self._server = Server([self.discovery, SnapshotHealth(self.cache)])
+        self._server = _Server([self.discovery, SnapshotHealth(self.cache)])
         self._poller: asyncio.Task[None] | None = None
         self.address = ""
 
@@ -101,6 +132,7 @@ class ControlPlaneServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         self._server.close()
+        self._server.close_connections()
         await self._server.wait_closed()
         await self._channel.close()
 

@@ -79,7 +79,6 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteActionMaxStreamDuration,
     RouteConfiguration,
     RouteMatch,
-    RouteMatchGrpcRouteMatchOptions,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
@@ -136,7 +135,13 @@ _REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
 )
 _NEVER_SENT = "connect-failure,refused-stream"  # the request never reached the service
-_GRPC_MATCH = RouteMatchGrpcRouteMatchOptions()  # content-type application/grpc*
+# gRPC and gRPC-Web (application/grpc, application/grpc+proto, application/grpc-web…).
+# Not RouteMatch.grpc: that matches application/grpc only, and the route is picked while
+# the request still has the browser's content type (the gRPC-Web filter rewrites it
+# later), so gRPC-Web calls to RunTask or SubmitTask found no route but the errors.
+_GRPC_CONTENT = HeaderMatcher(
+    name="content-type", string_match=StringMatcher(prefix="application/grpc")
+)
 # For routes that never read the body (answered by Envoy, or bidirectional streams).
 _NO_BUFFER = {"envoy.filters.http.buffer": Any.pack(BufferPerRoute(disabled=True))}
 
@@ -154,7 +159,7 @@ class HostPort:
     def parse(cls, address: str) -> HostPort:
         """`host:port` (IPv6 as `[::1]:port`); `localhost` becomes 127.0.0.1 for Envoy's EDS."""
         host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ValueError(f"not a host:port address: {address!r}")
         host = host.strip("[]")
         if host == "localhost":
@@ -275,7 +280,14 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
         ),
         # No panic routing: with every replica unhealthy, fail fast (UNAVAILABLE)
         # instead of spraying requests at replicas known to be down.
-        common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
+        common_lb_config=ClusterCommonLbConfig(
+            healthy_panic_threshold=Percent(value=0.0),
+            # Apply health and membership changes at once instead of batching them for
+            # a second: a started replica takes calls as soon as it passes a check.
+            update_merge_window=_seconds(0),
+        ),
+        # A replica withdrawn from the directory leaves at once, healthy or not.
+        ignore_health_on_host_removal=True,
     )
 
 
@@ -533,7 +545,7 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
         routes.extend(_grpc_routes(agent_cluster(options.default_agent), options, header=None))
     routes.append(
         _grpc_error_route(
-            RouteMatch(prefix="/", grpc=_GRPC_MATCH),
+            RouteMatch(prefix="/", headers=[_GRPC_CONTENT]),
             code=14,
             message=f"the default agent {options.default_agent!r} is not routable right now",
         )
@@ -607,7 +619,7 @@ def _grpc_routes(cluster: str, options: GatewayOptions, *, header: str | None) -
         headers = [HeaderMatcher(name=AGENT_HEADER, string_match=StringMatcher(exact=header))]
 
     def route(match: RouteMatch, action: RouteAction, **extra: object) -> Route:
-        match.headers = list(headers)
+        match.headers = [*match.headers, *headers]
         return Route(match=match, route=action, **extra)  # type: ignore[arg-type]
 
     routes = []
@@ -651,7 +663,7 @@ def _grpc_routes(cluster: str, options: GatewayOptions, *, header: str | None) -
         )
     routes.append(
         route(
-            RouteMatch(prefix="/", grpc=_GRPC_MATCH),
+            RouteMatch(prefix="/", headers=[_GRPC_CONTENT]),
             _route_action(cluster, options, streaming=False, idempotent=False),
         )
     )

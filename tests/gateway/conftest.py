@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +32,16 @@ class Gateway:
         return next((a["replicas"] for a in listing["agents"] if a["name"] == agent), 0)
 
     async def host_stats(self, cluster: str) -> dict[str, dict[str, str]]:
-        """Per-replica stats of one cluster from Envoy's admin API: {host: {stat: value}}."""
+        """Per-replica stats of one cluster from Envoy's admin API: {host: {stat: value}}.
+
+        Only replicas (`host:port` keys): the cluster-wide lines of /clusters
+        (`outlier::…`, `default_priority::…`) are left out."""
         async with httpx.AsyncClient(timeout=2.0) as client:
             text = (await client.get(f"{self.admin}/clusters")).text
         hosts: dict[str, dict[str, str]] = {}
         for line in text.splitlines():
             parts = line.split("::")
-            if len(parts) == 4 and parts[0] == cluster:
+            if len(parts) == 4 and parts[0] == cluster and ":" in parts[1]:
                 hosts.setdefault(parts[1], {})[parts[2]] = parts[3]
         return hosts
 
@@ -57,29 +59,42 @@ async def start_control_plane(mesh, **gateway_settings) -> ControlPlaneServer:  
 
 
 @pytest.fixture
-async def gateway(mesh, tmp_path: Path, eventually) -> AsyncIterator[Gateway]:  # type: ignore[no-untyped-def]
-    control_plane = await start_control_plane(mesh)
-    envoy = EnvoyProcess(
-        BootstrapOptions(HostPort.parse(control_plane.address), admin_port=0),
-        work_dir=tmp_path / "envoy",
-        log_path=tmp_path / "envoy" / "envoy.log",
-    )
-    try:
+async def start_gateway(mesh, tmp_path: Path, eventually):  # type: ignore[no-untyped-def]
+    """`await start_gateway(**gateway_settings)`: a gateway (control plane + Envoy) over the
+    test's mesh, ready to route to the default agent; stopped after the test. A test
+    that replaces `gateway.control_plane` gets the replacement stopped instead."""
+    started: list[Gateway] = []
+
+    async def start(**gateway_settings) -> Gateway:  # type: ignore[no-untyped-def]
+        index = len(started)
+        control_plane = await start_control_plane(mesh, **gateway_settings)
+        envoy = EnvoyProcess(
+            BootstrapOptions(HostPort.parse(control_plane.address), admin_port=0),
+            work_dir=tmp_path / f"envoy-{index}",
+            log_path=tmp_path / f"envoy-{index}" / "envoy.log",
+        )
+        gateway = Gateway(address="", admin="", control_plane=control_plane, envoy=envoy)
+        started.append(gateway)
         admin = await envoy.start()
         listener = await envoy.listener()
-        gateway = Gateway(
-            address=f"{listener.host}:{listener.port}",
-            admin=f"http://{admin.host}:{admin.port}",
-            control_plane=control_plane,
-            envoy=envoy,
-        )
+        gateway.address = f"{listener.host}:{listener.port}"
+        gateway.admin = f"http://{admin.host}:{admin.port}"
 
         async def ready() -> bool:
             async with httpx.AsyncClient(timeout=2.0) as client:
                 return (await client.get(f"{gateway.url}/ready")).status_code == 200
 
         await eventually(ready, timeout=20, message="the gateway never became ready")
-        yield gateway
+        return gateway
+
+    try:
+        yield start
     finally:
-        await envoy.stop()
-        await control_plane.stop()
+        for gateway in reversed(started):
+            await gateway.envoy.stop()
+            await gateway.control_plane.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway) -> Gateway:  # type: ignore[no-untyped-def]
+    return await start_gateway()
