@@ -304,7 +304,7 @@ async def overhead(
         return (name, f"{lat.p50_ms:.3f}", f"{lat.p99_ms:.3f}", f"{added:+.3f}", ratio)
 
     report.table(
-        "f. Gateway overhead",
+        "g. Gateway overhead (goal f)",
         "The p50 each proxy adds to one call, against what a bare Envoy adds, in one run. "
         "Bare Envoy: a static bootstrap with one listener, one static HTTP/2 cluster and "
         "the router filter. Gateway: the agentplex gateway as deployed (xDS from the control "

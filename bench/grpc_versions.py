@@ -14,8 +14,9 @@ agentplex installed. The echo is the one of bench/echo.py (generic handler,
 raw bytes, 64-byte payload, no protobuf, no interceptors), without the
 health service, which would need grpcio-health-checking.
 
-The versions take turns, round after round (A B C … A B C …): one client run
-per version per round, each measuring 1 in flight (p50/p99, calls/s) and then
+The versions take turns, round after round (A B C …, then … C B A, so that
+a drift within a round lands on every version alike): one client run per
+version per round, each measuring 1 in flight (p50/p99, calls/s) and then
 16 in flight (calls/s, p50/p99). The machine is shared, so the table gives
 medians over rounds and, for the ratios to the baseline (our pinned grpcio),
 the median of the per-round ratios: each round's figures were taken seconds
@@ -59,6 +60,7 @@ HEADER = (
     f"p99 ms ({IN_FLIGHT})",
     "÷ baseline, 1 in flight",
     f"÷ baseline, {IN_FLIGHT} in flight",
+    "others' CPU (cores)",
     "rounds",
 )
 
@@ -211,7 +213,7 @@ class Result:
             label = f"{version} (baseline)" if version == self.baseline else version
             if not self.of(version):
                 error = self.errors.get(version, "no figures")
-                rows.append((label, "failed", *["–"] * 7, error[:120].replace("|", "/")))
+                rows.append((label, "failed", *["–"] * 8, error[:120].replace("|", "/")))
                 continue
             cells: list[object] = [label]
             for metric, digits in (
@@ -231,6 +233,7 @@ class Result:
                     cells.append("1.00×")
                 else:
                     cells.append(f"{ratio[0]:.2f}× ({ratio[1]:.2f}–{ratio[2]:.2f})")
+            cells.append(f"{self.median(version, 'others_cores'):.2f}")
             cells.append(len(self.of(version)))
             rows.append(tuple(cells))
         return rows
@@ -253,11 +256,12 @@ class Result:
         return (
             f"Bare grpc.aio unary echo (64-byte payload, raw bytes, generic handler), server and "
             f"client in separate processes, each grpcio in its own virtualenv. {c.rounds} rounds, "
-            f"the versions taking turns within each round; per version and round "
+            f"the versions taking turns (A B C …, then … C B A); per version and round "
             f"{c.latency} sequential calls, then {c.throughput} calls with {IN_FLIGHT} in flight. "
             f"Figures are medians over rounds; ratios (calls/s ÷ grpcio {self.baseline}'s) are the "
-            f"median of the per-round ratios, with their lowest and highest in brackets. "
-            + self.load_note()
+            f"median of the per-round ratios, with their lowest and highest in brackets; "
+            "others' CPU is what processes other than that run's client and server used "
+            "meanwhile (median over its rounds). " + self.load_note()
         )
 
 
@@ -408,7 +412,8 @@ async def measure(
                     result.errors[version] = str(exc)
                     say(f"grpcio {version} left out: {exc}")
             for round_ in range(counts.rounds):
-                for server in servers:
+                # A B C … then … C B A: drift within a round lands on every version alike.
+                for server in servers if round_ % 2 == 0 else servers[::-1]:
                     try:
                         sample = await _one_run(server, counts, round_)
                     except (RuntimeError, OSError, ValueError) as exc:

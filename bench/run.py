@@ -31,7 +31,7 @@ import httpx
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentplex.bench import gateway, peer_runs
+from agentplex.bench import gateway, grpc_versions, peer_runs
 from agentplex.bench.measure import Latency, latency
 from agentplex.mesh.launcher import MeshLauncher
 from agentplex.tasks.chaos import WorkerPool, worker_env
@@ -448,6 +448,27 @@ def _mesh_pids(parent: int) -> list[int]:
     return pids
 
 
+# The grpcio releases compared in the full run (bench/grpc_versions.py runs them all).
+GRPC_VERSIONS = ("1.75.0", "1.83.2", "1.84.2", "1.85.1", "1.85.3")
+
+
+async def grpcio_releases(report: Report, smoke: bool) -> None:  # type: ignore[no-untyped-def]
+    intro = (
+        "The bare grpc.aio echo (server and client in separate processes) on several grpcio "
+        "releases, each from its own virtualenv, interleaved over rounds; ratios to the "
+        "release agentplex pins (1.85.1). Why agentplex stays on 1.85: bench/history.md."
+    )
+    if smoke:
+        report.table(
+            "h. grpcio releases", intro + " Skipped in smoke mode.", grpc_versions.HEADER, []
+        )
+        return
+    result = await grpc_versions.measure(
+        GRPC_VERSIONS, counts=grpc_versions.Counts(rounds=6, latency=1500, throughput=3000)
+    )
+    report.table("h. grpcio releases", intro, grpc_versions.HEADER, result.rows())
+
+
 async def run(args: argparse.Namespace) -> Report:
     counts = Counts.for_mode(args.smoke)
     report = Report()
@@ -494,6 +515,9 @@ async def run(args: argparse.Namespace) -> Report:
         await channel.close()
         await pool.stop_all()
         await mesh.stop()
+    # After the mesh is gone: the echo processes get the machine to themselves.
+    await grpcio_releases(report, args.smoke)
+    print("bench: grpcio releases done", flush=True)
     return report
 
 

@@ -22,7 +22,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
     for title in (
         "a. Per-task overhead",
         "b. Throughput",
-        "f. Gateway overhead",
+        "g. Gateway overhead (goal f)",
         "c. Streaming",
         "d. Queue",
         "d. Recovery after a worker is killed",
