@@ -514,28 +514,17 @@ def _access_log() -> AccessLog:
 
 
 def _route_configuration(directory: Directory, options: GatewayOptions) -> RouteConfiguration:
-    routes: list[Route] = []
-    if options.console:
-        routes.extend(_console_routes())
-    routes.append(_agents_listing(directory, options))
-    for name in sorted(directory.agents):
-        routes.extend(_rest_routes(name, options))
-    routes.append(
-        _json_error_route(
-            RouteMatch(prefix="/v1/agents/"),
-            404,
-            "NOT_FOUND",
-            "no such agent: GET /v1/agents lists them",
-        )
-    )
-    routes.extend(_registry_routes(options))
+    # gRPC first: it is most of the traffic, and its routes cannot catch a JSON or
+    # console request (they match gRPC paths or content types only).
+    routes: list[Route] = _registry_grpc_routes(options)
     for name in sorted(directory.agents):
         routes.extend(_grpc_routes(agent_cluster(name), options, header=name))
+    routes.extend(_grpc_routes(REGISTRY_CLUSTER, options, header=REGISTRY_TARGET))
     routes.append(
         _grpc_error_route(
             RouteMatch(
                 prefix="/",
-                headers=[HeaderMatcher(name=AGENT_HEADER, present_match=True)],
+                headers=[HeaderMatcher(name=AGENT_HEADER, present_match=True), _GRPC_CONTENT],
             ),
             code=5,
             message=f"no agent with that {AGENT_HEADER} is routable (GET /v1/agents lists them)",
@@ -550,6 +539,20 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
             message=f"the default agent {options.default_agent!r} is not routable right now",
         )
     )
+    if options.console:
+        routes.extend(_console_routes())
+    routes.append(_agents_listing(directory, options))
+    for name in sorted(directory.agents):
+        routes.extend(_rest_routes(name, options))
+    routes.append(
+        _json_error_route(
+            RouteMatch(prefix="/v1/agents/"),
+            404,
+            "NOT_FOUND",
+            "no such agent: GET /v1/agents lists them",
+        )
+    )
+    routes.append(_registry_rest_route(options))
     routes.append(_json_error_route(RouteMatch(prefix="/"), 404, "NOT_FOUND", "no such path"))
     return RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
@@ -670,7 +673,8 @@ def _grpc_routes(cluster: str, options: GatewayOptions, *, header: str | None) -
     return routes
 
 
-def _registry_routes(options: GatewayOptions) -> list[Route]:
+def _registry_grpc_routes(options: GatewayOptions) -> list[Route]:
+    """The registry's RPCs, by path: no header needed (reflection for it: `registry`)."""
     read_only = ("ListTools", "GetTool")
     routes = [
         Route(
@@ -685,17 +689,17 @@ def _registry_routes(options: GatewayOptions) -> list[Route]:
             route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=False),
         )
     )
-    routes.append(
-        Route(
-            match=RouteMatch(
-                safe_regex=RegexMatcher(regex=r"/v1/tools(/[^/]+)?"),
-                headers=[_method("GET")],
-            ),
-            route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=True),
-        )
-    )
-    routes.extend(_grpc_routes(REGISTRY_CLUSTER, options, header=REGISTRY_TARGET))
     return routes
+
+
+def _registry_rest_route(options: GatewayOptions) -> Route:
+    return Route(
+        match=RouteMatch(
+            safe_regex=RegexMatcher(regex=r"/v1/tools(/[^/]+)?"),
+            headers=[_method("GET")],
+        ),
+        route=_route_action(REGISTRY_CLUSTER, options, streaming=False, idempotent=True),
+    )
 
 
 def _method(name: str) -> HeaderMatcher:
