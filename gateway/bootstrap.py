@@ -32,12 +32,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     SocketAddress,
 )
-from envoy_data_plane.envoy.config.endpoint.v3 import (
-    ClusterLoadAssignment,
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
@@ -48,7 +42,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any
 
-from agentplex.gateway.resources import HostPort
+from agentplex.gateway.resources import HostPort, load_assignment
 
 XDS_CLUSTER = "xds"
 
@@ -99,25 +93,7 @@ def build(options: BootstrapOptions) -> Bootstrap:
                     typed_extension_protocol_options={
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
                     },
-                    load_assignment=ClusterLoadAssignment(
-                        cluster_name=XDS_CLUSTER,
-                        endpoints=[
-                            LocalityLbEndpoints(
-                                lb_endpoints=[
-                                    LbEndpoint(
-                                        endpoint=Endpoint(
-                                            address=Address(
-                                                socket_address=SocketAddress(
-                                                    address=options.control_plane.host,
-                                                    port_value=options.control_plane.port,
-                                                )
-                                            )
-                                        )
-                                    )
-                                ]
-                            )
-                        ],
-                    ),
+                    load_assignment=load_assignment(XDS_CLUSTER, [options.control_plane]),
                 )
             ]
         ),

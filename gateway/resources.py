@@ -214,11 +214,11 @@ def agent_cluster(agent: str) -> str:
 def build(directory: Directory, options: GatewayOptions) -> Resources:
     clusters = [_cluster(agent_cluster(name), options) for name in sorted(directory.agents)]
     endpoints = [
-        _load_assignment(agent_cluster(name), directory.agents[name])
+        load_assignment(agent_cluster(name), directory.agents[name])
         for name in sorted(directory.agents)
     ]
     clusters.append(_cluster(REGISTRY_CLUSTER, options))
-    endpoints.append(_load_assignment(REGISTRY_CLUSTER, directory.registry))
+    endpoints.append(load_assignment(REGISTRY_CLUSTER, directory.registry))
     return Resources(
         listeners=[_listener(options)],
         routes=[_route_configuration(directory, options)],
@@ -291,7 +291,7 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
     )
 
 
-def _load_assignment(cluster: str, replicas: Sequence[HostPort]) -> ClusterLoadAssignment:
+def load_assignment(cluster: str, replicas: Sequence[HostPort]) -> ClusterLoadAssignment:
     return ClusterLoadAssignment(
         cluster_name=cluster,
         endpoints=[

@@ -8,10 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from agentplex.agents import app as agents_app
@@ -236,17 +232,6 @@ async def test_deadline_stops_the_task_with_deadline_exceeded(hanging_agent) -> 
         await stub.RunTask(pb.RunTaskRequest(prompt="think hard"), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await asyncio.wait_for(llm.cancelled.wait(), timeout=5)
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_one_trace_spans_task_llm_and_tool_across_services(

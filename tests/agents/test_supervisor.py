@@ -8,10 +8,6 @@ import time
 
 import grpc
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agentplex.agents.delegation import TOKEN_BUDGET_EXCEEDED
 from agentplex.agents.llm.base import CompletionRequest, LLMError
@@ -361,17 +357,6 @@ async def test_a_failing_sub_agent_is_a_tool_error_the_model_routes_around(
     result = events[-1].final_result.result
     assert result.status == task_pb2.TASK_STATUS_COMPLETED  # not a failed task
     assert "agent.assistant failed" in result.output and "researcher: From " in result.output
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_one_trace_id_across_supervisor_registry_queue_and_sub_agents(
