@@ -54,6 +54,31 @@ async def interleaved(
     return {name: Latency.of(seconds) for name, seconds in samples.items()}
 
 
+async def in_blocks(
+    calls: Mapping[str, Callable[[], Awaitable[object]]],
+    counts: Mapping[str, int],
+    blocks: int = 6,
+    warmup: int = 5,
+) -> dict[str, Latency]:
+    """Each path's calls back to back in blocks, the paths taking turns block by block.
+
+    Call-by-call turns (`interleaved`) suit paths of similar cost; a cheap floor
+    call right after an expensive task call instead pays for the task's wake-ups
+    and after-work, which is not the floor. Warm blocks of each, alternated, keep
+    every path warm and still spread the machine's drift over all of them.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for block in range(blocks):
+        for name, call in calls.items() if block % 2 == 0 else reversed(calls.items()):
+            for _ in range(warmup):
+                await call()
+            for _ in range(max(1, counts[name] // blocks)):
+                started = time.perf_counter()
+                await call()
+                samples[name].append(time.perf_counter() - started)
+    return {name: Latency.of(seconds) for name, seconds in samples.items()}
+
+
 async def throughput(call: Callable[[], Awaitable[object]], count: int, in_flight: int) -> float:
     """Calls per second with `in_flight` concurrent callers, `count` calls in all."""
     remaining = count
