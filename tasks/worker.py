@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentplex.agents.runner import AgentRunner, TaskOutcome
 from agentplex.agents.task import TaskRequest
@@ -181,16 +183,40 @@ class Worker:
         except DependencyDown as exc:
             log.warning("task left for a retry: %s", exc, extra={"task_id": task_id})
             tasks_outcome.labels(agent, "retry_later").inc()
-        except (OSError, RedisError) as exc:
-            # Lost Redis mid-task: leave the entry pending; once the lease runs
-            # out, a worker (maybe this one) reclaims it and the task runs again.
+        except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+            # Lost the connection to Redis mid-task (a restart, a failover): not the
+            # task's fault, so it must not count towards dead-lettering. Hand it back
+            # uncounted once Redis answers; if it doesn't, the lease runs out and the
+            # task is reclaimed (counted), as after a crash.
             log.warning("task interrupted by a Redis failure: %s", exc, extra={"task_id": task_id})
+            tasks_outcome.labels(agent, "interrupted").inc()
+            await self._hand_back_after_outage(task_id)
+        except RedisError as exc:
+            # Redis answered with an error: leave the entry pending; once the lease
+            # runs out, a worker reclaims it and the attempt counts.
+            log.warning("task failed on a Redis error: %s", exc, extra={"task_id": task_id})
             tasks_outcome.labels(agent, "interrupted").inc()
         except Exception:
             # Never lose an error in a background job; the entry stays pending and
             # is reclaimed after the lease.
             log.exception("task attempt crashed", extra={"task_id": task_id})
             tasks_outcome.labels(agent, "crashed").inc()
+
+    async def _hand_back_after_outage(self, task_id: str) -> None:
+        current = asyncio.current_task()
+        job = self._running.get(current) if current is not None else None
+        if job is None or not job.attempt:
+            return
+        try:
+            if await self.store.hand_back(task_id, job.attempt, self.consumer, self._lease_ms):
+                tasks_outcome.labels(self.store.agent, "handed_back").inc()
+                log.info("handed back", extra={"task_id": task_id, "attempt": job.attempt})
+        except (OSError, RedisError) as exc:
+            log.warning(
+                "cannot hand the task back (%s); its lease will run out",
+                exc,
+                extra={"task_id": task_id},
+            )
 
     async def _run_attempt(self, task_id: str, started: Started) -> None:
         final: list[step_event_pb2.StepEvent] = []
