@@ -10,6 +10,7 @@ gateway always speaks exactly the contract the agents were built from — no
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from functools import cache
 from typing import Any
 
 from google.protobuf import descriptor_pb2
@@ -44,8 +45,13 @@ def _closure(files: Iterable[FileDescriptor]) -> Iterator[FileDescriptor]:
         yield from visit(file)
 
 
-def descriptor_set(files: Iterable[FileDescriptor] = SERVICE_FILES) -> bytes:
-    """A serialized FileDescriptorSet of `files` and everything they import."""
+@cache
+def descriptor_set(files: tuple[FileDescriptor, ...] = SERVICE_FILES) -> bytes:
+    """A serialized FileDescriptorSet of `files` and everything they import.
+
+    Cached: the contracts cannot change in a running process, and every snapshot
+    the control plane builds embeds this set in the transcoder's config.
+    """
     result = descriptor_pb2.FileDescriptorSet()
     for file in _closure(files):
         file.CopyToProto(result.file.add())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import httpx
 
 from agentplex.gateway import bootstrap
 from agentplex.gateway.resources import LISTENER_NAME, HostPort
+from agentplex.runtime.children import terminate
 
 
 class EnvoyError(Exception):
@@ -114,16 +114,8 @@ class EnvoyProcess:
         )
 
     async def stop(self, *, timeout: float = 10.0) -> None:
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if self.process is not None:
+            await terminate(self.process, timeout=timeout)
 
     def _tail(self, lines: int = 8) -> str:
         if not self.log_path.exists():

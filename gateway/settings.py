@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,17 +32,8 @@ class GatewaySettings(BaseSettings):
     access_log: bool = True
 
     def options(self) -> GatewayOptions:
-        return GatewayOptions(
-            listen_host=self.listen_host,
-            listen_port=self.listen_port,
-            default_agent=self.default_agent,
-            cors_origins=tuple(o.strip() for o in self.cors_origins.split(",") if o.strip()),
-            max_request_bytes=self.max_request_bytes,
-            rate_limit_per_second=self.rate_limit_per_second,
-            rate_limit_burst=self.rate_limit_burst,
-            unary_timeout_seconds=self.unary_timeout_seconds,
-            stream_idle_timeout_seconds=self.stream_idle_timeout_seconds,
-            health_check_interval_seconds=self.health_check_interval_seconds,
-            console=self.console,
-            access_log=self.access_log,
-        )
+        """The edge policy: every setting that names a GatewayOptions field, as is."""
+        shared = {f.name for f in dataclasses.fields(GatewayOptions)} & set(type(self).model_fields)
+        values = self.model_dump(include=shared)
+        values["cors_origins"] = tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
+        return GatewayOptions(**values)

@@ -34,6 +34,7 @@ from agentplex.gateway.resources import HostPort
 from agentplex.mesh.local_model import LocalModelError, LocalModelServer
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.state import pid_alive, write_state
+from agentplex.runtime.children import terminate
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
@@ -327,16 +328,8 @@ class MeshLauncher:
     async def stop(self) -> None:
         """Stop everything started, in reverse order; idempotent."""
         for part in reversed(self._parts):
-            process = part.process
-            if process is None or process.returncode is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=STOP_TIMEOUT_SECONDS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+            if part.process is not None:
+                await terminate(part.process, timeout=STOP_TIMEOUT_SECONDS)
         self._parts.clear()
         if self._local_model is not None:
             await self._local_model.stop()

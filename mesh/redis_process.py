@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from agentplex.runtime.children import terminate
+
 START_ATTEMPTS = 5
 READY_TIMEOUT_SECONDS = 10.0
 
@@ -152,13 +154,8 @@ class EmbeddedRedis:
         return " | ".join(log.strip().splitlines()[-3:])[-500:]
 
     async def stop(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.terminate()
-            try:
-                await asyncio.wait_for(self._process.wait(), timeout=5)
-            except TimeoutError:
-                self._process.kill()
-                await self._process.wait()
+        if self._process is not None:
+            await terminate(self._process, timeout=5)
         self._process = None
         if self._tmp is not None:
             self._tmp.cleanup()
