@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from agentplex.runtime import loop as event_loop
+
 ECHO = "/bench.Echo/Echo"
 STREAM = "/bench.Echo/Stream"
 
@@ -58,7 +60,7 @@ async def serve(ready_file: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m agentplex.bench.echo")
     parser.add_argument("--ready-file", type=Path, required=True)
-    asyncio.run(serve(parser.parse_args().ready_file))
+    event_loop.run(serve(parser.parse_args().ready_file))
 
 
 if __name__ == "__main__":

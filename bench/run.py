@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentplex.bench import gateway, grpc_versions, peer_runs
 from agentplex.bench.measure import Latency, in_blocks, latency
 from agentplex.mesh.launcher import MeshLauncher
+from agentplex.runtime import loop as event_loop
 from agentplex.tasks.chaos import WorkerPool, worker_env
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny counts; write nothing")
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args))
+    report = event_loop.run(run(args))
     text = render(report, args)
     print(text)
     if not args.smoke:

@@ -25,6 +25,7 @@ from agentplex.gateway.control_plane import ControlPlane
 from agentplex.gateway.directory import AgentDirectory
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import SnapshotCache
+from agentplex.runtime import loop as event_loop
 from agentplex.runtime.clients import open_channel
 from agentplex.runtime.metrics import MetricsEndpoint
 from agentplex.runtime.server import Endpoint, write_ready_file
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics.close()
 
     try:
-        asyncio.run(run())
+        event_loop.run(run())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None

@@ -15,7 +15,6 @@ Every failure is one readable line on stderr and a non-zero exit code:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from agentplex.mesh import launcher, render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
+from agentplex.runtime import loop as event_loop
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -140,7 +140,7 @@ def _task_fields(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        code = asyncio.run(_dispatch(args))
+        code = event_loop.run(_dispatch(args))
     except CliError as exc:
         print(f"agentplex: {exc}", file=sys.stderr)
         code = exc.code

@@ -9,12 +9,12 @@ loop (gRPC channels and Redis clients bind to the loop that creates them).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agentplex.runtime import loop as event_loop
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
@@ -47,7 +47,7 @@ def service_main(
         await host.serve_until_signalled(args.ready_file)
 
     try:
-        asyncio.run(run())
+        event_loop.run(run())
     except OSError as exc:  # e.g. the port is taken: one readable line, not a traceback
         logging.getLogger(service).error("cannot start: %s", exc)
         sys.exit(1)

@@ -16,6 +16,7 @@ from pathlib import Path
 from agentplex.agents.app import build_parts
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.llm.base import LLMProvider
+from agentplex.runtime import loop as event_loop
 from agentplex.runtime.server import ServiceHost, stop_on_signals, write_ready_file
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
         )
         await serve(worker, host, args.ready_file)
 
-    asyncio.run(run())
+    event_loop.run(run())

@@ -39,6 +39,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from agentplex.mesh.launcher import MeshLauncher
+from agentplex.runtime import loop as event_loop
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         "--write-docs", action="store_true", help="write the figures to docs/CHAOS.md"
     )
     args = parser.parse_args(argv)
-    figures = asyncio.run(run(args))
+    figures = event_loop.run(run(args))
     text = report(figures, args)
     print(text)
     if args.write_docs:

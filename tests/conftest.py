@@ -383,15 +383,11 @@ async def workers(start_worker) -> None:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def spans():  # type: ignore[no-untyped-def]
     """Finished spans of this test process (one exporter for the session: `clear()` first)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+    from agentplex.runtime.telemetry import add_span_processor
+
     exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    add_span_processor(SimpleSpanProcessor(exporter))
     return exporter

@@ -10,9 +10,17 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from agentplex.runtime.telemetry import JsonFormatter, configure_logging, configure_tracing
+from agentplex.runtime.telemetry import (
+    JsonFormatter,
+    RecordWhenExported,
+    configure_logging,
+    configure_tracing,
+)
 
 
 def record(
@@ -147,3 +155,36 @@ def test_configure_tracing_installs_one_provider() -> None:
         assert span.get_span_context().is_valid
         entry = json.loads(JsonFormatter("x").format(record()))
         assert entry["trace_id"] == format(span.get_span_context().trace_id, "032x")
+
+
+def test_without_an_exporter_spans_are_dropped_but_the_trace_id_still_travels() -> None:
+    sampler = RecordWhenExported()
+    tracer = TracerProvider(sampler=sampler).get_tracer("test")
+    with tracer.start_as_current_span("root") as root:
+        assert not root.is_recording()
+        trace_id = root.get_span_context().trace_id
+        assert root.get_span_context().is_valid
+        carrier: dict[str, str] = {}
+        inject(carrier)  # what a gRPC hop or a queued task's trace_context carries
+    assert carrier["traceparent"].split("-")[1] == format(trace_id, "032x")
+    with tracer.start_as_current_span("downstream", context=extract(carrier)) as child:
+        assert child.get_span_context().trace_id == trace_id
+
+
+def test_once_a_processor_is_added_every_span_is_recorded_even_under_an_unsampled_parent() -> None:
+    sampler = RecordWhenExported()
+    provider = TracerProvider(sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("before"):
+        carrier: dict[str, str] = {}
+        inject(carrier)  # the upstream service had no exporter: unsampled
+    assert int(carrier["traceparent"].split("-")[3], 16) & 0x01 == 0  # not sampled
+    sampler.recording = True
+    with tracer.start_as_current_span("after", context=extract(carrier)) as span:
+        assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["after"]
+    assert exporter.get_finished_spans()[0].context.trace_id == int(
+        carrier["traceparent"].split("-")[1], 16
+    )

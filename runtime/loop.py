@@ -1,0 +1,43 @@
+"""The event loop every agentplex process runs on.
+
+uvloop when it is installed (it is a dependency on Linux and macOS), the
+standard loop otherwise or when `AGENTPLEX_EVENT_LOOP=asyncio` asks for it.
+Why: the mesh's cost is per-call machinery on the event loop, spread over
+many gRPC hops and Redis round trips, and uvloop cut a bare grpc.aio echo's
+p50 by ~15 % and a one-tool task's by ~20 % on the benchmark machine
+(docs/BENCHMARKS.md, "Changes measured").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import Coroutine
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+LoopName = Literal["uvloop", "asyncio"]
+
+
+def chosen() -> LoopName:
+    """The loop `run` will use, by AGENTPLEX_EVENT_LOOP (auto|uvloop|asyncio)."""
+    wanted = os.environ.get("AGENTPLEX_EVENT_LOOP", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"AGENTPLEX_EVENT_LOOP must be auto, uvloop or asyncio, not {wanted!r}")
+    available = importlib.util.find_spec("uvloop") is not None
+    if wanted == "uvloop" and not available:
+        raise ValueError("AGENTPLEX_EVENT_LOOP=uvloop, but uvloop is not installed")
+    if wanted == "asyncio" or not available:
+        return "asyncio"
+    return "uvloop"
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, on the chosen loop."""
+    if chosen() == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
