@@ -126,6 +126,7 @@ def build_parts(
         context=ContextManager(
             memory=memory, llm=llm, policy=ContextPolicy.from_settings(settings)
         ),
+        tool_list_max_age=settings.tool_list_max_age_seconds,
     )
     tasks = TaskStore(
         redis,

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -46,6 +46,7 @@ from agentplex.agents.llm.base import (
     TransientLLMError,
 )
 from agentplex.agents.task import TaskRequest
+from agentplex.agents.tool_list import SharedToolList, TaskToolList
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.tokens import (
@@ -131,40 +132,6 @@ CANCELLED = "cancelled"
 
 
 @dataclass
-class _ToolList:
-    """The agent's tool list, read again only when the registry has moved on.
-
-    Every tool call reports the registry's revision; a step after one that saw
-    a newer revision (or a failed call, which reports none) re-reads the list,
-    so a newly published tool or version is used on the next step without a
-    registry round trip on every step.
-    """
-
-    tools: list[tool_pb2.ToolDefinition] = field(default_factory=list)
-    revision: int = -1  # revision the list was read at; -1: never read
-    seen: int | None = None  # newest revision a call reported; None: unknown
-
-    def stale(self) -> bool:
-        return self.revision < 0 or self.seen != self.revision
-
-    def read(self, response: tool_registry_service_pb2.ListToolsResponse) -> None:
-        self.tools = list(response.tools)
-        self.revision = self.seen = int(response.revision)
-
-    def delegates(self, name: str) -> bool:
-        """Whether invoking `name` runs a task on another agent."""
-        return any(
-            t.name == name and t.backend_kind == tool_pb2.BACKEND_KIND_AGENT for t in self.tools
-        )
-
-    def saw(self, revision: int | None) -> None:
-        if revision is None or self.seen is None:
-            self.seen = None
-        else:
-            self.seen = max(self.seen, revision)
-
-
-@dataclass
 class _Progress:
     steps: int = 0
     tokens: int = 0
@@ -186,6 +153,7 @@ class AgentRunner:
         context_tokens: int,
         retry: RetryPolicy | None = None,
         context: ContextManager | None = None,
+        tool_list_max_age: float = 0.0,
     ) -> None:
         self.spec = spec
         self._llm = llm
@@ -196,6 +164,7 @@ class AgentRunner:
             memory=memory, llm=llm, policy=ContextPolicy(max_tokens=context_tokens)
         )
         self._retry = retry or RetryPolicy()
+        self._shared_tools = SharedToolList(max_age=tool_list_max_age)
 
     async def run(
         self,
@@ -335,7 +304,7 @@ class AgentRunner:
         messages = context.chat_messages(self.spec.instructions)
         messages.append(ChatMessage("user", task.prompt))
 
-        tool_list = _ToolList()
+        tool_list = TaskToolList(self._shared_tools)
         for step in range(1, task.max_steps + 1):
             if (interrupt is not None and interrupt.is_set()) or (
                 cancel_requested is not None and await cancel_requested()
@@ -522,7 +491,7 @@ class AgentRunner:
         step: int,
         index: int,
         call: ToolCall,
-        tool_list: _ToolList,
+        tool_list: TaskToolList,
         deadline: Deadline,
         events: EventRecorder,
         token_share: int = 0,

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     context_max_messages: int = Field(default=40, ge=2)
     # Upper bound of one summary, in tokens; at most half of context_tokens is used.
     context_summary_tokens: int = Field(default=256, ge=16)
+    # How long an agent process reuses the tool list it last read for new tasks
+    # (a tool call reporting a newer registry revision ends it sooner); 0: read
+    # it at the start of every task. The registry checks every call regardless.
+    tool_list_max_age_seconds: float = Field(default=1.0, ge=0)
     # Deadline applied to a task whose caller set none (every RPC has one).
     default_task_timeout_seconds: float = Field(default=300.0, gt=0)
 
