@@ -96,5 +96,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def WatchTask(
         self, request: agent_service_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_service_pb2.WatchTaskResponse]:
-        async for event in self._tasks.watch(request.task_id, request.after_sequence):
+        async for event in self._tasks.watch(
+            request.task_id, request.after_sequence, final_only=request.final_only
+        ):
             yield agent_service_pb2.WatchTaskResponse(event=event)

@@ -3,7 +3,7 @@
     agentplex up                      start the mesh locally (Ctrl-C stops it)
     agentplex run --agent NAME TEXT   run a task; --stream prints step events live
     agentplex submit --agent NAME TEXT   queue a durable task; prints its id
-    agentplex watch ID [--after SEQ]  follow a task's events (resumable)
+    agentplex watch ID [--after SEQ] [--result]  follow a task's events (resumable)
     agentplex status ID               a task's status and result
     agentplex cancel ID               cancel a task
     agentplex tools list|register|show|deprecate   manage tool contracts
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SEQ",
         help="resume after this event sequence number",
+    )
+    watch.add_argument(
+        "--result", action="store_true", help="wait for the outcome only, without the steps"
     )
     watch.add_argument("--json", action="store_true", help="print events as JSON lines")
 
@@ -288,7 +291,7 @@ async def _watch(args: argparse.Namespace, state: dict[str, object]) -> int:
 
     async def follow(stub):  # type: ignore[no-untyped-def]
         request = agent_service_pb2.WatchTaskRequest(
-            task_id=args.task_id, after_sequence=args.after
+            task_id=args.task_id, after_sequence=args.after, final_only=args.result
         )
         try:
             async for response in stub.WatchTask(request):

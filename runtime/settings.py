@@ -84,5 +84,8 @@ class Settings(BaseSettings):
     # How long a finished task's events stay watchable, and its record readable.
     task_event_retention_seconds: int = Field(default=24 * 3600, ge=1)
     task_record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    # How long a worker holds a task's first unwritten event so the next few share
+    # its Redis write (watchers see events up to this much later); 0: write at once.
+    task_event_linger_seconds: float = Field(default=0.005, ge=0, le=1)
     # Tasks one worker process runs at once.
     worker_concurrency: int = Field(default=4, ge=1)

@@ -45,6 +45,7 @@ def build_worker(
         concurrency=settings.worker_concurrency,
         grace_seconds=settings.grace_seconds,
         task_timeout_seconds=settings.default_task_timeout_seconds,
+        event_linger_seconds=settings.task_event_linger_seconds,
     )
     host = ServiceHost.for_settings(
         settings,

@@ -113,16 +113,26 @@ class WorkerPool:
         await process.wait()
         return name
 
+    async def stop_one(self) -> str:
+        """Stop the newest worker the way a deploy does: SIGTERM, its tasks drain."""
+        name, process = self.processes.popitem()
+        await _stop([process])
+        return name
+
     async def stop_all(self) -> None:
-        for process in self.processes.values():
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), timeout=30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await _stop(list(self.processes.values()))
+
+
+async def _stop(processes: list[asyncio.subprocess.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            await asyncio.wait_for(process.wait(), timeout=30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 async def watch_with_reconnects(

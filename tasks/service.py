@@ -114,9 +114,10 @@ class TaskService:
             return False
 
     async def watch(
-        self, task_id: str, after_sequence: int
+        self, task_id: str, after_sequence: int, *, final_only: bool = False
     ) -> AsyncIterator[step_event_pb2.StepEvent]:
-        """Events after `after_sequence`, then live ones until the task's final event."""
+        """Events after `after_sequence`, then live ones until the task's final event;
+        with `final_only`, just the final event (the history is never read)."""
         _check_id(task_id)
         task = await self._store.get(task_id)
         redis, key = self._store.redis, self._store.events_key(task_id)
@@ -125,32 +126,45 @@ class TaskService:
                 f"after_sequence {after_sequence} is beyond the task's last event "
                 f"({task.last_sequence})"
             )
-        if after_sequence < task.last_sequence:
+        if task.status in TERMINAL and after_sequence == task.last_sequence:
+            return
+        if final_only and task.status in TERMINAL:
+            last = await redis.xrevrange(key, count=1)
+            if not last:
+                raise _expired(task_id, task.last_sequence + 1, available=False)
+            yield step_event_pb2.StepEvent.FromString(last[0][1][b"e"])
+            return
+        if after_sequence < task.last_sequence and not final_only:
             first = await redis.xrange(key, count=1)
             first_seq = _sequence(first[0][0]) if first else task.last_sequence + 1
             if first_seq > after_sequence + 1:
-                raise OutOfRange(
-                    reason="EVENTS_EXPIRED",
-                    message=f"events of task {task_id} up to sequence {first_seq - 1} are past "
-                    f"retention; the first still available is {first_seq}"
-                    + (" (none: read the result with GetTask)" if not first else ""),
-                )
-        if task.status in TERMINAL and after_sequence == task.last_sequence:
-            return
-        cursor = f"0-{after_sequence}"
+                raise _expired(task_id, first_seq, available=bool(first))
+        # A final-only watch starts at the task's last event: its end comes after it.
+        cursor = f"0-{task.last_sequence if final_only else after_sequence}"
         while True:
             batch = await redis.xread({key: cursor}, count=WATCH_BATCH, block=WATCH_BLOCK_MS)
             for _stream, entries in batch or ():
                 for entry_id, fields in entries:
                     cursor = entry_id
                     event = step_event_pb2.StepEvent.FromString(fields[b"e"])
-                    yield event
-                    if event.WhichOneof("kind") in FINAL_KINDS:
+                    final = event.WhichOneof("kind") in FINAL_KINDS
+                    if final or not final_only:
+                        yield event
+                    if final:
                         return
             if not batch and not await redis.exists(self._store.task_key(task_id)):
                 raise NotFound(
                     f"task {task_id!r} expired while being watched", reason="TASK_NOT_FOUND"
                 )
+
+
+def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:
+    return OutOfRange(
+        reason="EVENTS_EXPIRED",
+        message=f"events of task {task_id} up to sequence {first_seq - 1} are past "
+        f"retention; the first still available is {first_seq}"
+        + ("" if available else " (none: read the result with GetTask)"),
+    )
 
 
 def _sequence(entry_id: bytes) -> int:

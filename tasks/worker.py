@@ -71,11 +71,21 @@ class Worker:
     block_seconds: float = 0.5
     # How often a running task's cancel flag is read (one HGET per task).
     cancel_poll_seconds: float = 0.2
+    # How long a task's first pending event waits for others to share its write.
+    event_linger_seconds: float = 0.0
     # Running jobs: task id, queue entry and (once started) attempt number.
     _running: dict[asyncio.Task[None], _Job] = field(default_factory=dict)
     # Where the last XAUTOCLAIM scan stopped: each call scans only a few pending
     # entries, so starting from 0-0 every time could starve entries further on.
     _reclaim_cursor: str = "0-0"
+    # When the last scan for abandoned entries found none (monotonic seconds).
+    _last_idle_sweep: float = float("-inf")
+
+    @property
+    def _sweep_seconds(self) -> float:
+        """How often to scan for abandoned entries: a small part of the lease they
+        wait out anyway, so a busy worker does not pay a scan for every claim."""
+        return min(1.0, self.lease_seconds / 4)
 
     @property
     def _lease_ms(self) -> int:
@@ -117,6 +127,23 @@ class Worker:
 
     async def _claim(self) -> tuple[bytes, str, str] | None:
         # Abandoned work first: it has waited longest.
+        if time.monotonic() - self._last_idle_sweep >= self._sweep_seconds:
+            reclaimed = await self._reclaim()
+            if reclaimed is not None:
+                return reclaimed
+        fresh = await self.store.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            {self.store.queue_key: ">"},
+            count=1,
+            block=int(self.block_seconds * 1000),
+        )
+        for _stream, entries in fresh or ():
+            for entry_id, fields in entries:
+                return entry_id, fields[b"task"].decode(), "new"
+        return None
+
+    async def _reclaim(self) -> tuple[bytes, str, str] | None:
         cursor, entries, *_ = await self.store.redis.xautoclaim(
             self.store.queue_key,
             GROUP,
@@ -132,16 +159,9 @@ class Worker:
             if fields:
                 return entry_id, fields[b"task"].decode(), "reclaimed"
             await self.store.ack_orphan(entry_id)
-        fresh = await self.store.redis.xreadgroup(
-            GROUP,
-            self.consumer,
-            {self.store.queue_key: ">"},
-            count=1,
-            block=int(self.block_seconds * 1000),
-        )
-        for _stream, entries in fresh or ():
-            for entry_id, fields in entries:
-                return entry_id, fields[b"task"].decode(), "new"
+        if self._reclaim_cursor in ("0-0", "0"):
+            # A whole pass over the pending entries found nothing to take: rest a while.
+            self._last_idle_sweep = time.monotonic()
         return None
 
     async def _give_back(self, entry_id: bytes) -> None:
@@ -226,7 +246,13 @@ class Worker:
             if running is not None:
                 running.cancel()
 
-        writer = EventWriter(self.store, task_id, started.attempt, on_error=stop_run)
+        writer = EventWriter(
+            self.store,
+            task_id,
+            started.attempt,
+            on_error=stop_run,
+            linger=self.event_linger_seconds,
+        )
 
         async def sink(event: step_event_pb2.StepEvent) -> None:
             if event.WhichOneof("kind") in FINAL_KINDS:

@@ -244,6 +244,10 @@ def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-un
     assert watched.stdout.rstrip().endswith("answer: 9*9 = 81.")
     resumed = agentplex("watch", "cli-1", "--after", "5", state_file=state_file)
     assert resumed.stdout.splitlines()[0].startswith("[  6]")
+    outcome = agentplex("watch", "cli-1", "--result", state_file=state_file)
+    assert outcome.returncode == 0, outcome.stderr
+    assert "tool call" not in outcome.stdout
+    assert outcome.stdout.rstrip().endswith("answer: 9*9 = 81.")
     status = agentplex("status", "cli-1", state_file=state_file)
     assert "task cli-1 on assistant: completed, attempts 1" in status.stdout
     cancelled = agentplex("cancel", "cli-1", state_file=state_file)

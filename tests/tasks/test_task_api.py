@@ -62,8 +62,11 @@ async def wait_status(stub, task_id: str, statuses, eventually) -> task_pb2.Task
     return found[0]
 
 
-async def watch(stub, task_id: str, after: int = 0) -> list:  # type: ignore[no-untyped-def]
-    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_sequence=after), timeout=30)
+async def watch(stub, task_id: str, after: int = 0, final_only: bool = False) -> list:  # type: ignore[no-untyped-def]
+    call = stub.WatchTask(
+        pb.WatchTaskRequest(task_id=task_id, after_sequence=after, final_only=final_only),
+        timeout=30,
+    )
     return [response.event async for response in call]
 
 
@@ -260,6 +263,44 @@ async def test_several_watchers_see_the_same_events(assistant, start_worker) -> 
     assert results[0][-1].final_result.result.output == "2*21 = 42."
 
 
+async def test_a_final_only_watch_gets_just_the_outcome_live_or_after_the_end(
+    assistant, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 6*7", task_id="f-1")),
+        timeout=5,
+    )
+    # Waiting before any worker runs it: the one message comes when the task ends.
+    live = asyncio.create_task(watch(assistant, "f-1", final_only=True))
+    everything = asyncio.create_task(watch(assistant, "f-1"))
+    await start_worker()
+    events = await everything
+    assert len(events) > 2
+    assert await live == [events[-1]]
+    assert events[-1].final_result.result.output == "6*7 = 42."
+    # After the end: the final event at once; after the final event itself: nothing.
+    assert await watch(assistant, "f-1", final_only=True) == [events[-1]]
+    assert await watch(assistant, "f-1", after=2, final_only=True) == [events[-1]]
+    assert await watch(assistant, "f-1", after=len(events), final_only=True) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch(assistant, "f-1", after=len(events) + 1, final_only=True)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_final_only_watch_of_a_cancelled_task_gets_the_cancellation(
+    assistant,
+) -> None:  # type: ignore[no-untyped-def]
+    await assistant.SubmitTask(
+        pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 1*1", task_id="f-2")),
+        timeout=5,
+    )
+    live = asyncio.create_task(watch(assistant, "f-2", final_only=True))
+    await assistant.CancelTask(pb.CancelTaskRequest(task_id="f-2"), timeout=5)
+    (final,) = await live
+    assert final.WhichOneof("kind") == "final_result"
+    assert final.final_result.result.status == CANCELLED
+
+
 async def test_events_past_retention_are_out_of_range(
     assistant, start_worker, mesh, redis_client, eventually
 ) -> None:  # type: ignore[no-untyped-def]
@@ -276,6 +317,10 @@ async def test_events_past_retention_are_out_of_range(
         await watch(assistant, "r-1")
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert f"first still available is {len(done) + 1}" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch(assistant, "r-1", final_only=True)
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "read the result with GetTask" in caught.value.details()
     # The result outlives the events.
     task = (await assistant.GetTask(pb.GetTaskRequest(task_id="r-1"), timeout=5)).task
     assert task.status == COMPLETED

@@ -121,12 +121,14 @@ class CancelTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[_task_pb2.Task, _Mapping]] = ...) -> None: ...
 
 class WatchTaskRequest(_message.Message):
-    __slots__ = ("task_id", "after_sequence")
+    __slots__ = ("task_id", "after_sequence", "final_only")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     after_sequence: int
-    def __init__(self, task_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    final_only: bool
+    def __init__(self, task_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., final_only: _Optional[bool] = ...) -> None: ...
 
 class WatchTaskResponse(_message.Message):
     __slots__ = ("event",)
