@@ -277,11 +277,14 @@ async def overhead(
             )
             return lambda: unary(b"x" * 64, **kwargs)
 
+        # The identical request on every path, the header the gateway routes by included:
+        # the bare Envoy and the direct call carry (and ignore) it too.
+        routed = ((AGENT_HEADER, ECHO_AGENT),)
         echoes = await interleaved(
             {
-                "direct": echo_on(echo_channel),
-                "bare": echo_on(bare_channel),
-                "gateway": echo_on(gateway_channel, metadata=((AGENT_HEADER, ECHO_AGENT),)),
+                "direct": echo_on(echo_channel, metadata=routed),
+                "bare": echo_on(bare_channel, metadata=routed),
+                "gateway": echo_on(gateway_channel, metadata=routed),
             },
             counts.latency * 3,
         )
@@ -311,7 +314,8 @@ async def overhead(
         "plane; health checks, rate limit, buffer, CORS, gRPC-Web, JSON transcoder, access "
         "log). The echo is the bare grpc.aio echo of the floor, published in the registry as "
         f"the agent `{ECHO_AGENT}` so the gateway routes the same call (`{AGENT_HEADER}: "
-        f"{ECHO_AGENT}`) that the bare Envoy proxies; the goal compares these two. The "
+        f"{ECHO_AGENT}`) that the bare Envoy proxies; all three paths send that identical "
+        "request, header included, and the goal compares the two proxies on it. The "
         "RunTask rows put the gateway in front of a whole one-tool task (no header: the "
         "default agent). Calls take turns, one in flight, so drift hits every path alike. "
         "Both Envoys run with the same binary and worker threads (one per core).",
