@@ -23,6 +23,7 @@ from agentplex.runtime.clients import open_channel
 from agentplex.runtime.process import service_main
 from agentplex.runtime.server import DependencyCheck, Endpoint, ServiceHost
 from agentplex.runtime.settings import Settings
+from agentplex.tasks.event_feed import EventFeed
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
 from agentplex.tools.base import define
@@ -103,6 +104,8 @@ class AgentParts:
     runner: AgentRunner
     registry: RegistryClient
     tasks: TaskStore
+    # One blocking read of Redis for every WatchTask this process serves.
+    events: EventFeed
     llm: LLMProvider
     dependency_checks: list[DependencyCheck]
     close: Callable[[], Awaitable[None]]
@@ -137,16 +140,20 @@ def build_parts(
         event_retention_seconds=settings.task_event_retention_seconds,
     )
 
+    events = EventFeed(redis)
+
     async def close() -> None:
         await llm.aclose()
         await memory_channel.close()
         await registry_channel.close()
+        await events.close()
         await redis.aclose()
 
     return AgentParts(
         runner=runner,
         registry=registry,
         tasks=tasks,
+        events=events,
         llm=llm,
         dependency_checks=[
             redis_client.answers(redis),
@@ -169,7 +176,7 @@ def build_host(
     servicer = AgentServicer(
         parts.runner,
         agent_card(spec, parts.llm.model),
-        TaskService(parts.tasks),
+        TaskService(parts.tasks, parts.events),
         default_timeout_seconds=settings.default_task_timeout_seconds,
     )
 

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 SOCKET_TIMEOUT_SECONDS = 5.0
-# Each open WatchTask holds a connection during its blocking read, so the pool
-# must be larger than redis-py's default of 100.
+# Headroom for bursts: watchers share one blocking read (tasks/event_feed.py),
+# but each still makes short reads of its own, as do runners and workers.
 MAX_CONNECTIONS = 2000
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from agentplex.runtime.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 StreamId = tuple[int, int]
@@ -38,7 +40,7 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 READER_NAME = "agentplex-event-feed"
 # How long the reader blocks before reading again (new streams interrupt it sooner).
-READER_BLOCK_MS = 5_000
+READER_BLOCK_MS = 1_000  # well under the clients' 5 s socket timeout
 # Entries per stream per read.
 READER_BATCH = 256
 # Pause before the reader tries again after Redis failed it.
@@ -111,7 +113,7 @@ class EventFeed:
     def subscribe(self, key: str, after: bytes | str) -> Subscription:
         """Entries of stream `key` from now on, delivered after `Subscription.start`."""
         if self._closed:
-            raise RuntimeError("the event feed is closed")
+            raise Unavailable("this agent is shutting down: watch again (another replica answers)")
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = _Stream(parse_id(after))
@@ -120,9 +122,16 @@ class EventFeed:
         self._wanted.set()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_forever(), name="event-feed")
-        elif self._reading is not None and key not in self._reading:
+        elif self._not_covered(key):
             self._interrupt()
         return subscription
+
+    def _not_covered(self, key: str) -> bool:
+        """Whether the read in flight misses `key`, or reads it from further on."""
+        reading, stream = self._reading, self._streams.get(key)
+        if reading is None or stream is None:
+            return False
+        return key not in reading or reading[key] > stream.position
 
     def unsubscribe(self, subscription: Subscription) -> None:
         stream = self._streams.get(subscription.key)
@@ -156,12 +165,22 @@ class EventFeed:
         self._interrupting = True
         asyncio.get_running_loop().create_task(self._unblock(self._reader_id))
 
+    def _missing_from_read(self) -> bool:
+        return any(self._not_covered(key) for key in self._streams)
+
     async def _unblock(self, client_id: int) -> None:
+        # The read may not have reached Redis yet (CLIENT UNBLOCK then finds nothing
+        # blocked): try again shortly, while the read in flight still lacks a stream.
         try:
-            await self._redis.client_unblock(client_id)
+            for _ in range(100):
+                if await self._redis.client_unblock(client_id) or not self._missing_from_read():
+                    return
+                await asyncio.sleep(0.002)
         except (RedisError, OSError) as exc:
-            # The reader still comes back within READER_BLOCK_MS; watchers poll meanwhile.
+            # The reader still comes back within READER_BLOCK_MS.
             log.debug("could not interrupt the event feed's read: %s", exc)
+        finally:
+            self._interrupting = False
 
     async def _read_forever(self) -> None:
         connection = self._redis.client()
@@ -202,7 +221,9 @@ class EventFeed:
         for raw_key, entries in found or ():
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             stream = self._streams.get(key)
-            if stream is None or not entries:
+            if stream is None or not entries or stream.position < reading.get(key, (0, 0)):
+                # Nobody left, or the stream was dropped and subscribed again from further
+                # back than this read began: its entries would leave a hole. Next read.
                 continue
             fresh = [entry for entry in entries if parse_id(entry[0]) > stream.position]
             if not fresh:

@@ -14,6 +14,7 @@ from opentelemetry import propagate
 from agentplex.agents import lineage
 from agentplex.agents.task import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
+from agentplex.tasks.event_feed import EventFeed, Lagged, format_id, parse_id
 from agentplex.tasks.store import (
     PENDING,
     RUNNING,
@@ -26,13 +27,15 @@ from agentplex.tasks.store import (
 from agentplex.v1 import step_event_pb2, task_pb2
 
 FINAL_KINDS = ("final_result", "error")
+# How long a watcher waits for the feed before checking that its task still exists.
 WATCH_BLOCK_MS = 1000
 WATCH_BATCH = 200
 
 
 class TaskService:
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, feed: EventFeed) -> None:
         self._store = store
+        self._feed = feed
 
     async def submit(self, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:
         """Record and queue a task; (the task, whether it is new).
@@ -117,7 +120,11 @@ class TaskService:
         self, task_id: str, after_sequence: int, *, final_only: bool = False
     ) -> AsyncIterator[step_event_pb2.StepEvent]:
         """Events after `after_sequence`, then live ones until the task's final event;
-        with `final_only`, just the final event (the history is never read)."""
+        with `final_only`, just the final event (the history is never read).
+
+        Live events come through the process's one `EventFeed` reader, not a
+        blocking read of this watcher's own: the stream's entries up to where
+        the feed took over are read here (`XRANGE`), the rest arrive from it."""
         _check_id(task_id)
         task = await self._store.get(task_id)
         redis, key = self._store.redis, self._store.events_key(task_id)
@@ -140,22 +147,50 @@ class TaskService:
             if first_seq > after_sequence + 1:
                 raise _expired(task_id, first_seq, available=bool(first))
         # A final-only watch starts at the task's last event: its end comes after it.
-        cursor = f"0-{task.last_sequence if final_only else after_sequence}"
-        while True:
-            batch = await redis.xread({key: cursor}, count=WATCH_BATCH, block=WATCH_BLOCK_MS)
-            for _stream, entries in batch or ():
-                for entry_id, fields in entries:
-                    cursor = entry_id
-                    event = step_event_pb2.StepEvent.FromString(fields[b"e"])
-                    final = event.WhichOneof("kind") in FINAL_KINDS
-                    if final or not final_only:
-                        yield event
-                    if final:
-                        return
-            if not batch and not await redis.exists(self._store.task_key(task_id)):
-                raise NotFound(
-                    f"task {task_id!r} expired while being watched", reason="TASK_NOT_FOUND"
-                )
+        cursor = (0, task.last_sequence if final_only else after_sequence)
+        while True:  # once per subscription: again only after falling behind the feed
+            subscription = self._feed.subscribe(key, format_id(cursor))
+            try:
+                # What the stream held before the feed took over, read here.
+                while cursor < subscription.start:
+                    gap = await redis.xrange(
+                        key,
+                        min=f"({format_id(cursor)}",
+                        max=format_id(subscription.start),
+                        count=WATCH_BATCH,
+                    )
+                    if not gap:
+                        break
+                    for entry_id, fields in gap:
+                        cursor = parse_id(entry_id)
+                        event = step_event_pb2.StepEvent.FromString(fields[b"e"])
+                        final = event.WhichOneof("kind") in FINAL_KINDS
+                        if final or not final_only:
+                            yield event
+                        if final:
+                            return
+                while True:
+                    entries = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
+                    if not entries and not await redis.exists(self._store.task_key(task_id)):
+                        raise NotFound(
+                            f"task {task_id!r} expired while being watched",
+                            reason="TASK_NOT_FOUND",
+                        )
+                    for entry_id, fields in entries:
+                        position = parse_id(entry_id)
+                        if position <= cursor:
+                            continue
+                        cursor = position
+                        event = step_event_pb2.StepEvent.FromString(fields[b"e"])
+                        final = event.WhichOneof("kind") in FINAL_KINDS
+                        if final or not final_only:
+                            yield event
+                        if final:
+                            return
+            except Lagged:
+                continue  # read on from the cursor, then subscribe again
+            finally:
+                self._feed.unsubscribe(subscription)
 
 
 def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:

@@ -246,7 +246,8 @@ def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-un
     assert resumed.stdout.splitlines()[0].startswith("[  6]")
     outcome = agentplex("watch", "cli-1", "--result", state_file=state_file)
     assert outcome.returncode == 0, outcome.stderr
-    assert "tool call" not in outcome.stdout
+    assert "calculator@1.0.0" not in outcome.stdout  # no steps: the outcome alone
+    assert "completed: 2 steps" in outcome.stdout.splitlines()[0]
     assert outcome.stdout.rstrip().endswith("answer: 9*9 = 81.")
     status = agentplex("status", "cli-1", state_file=state_file)
     assert "task cli-1 on assistant: completed, attempts 1" in status.stdout

@@ -14,6 +14,7 @@ from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.runtime.errors import from_rpc_error
 from agentplex.tasks.app import build_worker
+from agentplex.tasks.event_feed import READER_NAME
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
@@ -299,6 +300,28 @@ async def test_a_final_only_watch_of_a_cancelled_task_gets_the_cancellation(
     (final,) = await live
     assert final.WhichOneof("kind") == "final_result"
     assert final.final_result.result.status == CANCELLED
+
+
+async def test_many_watchers_hold_one_blocked_redis_connection_and_miss_nothing(
+    assistant, start_worker, redis_client, eventually
+) -> None:  # type: ignore[no-untyped-def]
+    ids = [f"many-{n}" for n in range(30)]
+    for task_id in ids:
+        await assistant.SubmitTask(
+            pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 4*4", task_id=task_id)),
+            timeout=5,
+        )
+    watchers = [asyncio.create_task(watch(assistant, task_id)) for task_id in ids]
+
+    async def one_blocked_reader() -> bool:
+        blocked = [c for c in await redis_client.client_list() if "b" in c.get("flags", "")]
+        return [c.get("name") for c in blocked] == [READER_NAME]
+
+    await eventually(one_blocked_reader, timeout=10, message="watchers did not share one read")
+    await start_worker()
+    for events in await asyncio.gather(*watchers):
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].final_result.result.output == "4*4 = 16."
 
 
 async def test_events_past_retention_are_out_of_range(
