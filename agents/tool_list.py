@@ -4,8 +4,8 @@ Within a task, the list is read again only after a tool call reported a newer
 registry revision (or failed, which reports none). Across the tasks of one
 process, the last list read is reused for up to `max_age` seconds, unless a
 call since reported a newer revision: a registry round trip (and five Redis
-commands) per task saved, measured as about a tenth of a one-tool task's cost
-(docs/BENCHMARKS.md, "Changes measured").
+commands) fewer per task, though in full benchmark runs the gain stayed within
+run-to-run drift (docs/BENCHMARKS.md, "Changes measured").
 
 It is a cache of the registry's data, not task state: losing it costs one read.
 The registry stays the authority; it checks grants, versions and schemas on

@@ -4,8 +4,8 @@ uvloop when it is installed (it is a dependency on Linux and macOS), the
 standard loop otherwise or when `AGENTPLEX_EVENT_LOOP=asyncio` asks for it.
 Why: the mesh's cost is per-call machinery on the event loop, spread over
 many gRPC hops and Redis round trips, and uvloop cut a bare grpc.aio echo's
-p50 by ~15 % and a one-tool task's by ~20 % on the benchmark machine
-(docs/BENCHMARKS.md, "Changes measured").
+p50 by ~15 % on the benchmark machine (docs/BENCHMARKS.md, "Changes
+measured", where it is measured with and without dropped spans).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ so a task can be followed through the logs of every service it touched.
 Spans are recorded only where something receives them. Without an exporter
 every span is dropped at birth (a non-recording span that still carries a
 fresh or inherited trace id, so logs and downstream hops keep the trace):
-recording spans nobody reads cost about a fifth of a one-tool task's CPU on
-the benchmark machine. Once a span processor is added (`add_span_processor`,
+recording spans nobody reads is per-call work on every hop (together with
+uvloop, dropping them took 17–26 % off a one-tool task's p50 on the benchmark
+machine; docs/BENCHMARKS.md). Once a span processor is added (`add_span_processor`,
 or `configure_tracing` with an exporter) every span is recorded, whatever the
 caller's sampled flag says: a service without an exporter upstream marks its
 traces unsampled, and that must not blank the services that do export.

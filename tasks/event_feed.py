@@ -188,8 +188,8 @@ class EventFeed:
             while not self._closed:
                 try:
                     await self._read_once(connection)
-                except (RedisError, OSError) as exc:
-                    log.warning("event feed read failed (%s); retrying", exc)
+                except Exception as exc:  # Redis failing, or a bug: never leave watchers unfed
+                    log.warning("event feed read failed (%s); retrying", exc, exc_info=exc)
                     self._reader_id = None
                     with contextlib.suppress(Exception):
                         await connection.aclose()
