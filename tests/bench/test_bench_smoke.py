@@ -33,3 +33,28 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
     assert "through the gateway tasks/s" in done.stdout
     assert "(f) gateway's added latency (same echo)" in done.stdout
     assert not (tmp_path / "docs").exists()  # smoke mode writes nothing
+
+
+def test_profile_accounts_cpu_per_task_for_every_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = subprocess.run(
+        [sys.executable, "-m", "agentplex.bench.profile", "--tasks", "96"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:4]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| process")
+    }
+    # Every part of a one-tool task shows up, the worker only on the queued path
+    # (the light ones may round to nothing over so few tasks: present is enough).
+    for process in ("agents:assistant", "registry", "memory"):
+        direct, queued = (float(cell) for cell in rows[process])
+        assert direct > 0 and queued > 0, process
+    assert {"tools", "redis", "client (this process)"} <= set(rows)
+    assert rows["tasks:assistant"][0].strip() == "–"
+    assert float(rows["tasks:assistant"][1]) > 0
+    assert float(rows["all"][1]) > float(rows["all"][0])  # the queued path does more work
