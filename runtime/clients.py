@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from agentplex.runtime import errors
+from agentplex.runtime.tracing import client_interceptors
 
 T = TypeVar("T")
 
@@ -23,7 +23,7 @@ def open_channel(address: str) -> grpc.aio.Channel:
     """An insecure loopback/cluster channel that propagates W3C trace context."""
     return grpc.aio.insecure_channel(
         address,
-        interceptors=aio_client_interceptors(),
+        interceptors=client_interceptors(),
         options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)],
     )
 

@@ -23,11 +23,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tracing import ServerTracing
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,10 @@ class ServiceHost:
         try:
             if self.metrics_port is not None:
                 self._metrics = MetricsEndpoint(self.host, self.metrics_port)
-            # Health checks make no spans: they are noise, and the OpenTelemetry
-            # interceptor cannot wrap Watch, which streams with context.write().
-            tracing = aio_server_interceptor(filter_=filters.negate(filters.health_check()))
             # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
             server = grpc.aio.server(
-                interceptors=[tracing, EdgeInterceptor()], options=[("grpc.so_reuseport", 0)]
+                interceptors=[ServerTracing(), EdgeInterceptor()],
+                options=[("grpc.so_reuseport", 0)],
             )
             self._service_names = list(self.register(server))
             self._health = health_aio.HealthServicer()

@@ -1,9 +1,10 @@
 """Tracing and structured logs.
 
-One tracer provider per process; gRPC interceptors from
-opentelemetry-instrumentation-grpc carry W3C trace context across every hop,
-and every log line is one JSON object carrying the current trace and span id,
-so a task can be followed through the logs of every service it touched.
+One tracer provider per process; gRPC interceptors (`runtime/tracing.py`:
+OpenTelemetry's while spans are recorded, the bare W3C headers while not)
+carry trace context across every hop, and every log line is one JSON object
+carrying the current trace and span id, so a task can be followed through the
+logs of every service it touched.
 
 Spans are recorded only where something receives them. Without an exporter
 every span is dropped at birth (a non-recording span that still carries a
@@ -111,6 +112,12 @@ def configure_tracing(service: str, exporter: str = "none") -> TracerProvider:
             SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr, formatter=_one_line))
         )
     return provider
+
+
+def recording() -> bool:
+    """Whether this process records spans (a provider of someone else's always counts)."""
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    return not isinstance(sampler, RecordWhenExported) or sampler.recording
 
 
 def add_span_processor(processor: SpanProcessor) -> TracerProvider:

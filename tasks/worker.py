@@ -272,7 +272,8 @@ class Worker:
         interrupt = asyncio.Event()
         # Continue the submitter's trace across the queue (create_task copies
         # the context, so the runner's spans are children of the submitter's).
-        token = otel_context.attach(propagate.extract(dict(started.spec.trace_context)))
+        trace_context = propagate.extract(dict(started.spec.trace_context))
+        token = otel_context.attach(trace_context)
         try:
             running = asyncio.create_task(
                 self.runner.run(
@@ -316,14 +317,18 @@ class Worker:
         [event] = final
         if not await self.store.finish(task_id, started.attempt, outcome.result, event):
             raise StaleAttempt(f"attempt {started.attempt} of {task_id} finished too late")
-        log.info(
-            "task finished",
-            extra={
-                "task_id": task_id,
-                "attempt": started.attempt,
-                "status": task_pb2.TaskStatus.Name(outcome.result.status),
-            },
-        )
+        token = otel_context.attach(trace_context)  # the line carries the task's trace id
+        try:
+            log.info(
+                "task finished",
+                extra={
+                    "task_id": task_id,
+                    "attempt": started.attempt,
+                    "status": task_pb2.TaskStatus.Name(outcome.result.status),
+                },
+            )
+        finally:
+            otel_context.detach(token)
 
     async def _heartbeat(self, task_id: str, attempt: int, running: asyncio.Task[object]) -> None:
         try:

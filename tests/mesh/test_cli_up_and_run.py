@@ -258,6 +258,41 @@ def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-un
     assert missing.stderr.startswith("agentplex: NOT_FOUND: task 'nope'")
 
 
+def test_a_callers_trace_reaches_the_worker_log_with_no_exporter(running_mesh) -> None:  # type: ignore[no-untyped-def]
+    """The mesh as `up` runs it records no spans; the caller's trace id still crosses
+    the gRPC hop (header only) and the queue, into the worker's log line."""
+    import grpc
+
+    from agentplex.v1 import agent_service_pb2 as pb
+    from agentplex.v1 import agent_service_pb2_grpc, task_pb2
+
+    state_file, _ = running_mesh
+    state = json.loads(state_file.read_text())
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    with grpc.insecure_channel(state["assistant"]) as channel:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        spec = task_pb2.TaskSpec(prompt="what is 2*3", task_id="traced-1")
+        stub.SubmitTask(
+            pb.SubmitTaskRequest(task=spec),
+            metadata=(("traceparent", f"00-{trace_id}-b7ad6b7169203331-01"),),
+            timeout=10,
+        )
+        request = pb.WatchTaskRequest(task_id="traced-1", final_only=True)
+        (final,) = list(stub.WatchTask(request, timeout=30))
+    assert final.event.final_result.result.output == "2*3 = 6."
+    logs = state_file.parent / "logs"
+
+    def finished_line() -> dict[str, object] | None:
+        for log in logs.glob("*.log"):
+            for line in log.read_text().splitlines():
+                if '"traced-1"' in line and "task finished" in line:
+                    return json.loads(line)  # type: ignore[no-any-return]
+        return None
+
+    wait_for(lambda: finished_line() is not None, 10, "the worker never logged the task")
+    assert finished_line()["trace_id"] == trace_id  # type: ignore[index]
+
+
 CALCULATOR_YAML = """\
 name: calculator
 version: {version}
