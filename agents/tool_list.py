@@ -60,7 +60,7 @@ class SharedToolList:
 class TaskToolList:
     """One task's view: the shared list when fresh, re-read when a call saw a newer one."""
 
-    shared: SharedToolList = field(default_factory=lambda: SharedToolList(max_age=0))
+    shared: SharedToolList
     tools: list[tool_pb2.ToolDefinition] = field(default_factory=list)
     revision: int = -1  # revision the list was read at; -1: never read
     seen: int | None = None  # newest revision a call reported; None: unknown

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from agentplex.bench.run import PROMPT, _mesh_pids
-from agentplex.mesh.launcher import MeshLauncher
+from agentplex.bench.run import PROMPT, _mesh_pids, bench_mesh
 from agentplex.runtime import loop as event_loop
 from agentplex.tasks.chaos import WorkerPool, worker_env
 from agentplex.v1 import agent_service_pb2 as pb
@@ -153,13 +152,7 @@ async def _py_spy(
 
 async def profile(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentplex-profile-"))
-    mesh = MeshLauncher(
-        state_file=workdir / "mesh.json",
-        ephemeral_ports=True,
-        workers=0,
-        gateway=False,
-        say=lambda line: None,
-    )
+    mesh = bench_mesh(workdir)
     state = await mesh.start()
     pool = WorkerPool(worker_env(state), workdir)
     channel = grpc.aio.insecure_channel(state["assistant"])

@@ -486,19 +486,24 @@ async def grpcio_releases(report: Report, smoke: bool) -> None:  # type: ignore[
     report.table("h. grpcio releases", intro, grpc_versions.HEADER, result.rows())
 
 
-async def run(args: argparse.Namespace) -> Report:
-    counts = Counts.for_mode(args.smoke)
-    report = Report()
-    workdir = Path(tempfile.mkdtemp(prefix="agentplex-bench-"))
-    # No gateway in the mesh: (a), (c)–(e) measure the services alone, as in earlier runs;
-    # the gateway scenarios start their own gateway for their own span (bench/gateway.py).
-    mesh = MeshLauncher(
+def bench_mesh(workdir: Path) -> MeshLauncher:
+    """The mesh every scenario (and bench/profile.py) measures: on free ports, with no
+    workers (scenarios start their own) and no gateway: (a), (c)–(e) measure the
+    services alone; the gateway scenarios start their own gateway (bench/gateway.py)."""
+    return MeshLauncher(
         state_file=workdir / "mesh.json",
         ephemeral_ports=True,
         workers=0,
         gateway=False,
         say=lambda line: None,
     )
+
+
+async def run(args: argparse.Namespace) -> Report:
+    counts = Counts.for_mode(args.smoke)
+    report = Report()
+    workdir = Path(tempfile.mkdtemp(prefix="agentplex-bench-"))
+    mesh = bench_mesh(workdir)
     state = await mesh.start()
     pool = WorkerPool(worker_env(state), workdir / "logs")
     channel = grpc.aio.insecure_channel(state["assistant"])

@@ -118,17 +118,13 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None and _is_generator(handler.unary_stream):
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 _stream_in(carrier, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
-
-
-def _is_generator(function: Callable[..., Any]) -> bool:
-    return inspect.isasyncgenfunction(function)
 
 
 def _unary_in(carrier: dict[str, str], inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

@@ -41,7 +41,6 @@ class EventWriter:
         self._on_error = on_error
         self._pending: list[step_event_pb2.StepEvent] = []
         self._wake = asyncio.Event()
-        self._closing = False
         self._linger = linger
         self._closed = asyncio.Event()
         self.error: BaseException | None = None
@@ -57,12 +56,12 @@ class EventWriter:
         try:
             while True:
                 if not self._pending:
-                    if self._closing:
+                    if self._closed.is_set():
                         return
                     await self._wake.wait()
                     self._wake.clear()
                     continue
-                if self._linger > 0 and not self._closing:
+                if self._linger > 0 and not self._closed.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._closed.wait(), self._linger)
                 batch = self._pending[:]
@@ -78,7 +77,6 @@ class EventWriter:
 
     async def close(self) -> None:
         """Write everything still queued; raises whatever stopped the writer."""
-        self._closing = True
         self._closed.set()
         self._wake.set()
         await self._writer

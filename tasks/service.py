@@ -150,32 +150,24 @@ class TaskService:
         cursor = (0, task.last_sequence if final_only else after_sequence)
         while True:  # once per subscription: again only after falling behind the feed
             subscription = self._feed.subscribe(key, format_id(cursor))
+            gap_left = True  # entries before the feed's start, read here
             try:
-                # What the stream held before the feed took over, read here.
-                while cursor < subscription.start:
-                    gap = await redis.xrange(
-                        key,
-                        min=f"({format_id(cursor)}",
-                        max=format_id(subscription.start),
-                        count=WATCH_BATCH,
-                    )
-                    if not gap:
-                        break
-                    for entry_id, fields in gap:
-                        cursor = parse_id(entry_id)
-                        event = step_event_pb2.StepEvent.FromString(fields[b"e"])
-                        final = event.WhichOneof("kind") in FINAL_KINDS
-                        if final or not final_only:
-                            yield event
-                        if final:
-                            return
                 while True:
-                    entries = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
-                    if not entries and not await redis.exists(self._store.task_key(task_id)):
-                        raise NotFound(
-                            f"task {task_id!r} expired while being watched",
-                            reason="TASK_NOT_FOUND",
+                    if gap_left and cursor < subscription.start:
+                        entries = await redis.xrange(
+                            key,
+                            min=f"({format_id(cursor)}",
+                            max=format_id(subscription.start),
+                            count=WATCH_BATCH,
                         )
+                        gap_left = bool(entries)
+                    else:
+                        entries = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
+                        if not entries and not await redis.exists(self._store.task_key(task_id)):
+                            raise NotFound(
+                                f"task {task_id!r} expired while being watched",
+                                reason="TASK_NOT_FOUND",
+                            )
                     for entry_id, fields in entries:
                         position = parse_id(entry_id)
                         if position <= cursor:
