@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.context import ContextManager, ContextPolicy
 from agentplex.agents.llm.base import LLMProvider
 from agentplex.agents.llm.factory import build_provider
 from agentplex.agents.runner import AgentRunner
 from agentplex.agents.servicer import AgentServicer
-from agentplex.memory.client import MemoryClient
-from agentplex.registry.client import RegistryClient
+from agentplex.clients.memory import MemoryClient
+from agentplex.clients.registry import RegistryClient
+from agentplex.contract import agent_tool as delegation_tool
+from agentplex.contract import limits
 from agentplex.runtime import redis_client
 from agentplex.runtime.clients import open_channel
 from agentplex.runtime.process import service_main
@@ -26,9 +27,9 @@ from agentplex.runtime.settings import Settings
 from agentplex.tasks.event_feed import EventFeed
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
-from agentplex.tools.base import define
 from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, tool_pb2
 
+PUBLISH_TIMEOUT_SECONDS = 10.0
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
@@ -40,49 +41,20 @@ def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
         tools=list(spec.tool_names),
         model=model,
         limits=agent_pb2.AgentLimits(
-            max_steps_limit=catalog.MAX_STEPS_LIMIT,
-            default_max_steps=catalog.DEFAULT_MAX_STEPS,
-            min_token_budget=catalog.MIN_TOKEN_BUDGET,
-            max_token_budget=catalog.MAX_TOKEN_BUDGET,
-            default_token_budget=catalog.DEFAULT_TOKEN_BUDGET,
-            max_prompt_bytes=catalog.MAX_PROMPT_BYTES,
+            max_steps_limit=limits.MAX_STEPS_LIMIT,
+            default_max_steps=limits.DEFAULT_MAX_STEPS,
+            min_token_budget=limits.MIN_TOKEN_BUDGET,
+            max_token_budget=limits.MAX_TOKEN_BUDGET,
+            default_token_budget=limits.DEFAULT_TOKEN_BUDGET,
+            max_prompt_bytes=limits.MAX_PROMPT_BYTES,
         ),
     )
 
 
 def agent_tool(spec: AgentSpec) -> tool_pb2.ToolDefinition:
     """The tool contract through which other agents (and operators) delegate to `spec`."""
-    return define(
-        name=f"agent.{spec.name}",
-        version=spec.version,
-        description=f"Delegates a task to the {spec.name} agent: {spec.description}",
-        input_schema={
-            "type": "object",
-            "properties": {
-                "prompt": {"type": "string", "minLength": 1, "maxLength": catalog.MAX_PROMPT_BYTES},
-                "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                "max_steps": {"type": "integer", "minimum": 1, "maximum": catalog.MAX_STEPS_LIMIT},
-                "token_budget": {
-                    "type": "integer",
-                    "minimum": catalog.MIN_TOKEN_BUDGET,
-                    "maximum": catalog.MAX_TOKEN_BUDGET,
-                },
-            },
-            "required": ["prompt"],
-            "additionalProperties": False,
-        },
-        output_schema={
-            "type": "object",
-            "properties": {
-                "task_id": {"type": "string"},
-                "output": {"type": "string"},
-                "error": {"type": "string"},
-                "steps_used": {"type": "integer"},
-                "tokens_used": {"type": "integer"},
-            },
-            "required": ["task_id", "output", "error", "steps_used", "tokens_used"],
-        },
-        side_effect=tool_pb2.SIDE_EFFECT_SIDE_EFFECTING,
+    return delegation_tool.definition(
+        agent=spec.name, version=spec.version, description=spec.description
     )
 
 
@@ -187,10 +159,18 @@ def build_host(
     published: list[str] = []
 
     async def publish_as_tool(endpoint: Endpoint) -> None:
-        # Every agent is also a tool (agent.<name>): the path delegation takes.
+        # The registry knows agents only from what they publish: the access list
+        # (as a default, so an operator's SetAgentTools is kept across restarts)
+        # and the agent as a tool (agent.<name>), the path delegation takes.
+        await parts.registry.set_agent_tools(
+            spec.name, spec.grants, only_if_unset=True, timeout=PUBLISH_TIMEOUT_SECONDS
+        )
         published.append(endpoint.address)
         await parts.registry.publish(
-            [agent_tool(spec)], endpoint.address, tool_pb2.BACKEND_KIND_AGENT, timeout=10.0
+            [agent_tool(spec)],
+            endpoint.address,
+            tool_pb2.BACKEND_KIND_AGENT,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
         )
 
     async def withdraw_and_close() -> None:

@@ -1,19 +1,15 @@
-"""The agents the mesh ships with, and the limits every task is held to.
+"""The agents the mesh ships with.
 
-The registry reads the same catalog to seed each agent's tool access list,
-so what an agent's model is shown and what it may invoke cannot drift apart.
+Each agent publishes its own grants to the registry when it starts (as the
+access list's default: an operator's `SetAgentTools` is kept), so what an
+agent's model is shown and what it may invoke come from one list.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_STEPS_LIMIT = 25
-DEFAULT_MAX_STEPS = 10
-MIN_TOKEN_BUDGET = 512
-MAX_TOKEN_BUDGET = 32768
-DEFAULT_TOKEN_BUDGET = 8192
-MAX_PROMPT_BYTES = 64 * 1024
+from agentplex.v1 import tool_registry_service_pb2
 
 
 @dataclass(frozen=True)
@@ -30,6 +26,14 @@ class AgentSpec:
     @property
     def tool_names(self) -> tuple[str, ...]:
         return tuple(grant.partition("@")[0] for grant in self.tools)
+
+    @property
+    def grants(self) -> list[tool_registry_service_pb2.ToolGrant]:
+        """The access list this agent publishes for itself: 'calculator@1' → (calculator, 1)."""
+        return [
+            tool_registry_service_pb2.ToolGrant(name=name, major=int(major or 0))
+            for name, _, major in (grant.partition("@") for grant in self.tools)
+        ]
 
 
 ASSISTANT = AgentSpec(

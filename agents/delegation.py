@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agentplex.agents.events import EventRecorder
+from agentplex.contract.events import is_final
 from agentplex.runtime import errors
 from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2, tool_registry_service_pb2
 
@@ -32,7 +33,6 @@ TOKEN_BUDGET_EXCEEDED = "token budget exceeded"
 # Tool error code for a delegation refused because the caller's share of its
 # budget is too small for any sub-task.
 BUDGET_ERROR_CODE = "TOKEN_BUDGET_EXCEEDED"
-FINAL_KINDS = ("final_result", "error")
 
 
 class StreamingTools(Protocol):
@@ -86,15 +86,16 @@ async def delegate(
                 )
             elif which == "event":
                 event = item.event
-                kind = event.WhichOneof("kind")
-                if kind in FINAL_KINDS:
+                if is_final(event):
                     # Only the sub-task's own end can be final here (it turned its
                     # sub-tasks' ends into DelegationFinished); report it as such.
                     result = (
-                        event.final_result.result if kind == "final_result" else event.error.result
+                        event.final_result.result
+                        if event.HasField("final_result")
+                        else event.error.result
                     )
                     continue
-                if kind == "llm_call_finished":
+                if event.HasField("llm_call_finished"):
                     usage = event.llm_call_finished
                     seen_tokens += usage.prompt_tokens + usage.completion_tokens
                 await events.relay(event)

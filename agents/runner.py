@@ -45,8 +45,8 @@ from agentplex.agents.llm.base import (
     ToolSpec,
     TransientLLMError,
 )
-from agentplex.agents.task import TaskRequest
 from agentplex.agents.tool_list import SharedToolList, TaskToolList
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.tokens import (
@@ -124,8 +124,8 @@ class _Cancelled(Exception):
 
 
 T = TypeVar("T")
-
 CancelCheck = Callable[[], Awaitable[bool]]
+
 """Returns True when the task should stop at this step boundary."""
 
 CANCELLED = "cancelled"
@@ -172,19 +172,21 @@ class AgentRunner:
         deadline: Deadline,
         sink: EventSink,
         *,
-        cancel_requested: CancelCheck | None = None,
         last_sequence: int = 0,
         interrupt: asyncio.Event | None = None,
+        cancel_requested: CancelCheck | None = None,
     ) -> TaskOutcome:
         """Run one task to its end, streaming events into `sink`.
 
         Cancellation (the caller hung up) propagates: nothing is saved for a
-        task that did not finish. `cancel_requested` is asked at every step
-        boundary; when it says yes the task ends CANCELLED there, with nothing
-        half-written. `last_sequence` continues the event numbering of an
-        earlier attempt of the same task. `interrupt`, once set, ends the task
-        CANCELLED at once, mid-step: in-flight model and tool calls (and the
-        sub-tasks of delegations) are cancelled.
+        task that did not finish. `last_sequence` continues the event
+        numbering of an earlier attempt of the same task. A durable task's
+        cancel arrives as `interrupt`: once set, the task ends CANCELLED at
+        once, mid-step (in-flight model and tool calls, and the sub-tasks of
+        delegations, are cancelled). `cancel_requested` lets the runner ask
+        for it at each step boundary, so a cancel recorded before a step
+        stops the task there rather than up to one poll later; it sets the
+        same `interrupt`.
         """
         events = EventRecorder(
             task_id=task.task_id,
@@ -222,7 +224,7 @@ class AgentRunner:
                     try:
                         error = (
                             await self._loop(
-                                task, deadline, events, progress, cancel_requested, interrupt
+                                task, deadline, events, progress, interrupt, cancel_requested
                             )
                             or ""
                         )
@@ -287,8 +289,8 @@ class AgentRunner:
         deadline: Deadline,
         events: EventRecorder,
         progress: _Progress,
-        cancel_requested: CancelCheck | None,
         interrupt: asyncio.Event | None = None,
+        cancel_requested: CancelCheck | None = None,
     ) -> str | None:
         context = await _interruptible(
             self._context.load(

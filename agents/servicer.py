@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agentplex.agents import lineage
 from agentplex.agents.runner import AgentRunner, TaskOutcome
-from agentplex.agents.task import TaskRequest
+from agentplex.contract import lineage
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.tasks.service import TaskService

@@ -28,14 +28,14 @@ import grpc
 import httpx
 
 from agentplex.bench.measure import Latency, interleaved, throughput
+from agentplex.clients.registry import RegistryClient
+from agentplex.contract.tool_definition import define
 from agentplex.gateway.app import ControlPlaneServer
 from agentplex.gateway.bootstrap import BootstrapOptions
 from agentplex.gateway.envoy import EnvoyProcess
 from agentplex.gateway.resources import AGENT_HEADER, HostPort
 from agentplex.gateway.settings import GatewaySettings
-from agentplex.registry.client import RegistryClient
 from agentplex.runtime.settings import Settings
-from agentplex.tools.base import define
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, tool_pb2
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import grpc
 
+from agentplex.bench.chaos import WorkerPool, worker_env
 from agentplex.bench.run import PROMPT, _mesh_pids, bench_mesh
 from agentplex.runtime import loop as event_loop
-from agentplex.tasks.chaos import WorkerPool, worker_env
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 

@@ -32,10 +32,10 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentplex.bench import gateway, grpc_versions, peer_runs
+from agentplex.bench.chaos import WorkerPool, worker_env
 from agentplex.bench.measure import Latency, in_blocks, latency
 from agentplex.mesh.launcher import MeshLauncher
 from agentplex.runtime import loop as event_loop
-from agentplex.tasks.chaos import WorkerPool, worker_env
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 

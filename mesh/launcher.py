@@ -141,7 +141,7 @@ class MeshLauncher:
             *(
                 self._start_part(
                     f"{name}-worker-{index}",
-                    "agentplex.tasks",
+                    "agentplex.agents.worker",
                     ["--agent", name, "--name", f"{name}-worker-{index}"],
                     env,
                 )

@@ -1,8 +1,9 @@
 """Assembles the Tool Registry process: Redis, ledger, backend router, servicer, host.
 
-The registry runs no tools itself: backends publish their contracts (with
-their address) when they start, and the registry routes each invocation
-there. At start-up it only seeds the catalog agents' access lists.
+The registry runs no tools itself and knows no agent in advance: backends
+publish their contracts (with their address) when they start, agents publish
+their `agent.<name>` tool and their default access list, and the registry
+routes each invocation there.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 
 import grpc
 
-from agentplex.agents.catalog import CATALOG
 from agentplex.registry.backends import BackendRouter
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry
@@ -31,7 +31,7 @@ SERVICE_NAME = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
 async def build_host(
     settings: Settings, *, port: int = 0, metrics_port: int | None = 0
 ) -> ServiceHost:
-    """Build the registry and seed access lists; Redis must answer."""
+    """Build the registry; Redis must answer."""
     redis = redis_client.connect(settings.redis_url)
     router = BackendRouter(
         tool_timeout_seconds=settings.tool_timeout_seconds,
@@ -49,7 +49,6 @@ async def build_host(
         router=router,
         max_delegation_depth=settings.max_delegation_depth,
     )
-    await registry.seed_access({spec.name: list(spec.tools) for spec in CATALOG.values()})
 
     def register(server: grpc.aio.Server) -> list[str]:
         tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(

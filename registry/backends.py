@@ -30,7 +30,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from agentplex.agents import catalog, lineage
+from agentplex.contract import agent_tool, limits, lineage
+from agentplex.contract.events import is_final
 from agentplex.registry.breaker import CircuitBreaker
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline, call_with_deadline, open_channel
@@ -48,7 +49,6 @@ from agentplex.v1 import (
 RETRY_ATTEMPTS = 3
 # Re-attaching to a sub-task's event stream after it broke (it runs on regardless).
 WATCH_ATTEMPTS = 3
-FINAL_KINDS = ("final_result", "error")
 # Tool error codes that count against a downstream agent's breaker: it was
 # unreachable, too slow, its queue was full, or its task failed. Any other error
 # (refusals, cancellations, budget limits, the caller's own deadline) says
@@ -294,15 +294,15 @@ class BackendRouter:
         the caller's budget, and it does not outlive the call: when the caller
         goes away or its deadline passes, the sub-task is cancelled.
         """
-        agent = lineage.agent_of_tool(tool.name)
-        budget = int(arguments.get("token_budget", catalog.DEFAULT_TOKEN_BUDGET))
+        agent = agent_tool.agent_of_tool(tool.name)
+        budget = int(arguments.get("token_budget", limits.DEFAULT_TOKEN_BUDGET))
         if token_budget:
             budget = min(budget, token_budget)
-        if budget < catalog.MIN_TOKEN_BUDGET:
+        if budget < limits.MIN_TOKEN_BUDGET:
             return _failure(
                 "TOKEN_BUDGET_EXCEEDED",
                 f"token budget exceeded: only {budget} tokens are left for {tool.name}, "
-                f"and a sub-task needs at least {catalog.MIN_TOKEN_BUDGET}",
+                f"and a sub-task needs at least {limits.MIN_TOKEN_BUDGET}",
             )
         spec = task_pb2.TaskSpec(
             # Derived from the invocation's key, so a replayed delegation keeps its id
@@ -373,7 +373,7 @@ class BackendRouter:
                         await progress(
                             tool_registry_service_pb2.InvokeToolStreamResponse(event=event)
                         )
-                    if event.WhichOneof("kind") in FINAL_KINDS:
+                    if is_final(event):
                         return event
             except grpc.aio.AioRpcError as err:
                 failure = errors.from_rpc_error(err)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from opentelemetry import trace
 
-from agentplex.agents import lineage
+from agentplex.contract import agent_tool, lineage
 from agentplex.registry import compat, schemas
 from agentplex.registry.backends import BackendRouter, Progress
 from agentplex.registry.ledger import IdempotencyLedger, fingerprint
@@ -65,14 +65,6 @@ def outcome_unknown(tool: tool_pb2.ToolDefinition) -> pb.InvokeToolResponse:
 
 def major(tool: tool_pb2.ToolDefinition) -> int:
     return schemas.semver(tool.version)[0]
-
-
-def parse_pin(spec: str) -> tuple[str, int]:
-    """'calculator@2' → ('calculator', 2); 'calculator' → ('calculator', 0)."""
-    name, _, pinned = spec.partition("@")
-    if pinned and not pinned.isdigit():
-        raise InvalidArgument(f"{spec!r}: the pin after '@' must be a major version number")
-    return name, int(pinned or 0)
 
 
 def resolve(
@@ -253,7 +245,13 @@ class ToolRegistry:
             )
         return grants
 
-    async def set_agent_tools(self, agent: str, grants: Iterable[Grant]) -> list[Grant]:
+    async def set_agent_tools(
+        self, agent: str, grants: Iterable[Grant], *, only_if_unset: bool = False
+    ) -> tuple[list[Grant], bool]:
+        """Store an agent's access list; (the list now stored, whether it is this one).
+
+        `only_if_unset` is how an agent publishes its own default list when it
+        starts: an operator's `SetAgentTools` is kept across restarts."""
         grants = list(grants)
         for grant in grants:
             if not schemas.TOOL_NAME_PATTERN.fullmatch(grant.name):
@@ -261,15 +259,9 @@ class ToolRegistry:
         names = [grant.name for grant in grants]
         if len(set(names)) != len(names):
             raise InvalidArgument("each tool may be granted once, at one major version")
-        await self._store.set_grants(agent, grants)
-        return grants
-
-    async def seed_access(self, access: dict[str, list[str]]) -> None:
-        """Give catalog agents their tools unless an operator already set them."""
-        for agent, pins in access.items():
-            await self._store.set_grants(
-                agent, [Grant(*parse_pin(p)) for p in pins], only_if_new=True
-            )
+        if await self._store.set_grants(agent, grants, only_if_new=only_if_unset):
+            return grants, True
+        return await self._grants(agent), False
 
     # --- invocation ------------------------------------------------------------------
 
@@ -322,7 +314,7 @@ class ToolRegistry:
                 lineage.check_delegation(
                     caller_agent=caller.agent,
                     caller=caller.lineage,
-                    target=lineage.agent_of_tool(tool.name),
+                    target=agent_tool.agent_of_tool(tool.name),
                     max_depth=self._max_depth,
                 )
             if (

@@ -106,9 +106,11 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
     ) -> pb.SetAgentToolsResponse:
         if not request.agent:
             raise InvalidArgument("agent is required")
-        grants = await self._registry.set_agent_tools(
-            request.agent, [Grant(g.name, g.major) for g in request.grants]
+        grants, applied = await self._registry.set_agent_tools(
+            request.agent,
+            [Grant(g.name, g.major) for g in request.grants],
+            only_if_unset=request.only_if_unset,
         )
         return pb.SetAgentToolsResponse(
-            grants=[pb.ToolGrant(name=g.name, major=g.major) for g in grants]
+            grants=[pb.ToolGrant(name=g.name, major=g.major) for g in grants], applied=applied
         )

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import propagate
 
-from agentplex.agents import lineage
-from agentplex.agents.task import TaskRequest
+from agentplex.contract import lineage
+from agentplex.contract.events import is_final
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from agentplex.tasks.event_feed import EventFeed, Lagged, format_id, parse_id
 from agentplex.tasks.store import (
@@ -26,7 +27,6 @@ from agentplex.tasks.store import (
 )
 from agentplex.v1 import step_event_pb2, task_pb2
 
-FINAL_KINDS = ("final_result", "error")
 # How long a watcher waits for the feed before checking that its task still exists.
 WATCH_BLOCK_MS = 1000
 WATCH_BATCH = 200
@@ -174,7 +174,7 @@ class TaskService:
                             continue
                         cursor = position
                         event = step_event_pb2.StepEvent.FromString(fields[b"e"])
-                        final = event.WhichOneof("kind") in FINAL_KINDS
+                        final = is_final(event)
                         if final or not final_only:
                             yield event
                         if final:

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -28,10 +30,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agentplex.agents.runner import AgentRunner, TaskOutcome
-from agentplex.agents.task import TaskRequest
+from agentplex.contract.events import is_final
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.clients import Deadline
-from agentplex.runtime.errors import Unavailable
+from agentplex.runtime.errors import AgentplexError, Unavailable
 from agentplex.tasks.events import EventWriter
 from agentplex.tasks.store import GROUP, StaleAttempt, Started, TaskStore
 from agentplex.v1 import step_event_pb2, task_pb2
@@ -47,7 +49,38 @@ tasks_outcome = Counter(
     ["agent", "outcome"],
 )
 
-FINAL_KINDS = ("final_result", "error")
+EventSink = Callable[[step_event_pb2.StepEvent], Awaitable[None]]
+
+
+class RunOutcome(Protocol):
+    """How a run ended: the result to record, and the error when it FAILED."""
+
+    @property
+    def result(self) -> task_pb2.TaskResult: ...
+
+    @property
+    def failure(self) -> AgentplexError | None: ...
+
+
+class TaskRunner(Protocol):
+    """What a worker runs a task with (the agents' `AgentRunner`).
+
+    The queue machinery knows nothing of agents: it hands the runner a
+    validated request, the time left, where events go, the sequence to
+    number on from and the cancel signal (`interrupt`, which it may also
+    ask to be refreshed at a step boundary: `cancel_requested`).
+    """
+
+    async def run(
+        self,
+        task: TaskRequest,
+        deadline: Deadline,
+        sink: EventSink,
+        *,
+        last_sequence: int = 0,
+        interrupt: asyncio.Event | None = None,
+        cancel_requested: Callable[[], Awaitable[bool]] | None = None,
+    ) -> RunOutcome: ...
 
 
 class DependencyDown(Exception):
@@ -61,7 +94,7 @@ CANCEL_WAIT_SECONDS = 5.0
 @dataclass
 class Worker:
     store: TaskStore
-    runner: AgentRunner
+    runner: TaskRunner
     consumer: str
     lease_seconds: float = 10.0
     max_attempts: int = 3
@@ -240,7 +273,7 @@ class Worker:
 
     async def _run_attempt(self, task_id: str, started: Started) -> None:
         final: list[step_event_pb2.StepEvent] = []
-        running: asyncio.Task[TaskOutcome] | None = None
+        running: asyncio.Task[RunOutcome] | None = None
 
         def stop_run() -> None:
             if running is not None:
@@ -255,13 +288,10 @@ class Worker:
         )
 
         async def sink(event: step_event_pb2.StepEvent) -> None:
-            if event.WhichOneof("kind") in FINAL_KINDS:
+            if is_final(event):
                 final.append(event)  # written together with the result, atomically
             else:
                 writer.add(event)
-
-        async def cancel_requested() -> bool:
-            return await self.store.cancel_flag(task_id)
 
         task = TaskRequest.from_proto(started.spec)
         timeout = self.task_timeout_seconds
@@ -269,7 +299,17 @@ class Worker:
             # The submitter's deadline (a parent task's, for a sub-task) wins; one
             # already past leaves no time, so the run ends before its first step.
             timeout = min(timeout, task.deadline_unix - time.time())
+        # The one cancel signal: set by a cancel recorded before the start, or
+        # by the watch below; the runner stops at once, mid-step.
         interrupt = asyncio.Event()
+        if started.cancel_requested:
+            interrupt.set()
+
+        async def cancel_requested() -> bool:
+            if not interrupt.is_set() and await self.store.cancel_flag(task_id):
+                interrupt.set()
+            return interrupt.is_set()
+
         # Continue the submitter's trace across the queue (create_task copies
         # the context, so the runner's spans are children of the submitter's).
         trace_context = propagate.extract(dict(started.spec.trace_context))
@@ -280,9 +320,9 @@ class Worker:
                     task,
                     Deadline.after(timeout),
                     sink,
-                    cancel_requested=cancel_requested,
                     last_sequence=started.last_sequence,
                     interrupt=interrupt,
+                    cancel_requested=cancel_requested,
                 )
             )
         finally:

@@ -261,7 +261,7 @@ class WorkerProcesses:
             [
                 sys.executable,
                 "-m",
-                "agentplex.tasks",
+                "agentplex.agents.worker",
                 "--agent",
                 agent,
                 "--name",
@@ -343,7 +343,7 @@ async def start_worker(mesh: Mesh) -> AsyncIterator[Callable[..., Awaitable[obje
     in this event loop, pointed at the test's mesh; drained and stopped afterwards.
     Delegation (agent.<name> tools) runs sub-tasks on these queues."""
     from agentplex.agents.catalog import CATALOG
-    from agentplex.tasks.app import build_worker
+    from agentplex.agents.worker import build_worker
 
     running: list[tuple[asyncio.Event, asyncio.Task[None], object]] = []
 

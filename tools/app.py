@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from agentplex.registry.client import RegistryClient
+from agentplex.clients.registry import RegistryClient
 from agentplex.runtime import redis_client
 from agentplex.runtime.process import service_main
 from agentplex.runtime.server import Endpoint, ServiceHost

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,24 +38,3 @@ class Tool(Protocol):
     definition: tool_pb2.ToolDefinition
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]: ...
-
-
-def define(
-    *,
-    name: str,
-    version: str,
-    description: str,
-    input_schema: dict[str, Any],
-    output_schema: dict[str, Any],
-    side_effect: tool_pb2.SideEffect.ValueType,
-) -> tool_pb2.ToolDefinition:
-    """A ToolDefinition from Python dicts; schemas are declared 2020-12."""
-    dialect = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
-    return tool_pb2.ToolDefinition(
-        name=name,
-        version=version,
-        description=description,
-        input_schema_json=json.dumps({**dialect, **input_schema}, sort_keys=True),
-        output_schema_json=json.dumps({**dialect, **output_schema}, sort_keys=True),
-        side_effect=side_effect,
-    )

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from agentplex.tools.base import ToolContext, ToolFailure, define
+from agentplex.contract.tool_definition import define
+from agentplex.tools.base import ToolContext, ToolFailure
 from agentplex.v1 import tool_pb2
 
 MAX_EXPRESSION_LENGTH = 500

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentplex.tools.base import ToolContext, define
+from agentplex.contract.tool_definition import define
+from agentplex.tools.base import ToolContext
 from agentplex.v1 import tool_pb2
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.-]*[a-z0-9]|[a-z0-9]")

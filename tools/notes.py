@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentplex.tools.base import ToolContext, ToolFailure, define
+from agentplex.contract.tool_definition import define
+from agentplex.tools.base import ToolContext, ToolFailure
 from agentplex.v1 import tool_pb2
 
 MAX_NOTE_LENGTH = 4000

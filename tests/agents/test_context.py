@@ -21,9 +21,9 @@ from agentplex.agents.llm.base import (
 )
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.agents.runner import AgentRunner
-from agentplex.agents.task import TaskRequest
+from agentplex.clients.memory import MemoryClient
+from agentplex.contract.task_request import TaskRequest
 from agentplex.memory import app as memory_app
-from agentplex.memory.client import MemoryClient
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import memory_pb2, step_event_pb2, task_pb2, tool_registry_service_pb2

@@ -10,7 +10,7 @@ from agentplex.agents import app as agents_app
 from agentplex.agents.catalog import CATALOG
 from agentplex.agents.llm.base import CompletionRequest
 from agentplex.agents.llm.scripted import ScriptedLLM
-from agentplex.memory.client import MemoryClient
+from agentplex.clients.memory import MemoryClient
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import (
     agent_service_pb2_grpc,

@@ -30,7 +30,7 @@ from agentplex.agents.runner import (
     AgentRunner,
     RetryPolicy,
 )
-from agentplex.agents.task import TaskRequest
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
 from agentplex.v1 import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
+from agentplex.contract.tool_definition import define
 from agentplex.runtime.settings import Settings
-from agentplex.tools.base import define
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, tool_pb2, tool_registry_service_pb2_grpc
 from agentplex.v1 import tool_registry_service_pb2 as registry_pb

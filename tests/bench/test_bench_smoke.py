@@ -55,6 +55,6 @@ def test_profile_accounts_cpu_per_task_for_every_process(tmp_path) -> None:  # t
         direct, queued = (float(cell) for cell in rows[process])
         assert direct > 0 and queued > 0, process
     assert {"tools", "redis", "client (this process)"} <= set(rows)
-    assert rows["tasks:assistant"][0].strip() == "–"
-    assert float(rows["tasks:assistant"][1]) > 0
+    assert rows["agents.worker:assistant"][0].strip() == "–"
+    assert float(rows["agents.worker:assistant"][1]) > 0
     assert float(rows["all"][1]) > float(rows["all"][0])  # the queued path does more work

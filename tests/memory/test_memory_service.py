@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentplex.clients.memory import MemoryClient
 from agentplex.memory import app as memory_app
-from agentplex.memory.client import MemoryClient
 from agentplex.mesh.redis_process import free_port
 from agentplex.runtime import errors
 from agentplex.runtime.settings import Settings

@@ -23,8 +23,8 @@ import pytest
 from agentplex.agents.context import ContextManager, ContextPolicy
 from agentplex.agents.llm.base import ChatMessage, Completion, CompletionRequest, TextDelta
 from agentplex.agents.llm.openai import OpenAIProvider
+from agentplex.clients.memory import MemoryClient
 from agentplex.memory import app as memory_app
-from agentplex.memory.client import MemoryClient
 from agentplex.mesh.local_model import (
     MODEL_ALIAS,
     LocalModelServer,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from agentplex.contract.tool_definition import define
 from agentplex.registry import schemas
 from agentplex.runtime.errors import InvalidArgument
-from agentplex.tools.base import define
 from agentplex.tools.calculator import Calculator
 from agentplex.tools.docs_search import DocsSearch
 from agentplex.tools.notes import NotesRead, NotesWrite

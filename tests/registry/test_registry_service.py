@@ -11,10 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 
+from agentplex.contract.tool_definition import define
 from agentplex.registry import app as registry_app
 from agentplex.runtime import errors
 from agentplex.runtime.errors import from_rpc_error
-from agentplex.tools.base import define
 from agentplex.tools.calculator import Calculator
 from agentplex.v1 import tool_pb2, tool_registry_service_pb2_grpc
 from agentplex.v1 import tool_registry_service_pb2 as pb

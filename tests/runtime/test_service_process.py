@@ -16,7 +16,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentplex.memory.client import MemoryClient
+from agentplex.clients.memory import MemoryClient
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import memory_pb2
 

@@ -15,7 +15,7 @@ def test_chaos_run_loses_nothing_and_repeats_nothing(tmp_path) -> None:  # type:
         [
             sys.executable,
             "-m",
-            "agentplex.tasks.chaos",
+            "agentplex.bench.chaos",
             "--tasks",
             "30",
             "--workers",

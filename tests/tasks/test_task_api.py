@@ -12,8 +12,8 @@ import pytest
 from agentplex.agents.catalog import ASSISTANT
 from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
+from agentplex.agents.worker import build_worker
 from agentplex.runtime.errors import from_rpc_error
-from agentplex.tasks.app import build_worker
 from agentplex.tasks.event_feed import READER_NAME
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2

@@ -143,18 +143,22 @@ class ToolGrant(_message.Message):
     def __init__(self, name: _Optional[str] = ..., major: _Optional[int] = ...) -> None: ...
 
 class SetAgentToolsRequest(_message.Message):
-    __slots__ = ("agent", "grants")
+    __slots__ = ("agent", "grants", "only_if_unset")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IF_UNSET_FIELD_NUMBER: _ClassVar[int]
     agent: str
     grants: _containers.RepeatedCompositeFieldContainer[ToolGrant]
-    def __init__(self, agent: _Optional[str] = ..., grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ...) -> None: ...
+    only_if_unset: bool
+    def __init__(self, agent: _Optional[str] = ..., grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ..., only_if_unset: _Optional[bool] = ...) -> None: ...
 
 class SetAgentToolsResponse(_message.Message):
-    __slots__ = ("grants",)
+    __slots__ = ("grants", "applied")
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     grants: _containers.RepeatedCompositeFieldContainer[ToolGrant]
-    def __init__(self, grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ...) -> None: ...
+    applied: bool
+    def __init__(self, grants: _Optional[_Iterable[_Union[ToolGrant, _Mapping]]] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class WithdrawEndpointRequest(_message.Message):
     __slots__ = ("name", "version", "endpoint")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentplex.agents.task import TaskRequest
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.v1 import agent_service_pb2 as pb
 

@@ -2,25 +2,21 @@
 
 A task's lineage names its parent, the tree's root, its depth and the agents
 above it. The registry derives a sub-task's lineage from the caller's when an
-agent delegates (`agent.<name>` tools) and refuses delegations that would go
-deeper than the mesh allows or come back to an agent already in the chain;
+agent delegates (`agent.<name>` tools, `contract/agent_tool.py`) and refuses
+delegations that would go deeper than the mesh allows or come back to an
+agent already in the chain;
 an agent refuses a task whose lineage already lists it. Both are
 FAILED_PRECONDITION: the calling model sees a tool error, its task goes on.
 """
 
 from __future__ import annotations
 
+from agentplex.contract.reasons import Reason
 from agentplex.runtime.errors import FailedPrecondition, InvalidArgument
 from agentplex.v1 import task_pb2
 
-AGENT_TOOL_PREFIX = "agent."
 # Stands in the chain for a caller that is not an agent.
 OPERATOR = "operator"
-
-
-def agent_of_tool(tool_name: str) -> str:
-    """'agent.researcher' → 'researcher'."""
-    return tool_name.removeprefix(AGENT_TOOL_PREFIX)
 
 
 def check_shape(lineage: task_pb2.TaskLineage) -> None:
@@ -40,7 +36,7 @@ def check_accepts(agent: str, lineage: task_pb2.TaskLineage) -> None:
     if agent in lineage.agents:
         raise FailedPrecondition(
             f"delegation cycle: {_chain([*lineage.agents, agent])}",
-            reason="DELEGATION_CYCLE",
+            reason=Reason.DELEGATION_CYCLE,
         )
 
 
@@ -69,13 +65,13 @@ def check_delegation(
         raise FailedPrecondition(
             f"delegation cycle: {_chain([*chain, target])} ({target} is already working "
             "on this task further up; answer from what you have instead)",
-            reason="DELEGATION_CYCLE",
+            reason=Reason.DELEGATION_CYCLE,
         )
     if caller.depth + 1 > max_depth:
         raise FailedPrecondition(
             f"delegation depth limit reached: {_chain([*chain, target])} would be depth "
             f"{caller.depth + 1}, the limit is {max_depth}",
-            reason="DELEGATION_DEPTH_EXCEEDED",
+            reason=Reason.DELEGATION_DEPTH_EXCEEDED,
         )
 
 

@@ -1,4 +1,4 @@
-"""A worker process: `python -m agentplex.tasks --agent NAME`.
+"""A worker process: `python -m agentplex.agents.worker --agent NAME`.
 
 Runs the agent's AgentRunner against its queue. It serves no RPCs of its own,
 only health (SERVING while Redis, memory and the registry answer) and
@@ -73,7 +73,7 @@ async def serve(worker: Worker, host: ServiceHost, ready_file: Path | None) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.tasks")
+    parser = argparse.ArgumentParser(prog="python -m agentplex.agents.worker")
     parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
     parser.add_argument("--name", help="consumer name (default: agent-host-pid)")
     parser.add_argument("--port", type=int, default=0, help="ignored; workers serve no RPCs")
@@ -92,3 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         await serve(worker, host, args.ready_file)
 
     event_loop.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentplex.agents import lineage
+from agentplex.contract import lineage
 from agentplex.runtime.errors import FailedPrecondition, InvalidArgument
 from agentplex.v1 import task_pb2
 

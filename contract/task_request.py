@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agentplex.agents import catalog, lineage
+from agentplex.contract import limits, lineage
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.v1 import agent_service_pb2, task_pb2
 
@@ -32,8 +32,8 @@ class TaskRequest(BaseModel):
     prompt: str = Field(min_length=1)
     session_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
-    max_steps: int = Field(ge=1, le=catalog.MAX_STEPS_LIMIT)
-    token_budget: int = Field(ge=catalog.MIN_TOKEN_BUDGET, le=catalog.MAX_TOKEN_BUDGET)
+    max_steps: int = Field(ge=1, le=limits.MAX_STEPS_LIMIT)
+    token_budget: int = Field(ge=limits.MIN_TOKEN_BUDGET, le=limits.MAX_TOKEN_BUDGET)
     # Place in a delegation tree (all empty for a root task), kept as plain
     # fields so the model stays frozen and hashable; `lineage` rebuilds the proto.
     parent_task_id: str = ""
@@ -58,8 +58,8 @@ class TaskRequest(BaseModel):
         if not prompt.strip():
             raise ValueError("must not be blank")
         size = len(prompt.encode("utf-8"))
-        if size > catalog.MAX_PROMPT_BYTES:
-            raise ValueError(f"is {size} bytes; the limit is {catalog.MAX_PROMPT_BYTES} (64 KiB)")
+        if size > limits.MAX_PROMPT_BYTES:
+            raise ValueError(f"is {size} bytes; the limit is {limits.MAX_PROMPT_BYTES} (64 KiB)")
         return prompt
 
     @field_validator("metadata")
@@ -85,14 +85,12 @@ class TaskRequest(BaseModel):
                 session_id=request.session_id or f"s-{uuid.uuid4().hex}",
                 metadata=dict(request.metadata),
                 max_steps=(
-                    request.max_steps
-                    if request.HasField("max_steps")
-                    else catalog.DEFAULT_MAX_STEPS
+                    request.max_steps if request.HasField("max_steps") else limits.DEFAULT_MAX_STEPS
                 ),
                 token_budget=(
                     request.token_budget
                     if request.HasField("token_budget")
-                    else catalog.DEFAULT_TOKEN_BUDGET
+                    else limits.DEFAULT_TOKEN_BUDGET
                 ),
                 parent_task_id=request.lineage.parent_task_id,
                 root_task_id=request.lineage.root_task_id,
@@ -116,9 +114,9 @@ def _describe(exc: ValidationError) -> str:
             "token_budget",
         ):
             low, high = (
-                (1, catalog.MAX_STEPS_LIMIT)
+                (1, limits.MAX_STEPS_LIMIT)
                 if field == "max_steps"
-                else (catalog.MIN_TOKEN_BUDGET, catalog.MAX_TOKEN_BUDGET)
+                else (limits.MIN_TOKEN_BUDGET, limits.MAX_TOKEN_BUDGET)
             )
             message = f"must be between {low} and {high}"
         elif error["type"] == "string_pattern_mismatch":

@@ -1,4 +1,4 @@
-"""`RegistryClient`: how agents (and the CLI) reach the Tool Registry."""
+"""`RegistryClient`: how agents, tool backends and the CLI reach the Tool Registry."""
 
 from __future__ import annotations
 
@@ -66,6 +66,21 @@ class RegistryClient:
                 # E.g. the contract was edited without a version bump. The service
                 # still runs; its other contracts still publish; the log says why.
                 log.error("could not publish %s %s: %s", tool.name, tool.version, exc.message)
+
+    async def set_agent_tools(
+        self,
+        agent: str,
+        grants: list[pb.ToolGrant],
+        *,
+        only_if_unset: bool = False,
+        timeout: float,
+    ) -> pb.SetAgentToolsResponse:
+        """Store an agent's access list (`only_if_unset`: as a default an operator's list beats)."""
+        return await call_with_deadline(
+            self._stub.SetAgentTools,
+            pb.SetAgentToolsRequest(agent=agent, grants=grants, only_if_unset=only_if_unset),
+            timeout=timeout,
+        )
 
     async def withdraw(
         self, tools: list[tool_pb2.ToolDefinition], endpoint: str, *, timeout: float

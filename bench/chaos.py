@@ -1,6 +1,6 @@
 """Chaos run: submit tasks to a pool of workers, keep killing workers, then audit.
 
-    python -m agentplex.tasks.chaos [--tasks 200] [--workers 3] [--kill-every 3]
+    python -m agentplex.bench.chaos [--tasks 200] [--workers 3] [--kill-every 3]
 
 Starts a private mesh (embedded Redis, memory, registry, agents) on free
 ports, then `--workers` worker processes for the assistant. Every task asks
@@ -38,12 +38,11 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
+from agentplex.contract.events import is_final
 from agentplex.mesh.launcher import MeshLauncher
 from agentplex.runtime import loop as event_loop
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
-
-FINAL_KINDS = ("final_result", "error")
 
 
 @dataclass
@@ -89,7 +88,7 @@ class WorkerPool:
             self.processes[name] = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "agentplex.tasks",
+                "agentplex.agents.worker",
                 "--agent",
                 "assistant",
                 "--name",
@@ -153,7 +152,7 @@ async def watch_with_reconnects(
             async for response in call:
                 seen.append(response.event.sequence)
                 got += 1
-                if response.event.WhichOneof("kind") in FINAL_KINDS:
+                if is_final(response.event):
                     return seen
                 if got >= hang_up_after:
                     call.cancel()
@@ -346,7 +345,7 @@ def report(figures: Figures, args: argparse.Namespace) -> str:
         ("wall time", f"{figures.wall_seconds:.1f} s"),
     ]
     lines = [
-        f"`python -m agentplex.tasks.chaos --tasks {args.tasks} --workers {args.workers} "
+        f"`python -m agentplex.bench.chaos --tasks {args.tasks} --workers {args.workers} "
         f"--kill-every {args.kill_every:g} --lease {args.lease:g} "
         f"--model-delay {args.model_delay:g} --max-attempts {args.max_attempts} "
         f"--seed {args.seed}`",
@@ -360,7 +359,7 @@ def report(figures: Figures, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m agentplex.tasks.chaos", description=__doc__.split("\n\n")[0]
+        prog="python -m agentplex.bench.chaos", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--workers", type=int, default=3)
@@ -413,7 +412,7 @@ CHAOS_DOC = """# Chaos run
 
 The durable task queue under fire: tasks with a real side effect, workers
 SIGKILLed at random and replaced, watchers hanging up and resuming at random.
-`tasks/chaos.py` runs it and checks the invariants; this is its last recorded
+`bench/chaos.py` runs it and checks the invariants; this is its last recorded
 run on a 2-core machine.
 
 {report}

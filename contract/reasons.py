@@ -1,0 +1,95 @@
+"""The catalog of `google.rpc.ErrorInfo` reasons and structured tool-error codes.
+
+A reason is part of the protocol: clients branch on it (retry, re-read,
+tell the model), so it must mean the same in every service and never be
+renamed. Every reason a service raises is a member here; a new one is added
+here first, with what it means. The status code that carries it comes from
+the error class (`runtime/errors.py`), not from the reason.
+
+`Reason` is a `StrEnum`: a member is its own string on the wire.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # --- tools and the registry ---------------------------------------------------
+    TOOL_NOT_FOUND = "TOOL_NOT_FOUND"
+    """No published version of the tool matches (NOT_FOUND)."""
+    TOOL_RETIRED = "TOOL_RETIRED"
+    """The matching version is retired; the message names its replacement (NOT_FOUND)."""
+    TOOL_NOT_SERVED = "TOOL_NOT_SERVED"
+    """A tool backend was asked for a tool it does not serve (NOT_FOUND)."""
+    TOOL_NOT_ALLOWED = "TOOL_NOT_ALLOWED"
+    """The calling agent's access list does not grant the tool (PERMISSION_DENIED)."""
+    TOOL_VERSION_NOT_ALLOWED = "TOOL_VERSION_NOT_ALLOWED"
+    """The agent is pinned to another major version (PERMISSION_DENIED)."""
+    AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    """The registry has no access list for the agent (NOT_FOUND)."""
+    VERSION_EXISTS = "VERSION_EXISTS"
+    """That version is published with a different contract; versions are immutable."""
+    VERSION_NOT_NEWER = "VERSION_NOT_NEWER"
+    """A new version must be the newest of its major (FAILED_PRECONDITION)."""
+    BREAKING_CHANGE = "BREAKING_CHANGE"
+    """A minor or patch release would break callers of its major (FAILED_PRECONDITION)."""
+    NO_BACKEND = "NO_BACKEND"
+    """The version is published but no backend serves it now (FAILED_PRECONDITION)."""
+    IDEMPOTENCY_KEY_REQUIRED = "IDEMPOTENCY_KEY_REQUIRED"
+    """A side-effecting tool was invoked without an idempotency key (INVALID_ARGUMENT)."""
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    """The key was used before with other arguments (FAILED_PRECONDITION)."""
+    # --- delegation ---------------------------------------------------------------
+    DELEGATION_CYCLE = "DELEGATION_CYCLE"
+    """The target agent already works on this task further up (FAILED_PRECONDITION)."""
+    DELEGATION_DEPTH_EXCEEDED = "DELEGATION_DEPTH_EXCEEDED"
+    """The sub-task would be deeper than the mesh allows (FAILED_PRECONDITION)."""
+    # --- tasks ----------------------------------------------------------------------
+    TASK_NOT_FOUND = "TASK_NOT_FOUND"
+    """Never submitted to this agent, or its record expired (NOT_FOUND)."""
+    TASK_ID_REUSED = "TASK_ID_REUSED"
+    """The task id was submitted before with another request (FAILED_PRECONDITION)."""
+    QUEUE_FULL = "QUEUE_FULL"
+    """The agent's queue holds its limit of unfinished tasks (RESOURCE_EXHAUSTED)."""
+    EVENTS_EXPIRED = "EVENTS_EXPIRED"
+    """The events asked for are past retention (OUT_OF_RANGE)."""
+    # --- memory and models ------------------------------------------------------------
+    SUMMARY_CONFLICT = "SUMMARY_CONFLICT"
+    """Another summary of the session won the race: reload and retry (ABORTED)."""
+    LLM_FAILED = "LLM_FAILED"
+    """The model provider failed permanently or after its retries."""
+    REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
+    """Redis could not be reached (UNAVAILABLE)."""
+    INTERNAL = "INTERNAL"
+    """A bug; the server log has the details (INTERNAL)."""
+
+
+class ToolErrorCode(StrEnum):
+    """`ToolError.code` values: what a calling model is told when a tool call fails.
+
+    These never fail the caller's task; the model reads them and routes around.
+    A refused call (any `Reason` above) reaches the model with that reason as
+    its code.
+    """
+
+    EXECUTION_FAILED = "EXECUTION_FAILED"
+    """The tool ran and could not do what was asked (e.g. division by zero)."""
+    INVALID_RESULT = "INVALID_RESULT"
+    """The backend's result did not match the tool's output schema."""
+    OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+    """A side-effecting call was interrupted; it will not run again under its key."""
+    NO_SESSION = "NO_SESSION"
+    """A session-scoped tool was called without a session."""
+    TIMEOUT = "TIMEOUT"
+    """The tool took longer than its time limit."""
+    UNAVAILABLE = "UNAVAILABLE"
+    """No backend answered (after retries, for tools safe to repeat)."""
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    """The downstream agent kept failing and is not called during its cool-down."""
+    CANCELLED = "CANCELLED"
+    """The delegated sub-task was cancelled."""
+    AGENT_FAILED = "AGENT_FAILED"
+    """The delegated sub-task failed."""
+    TOKEN_BUDGET_EXCEEDED = "TOKEN_BUDGET_EXCEEDED"
+    """Too little of the caller's budget is left for a sub-task."""
