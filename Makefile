@@ -3,7 +3,7 @@ PYTHON ?= python
 BIN := $(dir $(shell $(PYTHON) -c 'import sys; print(sys.executable)'))
 export PATH := $(BIN):$(PATH)
 
-.PHONY: gen lint breaking test check googleapis
+.PHONY: gen lint typecheck breaking release-contracts test check googleapis
 
 ## googleapis: stage google/api/*.proto from the installed googleapis-common-protos for buf
 googleapis:
@@ -16,19 +16,29 @@ gen: googleapis
 	mkdir -p gen/python
 	buf generate
 
-## lint: buf lint on the contracts, ruff on the code
+## lint: buf lint on the contracts, ruff on the code, import-linter on who may import whom
 lint: googleapis
 	buf lint
 	ruff check .
 	ruff format --check .
+	lint-imports
 
-## breaking: agentplex.v1 against its first published version (wire and JSON)
+## typecheck: mypy strict on agentplex and the tests (needs the strict editable install, README)
+typecheck:
+	mypy
+
+## breaking: agentplex.v1 against the last released contracts, proto/released.json (wire and JSON)
 breaking: googleapis
-	buf breaking --against ".git#ref=$$(git rev-list --max-parents=0 HEAD)"
+	buf build -o .build/contracts.binpb
+	buf breaking .build/contracts.binpb --against proto/released.json --config buf.yaml
+
+## release-contracts: record today's contracts as the released state every change is checked against
+release-contracts: googleapis breaking
+	buf build --exclude-source-info -o '-#format=json' | $(PYTHON) -m json.tool --indent 1 > proto/released.json
 
 ## test: the whole suite (the same command CI runs)
 test:
 	pytest
 
 ## check: lint, then the whole suite
-check: lint breaking test
+check: lint typecheck breaking test

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.context import ContextManager, ContextPolicy
@@ -20,9 +20,9 @@ from agentplex.clients.registry import RegistryClient
 from agentplex.contract import agent_tool as delegation_tool
 from agentplex.contract import limits
 from agentplex.runtime import redis_client
-from agentplex.runtime.clients import open_channel
-from agentplex.runtime.process import service_main
-from agentplex.runtime.server import DependencyCheck, Endpoint, ServiceHost
+from agentplex.runtime.clients import health_status, open_channel
+from agentplex.runtime.process import CannotStart, Endpoint, run_process
+from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.tasks.event_feed import EventFeed
 from agentplex.tasks.service import TaskService
@@ -58,12 +58,9 @@ def agent_tool(spec: AgentSpec) -> tool_pb2.ToolDefinition:
     )
 
 
-def _serving_check(channel: grpc.aio.Channel, what: str):  # type: ignore[no-untyped-def]
-    stub = health_pb2_grpc.HealthStub(channel)
-
+def _serving_check(channel: grpc.aio.Channel, what: str) -> DependencyCheck:
     async def check() -> None:
-        response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-        if response.status != health_pb2.HealthCheckResponse.SERVING:
+        if await health_status(channel, timeout=1.0) != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"{what} is not serving")
 
     return check
@@ -190,16 +187,32 @@ def build_host(
     )
 
 
+def require_agent_model(settings: Settings) -> None:
+    """Refuse `llm_provider=local` in an agent process: only `agentplex up` can honour it.
+
+    The launcher starts the local model and hands its children `openai`
+    pointing at it; an agent started by hand would otherwise quietly run the
+    scripted model instead.
+    """
+    if settings.llm_provider == "local":
+        raise CannotStart(
+            "AGENTPLEX_LLM_PROVIDER=local is for `agentplex up`, which starts the local model; "
+            "point a hand-started agent at a model server with AGENTPLEX_LLM_PROVIDER=openai "
+            "and AGENTPLEX_OPENAI_BASE_URL"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
 
     async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
+        require_agent_model(settings)
         return build_host(
             CATALOG[args.agent], settings, port=args.port, metrics_port=args.metrics_port
         )
 
-    service_main(
+    run_process(
         "python -m agentplex.agents",
         build,
         name=lambda args: args.agent,

@@ -44,6 +44,7 @@ from agentplex.agents.llm.base import (
     CompletionRequest,
     LLMError,
     LLMProvider,
+    Role,
 )
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
@@ -67,7 +68,7 @@ SUMMARIZER_INSTRUCTIONS = (
 )
 SUMMARY_HEADING = "Summary of the earlier conversation:"
 
-_ROLES: dict[int, str] = {
+_ROLES: dict[int, Role] = {
     memory_pb2.ROLE_SYSTEM: "system",
     memory_pb2.ROLE_USER: "user",
     memory_pb2.ROLE_ASSISTANT: "assistant",
@@ -165,7 +166,7 @@ class Context:
             system = f"{instructions}\n\n{SUMMARY_HEADING}\n{self.summary.content}"
         return [ChatMessage("system", system)] + [
             ChatMessage(
-                _ROLES.get(m.role, "user"),  # type: ignore[arg-type]
+                _ROLES.get(m.role, "user"),
                 m.content,
                 tool_call_id=m.tool_call_id,
             )

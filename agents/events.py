@@ -7,6 +7,7 @@ numbers alone whether it missed an event.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -32,7 +33,7 @@ class EventRecorder:
         # A resumed task continues its numbering, so watchers see no repeats.
         self._sequence = last_sequence
 
-    async def emit(self, step: int, **kind: object) -> step_event_pb2.StepEvent:
+    async def emit(self, step: int, **kind: Any) -> step_event_pb2.StepEvent:
         """Emit one event; `kind` is exactly one of StepEvent's oneof fields."""
         self._sequence += 1
         now = timestamp_pb2.Timestamp()
@@ -44,7 +45,7 @@ class EventRecorder:
             agent=self._agent,
             depth=self._depth,
             step=step,
-            **kind,  # type: ignore[arg-type]
+            **kind,
         )
         await self._sink(event)
         return event

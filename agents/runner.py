@@ -16,8 +16,8 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
@@ -46,6 +46,7 @@ from agentplex.agents.llm.base import (
     TransientLLMError,
 )
 from agentplex.agents.tool_list import SharedToolList, TaskToolList
+from agentplex.contract.reasons import Reason
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
@@ -125,10 +126,11 @@ class _Cancelled(Exception):
 
 T = TypeVar("T")
 CancelCheck = Callable[[], Awaitable[bool]]
-
 """Returns True when the task should stop at this step boundary."""
 
 CANCELLED = "cancelled"
+# A budget warning is emitted once, when this share of the budget is spent.
+BUDGET_WARNING_RATIO = 0.8
 
 
 @dataclass
@@ -140,6 +142,132 @@ class _Progress:
     # The provider's token count of `output`, framing included; 0 when it reported none.
     output_tokens: int = 0
     budget_warned: bool = False
+
+
+class _Ending(NamedTuple):
+    """How a task ended: its status, its result's error text, and the failure to report."""
+
+    status: task_pb2.TaskStatus
+    error: str = ""
+    failure: errors.AgentplexError | None = None
+
+    @property
+    def label(self) -> str:
+        """The status as metrics and spans name it: COMPLETED, FAILED, CANCELLED."""
+        return task_pb2.TaskStatus.Name(self.status).removeprefix("TASK_STATUS_")
+
+
+@dataclass(frozen=True)
+class _ToolOutcome:
+    """What one tool call gave the model, and what a delegation cost."""
+
+    content: str
+    tokens: int = 0  # spent by a sub-task (and its sub-tasks); charged to this task
+    budget_exhausted: bool = False
+    output: str = ""  # a sub-task's (partial) answer
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return now
+
+
+@dataclass(eq=False)
+class _TaskRun:
+    """One task while it runs: what was asked, where its events go, what it has
+    done so far and how it is stopped.
+
+    Made by `AgentRunner.run` and dropped when the task ends, so the runner
+    itself keeps nothing between tasks.
+    """
+
+    task: TaskRequest
+    deadline: Deadline
+    events: EventRecorder
+    tools: TaskToolList
+    interrupt: asyncio.Event | None = None
+    cancel_requested: CancelCheck | None = None
+    progress: _Progress = field(default_factory=_Progress)
+    # The conversation the model is shown: the context packet, the prompt, then each step.
+    messages: list[ChatMessage] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    started_at: timestamp_pb2.Timestamp = field(default_factory=_now)
+
+    async def accept(self) -> None:
+        """The first event: what the task was given to work with."""
+        await self.events.emit(
+            0,
+            task_accepted=step_event_pb2.TaskAccepted(
+                session_id=self.task.session_id,
+                max_steps=self.task.max_steps,
+                token_budget=self.task.token_budget,
+            ),
+        )
+
+    async def interruptible(self, work: Awaitable[T]) -> T:
+        return await _interruptible(work, self.interrupt)
+
+    async def cancel_asked(self) -> bool:
+        """Whether a cancel came in; asked at each step boundary."""
+        return (self.interrupt is not None and self.interrupt.is_set()) or (
+            self.cancel_requested is not None and await self.cancel_requested()
+        )
+
+    def tokens_left(self) -> int:
+        return self.task.token_budget - self.progress.tokens
+
+    def check_budget(self) -> None:
+        """Stop the task once it has spent more than its budget."""
+        if self.progress.tokens > self.task.token_budget:
+            raise _BudgetExceeded
+
+    async def warn_if_low(self, step: int) -> None:
+        progress, budget = self.progress, self.task.token_budget
+        if progress.budget_warned or progress.tokens < budget * BUDGET_WARNING_RATIO:
+            return
+        progress.budget_warned = True
+        await self.events.emit(
+            step,
+            budget_warning=step_event_pb2.BudgetWarning(
+                tokens_used=progress.tokens, token_budget=budget
+            ),
+        )
+
+    def delegation_share(self, calls: Sequence[ToolCall]) -> int:
+        """Sub-agents spend from this task's budget: each delegation of a step gets
+        an equal share of what is left (see agents/delegation.py)."""
+        delegations = sum(self.tools.delegates(call.name) for call in calls)
+        return self.tokens_left() // max(delegations, 1)
+
+    def observe(self, calls: Sequence[ToolCall], results: Sequence[_ToolOutcome]) -> None:
+        """Count a step's tool calls and what they cost; their results join the conversation."""
+        progress = self.progress
+        progress.tool_calls += len(calls)
+        progress.tokens += sum(result.tokens for result in results)
+        self.messages.extend(
+            ChatMessage("tool", result.content, tool_call_id=call.id)
+            for call, result in zip(calls, results, strict=True)
+        )
+        # Until the model answers from them, the sub-agents' answers are the
+        # best partial output this task has.
+        progress.output = progress.output or " ".join(r.output for r in results if r.output)
+
+    def result(self, ending: _Ending) -> task_pb2.TaskResult:
+        progress = self.progress
+        result = task_pb2.TaskResult(
+            task_id=self.task.task_id,
+            status=ending.status,
+            output=progress.output,
+            steps_used=progress.steps,
+            tokens_used=progress.tokens,
+            tool_calls=progress.tool_calls,
+            error=ending.error,
+            session_id=self.task.session_id,
+            started_at=self.started_at,
+        )
+        result.duration_ms = int((time.monotonic() - self.started) * 1000)
+        return result
 
 
 class AgentRunner:
@@ -188,18 +316,21 @@ class AgentRunner:
         stops the task there rather than up to one poll later; it sets the
         same `interrupt`.
         """
-        events = EventRecorder(
-            task_id=task.task_id,
-            agent=self.spec.name,
-            sink=sink,
-            depth=task.depth,
-            last_sequence=last_sequence,
-        )
-        progress = _Progress()
-        started = time.monotonic()
-        started_at = timestamp_pb2.Timestamp()
-        started_at.GetCurrentTime()
         agent = self.spec.name
+        run = _TaskRun(
+            task=task,
+            deadline=deadline,
+            events=EventRecorder(
+                task_id=task.task_id,
+                agent=agent,
+                sink=sink,
+                depth=task.depth,
+                last_sequence=last_sequence,
+            ),
+            tools=TaskToolList(self._shared_tools),
+            interrupt=interrupt,
+            cancel_requested=cancel_requested,
+        )
         metrics.tasks_in_flight.labels(agent).inc()
         status_label = "cancelled"
         with tracer.start_as_current_span("agent.task") as span:
@@ -211,187 +342,148 @@ class AgentRunner:
                 }
             )
             try:
-                await events.emit(
-                    0,
-                    task_accepted=step_event_pb2.TaskAccepted(
-                        session_id=task.session_id,
-                        max_steps=task.max_steps,
-                        token_budget=task.token_budget,
-                    ),
-                )
-                status, error, failure = task_pb2.TASK_STATUS_COMPLETED, "", None
-                try:
-                    try:
-                        error = (
-                            await self._loop(
-                                task, deadline, events, progress, interrupt, cancel_requested
-                            )
-                            or ""
-                        )
-                    except _BudgetExceeded:
-                        error = TOKEN_BUDGET_EXCEEDED
-                    if progress.output:
-                        await self._save(task, progress, deadline)
-                except _Cancelled:
-                    status, error = task_pb2.TASK_STATUS_CANCELLED, CANCELLED
-                except errors.AgentplexError as exc:
-                    status, error, failure = task_pb2.TASK_STATUS_FAILED, exc.message, exc
-                except LLMError as exc:
-                    failure = (
-                        errors.Unavailable
-                        if isinstance(exc, TransientLLMError)
-                        else errors.FailedPrecondition
-                    )(f"LLM call failed: {exc}", reason="LLM_FAILED")
-                    status, error = task_pb2.TASK_STATUS_FAILED, failure.message
-                result = task_pb2.TaskResult(
-                    task_id=task.task_id,
-                    status=status,
-                    output=progress.output,
-                    steps_used=progress.steps,
-                    tokens_used=progress.tokens,
-                    tool_calls=progress.tool_calls,
-                    error=error,
-                    session_id=task.session_id,
-                    started_at=started_at,
-                )
-                result.duration_ms = int((time.monotonic() - started) * 1000)
-                if failure is None:
-                    await events.emit(
-                        progress.steps, final_result=step_event_pb2.TaskFinished(result=result)
-                    )
-                else:
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, failure.message))
-                    await events.emit(
-                        progress.steps,
-                        error=step_event_pb2.TaskFailed(
-                            code=errors.status_code_for(failure).name,
-                            message=failure.message,
-                            result=result,
-                        ),
-                    )
-                status_label = task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_")
-                span.set_attributes(
-                    {
-                        "agent.status": status_label,
-                        "agent.tokens_used": progress.tokens,
-                        "agent.steps_used": progress.steps,
-                    }
-                )
-                return TaskOutcome(result, failure)
+                await run.accept()
+                ending = await self._end(run)
+                outcome = await self._finish(run, ending, span)
+                status_label = ending.label
+                return outcome
             finally:
                 metrics.tasks_in_flight.labels(agent).dec()
                 metrics.tasks_finished.labels(agent, status_label.lower()).inc()
-                metrics.task_duration.labels(agent).observe(time.monotonic() - started)
+                metrics.task_duration.labels(agent).observe(time.monotonic() - run.started)
 
-    async def _loop(
-        self,
-        task: TaskRequest,
-        deadline: Deadline,
-        events: EventRecorder,
-        progress: _Progress,
-        interrupt: asyncio.Event | None = None,
-        cancel_requested: CancelCheck | None = None,
-    ) -> str | None:
-        context = await _interruptible(
+    async def _end(self, run: _TaskRun) -> _Ending:
+        """Run the loop and save the turn; how the task ended.
+
+        A budget run out still completes (with its partial output); a cancel
+        ends it CANCELLED; a domain or model error, FAILED. The caller hanging
+        up is no ending: it propagates, and nothing is saved."""
+        try:
+            try:
+                error = await self._loop(run) or ""
+            except _BudgetExceeded:
+                error = TOKEN_BUDGET_EXCEEDED
+            if run.progress.output:
+                await self._save(run)
+        except _Cancelled:
+            return _Ending(task_pb2.TASK_STATUS_CANCELLED, CANCELLED)
+        except errors.AgentplexError as exc:
+            return _Ending(task_pb2.TASK_STATUS_FAILED, exc.message, exc)
+        except LLMError as exc:
+            failure = _llm_failure(exc)
+            return _Ending(task_pb2.TASK_STATUS_FAILED, failure.message, failure)
+        return _Ending(task_pb2.TASK_STATUS_COMPLETED, error)
+
+    async def _finish(self, run: _TaskRun, ending: _Ending, span: trace.Span) -> TaskOutcome:
+        """Report the ending: the final event (the result, or the failure together
+        with the result so far) and the task span's status."""
+        outcome = TaskOutcome(run.result(ending), ending.failure)
+        failure, progress = ending.failure, run.progress
+        if failure is None:
+            await run.events.emit(
+                progress.steps, final_result=step_event_pb2.TaskFinished(result=outcome.result)
+            )
+        else:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, failure.message))
+            await run.events.emit(
+                progress.steps,
+                error=step_event_pb2.TaskFailed(
+                    code=errors.status_code_for(failure).name,
+                    message=failure.message,
+                    result=outcome.result,
+                ),
+            )
+        span.set_attributes(
+            {
+                "agent.status": ending.label,
+                "agent.tokens_used": progress.tokens,
+                "agent.steps_used": progress.steps,
+            }
+        )
+        return outcome
+
+    async def _loop(self, run: _TaskRun) -> str | None:
+        """Steps until the model answers without tool calls (None) or `max_steps` is
+        used up; raises to stop early (cancelled, out of budget, failed)."""
+        await self._open(run)
+        for step in range(1, run.task.max_steps + 1):
+            if await run.cancel_asked():
+                raise _Cancelled
+            run.progress.steps = step
+            completion = await self._plan(run, step)
+            if not completion.tool_calls:
+                return None
+            await self._act(run, step, completion)
+        return MAX_STEPS_REACHED
+
+    async def _open(self, run: _TaskRun) -> None:
+        """Start the conversation: the session's context packet, then the prompt."""
+        task = run.task
+        context = await run.interruptible(
+            # Summarizing is model calls too: a cancel stops it at once.
             self._context.load(
                 self.spec.name,
                 task.session_id,
-                deadline,
+                run.deadline,
                 # Summaries are paid from the task's budget, but never most of it.
                 spend_limit=task.token_budget // 4,
-            ),
-            interrupt,  # summarizing is model calls too: a cancel stops it at once
+            )
         )
-        await self._account_summaries(context, events, progress)
-        messages = context.chat_messages(self.spec.instructions)
-        messages.append(ChatMessage("user", task.prompt))
+        await self._account_summaries(context, run)
+        run.messages = context.chat_messages(self.spec.instructions)
+        run.messages.append(ChatMessage("user", task.prompt))
 
-        tool_list = TaskToolList(self._shared_tools)
-        for step in range(1, task.max_steps + 1):
-            if (interrupt is not None and interrupt.is_set()) or (
-                cancel_requested is not None and await cancel_requested()
-            ):
-                raise _Cancelled
-            progress.steps = step
-            if tool_list.stale():
-                tool_list.read(
-                    await self._tools.list_tools(
-                        self.spec.name, timeout=deadline.timeout(REGISTRY_CALL_SECONDS)
-                    )
-                )
-            tool_defs = tool_list.tools
-            tool_specs = [ToolSpec(t.name, t.description, t.input_schema_json) for t in tool_defs]
-            await events.emit(
-                step, step_started=step_event_pb2.StepStarted(tokens_used=progress.tokens)
-            )
-            remaining = task.token_budget - progress.tokens
-            # Do not start a call whose prompt alone cannot fit in the budget.
-            if _estimate_prompt(messages, tool_specs) >= remaining:
-                raise _BudgetExceeded
-            completion = await _interruptible(
-                self._complete(messages, tool_specs, remaining, step, deadline, events), interrupt
-            )
-            progress.tokens += completion.usage.total_tokens
-            if completion.content:
-                progress.output = completion.content
-                progress.output_tokens = (
-                    0
-                    if completion.usage.estimated or completion.tool_calls
-                    else completion.usage.completion_tokens + MESSAGE_OVERHEAD_TOKENS
-                )
-            await events.emit(
-                step,
-                llm_call_finished=step_event_pb2.LlmCallFinished(
-                    model=completion.model,
-                    prompt_tokens=completion.usage.prompt_tokens,
-                    completion_tokens=completion.usage.completion_tokens,
-                    finish_reason=completion.finish_reason,
-                    tool_calls_requested=len(completion.tool_calls),
-                    usage_estimated=completion.usage.estimated,
-                ),
-            )
-            if progress.tokens > task.token_budget:
-                raise _BudgetExceeded
-            await _warn_if_low(task, progress, events, step)
-            if not completion.tool_calls:
-                return None
-            messages.append(ChatMessage("assistant", completion.content, completion.tool_calls))
-            # Sub-agents spend from this task's budget: each delegation of the
-            # step gets an equal share of what is left (see agents/delegation.py).
-            delegations = sum(tool_list.delegates(call.name) for call in completion.tool_calls)
-            share = (task.token_budget - progress.tokens) // max(delegations, 1)
-            results = await _interruptible(
-                _all_or_none(
-                    self._invoke(task, step, index, call, tool_list, deadline, events, share)
-                    for index, call in enumerate(completion.tool_calls)
-                ),
-                interrupt,
-            )
-            progress.tool_calls += len(completion.tool_calls)
-            progress.tokens += sum(result.tokens for result in results)
-            messages.extend(
-                ChatMessage("tool", result.content, tool_call_id=call.id)
-                for call, result in zip(completion.tool_calls, results, strict=True)
-            )
-            # Until the model answers from them, the sub-agents' answers are the
-            # best partial output this task has.
-            progress.output = progress.output or " ".join(r.output for r in results if r.output)
-            if progress.tokens > task.token_budget or any(r.budget_exhausted for r in results):
-                raise _BudgetExceeded  # the tree is out of tokens: stop here
-            await _warn_if_low(task, progress, events, step)
-        return MAX_STEPS_REACHED
+    async def _plan(self, run: _TaskRun, step: int) -> Completion:
+        """One model call, shown the tools it may use; accounted and reported."""
+        tool_specs = await self._tool_specs(run)
+        await run.events.emit(
+            step, step_started=step_event_pb2.StepStarted(tokens_used=run.progress.tokens)
+        )
+        remaining = run.tokens_left()
+        # Do not start a call whose prompt alone cannot fit in the budget.
+        if _estimate_prompt(run.messages, tool_specs) >= remaining:
+            raise _BudgetExceeded
+        completion = await run.interruptible(self._complete(run, step, tool_specs, remaining))
+        await self._account_completion(run, step, completion)
+        run.check_budget()
+        await run.warn_if_low(step)
+        return completion
 
-    async def _account_summaries(
-        self, context: Context, events: EventRecorder, progress: _Progress
-    ) -> None:
+    async def _act(self, run: _TaskRun, step: int, completion: Completion) -> None:
+        """Run the step's tool calls in parallel and feed their results back."""
+        calls = completion.tool_calls
+        run.messages.append(ChatMessage("assistant", completion.content, calls))
+        share = run.delegation_share(calls)
+        results = await run.interruptible(
+            _all_or_none(
+                self._invoke(run, step, index, call, share) for index, call in enumerate(calls)
+            )
+        )
+        run.observe(calls, results)
+        if any(result.budget_exhausted for result in results):
+            raise _BudgetExceeded  # the tree is out of tokens: stop here
+        run.check_budget()
+        await run.warn_if_low(step)
+
+    async def _tool_specs(self, run: _TaskRun) -> list[ToolSpec]:
+        """The tools the model is shown: the list, read again when the registry moved on."""
+        if run.tools.stale():
+            run.tools.read(
+                await self._tools.list_tools(
+                    self.spec.name, timeout=run.deadline.timeout(REGISTRY_CALL_SECONDS)
+                )
+            )
+        return [ToolSpec(t.name, t.description, t.input_schema_json) for t in run.tools.tools]
+
+    async def _account_summaries(self, context: Context, run: _TaskRun) -> None:
         """Summaries written for this packet cost tokens like any call: report and count them."""
         for call in context.summary_calls:
-            progress.tokens += call.usage.total_tokens
+            run.progress.tokens += call.usage.total_tokens
             metrics.llm_tokens.labels(self.spec.name, "prompt").inc(call.usage.prompt_tokens)
             metrics.llm_tokens.labels(self.spec.name, "completion").inc(
                 call.usage.completion_tokens
             )
-            await events.emit(
+            await run.events.emit(
                 0,
                 llm_call_finished=step_event_pb2.LlmCallFinished(
                     model=call.model,
@@ -402,42 +494,37 @@ class AgentRunner:
                 ),
             )
 
+    async def _account_completion(self, run: _TaskRun, step: int, completion: Completion) -> None:
+        """Count a model call's tokens, keep its text as the best output so far, report it."""
+        progress = run.progress
+        progress.tokens += completion.usage.total_tokens
+        if completion.content:
+            progress.output = completion.content
+            progress.output_tokens = (
+                0
+                if completion.usage.estimated or completion.tool_calls
+                else completion.usage.completion_tokens + MESSAGE_OVERHEAD_TOKENS
+            )
+        await run.events.emit(
+            step,
+            llm_call_finished=step_event_pb2.LlmCallFinished(
+                model=completion.model,
+                prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens,
+                finish_reason=completion.finish_reason,
+                tool_calls_requested=len(completion.tool_calls),
+                usage_estimated=completion.usage.estimated,
+            ),
+        )
+
     async def _complete(
-        self,
-        messages: list[ChatMessage],
-        tools: list[ToolSpec],
-        remaining_tokens: int,
-        step: int,
-        deadline: Deadline,
-        events: EventRecorder,
+        self, run: _TaskRun, step: int, tools: list[ToolSpec], remaining_tokens: int
     ) -> Completion:
         request = CompletionRequest(
-            messages=tuple(messages), tools=tuple(tools), max_tokens=remaining_tokens
+            messages=tuple(run.messages), tools=tuple(tools), max_tokens=remaining_tokens
         )
         agent = self.spec.name
-
-        def count_retry(state: RetryCallState) -> None:
-            metrics.llm_retries.labels(agent).inc()
-            log.warning(
-                "retrying LLM call after a transient error",
-                extra={
-                    "attempt": state.attempt_number,
-                    "error": str(state.outcome.exception() if state.outcome else ""),
-                },
-            )
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retry.attempts),
-            wait=wait_exponential_jitter(
-                multiplier=self._retry.initial_seconds,
-                jitter=self._retry.initial_seconds,
-                max=self._retry.max_seconds,
-            ),
-            retry=retry_if_exception_type(TransientLLMError),
-            before_sleep=count_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in self._llm_retrying():
             with attempt, tracer.start_as_current_span("agent.llm_call") as span:
                 span.set_attributes(
                     {
@@ -446,7 +533,7 @@ class AgentRunner:
                         "llm.attempt": attempt.retry_state.attempt_number,
                     }
                 )
-                completion = await self._stream_once(request, step, deadline, events)
+                completion = await self._stream_once(run, step, request)
                 span.set_attributes(
                     {
                         "llm.prompt_tokens": completion.usage.prompt_tokens,
@@ -461,17 +548,43 @@ class AgentRunner:
                 return completion
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
+    def _llm_retrying(self) -> AsyncRetrying:
+        """Transient model errors only, with backoff; each retry counted and logged."""
+        agent = self.spec.name
+
+        def count_retry(state: RetryCallState) -> None:
+            metrics.llm_retries.labels(agent).inc()
+            log.warning(
+                "retrying LLM call after a transient error",
+                extra={
+                    "attempt": state.attempt_number,
+                    "error": str(state.outcome.exception() if state.outcome else ""),
+                },
+            )
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self._retry.attempts),
+            wait=wait_exponential_jitter(
+                multiplier=self._retry.initial_seconds,
+                jitter=self._retry.initial_seconds,
+                max=self._retry.max_seconds,
+            ),
+            retry=retry_if_exception_type(TransientLLMError),
+            before_sleep=count_retry,
+            reraise=True,
+        )
+
     async def _stream_once(
-        self, request: CompletionRequest, step: int, deadline: Deadline, events: EventRecorder
+        self, run: _TaskRun, step: int, request: CompletionRequest
     ) -> Completion:
         streamed = False
         try:
-            async with asyncio.timeout(deadline.timeout()):
+            async with asyncio.timeout(run.deadline.timeout()):
                 async for event in self._llm.stream(request):
                     if isinstance(event, TextDelta):
                         if event.text:
                             streamed = True
-                            await events.emit(
+                            await run.events.emit(
                                 step,
                                 llm_output_delta=step_event_pb2.LlmOutputDelta(text=event.text),
                             )
@@ -488,95 +601,104 @@ class AgentRunner:
         raise TransientLLMError("model stream ended without a completion")
 
     async def _invoke(
-        self,
-        task: TaskRequest,
-        step: int,
-        index: int,
-        call: ToolCall,
-        tool_list: TaskToolList,
-        deadline: Deadline,
-        events: EventRecorder,
-        token_share: int = 0,
+        self, run: _TaskRun, step: int, index: int, call: ToolCall, token_share: int = 0
     ) -> _ToolOutcome:
         """Run one tool call; always returns the text the model will see."""
-        versions = {tool.name: tool.version for tool in tool_list.tools}
-        delegated: Delegated | None = None
+        # The exact version whose schema the model was shown.
+        version = {tool.name: tool.version for tool in run.tools.tools}.get(call.name, "")
         # Derived, not random: a retried step reuses the key, so the registry
         # replays a side effect instead of repeating it.
-        key = f"{task.task_id}:{step}:{index}"
-        await events.emit(
+        key = f"{run.task.task_id}:{step}:{index}"
+        await run.events.emit(
             step,
             tool_call=step_event_pb2.ToolCallStarted(
                 call_id=call.id,
                 tool_name=call.name,
-                tool_version=versions.get(call.name, ""),
+                tool_version=version,
                 arguments_json=call.arguments_json,
                 idempotency_key=key,
             ),
         )
         started = time.monotonic()
-        outcome = step_event_pb2.ToolCallResult(call_id=call.id, tool_name=call.name)
         with tracer.start_as_current_span("agent.tool_call") as span:
             span.set_attributes({"tool.name": call.name, "tool.call_id": call.id})
-            try:
-                request = tool_registry_service_pb2.InvokeToolRequest(
-                    tool_name=call.name,
-                    # The exact version whose schema the model was shown.
-                    version=versions.get(call.name, ""),
-                    arguments_json=call.arguments_json,
-                    idempotency_key=key,
-                    caller=tool_registry_service_pb2.Caller(
-                        agent=self.spec.name,
-                        session_id=task.session_id,
-                        task_id=task.task_id,
-                        lineage=task.lineage,
-                    ),
-                )
-                if tool_list.delegates(call.name):
-                    # A sub-task: bounded by this task's deadline and budget share,
-                    # not the tool limit; its events join this task's stream.
-                    request.token_budget = max(token_share, 1)
-                    delegated = await delegate(
-                        self._tools,
-                        request,
-                        timeout=deadline.timeout(),
-                        events=events,
-                        step=step,
-                        call_id=call.id,
-                    )
-                    response = delegated.response
-                else:
-                    response = await self._tools.invoke(
-                        request, timeout=deadline.timeout(TOOL_CALL_SECONDS)
-                    )
-                tool_list.saw(response.registry_revision)
-                if response.HasField("error"):
-                    outcome.error.CopyFrom(response.error)
-                else:
-                    outcome.result_json = response.result_json
-            except errors.DeadlineExceeded:
-                raise
-            except errors.AgentplexError as exc:
-                tool_list.saw(None)  # the list may be out of date: read it again
-                # Refusals (bad arguments, unknown or forbidden tool, backend down)
-                # go back to the model, which may correct itself.
-                outcome.error.CopyFrom(tool_pb2.ToolError(code=exc.reason, message=exc.message))
+            outcome, delegated = await self._call_tool(
+                run, step, call, self._tool_request(run, call, version, key), token_share
+            )
             label = "error" if outcome.HasField("error") else "ok"
             span.set_attribute("tool.outcome", label)
         metrics.tool_calls.labels(self.spec.name, call.name, label).inc()
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
-        await events.emit(step, tool_result=outcome)
-        content = outcome.result_json
-        if outcome.HasField("error"):
-            content = json.dumps(
-                {"error": {"code": outcome.error.code, "message": outcome.error.message}}
-            )
+        await run.events.emit(step, tool_result=outcome)
+        content = _model_view(outcome)
         if delegated is None:
             return _ToolOutcome(content)
         return _ToolOutcome(content, delegated.tokens, delegated.budget_exhausted, delegated.output)
 
-    async def _save(self, task: TaskRequest, progress: _Progress, deadline: Deadline) -> None:
+    def _tool_request(
+        self, run: _TaskRun, call: ToolCall, version: str, key: str
+    ) -> tool_registry_service_pb2.InvokeToolRequest:
+        task = run.task
+        return tool_registry_service_pb2.InvokeToolRequest(
+            tool_name=call.name,
+            version=version,
+            arguments_json=call.arguments_json,
+            idempotency_key=key,
+            caller=tool_registry_service_pb2.Caller(
+                agent=self.spec.name,
+                session_id=task.session_id,
+                task_id=task.task_id,
+                lineage=task.lineage,
+            ),
+        )
+
+    async def _call_tool(
+        self,
+        run: _TaskRun,
+        step: int,
+        call: ToolCall,
+        request: tool_registry_service_pb2.InvokeToolRequest,
+        token_share: int,
+    ) -> tuple[step_event_pb2.ToolCallResult, Delegated | None]:
+        """The registry's answer as this task's tool result (and the delegation, if
+        it was one). Refusals become tool errors; only the deadline ends the task."""
+        outcome = step_event_pb2.ToolCallResult(call_id=call.id, tool_name=call.name)
+        delegated: Delegated | None = None
+        try:
+            if run.tools.delegates(call.name):
+                # A sub-task: bounded by this task's deadline and budget share,
+                # not the tool limit; its events join this task's stream.
+                request.token_budget = max(token_share, 1)
+                delegated = await delegate(
+                    self._tools,
+                    request,
+                    timeout=run.deadline.timeout(),
+                    events=run.events,
+                    step=step,
+                    call_id=call.id,
+                )
+                response = delegated.response
+            else:
+                response = await self._tools.invoke(
+                    request, timeout=run.deadline.timeout(TOOL_CALL_SECONDS)
+                )
+            run.tools.saw(response.registry_revision)
+            if response.HasField("error"):
+                outcome.error.CopyFrom(response.error)
+            else:
+                outcome.result_json = response.result_json
+        except errors.DeadlineExceeded:
+            raise
+        except errors.AgentplexError as exc:
+            run.tools.saw(None)  # the list may be out of date: read it again
+            # Refusals (bad arguments, unknown or forbidden tool, backend down)
+            # go back to the model, which may correct itself.
+            outcome.error.CopyFrom(tool_pb2.ToolError(code=exc.reason, message=exc.message))
+        return outcome, delegated
+
+    async def _save(self, run: _TaskRun) -> None:
         """Save the finished turn: prompt and answer, in one atomic append."""
+        task = run.task
         await self._memory.append(
             self.spec.name,
             task.session_id,
@@ -586,42 +708,27 @@ class AgentRunner:
                 ),
                 memory_pb2.MemoryMessage(
                     role=memory_pb2.ROLE_ASSISTANT,
-                    content=progress.output,
+                    content=run.progress.output,
                     task_id=task.task_id,
                     # Memory estimates when this is 0.
-                    token_count=progress.output_tokens,
+                    token_count=run.progress.output_tokens,
                 ),
             ],
-            timeout=deadline.timeout(MEMORY_CALL_SECONDS),
+            timeout=run.deadline.timeout(MEMORY_CALL_SECONDS),
         )
 
 
-@dataclass(frozen=True)
-class _ToolOutcome:
-    """What one tool call gave the model, and what a delegation cost."""
-
-    content: str
-    tokens: int = 0  # spent by a sub-task (and its sub-tasks); charged to this task
-    budget_exhausted: bool = False
-    output: str = ""  # a sub-task's (partial) answer
+def _model_view(outcome: step_event_pb2.ToolCallResult) -> str:
+    """What the model reads of a tool call: its result, or its error as JSON."""
+    if not outcome.HasField("error"):
+        return outcome.result_json
+    return json.dumps({"error": {"code": outcome.error.code, "message": outcome.error.message}})
 
 
-# A budget warning is emitted once, when this share of the budget is spent.
-BUDGET_WARNING_RATIO = 0.8
-
-
-async def _warn_if_low(
-    task: TaskRequest, progress: _Progress, events: EventRecorder, step: int
-) -> None:
-    if progress.budget_warned or progress.tokens < task.token_budget * BUDGET_WARNING_RATIO:
-        return
-    progress.budget_warned = True
-    await events.emit(
-        step,
-        budget_warning=step_event_pb2.BudgetWarning(
-            tokens_used=progress.tokens, token_budget=task.token_budget
-        ),
-    )
+def _llm_failure(exc: LLMError) -> errors.AgentplexError:
+    """A model error as the task's failure: UNAVAILABLE when a later try may succeed."""
+    kind = errors.Unavailable if isinstance(exc, TransientLLMError) else errors.FailedPrecondition
+    return kind(f"LLM call failed: {exc}", reason=Reason.LLM_FAILED)
 
 
 async def _all_or_none(work: Iterable[Awaitable[T]]) -> list[T]:

@@ -36,7 +36,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self._default_timeout = default_timeout_seconds
 
     async def RunTask(
-        self, request: agent_service_pb2.RunTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.RunTaskRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.RunTaskRequest, agent_service_pb2.RunTaskResponse
+        ],
     ) -> agent_service_pb2.RunTaskResponse:
         task = TaskRequest.from_proto(request)
         lineage.check_accepts(self._card.name, request.lineage)
@@ -47,7 +51,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return agent_service_pb2.RunTaskResponse(result=outcome.result)
 
     async def StreamSteps(
-        self, request: agent_service_pb2.StreamStepsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.StreamStepsRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.StreamStepsRequest, agent_service_pb2.StreamStepsResponse
+        ],
     ) -> AsyncIterator[agent_service_pb2.StreamStepsResponse]:
         task = TaskRequest.from_proto(request)
         lineage.check_accepts(self._card.name, request.lineage)
@@ -71,12 +79,20 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             raise outcome.failure
 
     async def GetAgentCard(
-        self, request: agent_service_pb2.GetAgentCardRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.GetAgentCardRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.GetAgentCardRequest, agent_service_pb2.GetAgentCardResponse
+        ],
     ) -> agent_service_pb2.GetAgentCardResponse:
         return agent_service_pb2.GetAgentCardResponse(card=self._card)
 
     async def SubmitTask(
-        self, request: agent_service_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.SubmitTaskRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.SubmitTaskRequest, agent_service_pb2.SubmitTaskResponse
+        ],
     ) -> agent_service_pb2.SubmitTaskResponse:
         if not request.HasField("task"):
             raise InvalidArgument("task is required")
@@ -84,17 +100,29 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return agent_service_pb2.SubmitTaskResponse(task=task, created=created)
 
     async def GetTask(
-        self, request: agent_service_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.GetTaskRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.GetTaskRequest, agent_service_pb2.GetTaskResponse
+        ],
     ) -> agent_service_pb2.GetTaskResponse:
         return agent_service_pb2.GetTaskResponse(task=await self._tasks.get(request.task_id))
 
     async def CancelTask(
-        self, request: agent_service_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.CancelTaskRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.CancelTaskRequest, agent_service_pb2.CancelTaskResponse
+        ],
     ) -> agent_service_pb2.CancelTaskResponse:
         return agent_service_pb2.CancelTaskResponse(task=await self._tasks.cancel(request.task_id))
 
     async def WatchTask(
-        self, request: agent_service_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_service_pb2.WatchTaskRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.WatchTaskRequest, agent_service_pb2.WatchTaskResponse
+        ],
     ) -> AsyncIterator[agent_service_pb2.WatchTaskResponse]:
         async for event in self._tasks.watch(
             request.task_id, request.after_sequence, final_only=request.final_only

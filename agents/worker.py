@@ -11,15 +11,14 @@ import argparse
 import asyncio
 import os
 import socket
-from pathlib import Path
+from dataclasses import dataclass
 
-from agentplex.agents.app import build_parts
+from agentplex.agents.app import build_parts, require_agent_model
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.agents.llm.base import LLMProvider
-from agentplex.runtime import loop as event_loop
-from agentplex.runtime.server import ServiceHost, stop_on_signals, write_ready_file
+from agentplex.runtime.process import Endpoint, run_process
+from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
 from agentplex.tasks.worker import Worker
 
 
@@ -59,39 +58,47 @@ def build_worker(
     return worker, host
 
 
-async def serve(worker: Worker, host: ServiceHost, ready_file: Path | None) -> None:
-    """Run until SIGTERM/SIGINT: then drain the worker, then stop the host."""
-    endpoint = await host.start()
-    if ready_file is not None:
-        write_ready_file(ready_file, endpoint)
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await worker.run(stop)
-    finally:
-        await host.stop()
+@dataclass
+class WorkerProcess:
+    """A worker with its health/metrics host, as one process part (runtime/process.py).
+
+    On a stop signal the worker drains first (running tasks finish or are
+    handed back), then the host stops.
+    """
+
+    worker: Worker
+    host: ServiceHost
+
+    async def start(self) -> Endpoint:
+        return await self.host.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.worker.run(stop)
+
+    async def stop(self) -> None:
+        await self.host.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.agents.worker")
-    parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
-    parser.add_argument("--name", help="consumer name (default: agent-host-pid)")
-    parser.add_argument("--port", type=int, default=0, help="ignored; workers serve no RPCs")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the health address here once up")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    name = f"{args.agent}-worker"
-    configure_logging(name, settings.log_level)
-    configure_tracing(name, settings.trace_exporter)
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
+        parser.add_argument("--name", help="consumer name (default: agent-host-pid)")
 
-    async def run() -> None:
+    async def build(settings: Settings, args: argparse.Namespace) -> WorkerProcess:
+        require_agent_model(settings)
         worker, host = build_worker(
             CATALOG[args.agent], settings, consumer=args.name, metrics_port=args.metrics_port
         )
-        await serve(worker, host, args.ready_file)
+        return WorkerProcess(worker, host)
 
-    event_loop.run(run())
+    run_process(
+        "python -m agentplex.agents.worker",
+        build,
+        name=lambda args: f"{args.agent}-worker",
+        add_arguments=add_arguments,
+        port_help="ignored; workers serve no RPCs",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from agentplex.contract.events import is_final
 from agentplex.mesh.launcher import MeshLauncher
 from agentplex.runtime import loop as event_loop
+from agentplex.runtime.settings import Settings
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
@@ -242,13 +243,13 @@ async def run(args: argparse.Namespace) -> Figures:
 async def _keep_killing(
     pool: WorkerPool,
     redis: aioredis.Redis,
-    stub,
-    ids,
-    args,
-    rng,
+    stub: agent_service_pb2_grpc.AgentServiceStub,
+    ids: list[str],
+    args: argparse.Namespace,
+    rng: random.Random,
     figures: Figures,
-    recoveries: list,
-) -> None:  # type: ignore[no-untyped-def]
+    recoveries: list[asyncio.Task[None]],
+) -> None:
     while True:
         await asyncio.sleep(args.kill_every)
         name = await pool.kill_random(rng)
@@ -267,7 +268,7 @@ async def _keep_killing(
 
 
 async def _tasks_held(redis: aioredis.Redis, ids: list[str]) -> dict[str, tuple[str, int]]:
-    prefix = os.environ.get("AGENTPLEX_KEY_PREFIX", "agentplex")
+    prefix = Settings().key_prefix
     async with redis.pipeline(transaction=False) as pipe:
         for task_id in ids:
             pipe.hmget(f"{prefix}:task:assistant:{task_id}", "status", "owner", "attempt")
@@ -279,7 +280,12 @@ async def _tasks_held(redis: aioredis.Redis, ids: list[str]) -> dict[str, tuple[
     return held
 
 
-async def _time_recovery(stub, victims: dict[str, int], killed_at: float, figures: Figures) -> None:  # type: ignore[no-untyped-def]
+async def _time_recovery(
+    stub: agent_service_pb2_grpc.AgentServiceStub,
+    victims: dict[str, int],
+    killed_at: float,
+    figures: Figures,
+) -> None:
     """Seconds until every task the dead worker held was taken over (or done)."""
     pending = dict(victims)
     while pending:
@@ -297,9 +303,13 @@ async def _time_recovery(stub, victims: dict[str, int], killed_at: float, figure
 
 
 async def _audit(
-    stub, redis: aioredis.Redis, ids: list[str], sequences: dict[str, list[int]], figures: Figures
-) -> None:  # type: ignore[no-untyped-def]
-    prefix = os.environ.get("AGENTPLEX_KEY_PREFIX", "agentplex")
+    stub: agent_service_pb2_grpc.AgentServiceStub,
+    redis: aioredis.Redis,
+    ids: list[str],
+    sequences: dict[str, list[int]],
+    figures: Figures,
+) -> None:
+    prefix = Settings().key_prefix
     queue = f"{prefix}:queue:assistant"
     figures.queue_left = await redis.xlen(queue) + int(await redis.get(f"{queue}:depth") or 0)
     for task_id in ids:

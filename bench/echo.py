@@ -24,11 +24,13 @@ ECHO = "/bench.Echo/Echo"
 STREAM = "/bench.Echo/Stream"
 
 
-async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return request
 
 
-async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+async def _stream(
+    request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
     for _ in range(int(request or b"1")):
         yield b"x" * 64
 

@@ -53,7 +53,10 @@ def _identity(data: bytes) -> bytes:
 
 def bare_config(upstream: HostPort, admin_host: str) -> dict[str, Any]:
     """The smallest Envoy that proxies gRPC: one listener, one static HTTP/2 cluster."""
-    address = lambda host, port: {"socket_address": {"address": host, "port_value": port}}  # noqa: E731
+
+    def address(host: str, port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": host, "port_value": port}}
+
     manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",

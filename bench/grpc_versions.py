@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +112,9 @@ def _percentiles(seconds: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, p99 * 1000
 
 
-async def _client(address: str, latency: int, throughput: int, in_flight: int, warmup: int) -> dict:
+async def _client(
+    address: str, latency: int, throughput: int, in_flight: int, warmup: int
+) -> dict[str, object]:
     import grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
@@ -198,7 +200,7 @@ class Result:
         return [getattr(s, metric) / base[s.round] for s in self.of(version) if s.round in base]
 
     def median(self, version: str, metric: str) -> float:
-        return statistics.median(getattr(s, metric) for s in self.of(version))
+        return float(statistics.median(getattr(s, metric) for s in self.of(version)))
 
     def ratio(self, version: str, metric: str) -> tuple[float, float, float] | None:
         """Median, lowest and highest of the per-round ratios to the baseline."""
@@ -375,10 +377,18 @@ async def _one_run(server: _Server, counts: Counts, round_: int) -> Sample:
         raise RuntimeError(f"client ran grpcio {figures['grpc']}, not {server.version}")
     ours = (server1 - server0) / tick + float(figures["cpu_s"])
     others = max(0.0, ((busy1 - busy0) / tick - ours) / elapsed)
+    rps_1, p50_1, p99_1, rps_k, p50_k, p99_k = (
+        float(figures[k]) for k in ("rps_1", "p50_1", "p99_1", "rps_k", "p50_k", "p99_k")
+    )
     return Sample(
         server.version,
         round_,
-        *(float(figures[k]) for k in ("rps_1", "p50_1", "p99_1", "rps_k", "p50_k", "p99_k")),
+        rps_1,
+        p50_1,
+        p99_1,
+        rps_k,
+        p50_k,
+        p99_k,
         others_cores=others,
         load1=os.getloadavg()[0],
     )
@@ -392,7 +402,7 @@ async def measure(
     versions: Sequence[str] = VERSIONS,
     baseline: str = BASELINE,
     counts: Counts | None = None,
-    say=_say,  # type: ignore[no-untyped-def]
+    say: Callable[[str], None] = _say,
 ) -> Result:
     """Every version's echo, interleaved over `counts.rounds` rounds."""
     counts = counts or Counts()

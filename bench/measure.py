@@ -68,8 +68,9 @@ async def in_blocks(
     every path warm and still spread the machine's drift over all of them.
     """
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls.items())
     for block in range(blocks):
-        for name, call in calls.items() if block % 2 == 0 else reversed(calls.items()):
+        for name, call in order if block % 2 == 0 else order[::-1]:
             for _ in range(warmup):
                 await call()
             for _ in range(max(1, counts[name] // blocks)):

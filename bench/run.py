@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -38,6 +40,8 @@ from agentplex.mesh.launcher import MeshLauncher
 from agentplex.runtime import loop as event_loop
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc, task_pb2
+
+AgentStub = agent_service_pb2_grpc.AgentServiceStub
 
 PROMPT = "what is 17*23?"
 
@@ -129,8 +133,12 @@ async def redis_commands(client: aioredis.Redis) -> int:
     )
 
 
-async def per_task_overhead(stub, state, echo: str, counts, report) -> Latency:  # type: ignore[no-untyped-def]
-    run = lambda: stub.RunTask(pb.RunTaskRequest(prompt=PROMPT), timeout=30)  # noqa: E731
+async def per_task_overhead(
+    stub: AgentStub, state: dict[str, Any], echo: str, counts: Counts, report: Report
+) -> Latency:
+    async def run() -> object:
+        return await stub.RunTask(pb.RunTaskRequest(prompt=PROMPT), timeout=30)
+
     await run()
     redis = aioredis.Redis.from_url(state["redis"])
     try:
@@ -178,7 +186,7 @@ async def per_task_overhead(stub, state, echo: str, counts, report) -> Latency: 
     return task
 
 
-async def streaming(stub, echo: str, counts, report) -> None:  # type: ignore[no-untyped-def]
+async def streaming(stub: AgentStub, echo: str, counts: Counts, report: Report) -> None:
     async def first_event() -> None:
         call = stub.StreamSteps(pb.StreamStepsRequest(prompt=PROMPT), timeout=30)
         async for _ in call:
@@ -237,7 +245,9 @@ async def streaming(stub, echo: str, counts, report) -> None:  # type: ignore[no
     )
 
 
-async def queue(stub, pool: WorkerPool, direct: dict[int, float], counts, report) -> None:  # type: ignore[no-untyped-def]
+async def queue(
+    stub: AgentStub, pool: WorkerPool, direct: dict[int, float], counts: Counts, report: Report
+) -> None:
     async def submit_and_wait(workers: int, final_only: bool) -> float:
         ids = [f"q{workers}-{n}-{time.monotonic_ns()}" for n in range(counts.queue)]
         started = time.perf_counter()
@@ -252,7 +262,7 @@ async def queue(stub, pool: WorkerPool, direct: dict[int, float], counts, report
                 pass
         return counts.queue / (time.perf_counter() - started)
 
-    rows = []
+    rows: list[tuple[object, ...]] = []
     best, best_workers = 0.0, 1
     for workers in (1, 2, 4):
         while len(pool.processes) < workers:
@@ -280,7 +290,9 @@ async def queue(stub, pool: WorkerPool, direct: dict[int, float], counts, report
     report.goal("(d) queued path vs direct RunTask (16 in flight)", "≥ 90 %", f"{ratio:.0%}")
 
 
-async def peers(task: Latency, direct: dict[int, float], counts, report, smoke: bool) -> None:  # type: ignore[no-untyped-def]
+async def peers(
+    task: Latency, direct: dict[int, float], counts: Counts, report: Report, smoke: bool
+) -> None:
     """The same task shape on peer runtimes, each in its own virtualenv."""
     header = (
         "runtime",
@@ -316,16 +328,16 @@ async def peers(task: Latency, direct: dict[int, float], counts, report, smoke: 
             rows.append((name, "failed", "–", "–", "–", result.error[:120].replace("|", "/")))
             continue
         f = result.figures
-        throughput_ratio = direct[16] / float(f["rps_k"])  # type: ignore[arg-type]
-        latency_ratio = task.p50_ms / float(f["p50_ms"])  # type: ignore[arg-type]
+        throughput_ratio = direct[16] / _figure(f, "rps_k")
+        latency_ratio = task.p50_ms / _figure(f, "p50_ms")
         label = f"{f['peer']} {f['version']}" + (f" ({f['transport']})" if "transport" in f else "")
         rows.append(
             (
                 label,
-                f"{float(f['p50_ms']):.2f}",
-                f"{float(f['rps_1']):.0f}",  # type: ignore[arg-type]
-                f"{float(f['rps_k']):.0f}",
-                f"{throughput_ratio:.2f}×",  # type: ignore[arg-type]
+                f"{_figure(f, 'p50_ms'):.2f}",
+                f"{_figure(f, 'rps_1'):.0f}",
+                f"{_figure(f, 'rps_k'):.0f}",
+                f"{throughput_ratio:.2f}×",
                 f"{latency_ratio:.2f}×",
             )
         )
@@ -335,12 +347,19 @@ async def peers(task: Latency, direct: dict[int, float], counts, report, smoke: 
     report.table("f. Peers", intro, header, rows)
 
 
+def _figure(figures: dict[str, object], key: str) -> float:
+    value = figures[key]
+    if not isinstance(value, int | float):
+        raise TypeError(f"the peer's {key} is {value!r}, not a number")
+    return float(value)
+
+
 PROMPT_SHAPE = "(RunTask, one tool call)"
 RECOVERY_LEASE_SECONDS = 2.0
 RECOVERY_STEP_SECONDS = 0.5
 
 
-async def recovery(stub, state, workdir: Path, report) -> None:  # type: ignore[no-untyped-def]
+async def recovery(stub: AgentStub, state: dict[str, Any], workdir: Path, report: Report) -> None:
     """Kill the worker running a task; time until another takes it over and ends it."""
     pool = WorkerPool(
         worker_env(
@@ -363,7 +382,7 @@ async def recovery(stub, state, workdir: Path, report) -> None:  # type: ignore[
         while owner is None:
             owner = await redis.hget(key, "owner")
             await asyncio.sleep(0.01)
-        victim = pool.processes.pop(owner.decode())
+        victim = pool.processes.pop(owner.decode() if isinstance(owner, bytes) else owner)
         victim.kill()
         killed = time.perf_counter()
         await victim.wait()
@@ -397,7 +416,9 @@ async def recovery(stub, state, workdir: Path, report) -> None:  # type: ignore[
     )
 
 
-async def open_streams(stub, state, pids: list[int], counts, report) -> None:  # type: ignore[no-untyped-def]
+async def open_streams(
+    stub: AgentStub, state: dict[str, Any], pids: list[int], counts: Counts, report: Report
+) -> None:
     before = _rss_mb(pids)
     ids = [f"watch-{n}-{time.monotonic_ns()}" for n in range(counts.streams)]
     for task_id in ids:  # no worker claims these: their watchers stay open
@@ -438,7 +459,7 @@ async def open_streams(stub, state, pids: list[int], counts, report) -> None:  #
     report.goal(f"(e) {counts.streams} open streams", "≤ 200 MB total RSS", f"{during:.0f} MB")
 
 
-async def _drain(call) -> None:  # type: ignore[no-untyped-def]
+async def _drain(call: AsyncIterable[object]) -> None:
     async for _ in call:
         pass
 
@@ -469,7 +490,7 @@ def _mesh_pids(parent: int) -> list[int]:
 GRPC_VERSIONS = ("1.75.0", "1.83.2", "1.84.2", "1.85.1", "1.85.3")
 
 
-async def grpcio_releases(report: Report, smoke: bool) -> None:  # type: ignore[no-untyped-def]
+async def grpcio_releases(report: Report, smoke: bool) -> None:
     intro = (
         "The bare grpc.aio echo (server and client in separate processes) on several grpcio "
         "releases, each from its own virtualenv, interleaved over rounds; ratios to the "

@@ -53,7 +53,12 @@ class RegistryClient:
         return bool(response.created)
 
     async def publish(
-        self, tools: list[tool_pb2.ToolDefinition], endpoint: str, kind: int, *, timeout: float
+        self,
+        tools: list[tool_pb2.ToolDefinition],
+        endpoint: str,
+        kind: tool_pb2.BackendKind,
+        *,
+        timeout: float,
     ) -> None:
         """Publish contracts served at `endpoint` (what a backend does on start-up)."""
         for tool in tools:

@@ -23,7 +23,7 @@ def define(
     description: str,
     input_schema: dict[str, Any],
     output_schema: dict[str, Any],
-    side_effect: tool_pb2.SideEffect.ValueType,
+    side_effect: tool_pb2.SideEffect,
 ) -> tool_pb2.ToolDefinition:
     """A ToolDefinition from Python dicts; schemas are declared 2020-12."""
     dialect = {"$schema": SCHEMA_DIALECT}

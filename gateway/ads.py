@@ -15,6 +15,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy_data_plane.envoy.config.core.v3 import ControlPlane
 from envoy_data_plane.envoy.service.discovery.v3 import (
@@ -80,9 +81,8 @@ class DiscoveryServer(AggregatedDiscoveryServiceBase):
                     next_request = asyncio.ensure_future(requests.get())
                 if next_snapshot is None:
                     next_snapshot = asyncio.ensure_future(self._cache.wait_for_change(snapshot))
-                done, _ = await asyncio.wait(
-                    {next_request, next_snapshot}, return_when=asyncio.FIRST_COMPLETED
-                )
+                either: set[asyncio.Future[Any]] = {next_request, next_snapshot}
+                done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if next_snapshot in done:
                     snapshot, next_snapshot = next_snapshot.result(), None
                 if next_request in done:

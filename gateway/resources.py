@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import betterproto2
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
@@ -320,12 +321,12 @@ def _ads() -> ConfigSource:
 # --- the listener ------------------------------------------------------------------
 
 
-def _typed(name: str, config: object) -> TypedExtensionConfig:
-    return TypedExtensionConfig(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
+def _typed(name: str, config: betterproto2.Message) -> TypedExtensionConfig:
+    return TypedExtensionConfig(name=name, typed_config=Any.pack(config))
 
 
-def _http_filter(name: str, config: object) -> HttpFilter:
-    return HttpFilter(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
+def _http_filter(name: str, config: betterproto2.Message) -> HttpFilter:
+    return HttpFilter(name=name, typed_config=Any.pack(config))
 
 
 def _always() -> RuntimeFractionalPercent:
@@ -621,9 +622,16 @@ def _grpc_routes(cluster: str, options: GatewayOptions, *, header: str | None) -
     else:
         headers = [HeaderMatcher(name=AGENT_HEADER, string_match=StringMatcher(exact=header))]
 
-    def route(match: RouteMatch, action: RouteAction, **extra: object) -> Route:
+    def route(
+        match: RouteMatch,
+        action: RouteAction,
+        *,
+        typed_per_filter_config: dict[str, Any] | None = None,
+    ) -> Route:
         match.headers = [*match.headers, *headers]
-        return Route(match=match, route=action, **extra)  # type: ignore[arg-type]
+        return Route(
+            match=match, route=action, typed_per_filter_config=typed_per_filter_config or {}
+        )
 
     routes = []
     for method in _STREAMING_METHODS:

@@ -1,35 +1,51 @@
-"""Gateway configuration from the environment (prefix ``AGENTPLEX_GATEWAY_``)."""
+"""The gateway's settings under their short names: the control plane's edge policy.
+
+Not read from the environment here: they are `Settings`' gateway section
+(``AGENTPLEX_GATEWAY_LISTEN_PORT`` is ``Settings.gateway_listen_port``, documented
+in docs/SETTINGS.md), taken over by `from_settings`. Built directly (tests, the
+bench), an unset field takes that section's default, so defaults live in one place.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from agentplex.gateway.resources import GatewayOptions
+from agentplex.runtime.settings import GatewaySection, Settings
+
+PREFIX = "gateway_"
 
 
-class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AGENTPLEX_GATEWAY_", extra="ignore")
+def _default(name: str) -> Any:
+    return GatewaySection.model_fields[PREFIX + name].get_default(call_default_factory=True)
 
-    # Where Envoy listens for callers (gRPC, gRPC-Web, JSON and the console, one port).
-    listen_host: str = "127.0.0.1"
-    listen_port: int = Field(default=8080, ge=0, le=65535)
-    # The agent a gRPC call without an x-agentplex-agent header reaches.
-    default_agent: str = "assistant"
-    # Browser origins other than the gateway's own that may call it (CORS), comma-separated.
-    cors_origins: str = ""
-    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
-    rate_limit_per_second: int = Field(default=1000, ge=1)
-    rate_limit_burst: int = Field(default=2000, ge=1)
-    unary_timeout_seconds: float = Field(default=330.0, gt=0)
-    stream_idle_timeout_seconds: float = Field(default=300.0, gt=0)
-    health_check_interval_seconds: float = Field(default=1.0, gt=0)
-    # How often the control plane re-reads the agent directory (routes follow within ~2 polls).
-    directory_poll_seconds: float = Field(default=0.5, gt=0)
-    console: bool = True
-    access_log: bool = True
+
+class GatewaySettings(BaseModel):
+    """Settings' gateway section, one field per `gateway_*` setting without the prefix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listen_host: str = _default("listen_host")
+    listen_port: int = _default("listen_port")
+    default_agent: str = _default("default_agent")
+    cors_origins: str = _default("cors_origins")
+    max_request_bytes: int = _default("max_request_bytes")
+    rate_limit_per_second: int = _default("rate_limit_per_second")
+    rate_limit_burst: int = _default("rate_limit_burst")
+    unary_timeout_seconds: float = _default("unary_timeout_seconds")
+    stream_idle_timeout_seconds: float = _default("stream_idle_timeout_seconds")
+    health_check_interval_seconds: float = _default("health_check_interval_seconds")
+    directory_poll_seconds: float = _default("directory_poll_seconds")
+    console: bool = _default("console")
+    access_log: bool = _default("access_log")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatewaySettings:
+        """The gateway section of `settings`, as read once by the process."""
+        return cls(**{name: getattr(settings, PREFIX + name) for name in cls.model_fields})
 
     def options(self) -> GatewayOptions:
         """The edge policy: every setting that names a GatewayOptions field, as is."""

@@ -9,7 +9,7 @@ import grpc
 from agentplex.memory.servicer import MemoryServicer
 from agentplex.memory.store import MemoryStore
 from agentplex.runtime import redis_client
-from agentplex.runtime.process import service_main
+from agentplex.runtime.process import run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import memory_service_pb2, memory_service_pb2_grpc
@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
         return build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    service_main("python -m agentplex.memory", build, name="memory", argv=argv)
+    run_process("python -m agentplex.memory", build, name="memory", argv=argv)

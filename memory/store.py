@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 
+from agentplex.contract.reasons import Reason
 from agentplex.runtime.errors import Aborted, InvalidArgument
 from agentplex.runtime.tokens import estimate_message_tokens
 from agentplex.v1 import memory_pb2
@@ -317,7 +318,7 @@ class MemoryStore:
             raise Aborted(
                 f"the session's summary moved on (it covers up to {second}, not "
                 f"{expected_through_position}); load the context again",
-                reason="SUMMARY_CONFLICT",
+                reason=Reason.SUMMARY_CONFLICT,
             )
         if first == -2:
             raise InvalidArgument(

@@ -15,19 +15,27 @@ Every failure is one readable line on stderr and a non-zero exit code:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, TypeVar
+
+from pydantic import ValidationError
 
 from agentplex.mesh import launcher, render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
+from agentplex.runtime.settings import Settings
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:  # for annotations; the commands import it where they call it
+    import grpc
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -131,8 +139,18 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to ask")
 
 
-def _task_fields(args: argparse.Namespace) -> dict[str, object]:
-    fields: dict[str, object] = {"prompt": args.prompt, "session_id": args.session}
+class _TaskFields(TypedDict, total=False):
+    """The request fields the task commands set, as keyword arguments of RunTaskRequest,
+    StreamStepsRequest and TaskSpec alike."""
+
+    prompt: str
+    session_id: str
+    max_steps: int
+    token_budget: int
+
+
+def _task_fields(args: argparse.Namespace) -> _TaskFields:
+    fields: _TaskFields = {"prompt": args.prompt, "session_id": args.session}
     if args.max_steps is not None:
         fields["max_steps"] = args.max_steps
     if args.token_budget is not None:
@@ -143,7 +161,8 @@ def _task_fields(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        code = event_loop.run(_dispatch(args))
+        settings = _read_settings()
+        code = event_loop.run(_dispatch(args, settings), settings)
     except CliError as exc:
         print(f"agentplex: {exc}", file=sys.stderr)
         code = exc.code
@@ -152,10 +171,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
-async def _dispatch(args: argparse.Namespace) -> int:
-    state_file = state_file_path(args.state_file)
+def _read_settings() -> Settings:
+    """Read once for the whole command (the launcher passes them on to the mesh)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise CliError(f"invalid settings: {exc}", EXIT_USAGE) from None
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    state_file = state_file_path(args.state_file, settings)
     if args.command == "up":
-        return await _up(args, state_file)
+        return await _up(args, state_file, settings)
     try:
         state = read_state(state_file)
     except MeshNotRunning as exc:
@@ -172,7 +199,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     return await commands[args.command](args, state)
 
 
-async def _up(args: argparse.Namespace, state_file: Path) -> int:
+async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) -> int:
     overrides: dict[str, int] = {}
     for item in args.port:
         name, _, port = item.partition("=")
@@ -186,12 +213,13 @@ async def _up(args: argparse.Namespace, state_file: Path) -> int:
         overrides[name] = int(port)
     mesh = launcher.MeshLauncher(
         state_file=state_file,
-        redis_url=os.environ.get("REDIS_URL") or None,
+        redis_url=settings.external_redis_url,
         ephemeral_ports=args.ephemeral_ports,
         port_overrides=overrides,
         llm_provider=args.llm,
         workers=args.workers,
         gateway=not args.no_gateway,
+        settings=settings,
         say=lambda line: print(line, flush=True),
     )
     return await launcher.run_until_signalled(mesh)
@@ -247,18 +275,22 @@ async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:
     )
 
 
-def _rpc_failure(err: object, what: str) -> CliError:
+def _rpc_failure(err: grpc.aio.AioRpcError, what: str) -> CliError:
     import grpc
 
-    failure = errors.from_rpc_error(err)  # type: ignore[arg-type]
-    code = err.code()  # type: ignore[attr-defined]
+    failure = errors.from_rpc_error(err)
+    code = err.code()
     if code == grpc.StatusCode.UNAVAILABLE and failure.reason == "UNAVAILABLE":
         return CliError(f"cannot reach {what}: is the mesh running? Start it with `agentplex up`")
     exit_code = EXIT_USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
     return CliError(f"{code.name}: {failure.message}", exit_code)
 
 
-async def _on_agent(args: argparse.Namespace, state: dict[str, object], call):  # type: ignore[no-untyped-def]
+async def _on_agent(
+    args: argparse.Namespace,
+    state: dict[str, object],
+    call: Callable[[agent_service_pb2_grpc.AgentServiceStub], Awaitable[T]],
+) -> T:
     """Run `call(stub)` against the agent named in args; map failures to one line."""
     import grpc
 
@@ -273,7 +305,7 @@ async def _on_agent(args: argparse.Namespace, state: dict[str, object], call):  
 async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:
     from agentplex.v1 import task_pb2
 
-    spec = task_pb2.TaskSpec(task_id=args.task_id, **_task_fields(args))  # type: ignore[arg-type]
+    spec = task_pb2.TaskSpec(task_id=args.task_id, **_task_fields(args))
     response = await _on_agent(
         args,
         state,
@@ -289,7 +321,7 @@ async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:
 async def _watch(args: argparse.Namespace, state: dict[str, object]) -> int:
     printer = render.EventPrinter(json_lines=args.json)
 
-    async def follow(stub):  # type: ignore[no-untyped-def]
+    async def follow(stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
         request = agent_service_pb2.WatchTaskRequest(
             task_id=args.task_id, after_sequence=args.after, final_only=args.result
         )

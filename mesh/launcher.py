@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from agentplex.agents.catalog import CATALOG
 from agentplex.gateway.bootstrap import BootstrapOptions
@@ -35,6 +34,9 @@ from agentplex.mesh.local_model import LocalModelError, LocalModelServer
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.state import pid_alive, write_state
 from agentplex.runtime.children import terminate
+from agentplex.runtime.clients import health_status
+from agentplex.runtime.process import stop_each, stop_on_signals
+from agentplex.runtime.settings import Settings
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
@@ -71,6 +73,16 @@ class Part:
     metrics: int | None = None
     log_path: Path | None = None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The process's exit code; None while it runs (or before it started)."""
+        return None if self.process is None else self.process.returncode
+
+    async def stop(self) -> None:
+        """SIGTERM (the part drains), SIGKILL if it outlasts the timeout; idempotent."""
+        if self.process is not None:
+            await terminate(self.process, timeout=STOP_TIMEOUT_SECONDS)
+
 
 @dataclass
 class MeshLauncher:
@@ -82,10 +94,8 @@ class MeshLauncher:
     workers: int = 1
     # Envoy in front of every agent, configured by its xDS control plane.
     gateway: bool = True
-    # What docs.search indexes: $AGENTPLEX_DOCS_DIR, else the directory `up` runs in.
-    docs_dir: Path = field(
-        default_factory=lambda: Path(os.environ.get("AGENTPLEX_DOCS_DIR") or Path.cwd())
-    )
+    # The launcher's own settings (docs_dir and llm_provider are passed on to the parts).
+    settings: Settings = field(default_factory=Settings)
     say: Callable[[str], None] = print
     _redis: EmbeddedRedis | None = None
     _local_model: LocalModelServer | None = None
@@ -121,7 +131,7 @@ class MeshLauncher:
         else:
             self.say(f"  {'redis':<20} {redis_url}  (REDIS_URL)")
         env = self._child_env(redis_url)
-        if (self.llm_provider or os.environ.get("AGENTPLEX_LLM_PROVIDER")) == "local":
+        if (self.llm_provider or self.settings.llm_provider) == "local":
             env.update(await self._start_local_model())
         memory = await self._start_part("memory", "agentplex.memory", [], env)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
@@ -250,9 +260,11 @@ class MeshLauncher:
                 )
 
     def _child_env(self, redis_url: str) -> dict[str, str]:
+        """The children's environment: ours, plus where the mesh's shared parts are."""
         env = dict(os.environ)
         env["AGENTPLEX_REDIS_URL"] = redis_url
-        env["AGENTPLEX_DOCS_DIR"] = str(self.docs_dir)
+        # Resolved here, so every part indexes the directory `up` runs in.
+        env["AGENTPLEX_DOCS_DIR"] = str(self.settings.docs_dir)
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.llm_provider:
             env["AGENTPLEX_LLM_PROVIDER"] = self.llm_provider
@@ -326,36 +338,44 @@ class MeshLauncher:
         )
 
     async def stop(self) -> None:
-        """Stop everything started, in reverse order; idempotent."""
-        for part in reversed(self._parts):
-            if part.process is not None:
-                await terminate(part.process, timeout=STOP_TIMEOUT_SECONDS)
-        self._parts.clear()
-        if self._local_model is not None:
-            await self._local_model.stop()
-            self._local_model = None
-        if self._redis is not None:
-            await self._redis.stop()
-            self._redis = None
+        """Stop everything started, in reverse order; idempotent.
+
+        Every step runs even when one fails: a part that cannot be stopped
+        must not leave the others (or Redis) running.
+        """
+        parts, self._parts = self._parts, []
+        for part in reversed(parts):
+            await stop_each(part.name, [part.stop])
+        await stop_each(
+            "agentplex up", [self._stop_local_model, self._stop_redis, self._forget_state]
+        )
+
+    async def _stop_local_model(self) -> None:
+        model, self._local_model = self._local_model, None
+        if model is not None:
+            await model.stop()
+
+    async def _stop_redis(self) -> None:
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.stop()
+
+    async def _forget_state(self) -> None:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
             if json.loads(self.state_file.read_text()).get("pid") == os.getpid():
                 self.state_file.unlink()
 
     def exited_parts(self) -> list[Part]:
-        return [
-            p for p in self._parts if p.process is not None and p.process.returncode is not None
-        ]
+        return [p for p in self._parts if p.exit_code is not None]
 
 
 async def _serving(address: str) -> bool:
     async with grpc.aio.insecure_channel(address) as channel:
         try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1.0
-            )
+            status = await health_status(channel, timeout=1.0)
         except grpc.aio.AioRpcError:
             return False
-    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _read_ready(path: Path) -> dict[str, Any] | None:
@@ -395,9 +415,7 @@ def _state_address(launcher: MeshLauncher, name: str) -> str:
 async def run_until_signalled(launcher: MeshLauncher) -> int:
     """`agentplex up`'s main loop: start, report, wait for Ctrl-C/SIGTERM or a crash, stop."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     launcher.say("agentplex: starting the mesh")
     code = 0
     try:
@@ -421,10 +439,7 @@ async def run_until_signalled(launcher: MeshLauncher) -> int:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
             crashed = launcher.exited_parts()
             if crashed:
-                names = ", ".join(
-                    f"{p.name} (exit {p.process.returncode})"  # type: ignore[union-attr]
-                    for p in crashed
-                )
+                names = ", ".join(f"{p.name} (exit {p.exit_code})" for p in crashed)
                 launcher.say(
                     f"agentplex: {names} stopped unexpectedly; shutting the mesh down. "
                     f"Logs: {crashed[0].log_path}"

@@ -8,12 +8,13 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2
 
 
-def _json(message: object) -> str:
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"))  # type: ignore[arg-type]
+def _json(message: Message) -> str:
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
 
 
 class EventPrinter:

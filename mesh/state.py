@@ -12,17 +12,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STATE_FILE = Path(".agentplex/mesh.json")
+from agentplex.runtime.settings import Settings
+
+DEFAULT_STATE_FILE: Path = Settings.model_fields["state_file"].default
 
 
 class MeshNotRunning(Exception):
     """No state file, or the mesh that wrote it is gone."""
 
 
-def state_file_path(explicit: Path | None = None) -> Path:
+def state_file_path(explicit: Path | None = None, settings: Settings | None = None) -> Path:
+    """`--state-file` when given, else `settings.state_file` (AGENTPLEX_STATE_FILE).
+
+    Without settings they are read here.
+    """
     if explicit is not None:
         return explicit
-    return Path(os.environ.get("AGENTPLEX_STATE_FILE", str(DEFAULT_STATE_FILE)))
+    return (settings or Settings()).state_file
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:

@@ -63,14 +63,13 @@ def load_definition(path: Path) -> tool_pb2.ToolDefinition:
     ]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
-    effect = str(data.get("side_effect", "side_effecting")).upper()
-    try:
-        side_effect = tool_pb2.SideEffect.Value(f"SIDE_EFFECT_{effect}")
-    except ValueError:
+    # By its name: the message takes an enum's name as well as its number.
+    side_effect = "SIDE_EFFECT_" + str(data.get("side_effect", "side_effecting")).upper()
+    if side_effect not in tool_pb2.SideEffect.keys():
         raise ValueError(
             f"{path}: side_effect must be read_only, idempotent or "
             f"side_effecting, not {data.get('side_effect')!r}"
-        ) from None
+        )
     try:
         input_schema, output_schema = (
             json.dumps(data["input_schema"]),

@@ -18,7 +18,7 @@ from agentplex.registry.service import ToolRegistry
 from agentplex.registry.servicer import ToolRegistryServicer
 from agentplex.registry.store import RegistryStore
 from agentplex.runtime import redis_client
-from agentplex.runtime.process import service_main
+from agentplex.runtime.process import run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import tool_registry_service_pb2, tool_registry_service_pb2_grpc
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
         return await build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    service_main("python -m agentplex.registry", build, name="registry", argv=argv)
+    run_process("python -m agentplex.registry", build, name="registry", argv=argv)

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from agentplex.contract.reasons import Reason
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import FailedPrecondition, InvalidArgument
 from agentplex.v1 import tool_registry_service_pb2 as pb
@@ -101,7 +102,7 @@ class IdempotencyLedger:
                 raise FailedPrecondition(
                     f"idempotency key {idempotency_key!r} was already used with different "
                     "arguments; use a new key for a new request",
-                    reason="IDEMPOTENCY_KEY_REUSED",
+                    reason=Reason.IDEMPOTENCY_KEY_REUSED,
                 )
             if entry["state"] == "done":
                 response = pb.InvokeToolResponse.FromString(base64.b64decode(entry["response"]))

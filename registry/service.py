@@ -7,16 +7,19 @@ Plain class, no gRPC: the servicer adapts it, tests drive it directly.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from opentelemetry import trace
 
 from agentplex.contract import agent_tool, lineage
+from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.registry import compat, schemas
-from agentplex.registry.backends import BackendRouter, Progress
-from agentplex.registry.ledger import IdempotencyLedger, fingerprint
+from agentplex.registry.backends import BackendRouter, Invocation, Progress
+from agentplex.registry.ledger import Claim, IdempotencyLedger, fingerprint
 from agentplex.registry.store import Grant, RegistryStore
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import (
@@ -31,7 +34,8 @@ from agentplex.v1 import tool_registry_service_pb2 as pb
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("agentplex.registry")
 
-SAFE_TO_REPEAT = (tool_pb2.SIDE_EFFECT_READ_ONLY, tool_pb2.SIDE_EFFECT_IDEMPOTENT)
+# A call of these must carry an idempotency key, so a retry cannot repeat its effect.
+NEEDS_KEY = (tool_pb2.SIDE_EFFECT_SIDE_EFFECTING, tool_pb2.SIDE_EFFECT_UNSPECIFIED)
 ACTIVE = tool_pb2.TOOL_STATE_ACTIVE
 DEPRECATED = tool_pb2.TOOL_STATE_DEPRECATED
 RETIRED = tool_pb2.TOOL_STATE_RETIRED
@@ -56,7 +60,7 @@ def outcome_unknown(tool: tool_pb2.ToolDefinition) -> pb.InvokeToolResponse:
         tool_name=tool.name,
         tool_version=tool.version,
         error=tool_pb2.ToolError(
-            code="OUTCOME_UNKNOWN",
+            code=ToolErrorCode.OUTCOME_UNKNOWN,
             message=f"{tool.name} was interrupted and may or may not have taken effect; it "
             "will not run again under this idempotency key",
         ),
@@ -76,7 +80,7 @@ def resolve(
 ) -> tool_pb2.ToolDefinition:
     """Pick the version a spec asks for from all versions of a tool (no I/O)."""
     if not versions:
-        raise NotFound(f"tool {name!r} is not registered", reason="TOOL_NOT_FOUND")
+        raise NotFound(f"tool {name!r} is not registered", reason=Reason.TOOL_NOT_FOUND)
     if version.isdigit():
         matching = [v for v in versions if major(v) == int(version)]
     elif version:
@@ -92,9 +96,9 @@ def resolve(
         retired = matching[-1]
         raise NotFound(
             f"{wanted} ({retired.version}) is retired; use {retired.replacement}",
-            reason="TOOL_RETIRED",
+            reason=Reason.TOOL_RETIRED,
         )
-    raise NotFound(f"no version of {name!r} matches {version!r}", reason="TOOL_NOT_FOUND")
+    raise NotFound(f"no version of {name!r} matches {version!r}", reason=Reason.TOOL_NOT_FOUND)
 
 
 class ToolRegistry:
@@ -124,7 +128,7 @@ class ToolRegistry:
                 raise FailedPrecondition(
                     f"{tool.name} {tool.version} is already published with a different "
                     "contract; versions are immutable, publish a new version",
-                    reason="VERSION_EXISTS",
+                    reason=Reason.VERSION_EXISTS,
                 )
             if tool.endpoint:
                 # The same contract served from one more place: another backend
@@ -138,7 +142,7 @@ class ToolRegistry:
                 raise FailedPrecondition(
                     f"{tool.name} {tool.version} is older than the published {latest.version}; "
                     "a new version must be the newest of its major",
-                    reason="VERSION_NOT_NEWER",
+                    reason=Reason.VERSION_NOT_NEWER,
                 )
             breaks = compat.input_breaks(
                 json.loads(latest.input_schema_json), json.loads(tool.input_schema_json)
@@ -156,7 +160,7 @@ class ToolRegistry:
                     f"{tool.name} {tool.version} would break callers of {latest.version}: "
                     + "; ".join(breaks)
                     + f". Publish it as {major(tool) + 1}.0.0 instead.",
-                    reason="BREAKING_CHANGE",
+                    reason=Reason.BREAKING_CHANGE,
                 )
         published = tool_pb2.ToolDefinition()
         published.CopyFrom(tool)
@@ -183,7 +187,7 @@ class ToolRegistry:
         return tool
 
     async def set_state(
-        self, name: str, version: str, state: int, replacement: str
+        self, name: str, version: str, state: tool_pb2.ToolState, replacement: str
     ) -> tool_pb2.ToolDefinition:
         if state not in (ACTIVE, DEPRECATED, RETIRED):
             raise InvalidArgument("state must be ACTIVE, DEPRECATED or RETIRED")
@@ -237,17 +241,18 @@ class ToolRegistry:
                 tools.extend(live[-1:])
         return tools
 
-    async def _grants(self, agent: str) -> list[Grant]:
+    # Below `list` (the method), annotations name the builtin as `builtins.list`.
+    async def _grants(self, agent: str) -> builtins.list[Grant]:
         grants = await self._store.grants(agent)
         if grants is None:
             raise NotFound(
-                f"agent {agent!r} is not known to the registry", reason="AGENT_NOT_FOUND"
+                f"agent {agent!r} is not known to the registry", reason=Reason.AGENT_NOT_FOUND
             )
         return grants
 
     async def set_agent_tools(
         self, agent: str, grants: Iterable[Grant], *, only_if_unset: bool = False
-    ) -> tuple[list[Grant], bool]:
+    ) -> tuple[builtins.list[Grant], bool]:
         """Store an agent's access list; (the list now stored, whether it is this one).
 
         `only_if_unset` is how an agent publishes its own default list when it
@@ -273,146 +278,156 @@ class ToolRegistry:
         progress: Progress | None = None,
     ) -> pb.InvokeToolResponse:
         """Check, validate and run one invocation; `progress` receives what a
-        streamed invocation relays (an agent tool's sub-task and its events)."""
+        streamed invocation relays (an agent tool's sub-task and its events).
+
+        authorize → resolve → validate → claim → dispatch: every refusal comes
+        before the ledger, so a refused call leaves nothing behind.
+        """
         with tracer.start_as_current_span("registry.invoke") as span:
             span.set_attribute("tool.name", request.tool_name)
-            version = request.version
-            schemas.check_version_spec(version)
-            caller = request.caller
+            schemas.check_version_spec(request.version)
             grants, versions, revision = await self._store.grants_and_versions(
-                caller.agent, request.tool_name
+                request.caller.agent, request.tool_name
             )
-            if caller.agent:
-                grant = next((g for g in grants or () if g.name == request.tool_name), None)
-                if grant is None:
-                    raise PermissionDenied(
-                        f"agent {caller.agent!r} may not use tool {request.tool_name!r}",
-                        reason="TOOL_NOT_ALLOWED",
-                    )
-                if not version and grant.major:
-                    version = str(grant.major)
-                elif version and grant.major and int(version.split(".")[0]) != grant.major:
-                    raise PermissionDenied(
-                        f"agent {caller.agent!r} is pinned to {request.tool_name}@{grant.major}",
-                        reason="TOOL_VERSION_NOT_ALLOWED",
-                    )
-            if not versions:
-                raise NotFound(
-                    f"tool {request.tool_name!r} is not registered", reason="TOOL_NOT_FOUND"
-                )
+            version = authorize(request, grants)
             tool = resolve(request.tool_name, versions, version)
             span.set_attribute("tool.version", tool.version)
-            arguments = schemas.parse_arguments(request.arguments_json)
-            violation = schemas.schema_violation(tool.input_schema_json, arguments)
-            if violation:
-                raise InvalidArgument(
-                    f"arguments for {tool.name} {tool.version} do not match its input schema: "
-                    f"{violation}"
-                )
-            if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
-                # Before the ledger: a refused delegation leaves nothing behind.
-                lineage.check_delegation(
-                    caller_agent=caller.agent,
-                    caller=caller.lineage,
-                    target=agent_tool.agent_of_tool(tool.name),
-                    max_depth=self._max_depth,
-                )
-            if (
-                tool.side_effect
-                in (tool_pb2.SIDE_EFFECT_SIDE_EFFECTING, tool_pb2.SIDE_EFFECT_UNSPECIFIED)
-                and not request.idempotency_key
-            ):
-                raise InvalidArgument(
-                    f"{tool.name} has side effects: invoke it with an idempotency_key, so a "
-                    "retry cannot repeat them",
-                    reason="IDEMPOTENCY_KEY_REQUIRED",
-                )
-            if not request.idempotency_key:
-                return _at(
-                    revision,
-                    await self._run(
-                        tool, arguments, caller, "", deadline, request.token_budget, progress
-                    ),
-                )
-            # The tool, not its version: a retry after a compatible release is a replay.
-            fp = fingerprint(tool.name, arguments)
-            claim = await self._ledger.claim(caller, request.idempotency_key, fp, deadline)
-            if claim.replay is not None:
-                span.set_attribute("tool.replayed", True)
-                return _at(revision, claim.replay)
-            repeatable = tool.side_effect in SAFE_TO_REPEAT
-            try:
-                response = await self._run(
-                    tool,
-                    arguments,
-                    caller,
-                    request.idempotency_key,
-                    deadline,
-                    request.token_budget,
-                    progress,
-                )
-            except BaseException:
-                if repeatable:
-                    await asyncio.shield(self._ledger.release(claim))
-                else:
-                    # It may have happened: at most once means never running it again.
-                    await asyncio.shield(self._ledger.complete(claim, fp, outcome_unknown(tool)))
-                raise
-            if repeatable and response.HasField("error") and response.error.code == "UNAVAILABLE":
-                await self._ledger.release(claim)  # safe to run again later
-            else:
-                await self._ledger.complete(claim, fp, response)
-            return _at(revision, response)
+            invocation = Invocation(
+                tool=tool,
+                arguments=self._validate(request, tool),
+                caller=request.caller,
+                deadline=deadline,
+                idempotency_key=request.idempotency_key,
+                token_budget=request.token_budget,
+                progress=progress,
+            )
+            return _at(revision, await self._claim(invocation))
 
-    async def _run(
-        self,
-        tool: tool_pb2.ToolDefinition,
-        arguments: dict[str, object],
-        caller: pb.Caller,
-        key: str,
-        deadline: Deadline,
-        token_budget: int = 0,
-        progress: Progress | None = None,
-    ) -> pb.InvokeToolResponse:
+    def _validate(
+        self, request: pb.InvokeToolRequest, tool: tool_pb2.ToolDefinition
+    ) -> dict[str, Any]:
+        """The arguments, parsed and checked against the version's input schema; and
+        what must hold before the ledger: a delegation within depth and without a
+        cycle, a key for a call that must not run twice."""
+        arguments = schemas.parse_arguments(request.arguments_json)
+        violation = schemas.schema_violation(tool.input_schema_json, arguments)
+        if violation:
+            raise InvalidArgument(
+                f"arguments for {tool.name} {tool.version} do not match its input schema: "
+                f"{violation}"
+            )
+        if tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT:
+            lineage.check_delegation(
+                caller_agent=request.caller.agent,
+                caller=request.caller.lineage,
+                target=agent_tool.agent_of_tool(tool.name),
+                max_depth=self._max_depth,
+            )
+        if tool.side_effect in NEEDS_KEY and not request.idempotency_key:
+            raise InvalidArgument(
+                f"{tool.name} has side effects: invoke it with an idempotency_key, so a "
+                "retry cannot repeat them",
+                reason=Reason.IDEMPOTENCY_KEY_REQUIRED,
+            )
+        return arguments
+
+    async def _claim(self, invocation: Invocation) -> pb.InvokeToolResponse:
+        """Dispatch at most once per idempotency key: a repeat gets the stored response.
+
+        A call that ends without an answer gives its key back when the tool is
+        safe to repeat; otherwise the key remembers OUTCOME_UNKNOWN, since it may
+        have happened and at most once means never running it again.
+        """
+        key = invocation.idempotency_key
+        if not key:
+            return await self._dispatch(invocation)
+        tool = invocation.tool
+        # The tool, not its version: a retry after a compatible release is a replay.
+        fp = fingerprint(tool.name, invocation.arguments)
+        claim = await self._ledger.claim(invocation.caller, key, fp, invocation.deadline)
+        if claim.replay is not None:
+            trace.get_current_span().set_attribute("tool.replayed", True)
+            return claim.replay
+        try:
+            response = await self._dispatch(invocation)
+        except BaseException:
+            await asyncio.shield(self._abandon(claim, fp, invocation))
+            raise
+        if invocation.safe_to_repeat and _unavailable(response):
+            await self._ledger.release(claim)  # safe to run again later
+        else:
+            await self._ledger.complete(claim, fp, response)
+        return response
+
+    async def _abandon(self, claim: Claim, fp: str, invocation: Invocation) -> None:
+        """Settle the claim of a call that ended without an answer."""
+        if invocation.safe_to_repeat:
+            await self._ledger.release(claim)
+        else:
+            await self._ledger.complete(claim, fp, outcome_unknown(invocation.tool))
+
+    async def _dispatch(self, invocation: Invocation) -> pb.InvokeToolResponse:
+        """Run it on a backend of its version and check the result against the output schema."""
+        tool = invocation.tool
         response = pb.InvokeToolResponse(tool_name=tool.name, tool_version=tool.version)
         if tool.state == DEPRECATED:
             response.warning = (
                 f"{tool.name} {tool.version} is deprecated; move to {tool.replacement}"
             )
         endpoints = await self._store.endpoints(tool.name, tool.version)
-        executed = await self._router.execute(
-            tool,
-            endpoints,
-            arguments,
-            caller,
-            key,
-            deadline,
-            token_budget=token_budget,
-            progress=progress,
-        )
+        executed = await self._router.execute(invocation, endpoints)
         if executed.HasField("error"):
             response.error.CopyFrom(executed.error)
             return response
-        try:
-            result = json.loads(executed.result_json)
-        except json.JSONDecodeError:
-            result = None
-        violation = (
-            schemas.schema_violation(tool.output_schema_json, result)
-            if isinstance(result, dict)
-            else "the result is not a JSON object"
-        )
+        result, violation = checked_result(tool, executed.result_json)
         if violation:
             log.error("%s returned a result outside its output schema: %s", tool.name, violation)
             response.error.CopyFrom(
                 tool_pb2.ToolError(
-                    code="INVALID_RESULT",
+                    code=ToolErrorCode.INVALID_RESULT,
                     message=f"{tool.name} returned a result outside its output schema: {violation}",
                 )
             )
             return response
         response.result_json = json.dumps(result, sort_keys=True)
         return response
+
+
+def authorize(request: pb.InvokeToolRequest, grants: list[Grant] | None) -> str:
+    """Check the calling agent's grant and major pin; the version spec to resolve
+    (the pinned major when the call named none). An operator (no agent) may call
+    any tool."""
+    agent, name, version = request.caller.agent, request.tool_name, request.version
+    if not agent:
+        return version
+    grant = next((g for g in grants or () if g.name == name), None)
+    if grant is None:
+        raise PermissionDenied(
+            f"agent {agent!r} may not use tool {name!r}", reason=Reason.TOOL_NOT_ALLOWED
+        )
+    if not version and grant.major:
+        return str(grant.major)
+    if version and grant.major and int(version.split(".")[0]) != grant.major:
+        raise PermissionDenied(
+            f"agent {agent!r} is pinned to {name}@{grant.major}",
+            reason=Reason.TOOL_VERSION_NOT_ALLOWED,
+        )
+    return version
+
+
+def checked_result(tool: tool_pb2.ToolDefinition, result_json: str) -> tuple[object, str | None]:
+    """A backend's result, parsed, and why it breaks the output schema (None: it does not)."""
+    try:
+        result = json.loads(result_json)
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict):
+        return result, "the result is not a JSON object"
+    return result, schemas.schema_violation(tool.output_schema_json, result)
+
+
+def _unavailable(response: pb.InvokeToolResponse) -> bool:
+    return response.HasField("error") and response.error.code == ToolErrorCode.UNAVAILABLE
 
 
 def _resolve_quietly(

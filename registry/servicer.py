@@ -22,7 +22,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         self._default_timeout = default_timeout_seconds
 
     async def RegisterTool(
-        self, request: pb.RegisterToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RegisterToolRequest,
+        context: grpc.aio.ServicerContext[pb.RegisterToolRequest, pb.RegisterToolResponse],
     ) -> pb.RegisterToolResponse:
         if not request.HasField("tool"):
             raise InvalidArgument("tool is required")
@@ -33,7 +35,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return pb.RegisterToolResponse(tool=stored, created=created)
 
     async def ListTools(
-        self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListToolsRequest,
+        context: grpc.aio.ServicerContext[pb.ListToolsRequest, pb.ListToolsResponse],
     ) -> pb.ListToolsResponse:
         tools, revision = await self._registry.list_with_revision(
             request.agent, all_versions=request.all_versions
@@ -41,7 +45,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return pb.ListToolsResponse(tools=tools, revision=revision)
 
     async def GetTool(
-        self, request: pb.GetToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetToolRequest,
+        context: grpc.aio.ServicerContext[pb.GetToolRequest, pb.GetToolResponse],
     ) -> pb.GetToolResponse:
         if not request.name:
             raise InvalidArgument("name is required")
@@ -49,7 +55,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return pb.GetToolResponse(tool=await self._registry.with_endpoints(tool))
 
     async def InvokeTool(
-        self, request: pb.InvokeToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.InvokeToolRequest,
+        context: grpc.aio.ServicerContext[pb.InvokeToolRequest, pb.InvokeToolResponse],
     ) -> pb.InvokeToolResponse:
         if not request.tool_name:
             raise InvalidArgument("tool_name is required")
@@ -57,7 +65,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return await self._registry.invoke(request, deadline)
 
     async def InvokeToolStream(
-        self, request: pb.InvokeToolStreamRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.InvokeToolStreamRequest,
+        context: grpc.aio.ServicerContext[pb.InvokeToolStreamRequest, pb.InvokeToolStreamResponse],
     ) -> AsyncIterator[pb.InvokeToolStreamResponse]:
         invocation = request.invocation
         if not invocation.tool_name:
@@ -82,7 +92,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         yield pb.InvokeToolStreamResponse(response=response)
 
     async def SetToolState(
-        self, request: pb.SetToolStateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.SetToolStateRequest,
+        context: grpc.aio.ServicerContext[pb.SetToolStateRequest, pb.SetToolStateResponse],
     ) -> pb.SetToolStateResponse:
         if not request.name or not request.version:
             raise InvalidArgument("name and version are required")
@@ -92,7 +104,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return pb.SetToolStateResponse(tool=tool)
 
     async def WithdrawEndpoint(
-        self, request: pb.WithdrawEndpointRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.WithdrawEndpointRequest,
+        context: grpc.aio.ServicerContext[pb.WithdrawEndpointRequest, pb.WithdrawEndpointResponse],
     ) -> pb.WithdrawEndpointResponse:
         if not (request.name and request.version and request.endpoint):
             raise InvalidArgument("name, version and endpoint are required")
@@ -102,7 +116,9 @@ class ToolRegistryServicer(pb_grpc.ToolRegistryServiceServicer):
         return pb.WithdrawEndpointResponse(remaining=remaining)
 
     async def SetAgentTools(
-        self, request: pb.SetAgentToolsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.SetAgentToolsRequest,
+        context: grpc.aio.ServicerContext[pb.SetAgentToolsRequest, pb.SetAgentToolsResponse],
     ) -> pb.SetAgentToolsResponse:
         if not request.agent:
             raise InvalidArgument("agent is required")

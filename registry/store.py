@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from agentplex.registry.schemas import semver
+from agentplex.runtime.redis_client import as_bytes, as_text
 from agentplex.v1 import tool_pb2
 
 
@@ -95,11 +96,11 @@ class RegistryStore:
 
     async def endpoints(self, name: str, version: str) -> list[str]:
         return sorted(
-            e.decode() for e in await self._redis.smembers(self._endpoints_key(name, version))
+            as_text(e) for e in await self._redis.smembers(self._endpoints_key(name, version))
         )
 
     async def names(self) -> list[str]:
-        return sorted(name.decode() for name in await self._redis.smembers(self._names_key))
+        return sorted(as_text(name) for name in await self._redis.smembers(self._names_key))
 
     async def grants(self, agent: str) -> list[Grant] | None:
         """What `agent` may use, or None for an agent the registry does not know."""
@@ -121,12 +122,12 @@ class RegistryStore:
         return bool(changed) or not only_if_new
 
 
-def _sorted(raw: list[bytes]) -> list[tool_pb2.ToolDefinition]:
-    tools = [tool_pb2.ToolDefinition.FromString(blob) for blob in raw]
+def _sorted(raw: list[bytes | str]) -> list[tool_pb2.ToolDefinition]:
+    tools = [tool_pb2.ToolDefinition.FromString(as_bytes(blob)) for blob in raw]
     return sorted(tools, key=lambda tool: semver(tool.version))
 
 
-def _grants(raw: bytes | None) -> list[Grant] | None:
+def _grants(raw: bytes | str | None) -> list[Grant] | None:
     if raw is None:
         return None
     return [Grant(item["name"], int(item.get("major", 0))) for item in json.loads(raw)]

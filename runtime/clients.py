@@ -9,14 +9,22 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.runtime import errors
 from agentplex.runtime.tracing import client_interceptors
 
 T = TypeVar("T")
+
+
+class TimeLeft(Protocol):
+    """What a deadline is read from: a grpc.aio.ServicerContext (whose stubs leave out
+    that `time_remaining()` is None when the caller set no deadline)."""
+
+    def time_remaining(self) -> float | None: ...
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -26,6 +34,18 @@ def open_channel(address: str) -> grpc.aio.Channel:
         interceptors=client_interceptors(),
         options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)],
     )
+
+
+async def health_status(channel: grpc.aio.Channel, *, timeout: float) -> int:
+    """What the server on `channel` says of its own health (grpc.health.v1 Check of
+    service ""), e.g. `health_pb2.HealthCheckResponse.SERVING`. A bare probe: a failed
+    call raises grpc.aio.AioRpcError."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    check = stub.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
+    response: health_pb2.HealthCheckResponse = await check(
+        health_pb2.HealthCheckRequest(), timeout=timeout
+    )
+    return response.status
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,7 @@ class Deadline:
         return cls(time.monotonic() + seconds)
 
     @classmethod
-    def from_context(cls, context: grpc.aio.ServicerContext, default_seconds: float) -> Deadline:
+    def from_context(cls, context: TimeLeft, default_seconds: float) -> Deadline:
         """The caller's deadline, or `default_seconds` when the caller set none."""
         remaining = context.time_remaining()
         if remaining is None:

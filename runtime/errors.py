@@ -143,7 +143,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> AgentplexError:
     # Read the rich status from the trailer directly: grpc_status' helper only
     # accepts the sync API's grpc.Call, and AioRpcError is not one.
     trailers = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else ()
-    for key, value in trailers or ():
+    for key, value in trailers or ():  # type: ignore[misc]  # stubs: sync items aren't tuples
         if key == _STATUS_DETAILS_KEY:
             for detail in status_pb2.Status.FromString(value).details:
                 info = error_details_pb2.ErrorInfo()

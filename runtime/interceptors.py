@@ -11,7 +11,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 from google.rpc import code_pb2
@@ -21,7 +21,10 @@ from agentplex.runtime import errors, metrics
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+if TYPE_CHECKING:  # generic in the stubs only
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = Callable[[Any, Context], Any]
+    MethodHandler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -29,44 +32,47 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
+        # grpc's stubs type a method handler's behaviors for the sync server; on this
+        # grpc.aio server they are coroutine (or async generator) functions of an aio context.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(cast("Handler", handler.unary_unary), method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(cast("Handler", handler.unary_stream), method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: Context, exc: BaseException, method: str) -> None:
     status = errors.to_status(exc)
     if status.code == code_pb2.INTERNAL:
         log.error("unhandled error in %s", method, exc_info=exc)
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-def _record(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
-    code = context.code()
+def _record(method: str, context: Context, started: float) -> None:
+    # None until the handler or an abort sets one (the stubs say a StatusCode always).
+    code = cast("grpc.StatusCode | None", context.code())
     name = code.name if isinstance(code, grpc.StatusCode) else "OK"
     metrics.rpc_handled.labels(method, name).inc()
     metrics.rpc_duration.labels(method).observe(time.perf_counter() - started)
 
 
 def _wrap_unary(inner: Handler, method: str) -> Handler:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(request: Any, context: Context) -> Any:
         started = time.perf_counter()
         try:
             return await inner(request, context)
@@ -86,7 +92,7 @@ def _wrap_stream(inner: Handler, method: str) -> Handler:
         # (grpc_health's Watch does) is wrapped like a unary one.
         return _wrap_unary(inner, method)
 
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def call(request: Any, context: Context) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
             async for item in inner(request, context):

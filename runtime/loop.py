@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
+
+from agentplex.runtime.settings import Settings
 
 T = TypeVar("T")
 
 LoopName = Literal["uvloop", "asyncio"]
 
 
-def chosen() -> LoopName:
-    """The loop `run` will use, by AGENTPLEX_EVENT_LOOP (auto|uvloop|asyncio)."""
-    wanted = os.environ.get("AGENTPLEX_EVENT_LOOP", "auto").strip().lower() or "auto"
-    if wanted not in ("auto", "uvloop", "asyncio"):
-        raise ValueError(f"AGENTPLEX_EVENT_LOOP must be auto, uvloop or asyncio, not {wanted!r}")
+def chosen(settings: Settings | None = None) -> LoopName:
+    """The loop `run` will use, by `settings.event_loop` (AGENTPLEX_EVENT_LOOP).
+
+    Without settings they are read here (commands that need no others).
+    """
+    wanted = (settings or Settings()).event_loop
     available = importlib.util.find_spec("uvloop") is not None
     if wanted == "uvloop" and not available:
         raise ValueError("AGENTPLEX_EVENT_LOOP=uvloop, but uvloop is not installed")
@@ -34,9 +36,14 @@ def chosen() -> LoopName:
     return "uvloop"
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
+def run(main: Coroutine[Any, Any, T], settings: Settings | None = None) -> T:
     """`asyncio.run`, on the chosen loop."""
-    if chosen() == "uvloop":
+    try:
+        name = chosen(settings)
+    except BaseException:
+        main.close()  # it will never run: no "never awaited" warning on top of the error
+        raise
+    if name == "uvloop":
         import uvloop
 
         return uvloop.run(main)

@@ -1,53 +1,207 @@
-"""The entry point every service process shares: arguments, settings, logs, run.
+"""The one lifecycle every agentplex process main shares.
 
-`python -m agentplex.<service>` parses the same flags everywhere (`--port`,
-`--metrics-port`, `--ready-file`), reads settings once, sets up JSON logs and
-tracing under the service's name, and builds the service inside the event
-loop (gRPC channels and Redis clients bind to the loop that creates them).
+`python -m agentplex.<part>` (services, task workers, the gateway's control
+plane) parses the same flags (`--port`, `--metrics-port`, `--ready-file`),
+reads settings once, sets up JSON logs and tracing under the process's name,
+then builds its part inside the event loop (gRPC channels and Redis clients
+bind to the loop that creates them) and runs it: start, publish the bound
+address in the ready file, run until SIGTERM or SIGINT, stop gracefully.
+Stopping runs every step even when one fails, so one broken cleanup never
+leaves the others undone. The launcher (`agentplex up`) is a process too and
+stops on the same signals, through the same helpers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
+
+from pydantic import ValidationError
 
 from agentplex.runtime import loop as event_loop
-from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing
 
-Build = Callable[[Settings, argparse.Namespace], Awaitable[ServiceHost]]
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_CANNOT_START = 1
+EXIT_BAD_SETTINGS = 2
 
 
-def service_main(
+class CannotStart(Exception):
+    """The part cannot start for a reason its operator must fix; one log line, exit 1."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a started part listens."""
+
+    address: str
+    metrics_port: int | None
+
+
+class ProcessPart(Protocol):
+    """What a process main builds: `ServiceHost`, a task worker, the control plane."""
+
+    async def start(self) -> Endpoint:
+        """Serve; on failure part-way, whatever was started is stopped again."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Do the part's work until `stop` is set (a server just waits)."""
+        ...
+
+    async def stop(self) -> None:
+        """Drain and release everything; safe to call more than once."""
+        ...
+
+
+Build = Callable[[Settings, argparse.Namespace], Awaitable[ProcessPart]]
+
+
+def run_process(
     prog: str,
     build: Build,
     *,
     name: Callable[[argparse.Namespace], str] | str,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-    argv: list[str] | None = None,
+    port_help: str = "gRPC port (0 = any free port)",
+    argv: Sequence[str] | None = None,
 ) -> None:
+    """Parse, configure, then serve what `build` returns until SIGTERM/SIGINT; exits on error.
+
+    Exit codes: 0 after a graceful stop, 1 when the part cannot start (a
+    taken port, `CannotStart`: one readable log line, not a traceback), 2
+    for bad arguments or settings.
+    """
     parser = argparse.ArgumentParser(prog=prog)
     if add_arguments is not None:
         add_arguments(parser)
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    parser.add_argument("--port", type=int, default=0, help=port_help)
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
     parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
     args = parser.parse_args(argv)
-    settings = Settings()
-    service = name(args) if callable(name) else name
-    configure_logging(service, settings.log_level)
-    configure_tracing(service, settings.trace_exporter)
+    settings = read_settings(prog)
+    process = name(args) if callable(name) else name
+    configure_logging(process, settings.log_level)
+    configure_tracing(process, settings.trace_exporter)
 
-    async def run() -> None:
-        host = await build(settings, args)
-        await host.serve_until_signalled(args.ready_file)
+    async def main() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop, name=process)
+        part = await build(settings, args)
+        await serve(part, stop, args.ready_file)
 
     try:
-        event_loop.run(run())
-    except OSError as exc:  # e.g. the port is taken: one readable line, not a traceback
-        logging.getLogger(service).error("cannot start: %s", exc)
-        sys.exit(1)
+        event_loop.run(main(), settings)
+    except (OSError, CannotStart) as exc:
+        logging.getLogger(process).error("cannot start: %s", exc)
+        sys.exit(EXIT_CANNOT_START)
+
+
+def read_settings(prog: str) -> Settings:
+    """Settings from the environment, or a readable message and exit 2."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print(f"{prog}: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTINGS)
+
+
+async def serve(part: ProcessPart, stop: asyncio.Event, ready_file: Path | None = None) -> None:
+    """Start `part`, announce it, run it until `stop`, then stop it, whatever happened.
+
+    A stop that arrives while the part is still starting cancels the start
+    (a stopping launcher must not wait out a slow dependency).
+    """
+    try:
+        endpoint = await until_stopped(part.start(), stop)
+        if endpoint is not None:
+            if ready_file is not None:
+                write_ready_file(ready_file, endpoint)
+            await part.run(stop)
+    finally:
+        await part.stop()
+
+
+async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None (with `work` cancelled) if `stop` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (stopped, task):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    return task.result() if not task.cancelled() else None
+
+
+def stop_on_signals(stop: asyncio.Event, *, name: str | None = None) -> None:
+    """Set `stop` on SIGTERM or SIGINT (the event loop must be running).
+
+    With a `name`, the first signal is logged as "<name> received a stop
+    signal; draining"; later ones change nothing (the drain is under way).
+    """
+    loop = asyncio.get_running_loop()
+
+    def received(sig: signal.Signals) -> None:
+        if name is not None and not stop.is_set():
+            log.info("%s received a stop signal; draining", name, extra={"signal": sig.name})
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, received, sig)
+
+
+async def stop_each(owner: str, steps: Sequence[Callable[[], Awaitable[object]]]) -> bool:
+    """Run every stop step in order, even when an earlier one fails; True if all succeeded.
+
+    Each failure is logged with the step's name and the owner's, then the
+    next step runs: a registry withdraw that raises must not leave a Redis
+    connection open. Cancellation still stops the sequence.
+    """
+    ok = True
+    for step in steps:
+        try:
+            await step()
+        except Exception:
+            ok = False
+            log.exception("%s: stop step %s failed", owner, step_name(step))
+    return ok
+
+
+def step_name(step: Callable[..., object]) -> str:
+    """A readable name for a hook: module and qualified name when it has them."""
+    qualname = getattr(step, "__qualname__", None)
+    if qualname is None:
+        return repr(step)
+    module = getattr(step, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
+
+
+def write_ready_file(path: Path, endpoint: Endpoint) -> None:
+    """Publish the bound address atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"address": endpoint.address, "metrics_port": endpoint.metrics_port, "pid": os.getpid()}
+        )
+    )
+    tmp.replace(path)

@@ -26,6 +26,17 @@ def answers(redis: aioredis.Redis) -> Callable[[], Awaitable[None]]:
     return check
 
 
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply as bytes. Our clients never decode replies (`connect` sets no
+    decode_responses), but redis-py types every reply as `bytes | str`."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply (a key, a name) as text; see `as_bytes`."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url,

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
+from agentplex.runtime.process import Endpoint, stop_each
+from agentplex.runtime.process import write_ready_file as write_ready_file  # still importable here
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.tracing import ServerTracing
 
@@ -33,14 +31,6 @@ log = logging.getLogger(__name__)
 
 DependencyCheck = Callable[[], Awaitable[None]]
 """Raises (or times out) when a dependency does not answer."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a started service listens."""
-
-    address: str
-    metrics_port: int | None
 
 
 @dataclass
@@ -162,66 +152,57 @@ class ServiceHost:
                 await self._set_health(await self._dependencies_ok())
 
     async def stop(self) -> None:
-        """Drain and stop; safe to call more than once."""
+        """Drain and stop; safe to call more than once, and concurrently.
+
+        Every step runs even if an earlier one fails (each failure is logged
+        with the step's name): a hook that raises must not leave the server
+        listening or the hooks after it undone.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
+        try:
+            await stop_each(
+                self.name,
+                [
+                    self._stop_watch,
+                    self._enter_graceful_shutdown,
+                    self._stop_server,
+                    self._close_metrics,
+                    *self.on_stop,
+                ],
+            )
+            log.info("%s stopped", self.name)
+        finally:
+            self._stopped.set()
+
+    async def _stop_watch(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+
+    async def _enter_graceful_shutdown(self) -> None:
+        # NOT_SERVING first, so balancers stop sending before the server drains.
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+
+    async def _stop_server(self) -> None:
         if self._server is not None:
             await self._server.stop(self.grace_seconds)
-        if self._metrics is not None:
-            await asyncio.to_thread(self._metrics.close)
-            self._metrics = None
-        for hook in self.on_stop:
-            await hook()
-        log.info("%s stopped", self.name)
-        self._stopped.set()
+
+    async def _close_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """A server's work is answering calls: wait until asked to stop."""
+        await stop.wait()
 
     async def __aenter__(self) -> Endpoint:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    async def serve_until_signalled(self, ready_file: Path | None = None) -> None:
-        """Start, announce the endpoint, and run until SIGTERM or SIGINT."""
-        endpoint = await self.start()
-        if ready_file is not None:
-            write_ready_file(ready_file, endpoint)
-        try:
-            await wait_for_stop_signal()
-            log.info("%s received a stop signal; draining", self.name)
-        finally:
-            await self.stop()
-
-
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """Set `stop` on SIGTERM or SIGINT (the event loop must be running)."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-
-async def wait_for_stop_signal() -> None:
-    """Return on the first SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    await stop.wait()
-
-
-def write_ready_file(path: Path, endpoint: Endpoint) -> None:
-    """Publish the bound address atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(
-        json.dumps(
-            {"address": endpoint.address, "metrics_port": endpoint.metrics_port, "pid": os.getpid()}
-        )
-    )
-    tmp.replace(path)

@@ -1,91 +1,412 @@
 """Typed configuration, read once from the environment (prefix ``AGENTPLEX_``).
 
-Every process of the mesh reads the same settings class; the launcher passes
-addresses down through the environment, so a service started by hand and one
-started by ``agentplex up`` behave the same.
+This class is the only place any agentplex process reads its configuration
+from the environment: every process main builds one `Settings` at start and
+passes it down. The launcher passes addresses on to its children through the
+environment, so a service started by hand and one started by ``agentplex up``
+behave the same.
+
+The fields are grouped into one section per part of the mesh (a base class
+each; `Settings` is all of them, flat: ``settings.redis_url``). Every field
+has a ``description``: docs/SETTINGS.md is generated from them
+(``python -m agentplex.runtime.settings_doc``), so say there what a setting
+is for, not here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "AGENTPLEX_"
+# json_schema_extra key of a field that also honours a standard variable (REDIS_URL).
+STANDARD_VARIABLE = "standard_variable"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
-class Settings(BaseSettings):
-    """Configuration shared by all agentplex services."""
+class Section(BaseModel):
+    """One part's settings. The first docstring line is its title in docs/SETTINGS.md."""
 
-    model_config = SettingsConfigDict(env_prefix="AGENTPLEX_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Namespaces every Redis key, so several meshes (or tests) can share one Redis.
-    key_prefix: str = "agentplex"
-    memory_address: str = "127.0.0.1:50051"
-    registry_address: str = "127.0.0.1:50052"
+class SharedSection(Section):
+    """Shared.
 
-    # Seconds a stopping server lets in-flight calls finish after SIGTERM.
-    grace_seconds: float = Field(default=10.0, ge=0)
-    # How often a service re-checks its dependencies for its health status.
-    health_interval_seconds: float = Field(default=1.0, gt=0)
-    log_level: str = "INFO"
-    # "console" prints finished spans as JSON to stderr; "none" keeps them in-process only.
-    trace_exporter: Literal["none", "console"] = "none"
+    Read by every process of the mesh.
+    """
 
-    # Memory
-    memory_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
-    memory_default_context_tokens: int = Field(default=2048, ge=1)
-    # Hard cap on stored turns per session; older ones are trimmed on append.
-    memory_max_messages: int = Field(default=1000, ge=2)
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface every server binds: gRPC, metrics and the gateway's control plane.",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis that holds sessions, the registry, task queues and task events.",
+    )
+    key_prefix: str = Field(
+        default="agentplex",
+        description="Namespaces every Redis key, so several meshes (or tests) can share one Redis.",
+    )
+    memory_address: str = Field(
+        default="127.0.0.1:50051",
+        description="Where agents reach the Memory service "
+        "(`agentplex up` sets it to the bound one).",
+    )
+    registry_address: str = Field(
+        default="127.0.0.1:50052",
+        description="Where agents, tool backends and the gateway reach the Tool Registry "
+        "(`agentplex up` sets it to the bound one).",
+    )
+    grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a stopping server lets in-flight calls (and a worker its running "
+        "tasks) finish after SIGTERM.",
+    )
+    health_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a service re-checks its dependencies for its health status.",
+    )
+    log_level: str = Field(
+        default="INFO", description="Level of the JSON log lines every process writes to stderr."
+    )
+    trace_exporter: Literal["none", "console"] = Field(
+        default="none",
+        description="`console` prints finished spans as JSON to stderr; `none` records no spans "
+        "(trace ids still reach the logs and downstream calls).",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="Event loop of every process: `auto` is uvloop when installed, else the "
+        "standard loop; `asyncio` asks for the standard loop.",
+    )
 
-    # Registry
-    docs_dir: Path = Field(default_factory=Path.cwd)
-    tool_timeout_seconds: float = Field(default=10.0, gt=0)
-    # How long the registry remembers an idempotency key's outcome.
-    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=1)
-    # Delegation: deepest sub-task allowed (a root task is depth 0).
-    max_delegation_depth: int = Field(default=3, ge=0)
-    # Circuit breaker per downstream agent: consecutive failures that open it,
-    # and how long it stays open before one probe call is let through.
-    breaker_failure_threshold: int = Field(default=5, ge=1)
-    breaker_reset_seconds: float = Field(default=30.0, gt=0)
+    @field_validator("event_loop", mode="before")
+    @classmethod
+    def _loop_name(cls, value: object) -> object:
+        # Forgiving about case and blanks, strict about the name (one line saying which).
+        if not isinstance(value, str):
+            return value
+        wanted = value.strip().lower() or "auto"
+        if wanted not in EVENT_LOOPS:
+            choices = ", ".join(EVENT_LOOPS[:-1]) + f" or {EVENT_LOOPS[-1]}"
+            raise ValueError(f"AGENTPLEX_EVENT_LOOP must be {choices}, not {wanted!r}")
+        return wanted
 
-    # Agents
-    llm_provider: Literal["scripted", "openai"] = "scripted"
-    openai_base_url: str = "http://127.0.0.1:8080/v1"
-    openai_api_key: SecretStr = SecretStr("")
-    openai_model: str = "gpt-4o-mini"
-    llm_timeout_seconds: float = Field(default=60.0, gt=0)
-    # Simulated model latency of the scripted model, per call (demos, chaos runs).
-    scripted_delay_seconds: float = Field(default=0.0, ge=0)
-    # Token limit of the memory packet loaded into each task's prompt.
-    context_tokens: int = Field(default=2048, ge=64)
-    # Stored turns a session keeps verbatim; past this (or past context_tokens) the
-    # oldest are summarized by the agent's own model into Memory (agents/context.py).
-    context_max_messages: int = Field(default=40, ge=2)
-    # Upper bound of one summary, in tokens; at most half of context_tokens is used.
-    context_summary_tokens: int = Field(default=256, ge=16)
-    # How long an agent process reuses the tool list it last read for new tasks
-    # (a tool call reporting a newer registry revision ends it sooner); 0: read
-    # it at the start of every task. The registry checks every call regardless.
-    tool_list_max_age_seconds: float = Field(default=1.0, ge=0)
-    # Deadline applied to a task whose caller set none (every RPC has one).
-    default_task_timeout_seconds: float = Field(default=300.0, gt=0)
 
-    # Durable tasks
-    # Unfinished tasks an agent's queue accepts before SubmitTask says RESOURCE_EXHAUSTED.
-    task_queue_limit: int = Field(default=1000, ge=1)
-    # A worker silent this long is presumed dead and its task is reclaimed.
-    task_lease_seconds: float = Field(default=10.0, gt=0)
-    # Attempts that died before a task is dead-lettered.
-    task_max_attempts: int = Field(default=3, ge=1)
-    # How long a finished task's events stay watchable, and its record readable.
-    task_event_retention_seconds: int = Field(default=24 * 3600, ge=1)
-    task_record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
-    # How long a worker holds a task's first unwritten event so the next few share
-    # its Redis write (watchers see events up to this much later); 0: write at once.
-    task_event_linger_seconds: float = Field(default=0.005, ge=0, le=1)
-    # Tasks one worker process runs at once.
-    worker_concurrency: int = Field(default=4, ge=1)
+class MemorySection(Section):
+    """Memory.
+
+    The Memory service (`python -m agentplex.memory`).
+    """
+
+    memory_ttl_seconds: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="How long a session's stored turns live after its last write.",
+    )
+    memory_default_context_tokens: int = Field(
+        default=2048, ge=1, description="Token limit of a LoadContext call that sets none."
+    )
+    memory_max_messages: int = Field(
+        default=1000,
+        ge=2,
+        description="Hard cap on stored turns per session; older ones are trimmed on append.",
+    )
+
+
+class RegistrySection(Section):
+    """Registry and tools.
+
+    The Tool Registry (`python -m agentplex.registry`) and the built-in tool
+    backend (`python -m agentplex.tools`).
+    """
+
+    docs_dir: Path = Field(
+        default_factory=Path.cwd,
+        description="What the docs.search tool indexes; `agentplex up` passes its own down.",
+    )
+    tool_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline of one tool call the registry routes, when the caller sets none.",
+    )
+    idempotency_ttl_seconds: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="How long the registry remembers an idempotency key's outcome.",
+    )
+    max_delegation_depth: int = Field(
+        default=3, ge=0, description="Deepest sub-task delegation allowed (a root task is depth 0)."
+    )
+    breaker_failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive failures of one downstream agent that open its circuit breaker.",
+    )
+    breaker_reset_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long an open circuit breaker stays open before one probe call is let "
+        "through.",
+    )
+
+
+class AgentsSection(Section):
+    """Agents.
+
+    Agent processes (`python -m agentplex.agents`) and their task workers.
+    """
+
+    llm_provider: Literal["scripted", "openai", "local"] = Field(
+        default="scripted",
+        description="The model agents call: `scripted` (built in, deterministic), `openai` (any "
+        "OpenAI-compatible server), or `local` (`agentplex up` only: it starts SmolLM2-135M "
+        "offline and points the agents at it as `openai`).",
+    )
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:8080/v1",
+        description="Base URL of the OpenAI-compatible server, for `llm_provider=openai`.",
+    )
+    openai_api_key: SecretStr = Field(
+        default=SecretStr(""), description="API key for that server; kept out of logs and reprs."
+    )
+    openai_model: str = Field(default="gpt-4o-mini", description="Model name sent to that server.")
+    llm_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="Deadline of one model call."
+    )
+    scripted_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Simulated model latency of the scripted model, per call (demos, chaos runs).",
+    )
+    context_tokens: int = Field(
+        default=2048,
+        ge=64,
+        description="Token limit of the memory packet loaded into each task's prompt.",
+    )
+    context_max_messages: int = Field(
+        default=40,
+        ge=2,
+        description="Stored turns a session keeps verbatim; past this (or past `context_tokens`) "
+        "the oldest are summarized by the agent's own model into Memory.",
+    )
+    context_summary_tokens: int = Field(
+        default=256,
+        ge=16,
+        description="Upper bound of one summary, in tokens; at most half of `context_tokens` is "
+        "used.",
+    )
+    tool_list_max_age_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long an agent process reuses the tool list it last read for new tasks "
+        "(a tool call reporting a newer registry revision ends it sooner); 0: read it at the "
+        "start of every task. The registry checks every call regardless.",
+    )
+    default_task_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Deadline applied to a task whose caller set none (every RPC has one).",
+    )
+
+
+class TasksSection(Section):
+    """Durable tasks.
+
+    Task queues, their workers (`python -m agentplex.agents.worker`) and task events.
+    """
+
+    task_queue_limit: int = Field(
+        default=1000,
+        ge=1,
+        description="Unfinished tasks an agent's queue accepts before SubmitTask says "
+        "RESOURCE_EXHAUSTED.",
+    )
+    task_lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A worker silent this long is presumed dead and its task is reclaimed.",
+    )
+    task_max_attempts: int = Field(
+        default=3, ge=1, description="Attempts that died before a task is dead-lettered."
+    )
+    task_event_retention_seconds: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="How long a finished task's events stay watchable.",
+    )
+    task_record_ttl_seconds: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        description="How long a finished task's record stays readable.",
+    )
+    task_event_linger_seconds: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="How long a worker holds a task's first unwritten event so the next few share "
+        "its Redis write (watchers see events up to this much later); 0: write at once.",
+    )
+    worker_concurrency: int = Field(
+        default=4, ge=1, description="Tasks one worker process runs at once."
+    )
+
+
+class GatewaySection(Section):
+    """Gateway.
+
+    The gateway's control plane (`python -m agentplex.gateway`), which
+    configures Envoy over xDS; these fields are its edge policy.
+    """
+
+    gateway_listen_host: str = Field(
+        default="127.0.0.1",
+        description="Where Envoy listens for callers (gRPC, gRPC-Web, JSON and the console, one "
+        "port).",
+    )
+    gateway_listen_port: int = Field(
+        default=8080, ge=0, le=65535, description="Envoy's listener port (0: any free port)."
+    )
+    gateway_default_agent: str = Field(
+        default="assistant",
+        description="The agent a gRPC call without an x-agentplex-agent header reaches.",
+    )
+    gateway_cors_origins: str = Field(
+        default="",
+        description="Browser origins other than the gateway's own that may call it (CORS), "
+        "comma-separated.",
+    )
+    gateway_max_request_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest request body the gateway accepts."
+    )
+    gateway_rate_limit_per_second: int = Field(
+        default=1000, ge=1, description="Requests per second the gateway admits (token refill)."
+    )
+    gateway_rate_limit_burst: int = Field(
+        default=2000, ge=1, description="Requests the gateway admits at once (token bucket size)."
+    )
+    gateway_unary_timeout_seconds: float = Field(
+        default=330.0, gt=0, description="Deadline of a unary call at the edge."
+    )
+    gateway_stream_idle_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a stream may stay silent before the gateway ends it.",
+    )
+    gateway_health_check_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often Envoy health-checks each agent replica."
+    )
+    gateway_directory_poll_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often the control plane re-reads the agent directory (routes follow "
+        "within about two polls).",
+    )
+    gateway_console: bool = Field(
+        default=True, description="Serve the browser console at /console/."
+    )
+    gateway_access_log: bool = Field(
+        default=True, description="Write Envoy's access log, one line per request."
+    )
+
+
+class LauncherSection(Section):
+    """Launcher.
+
+    The `agentplex` command: `agentplex up` and the commands that find a
+    running mesh through its state file.
+    """
+
+    state_file: Path = Field(
+        default=Path(".agentplex/mesh.json"),
+        description="Where `agentplex up` writes the running mesh's addresses, and where the "
+        "other commands read them (`--state-file` overrides it).",
+    )
+    external_redis_url: str | None = Field(
+        default=None,
+        description="A Redis for `agentplex up` to use instead of starting an embedded one.",
+        json_schema_extra={STANDARD_VARIABLE: "REDIS_URL"},
+    )
+
+    @field_validator("external_redis_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return value or None
+
+
+SECTIONS: tuple[type[Section], ...] = (
+    SharedSection,
+    MemorySection,
+    RegistrySection,
+    AgentsSection,
+    TasksSection,
+    GatewaySection,
+    LauncherSection,
+)
+
+
+def standard_variable(field: FieldInfo) -> str | None:
+    """The standard variable a field also honours, besides its AGENTPLEX_ one."""
+    extra = field.json_schema_extra
+    variable = extra.get(STANDARD_VARIABLE) if isinstance(extra, dict) else None
+    return variable if isinstance(variable, str) else None
+
+
+class StandardVariables(PydanticBaseSettingsSource):
+    """Reads the standard variables fields declare, without the prefix.
+
+    Not a `validation_alias`: pydantic-settings matches aliases against init
+    arguments case-insensitively, so an alias REDIS_URL would swallow
+    ``Settings(redis_url=...)``.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        variable = standard_variable(field)
+        return (os.environ.get(variable) if variable else None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+
+class Settings(
+    SharedSection,
+    MemorySection,
+    RegistrySection,
+    AgentsSection,
+    TasksSection,
+    GatewaySection,
+    LauncherSection,
+    BaseSettings,
+):
+    """Configuration of every agentplex process: all sections, one flat namespace."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments, then AGENTPLEX_* (the more specific), then standard variables.
+        return (
+            init_settings,
+            env_settings,
+            StandardVariables(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
@@ -129,5 +129,5 @@ def add_span_processor(processor: SpanProcessor) -> TracerProvider:
     return provider
 
 
-def _one_line(span: object) -> str:
-    return json.dumps(json.loads(span.to_json())) + "\n"  # type: ignore[attr-defined]
+def _one_line(span: ReadableSpan) -> str:
+    return json.dumps(json.loads(span.to_json())) + "\n"

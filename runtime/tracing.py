@@ -95,13 +95,17 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         # Health checks make no spans: they are noise, and the OpenTelemetry
         # interceptor cannot wrap Watch, which streams with context.write().
-        self._traced = aio_server_interceptor(filter_=filters.negate(filters.health_check()))
+        self._traced: grpc.aio.ServerInterceptor = aio_server_interceptor(
+            filter_=filters.negate(filters.health_check())
+        )
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if recording():
             return await self._traced.intercept_service(continuation, handler_call_details)
         handler = await continuation(handler_call_details)
@@ -128,7 +132,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
 
 def _unary_in(carrier: dict[str, str], inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = otel_context.attach(propagate.extract(carrier))
         try:
             return await inner(request, context)
@@ -141,7 +145,7 @@ def _unary_in(carrier: dict[str, str], inner: Callable[..., Awaitable[Any]]) -> 
 def _stream_in(
     carrier: dict[str, str], inner: Callable[..., AsyncIterator[Any]]
 ) -> Callable[..., Any]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         token = otel_context.attach(propagate.extract(carrier))
         try:
             async for item in inner(request, context):

@@ -32,11 +32,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentplex.runtime.errors import Unavailable
+from agentplex.tasks.store import StreamEntry, StreamId, format_id, parse_id, streams_read
 
 log = logging.getLogger(__name__)
-
-StreamId = tuple[int, int]
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 READER_NAME = "agentplex-event-feed"
 # How long the reader blocks before reading again (new streams interrupt it sooner).
@@ -45,16 +43,6 @@ READER_BLOCK_MS = 1_000  # well under the clients' 5 s socket timeout
 READER_BATCH = 256
 # Pause before the reader tries again after Redis failed it.
 READER_RETRY_SECONDS = 0.5
-
-
-def parse_id(entry_id: bytes | str) -> StreamId:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    milliseconds, _, sequence = text.partition("-")
-    return int(milliseconds), int(sequence or 0)
-
-
-def format_id(stream_id: StreamId) -> str:
-    return f"{stream_id[0]}-{stream_id[1]}"
 
 
 class Lagged(Exception):
@@ -67,11 +55,11 @@ class Subscription:
     # Entries after this position are delivered; earlier ones are the watcher's to read.
     start: StreamId
     max_pending: int
-    _entries: asyncio.Queue[Sequence[Entry] | None] = field(default_factory=asyncio.Queue)
+    _entries: asyncio.Queue[Sequence[StreamEntry] | None] = field(default_factory=asyncio.Queue)
     _pending: int = 0
     lagged: bool = False
 
-    def _deliver(self, entries: Sequence[Entry]) -> None:
+    def _deliver(self, entries: Sequence[StreamEntry]) -> None:
         self._pending += len(entries)
         if self._pending > self.max_pending:
             self.lagged = True
@@ -79,7 +67,7 @@ class Subscription:
         else:
             self._entries.put_nowait(entries)
 
-    async def next(self, timeout: float) -> Sequence[Entry]:
+    async def next(self, timeout: float) -> Sequence[StreamEntry]:
         """The next delivered entries; [] after `timeout`; raises Lagged if dropped."""
         try:
             entries = await asyncio.wait_for(self._entries.get(), timeout)
@@ -218,8 +206,7 @@ class EventFeed:
             )
         finally:
             self._reading = None
-        for raw_key, entries in found or ():
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        for key, entries in streams_read(found):
             stream = self._streams.get(key)
             if stream is None or not entries or stream.position < reading.get(key, (0, 0)):
                 # Nobody left, or the stream was dropped and subscribed again from further

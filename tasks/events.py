@@ -45,6 +45,9 @@ class EventWriter:
         self._closed = asyncio.Event()
         self.error: BaseException | None = None
         self._writer = asyncio.create_task(self._write(), name=f"events-{task_id}")
+        # Its failure is reported through `error` (the worker raises that without
+        # awaiting the writer): mark it retrieved, or asyncio logs it as lost.
+        self._writer.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def add(self, event: step_event_pb2.StepEvent) -> None:
         if self.error is not None:

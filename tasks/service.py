@@ -1,7 +1,8 @@
 """`TaskService`: the durable task API an agent serves (submit, get, cancel, watch).
 
 Transport-free: the agent's servicer adapts it to gRPC. It only reads and
-writes Redis; the work itself happens in the workers.
+writes the task store (which alone knows the Redis layout); the work itself
+happens in the workers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from agentplex.contract import lineage
 from agentplex.contract.events import is_final
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
-from agentplex.tasks.event_feed import EventFeed, Lagged, format_id, parse_id
+from agentplex.tasks.event_feed import EventFeed, Lagged
 from agentplex.tasks.store import (
     PENDING,
     RUNNING,
@@ -123,11 +124,10 @@ class TaskService:
         with `final_only`, just the final event (the history is never read).
 
         Live events come through the process's one `EventFeed` reader, not a
-        blocking read of this watcher's own: the stream's entries up to where
-        the feed took over are read here (`XRANGE`), the rest arrive from it."""
+        blocking read of this watcher's own: the events up to where the feed
+        took over are read here (`read_events`), the rest arrive from it."""
         _check_id(task_id)
         task = await self._store.get(task_id)
-        redis, key = self._store.redis, self._store.events_key(task_id)
         if after_sequence > task.last_sequence:
             raise InvalidArgument(
                 f"after_sequence {after_sequence} is beyond the task's last event "
@@ -136,44 +136,39 @@ class TaskService:
         if task.status in TERMINAL and after_sequence == task.last_sequence:
             return
         if final_only and task.status in TERMINAL:
-            last = await redis.xrevrange(key, count=1)
-            if not last:
+            last = await self._store.last_event(task_id)
+            if last is None:
                 raise _expired(task_id, task.last_sequence + 1, available=False)
-            yield step_event_pb2.StepEvent.FromString(last[0][1][b"e"])
+            yield last
             return
         if after_sequence < task.last_sequence and not final_only:
-            first = await redis.xrange(key, count=1)
-            first_seq = _sequence(first[0][0]) if first else task.last_sequence + 1
+            first = await self._store.first_event_sequence(task_id)
+            first_seq = task.last_sequence + 1 if first is None else first
             if first_seq > after_sequence + 1:
-                raise _expired(task_id, first_seq, available=bool(first))
+                raise _expired(task_id, first_seq, available=first is not None)
         # A final-only watch starts at the task's last event: its end comes after it.
-        cursor = (0, task.last_sequence if final_only else after_sequence)
+        cursor = task.last_sequence if final_only else after_sequence
         while True:  # once per subscription: again only after falling behind the feed
-            subscription = self._feed.subscribe(key, format_id(cursor))
-            gap_left = True  # entries before the feed's start, read here
+            subscription = self._store.subscribe_events(self._feed, task_id, cursor)
+            gap_left = True  # events before the feed's start, read here
             try:
                 while True:
                     if gap_left and cursor < subscription.start:
-                        entries = await redis.xrange(
-                            key,
-                            min=f"({format_id(cursor)}",
-                            max=format_id(subscription.start),
-                            count=WATCH_BATCH,
+                        events = await self._store.read_events(
+                            task_id, cursor, subscription.start, WATCH_BATCH
                         )
-                        gap_left = bool(entries)
+                        gap_left = bool(events)
                     else:
-                        entries = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
-                        if not entries and not await redis.exists(self._store.task_key(task_id)):
+                        events = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
+                        if not events and not await self._store.exists(task_id):
                             raise NotFound(
                                 f"task {task_id!r} expired while being watched",
                                 reason="TASK_NOT_FOUND",
                             )
-                    for entry_id, fields in entries:
-                        position = parse_id(entry_id)
-                        if position <= cursor:
+                    for event in events:
+                        if event.sequence <= cursor:
                             continue
-                        cursor = position
-                        event = step_event_pb2.StepEvent.FromString(fields[b"e"])
+                        cursor = event.sequence
                         final = is_final(event)
                         if final or not final_only:
                             yield event
@@ -182,7 +177,7 @@ class TaskService:
             except Lagged:
                 continue  # read on from the cursor, then subscribe again
             finally:
-                self._feed.unsubscribe(subscription)
+                subscription.close()
 
 
 def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:
@@ -192,10 +187,6 @@ def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:
         f"retention; the first still available is {first_seq}"
         + ("" if available else " (none: read the result with GetTask)"),
     )
-
-
-def _sequence(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-")[1])
 
 
 def _check_id(task_id: str) -> None:

@@ -14,20 +14,33 @@ Per agent `a` and task `t` (all keys under the configured prefix):
 Every transition is one Lua script, so it is atomic, and every write a worker
 makes carries its attempt number: a stale attempt (a worker that stalled past
 its lease while another took over) is refused.
+
+This module is the one door to that storage: no other module names a key,
+reads a stream id or parses a Redis reply. The worker claims through
+`claim_new`/`reclaim_abandoned`/`give_back`, the watch path reads through
+`last_event`/`first_event_sequence`/`read_events`/`subscribe_events`, and all
+of them answer in task ids, entry ids, sequences and StepEvents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 from redis.exceptions import ResponseError
+from redis.typing import StreamRangeResponse, XReadGroupResponse, XReadResponse
 
 from agentplex.runtime.errors import FailedPrecondition, NotFound, ResourceExhausted
+from agentplex.runtime.redis_client import as_bytes, as_text
 from agentplex.v1 import step_event_pb2, task_pb2
+
+if TYPE_CHECKING:  # the feed imports this module's stream ids; only typing looks back
+    from agentplex.tasks.event_feed import EventFeed, Subscription
 
 GROUP = "workers"
 
@@ -76,7 +89,6 @@ return {'run', tostring(attempt), redis.call('HGET', KEYS[1], 'seq'),
   redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel')}
 """
 
-# Append one event of the current attempt; 0 if the attempt is stale.
 # Append a batch of consecutive events of the current attempt; 0 if the
 # attempt is stale, -1 if the batch does not continue the numbering.
 _APPEND = """
@@ -95,16 +107,17 @@ return 1
 """
 
 # Renew the lease (and the queue entry's idle time, which is what XAUTOCLAIM
-# looks at). Returns {alive, cancel_requested}.
+# looks at). 1 if the attempt still owns the task, 0 if it is stale. The cancel
+# flag is not read here: the worker's CancelWatch is its one reader.
 _HEARTBEAT = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1]
    or tonumber(redis.call('HGET', KEYS[1], 'status')) ~= tonumber(ARGV[5]) then
-  return {0, 0}
+  return 0
 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
 local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XCLAIM', KEYS[2], ARGV[4], ARGV[3], 0, entry, 'JUSTID')
-return {1, tonumber(redis.call('HGET', KEYS[1], 'cancel'))}
+return 1
 """
 
 # Record the end of a task exactly once: result, final event, ack, TTLs.
@@ -165,11 +178,104 @@ class Started:
     cancel_requested: bool
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A queue entry this worker now holds, and the task it stands for."""
+
+    entry_id: bytes  # opaque: handed back to the store (give_back, ack_orphan)
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One step of the scan for abandoned entries."""
+
+    claimed: Claimed | None
+    # Where the next step of the scan starts (opaque, for `reclaim_abandoned`).
+    cursor: str
+    # A whole pass over the pending entries ended without taking one: the
+    # next pass can wait (abandoned entries wait out a lease anyway).
+    complete: bool
+
+
+# Stream ids, `<milliseconds>-<sequence>`. Event streams use `0-<event sequence>`.
+StreamId = tuple[int, int]
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _stream_entries(reply: StreamRangeResponse | None) -> list[StreamEntry]:
+    """A stream's entries as XRANGE or XREAD give them to our clients.
+
+    redis-py types an entry for every client and command alike: its id and
+    fields `bytes | str` (str for clients that decode replies, which ours
+    never do: see `redis_client.as_bytes`), and both None (for an entry
+    XAUTOCLAIM found deleted, which XRANGE and XREAD never report). So the
+    type is known here, and cast: no copy of every entry on the watch path.
+    """
+    return cast(list[StreamEntry], reply or [])
+
+
+def streams_read(
+    reply: XReadResponse | XReadGroupResponse | None,
+) -> list[tuple[str, list[StreamEntry]]]:
+    """XREAD's (or XREADGROUP's) reply: each stream read, by key, with its entries."""
+    # RESP2's list of [key, entries], the protocol our clients speak; redis-py's
+    # type has RESP3's mapping too.
+    assert not isinstance(reply, dict)
+    return [(as_text(key), _stream_entries(entries)) for key, entries in reply or ()]
+
+
+def parse_id(entry_id: bytes | str) -> StreamId:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def _event_id(sequence: int) -> str:
+    """The id of a task's event `sequence` in its event stream."""
+    return format_id((0, sequence))
+
+
+def _decode_events(entries: Sequence[StreamEntry]) -> list[step_event_pb2.StepEvent]:
+    """Event stream entries as StepEvents. An event's `sequence` is its entry's
+    (`0-<sequence>`): the append and finish scripts add events in their
+    numbering, on from the task's last sequence."""
+    return [step_event_pb2.StepEvent.FromString(fields[b"e"]) for _id, fields in entries]
+
+
+class EventSubscription:
+    """A watcher's live events of one task, from the process's one `EventFeed`.
+
+    Made by `TaskStore.subscribe_events`. Like the feed's own subscription it
+    delivers what comes after `start`, the sequence the feed had reached when
+    it was made (the events up to it are the watcher's to read with
+    `read_events`), but in sequences and StepEvents: the feed's stream key and
+    entry ids stay inside the store. `next` raises `Lagged` (from the feed)
+    when the watcher fell too far behind; `close` when done, always.
+    """
+
+    def __init__(self, feed: EventFeed, key: str, after: int) -> None:
+        self._feed = feed
+        self._subscription: Subscription = feed.subscribe(key, _event_id(after))
+        self.start = self._subscription.start[1]
+
+    async def next(self, timeout: float) -> list[step_event_pb2.StepEvent]:
+        """The next delivered events; [] after `timeout`."""
+        return _decode_events(await self._subscription.next(timeout))
+
+    def close(self) -> None:
+        self._feed.unsubscribe(self._subscription)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _timestamp(ms: bytes | None) -> timestamp_pb2.Timestamp | None:
+def _timestamp(ms: bytes | str | None) -> timestamp_pb2.Timestamp | None:
     if not ms:
         return None
     stamp = timestamp_pb2.Timestamp()
@@ -211,12 +317,12 @@ class TaskStore:
         record_ttl_seconds: int,
         event_retention_seconds: int,
     ) -> None:
-        self.redis = redis
+        self._redis = redis
         self.agent = agent
         self._prefix = f"{key_prefix}"
-        self.queue_key = f"{key_prefix}:queue:{agent}"
-        self.depth_key = f"{self.queue_key}:depth"
-        self.dead_key = f"{self.queue_key}:dead"
+        self._queue_key = f"{key_prefix}:queue:{agent}"
+        self._depth_key = f"{self._queue_key}:depth"
+        self._dead_key = f"{self._queue_key}:dead"
         self._queue_limit = queue_limit
         self._record_ttl_ms = record_ttl_seconds * 1000
         self._event_ttl_ms = event_retention_seconds * 1000
@@ -228,15 +334,15 @@ class TaskStore:
         self._cancel = redis.register_script(_REQUEST_CANCEL)
         self._hand_back = redis.register_script(_HAND_BACK)
 
-    def task_key(self, task_id: str) -> str:
+    def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{self.agent}:{task_id}"
 
-    def events_key(self, task_id: str) -> str:
-        return f"{self.task_key(task_id)}:events"
+    def _events_key(self, task_id: str) -> str:
+        return f"{self._task_key(task_id)}:events"
 
     async def ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(self.queue_key, GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(self._queue_key, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -244,8 +350,8 @@ class TaskStore:
     async def submit(self, spec: task_pb2.TaskSpec, fp: str, delegation: str = "") -> bool:
         """Record and queue a task atomically; False if it was already there: the
         same request (`fp`), or the same delegation (`delegation`, if not empty)."""
-        outcome = await self._submit(
-            keys=[self.task_key(spec.task_id), self.queue_key, self.depth_key],
+        outcome: list[bytes] = await self._submit(
+            keys=[self._task_key(spec.task_id), self._queue_key, self._depth_key],
             args=[
                 spec.SerializeToString(),
                 fp,
@@ -272,18 +378,20 @@ class TaskStore:
         return verdict == "created"
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        fields = await self.redis.hgetall(self.task_key(task_id))
+        fields = await self._redis.hgetall(self._task_key(task_id))
         if not fields:
             raise NotFound(
                 f"task {task_id!r} is not known to agent {self.agent!r} "
                 "(never submitted, or expired)",
                 reason="TASK_NOT_FOUND",
             )
-        spec = task_pb2.TaskSpec.FromString(fields[b"spec"])
+        spec = task_pb2.TaskSpec.FromString(as_bytes(fields[b"spec"]))
         task = task_pb2.Task(
             task_id=task_id,
             agent=self.agent,
-            status=int(fields[b"status"]),
+            # The number of a TaskStatus (as the scripts stored it): the stubs' TaskStatus
+            # is an int at run time, and no constructor makes one from a number.
+            status=cast(task_pb2.TaskStatus, int(fields[b"status"])),
             attempts=int(fields.get(b"attempt", 0)),
             last_sequence=int(fields.get(b"seq", 0)),
             cancel_requested=fields.get(b"cancel") == b"1",
@@ -293,7 +401,7 @@ class TaskStore:
         if spec.HasField("deadline"):
             task.deadline.CopyFrom(spec.deadline)
         if b"result" in fields:
-            task.result.ParseFromString(fields[b"result"])
+            task.result.ParseFromString(as_bytes(fields[b"result"]))
         for name, key in (
             ("created_at", b"created_ms"),
             ("started_at", b"started_ms"),
@@ -306,14 +414,14 @@ class TaskStore:
 
     async def request_cancel(self, task_id: str) -> int:
         """Flag a running task; returns its status at the time (0 if unknown)."""
-        return int(await self._cancel(keys=[self.task_key(task_id)]))
+        return int(await self._cancel(keys=[self._task_key(task_id)]))
 
     async def start(
         self, task_id: str, consumer: str, lease_ms: int, max_attempts: int
     ) -> Started | str:
         """Begin a new attempt, or say why not ('missing', 'ended', 'exhausted')."""
-        outcome = await self._start(
-            keys=[self.task_key(task_id)],
+        outcome: list[bytes] = await self._start(
+            keys=[self._task_key(task_id)],
             args=[consumer, now_ms(), lease_ms, max_attempts, RUNNING],
         )
         verdict = outcome[0].decode()
@@ -331,7 +439,7 @@ class TaskStore:
     ) -> None:
         """Append consecutive events in one round trip; raises if the attempt is stale."""
         outcome = await self._append(
-            keys=[self.task_key(task_id), self.events_key(task_id)],
+            keys=[self._task_key(task_id), self._events_key(task_id)],
             args=[
                 attempt,
                 RUNNING,
@@ -342,15 +450,14 @@ class TaskStore:
         if outcome != 1:
             raise StaleAttempt(f"attempt {attempt} of {task_id} no longer owns the task")
 
-    async def heartbeat(self, task_id: str, attempt: int, consumer: str, lease_ms: int) -> bool:
-        """Renew the lease; returns whether a cancel was requested. Raises if stale."""
-        alive, cancel = await self._heartbeat(
-            keys=[self.task_key(task_id), self.queue_key],
+    async def heartbeat(self, task_id: str, attempt: int, consumer: str, lease_ms: int) -> None:
+        """Renew the lease; raises StaleAttempt if the attempt no longer owns the task."""
+        alive = await self._heartbeat(
+            keys=[self._task_key(task_id), self._queue_key],
             args=[attempt, now_ms() + lease_ms, consumer, GROUP, RUNNING],
         )
         if not alive:
             raise StaleAttempt(f"attempt {attempt} of {task_id} no longer owns the task")
-        return bool(cancel)
 
     async def finish(
         self,
@@ -364,13 +471,13 @@ class TaskStore:
     ) -> bool:
         """Record the end once. False if the task had already ended (or, for an
         attempt, if that attempt is stale)."""
-        outcome = await self._finish(
+        outcome: int = await self._finish(
             keys=[
-                self.task_key(task_id),
-                self.events_key(task_id),
-                self.queue_key,
-                self.depth_key,
-                self.dead_key,
+                self._task_key(task_id),
+                self._events_key(task_id),
+                self._queue_key,
+                self._depth_key,
+                self._dead_key,
             ],
             args=[
                 "" if attempt is None else attempt,
@@ -392,22 +499,101 @@ class TaskStore:
         return outcome == 1
 
     async def cancel_flag(self, task_id: str) -> bool:
-        return await self.redis.hget(self.task_key(task_id), "cancel") == b"1"
+        """Whether a cancel of the running task was requested (the one flag read)."""
+        return await self._redis.hget(self._task_key(task_id), "cancel") == b"1"
+
+    async def exists(self, task_id: str) -> bool:
+        """Whether the task's record is still there (not expired)."""
+        return bool(await self._redis.exists(self._task_key(task_id)))
 
     async def last_sequence(self, task_id: str) -> int:
-        return int(await self.redis.hget(self.task_key(task_id), "seq") or 0)
+        return int(await self._redis.hget(self._task_key(task_id), "seq") or 0)
 
     async def hand_back(self, task_id: str, attempt: int, consumer: str, lease_ms: int) -> bool:
         return bool(
             await self._hand_back(
-                keys=[self.task_key(task_id), self.queue_key],
+                keys=[self._task_key(task_id), self._queue_key],
                 args=[attempt, consumer, GROUP, RUNNING, PENDING, lease_ms * 10],
             )
         )
 
     async def ack_orphan(self, entry_id: bytes | str) -> None:
         """Drop a queue entry whose task already ended or expired."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.queue_key, GROUP, entry_id)
-            pipe.xdel(self.queue_key, entry_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._queue_key, GROUP, entry_id)
+            pipe.xdel(self._queue_key, entry_id)
             await pipe.execute()
+
+    # -- claiming queue entries (the worker) --
+
+    async def claim_new(self, consumer: str, block_ms: int) -> Claimed | None:
+        """Take the next entry no worker has seen yet, waiting up to `block_ms`."""
+        fresh = await self._redis.xreadgroup(
+            GROUP, consumer, {self._queue_key: ">"}, count=1, block=block_ms
+        )
+        for _stream, entries in streams_read(fresh):
+            for entry_id, fields in entries:
+                return Claimed(entry_id, fields[b"task"].decode())
+        return None
+
+    async def reclaim_abandoned(self, consumer: str, idle_ms: int, cursor: str | None) -> Sweep:
+        """Take over one entry idle longer than `idle_ms` (its worker died or
+        stalled), scanning on from `cursor` (None: from the beginning). Each
+        call looks at a few pending entries only, and always starting from the
+        beginning could starve the ones further on. An entry whose task was
+        deleted while pending is dropped on the way."""
+        next_cursor, entries, *_ = await self._redis.xautoclaim(
+            self._queue_key, GROUP, consumer, idle_ms, cursor or "0-0", count=1
+        )
+        text = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
+        complete = text in ("0-0", "0")
+        for entry_id, fields in entries:
+            if entry_id is None:
+                continue  # deleted while pending (Redis 6.2 reports it this way)
+            if fields:
+                return Sweep(Claimed(entry_id, fields[b"task"].decode()), text, complete=False)
+            await self.ack_orphan(entry_id)
+        return Sweep(None, text, complete=complete)
+
+    async def give_back(self, entry_id: bytes, consumer: str, lease_ms: int) -> None:
+        """Make a claimed, unstarted entry reclaimable by another worker at once:
+        its idle time is pushed past the lease, as `hand_back` does."""
+        await self._redis.xclaim(
+            self._queue_key, GROUP, consumer, 0, [entry_id], idle=lease_ms * 10, justid=True
+        )
+
+    # -- reading a task's events (the watch path) --
+
+    async def last_event(self, task_id: str) -> step_event_pb2.StepEvent | None:
+        """The task's latest event; None if its events are gone (past retention)."""
+        last = _stream_entries(await self._redis.xrevrange(self._events_key(task_id), count=1))
+        return _decode_events(last)[0] if last else None
+
+    async def first_event_sequence(self, task_id: str) -> int | None:
+        """The sequence of the earliest event still kept; None if none is."""
+        first = _stream_entries(await self._redis.xrange(self._events_key(task_id), count=1))
+        return parse_id(first[0][0])[1] if first else None
+
+    async def read_events(
+        self, task_id: str, after: int, upto: int, count: int
+    ) -> list[step_event_pb2.StepEvent]:
+        """Up to `count` events with sequences in (after, upto], in order."""
+        entries = await self._redis.xrange(
+            self._events_key(task_id),
+            min=f"({_event_id(after)}",
+            max=_event_id(upto),
+            count=count,
+        )
+        return _decode_events(_stream_entries(entries))
+
+    def subscribe_events(self, feed: EventFeed, task_id: str, after: int) -> EventSubscription:
+        """Live events of the task after `after`, through the process's event feed.
+
+        The store subscribes, rather than handing the watcher a stream key: the
+        feed stays a plain multiplexer of Redis streams (keys, entry ids, raw
+        entries), and what a task's stream is — its key, ids `0-<sequence>`,
+        the serialized event in field `e` — stays in this module with the rest
+        of the layout. The watcher gets sequences and StepEvents, as from
+        `read_events`, so the gap it reads itself and the feed's deliveries
+        look alike."""
+        return EventSubscription(feed, self._events_key(task_id), after)

@@ -1,10 +1,11 @@
 """`Worker`: claims an agent's queued tasks and runs them with the AgentRunner.
 
-New entries come through XREADGROUP; entries whose worker went quiet for a
-whole lease come through XAUTOCLAIM. A running task's lease is renewed by a
-heartbeat; every event and the final result are written with the attempt
-number, so if this worker stalls and another takes over, whatever this one
-writes afterwards is refused (attempt fencing) and it gives up the task.
+New entries come through the store's `claim_new`; entries whose worker went
+quiet for a whole lease through `reclaim_abandoned`. A running task's lease
+is renewed by a heartbeat, and a `CancelWatch` is its one cancel signal;
+every event and the final result are written with the attempt number, so if
+this worker stalls and another takes over, whatever this one writes
+afterwards is refused (attempt fencing) and it gives up the task.
 
 On shutdown the worker stops claiming, lets running tasks finish within the
 grace period, and hands the rest back, ready for another worker at once.
@@ -35,7 +36,7 @@ from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import AgentplexError, Unavailable
 from agentplex.tasks.events import EventWriter
-from agentplex.tasks.store import GROUP, StaleAttempt, Started, TaskStore
+from agentplex.tasks.store import Claimed, StaleAttempt, Started, TaskStore
 from agentplex.v1 import step_event_pb2, task_pb2
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,9 @@ class Worker:
     event_linger_seconds: float = 0.0
     # Running jobs: task id, queue entry and (once started) attempt number.
     _running: dict[asyncio.Task[None], _Job] = field(default_factory=dict)
-    # Where the last XAUTOCLAIM scan stopped: each call scans only a few pending
-    # entries, so starting from 0-0 every time could starve entries further on.
-    _reclaim_cursor: str = "0-0"
+    # Where the last scan for abandoned entries stopped: each call scans only a
+    # few pending entries, so starting over every time could starve the rest.
+    _reclaim_cursor: str | None = None
     # When the last scan for abandoned entries found none (monotonic seconds).
     _last_idle_sweep: float = float("-inf")
 
@@ -128,6 +129,11 @@ class Worker:
         """Claim and run tasks until `stop` is set, then drain."""
         await self.store.ensure_group()
         slots = asyncio.Semaphore(self.concurrency)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            self._running.pop(done, None)
+            slots.release()
+
         agent = self.store.agent
         log.info("worker %s started", self.consumer, extra={"agent": agent})
         try:
@@ -145,69 +151,44 @@ class Worker:
                 if claimed is None:
                     slots.release()
                     continue
-                entry_id, task_id, how = claimed
+                entry, how = claimed
                 if stop.is_set():
                     # Claimed while the stop arrived: give it straight back.
                     slots.release()
-                    await self._give_back(entry_id)
+                    await self._give_back(entry.entry_id)
                     break
                 tasks_claimed.labels(agent, how).inc()
-                job = asyncio.create_task(self._process(entry_id, task_id), name=f"task-{task_id}")
-                self._running[job] = _Job(task_id, entry_id)
-                job.add_done_callback(lambda done: (self._running.pop(done, None), slots.release()))
+                job = asyncio.create_task(
+                    self._process(entry.entry_id, entry.task_id), name=f"task-{entry.task_id}"
+                )
+                self._running[job] = _Job(entry.task_id, entry.entry_id)
+                job.add_done_callback(ended)
         finally:
             await self._drain()
 
-    async def _claim(self) -> tuple[bytes, str, str] | None:
+    async def _claim(self) -> tuple[Claimed, str] | None:
+        """The next entry to run and how it came ('reclaimed' or 'new')."""
         # Abandoned work first: it has waited longest.
         if time.monotonic() - self._last_idle_sweep >= self._sweep_seconds:
             reclaimed = await self._reclaim()
             if reclaimed is not None:
-                return reclaimed
-        fresh = await self.store.redis.xreadgroup(
-            GROUP,
-            self.consumer,
-            {self.store.queue_key: ">"},
-            count=1,
-            block=int(self.block_seconds * 1000),
-        )
-        for _stream, entries in fresh or ():
-            for entry_id, fields in entries:
-                return entry_id, fields[b"task"].decode(), "new"
-        return None
+                return reclaimed, "reclaimed"
+        fresh = await self.store.claim_new(self.consumer, int(self.block_seconds * 1000))
+        return None if fresh is None else (fresh, "new")
 
-    async def _reclaim(self) -> tuple[bytes, str, str] | None:
-        cursor, entries, *_ = await self.store.redis.xautoclaim(
-            self.store.queue_key,
-            GROUP,
-            self.consumer,
-            self._lease_ms,
-            self._reclaim_cursor,
-            count=1,
+    async def _reclaim(self) -> Claimed | None:
+        sweep = await self.store.reclaim_abandoned(
+            self.consumer, self._lease_ms, self._reclaim_cursor
         )
-        self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        for entry_id, fields in entries:
-            if entry_id is None:
-                continue  # deleted while pending (Redis 6.2 reports it this way)
-            if fields:
-                return entry_id, fields[b"task"].decode(), "reclaimed"
-            await self.store.ack_orphan(entry_id)
-        if self._reclaim_cursor in ("0-0", "0"):
+        self._reclaim_cursor = sweep.cursor
+        if sweep.complete:
             # A whole pass over the pending entries found nothing to take: rest a while.
             self._last_idle_sweep = time.monotonic()
-        return None
+        return sweep.claimed
 
     async def _give_back(self, entry_id: bytes) -> None:
         """Make a claimed, unstarted entry reclaimable by another worker at once."""
-        await self.store.redis.xclaim(
-            self.store.queue_key,
-            GROUP,
-            self.consumer,
-            0,
-            [entry_id],
-            idle=self._lease_ms * 10,
-            justid=True,
-        )
+        await self.store.give_back(entry_id, self.consumer, self._lease_ms)
 
     async def _process(self, entry_id: bytes, task_id: str) -> None:
         agent = self.store.agent
@@ -299,17 +280,12 @@ class Worker:
             # The submitter's deadline (a parent task's, for a sub-task) wins; one
             # already past leaves no time, so the run ends before its first step.
             timeout = min(timeout, task.deadline_unix - time.time())
-        # The one cancel signal: set by a cancel recorded before the start, or
-        # by the watch below; the runner stops at once, mid-step.
-        interrupt = asyncio.Event()
-        if started.cancel_requested:
-            interrupt.set()
-
-        async def cancel_requested() -> bool:
-            if not interrupt.is_set() and await self.store.cancel_flag(task_id):
-                interrupt.set()
-            return interrupt.is_set()
-
+        cancel = CancelWatch(
+            self.store,
+            task_id,
+            requested_at_start=started.cancel_requested,
+            poll_seconds=self.cancel_poll_seconds,
+        )
         # Continue the submitter's trace across the queue (create_task copies
         # the context, so the runner's spans are children of the submitter's).
         trace_context = propagate.extract(dict(started.spec.trace_context))
@@ -321,19 +297,19 @@ class Worker:
                     Deadline.after(timeout),
                     sink,
                     last_sequence=started.last_sequence,
-                    interrupt=interrupt,
-                    cancel_requested=cancel_requested,
+                    interrupt=cancel.interrupt,
+                    cancel_requested=cancel.requested,
                 )
             )
         finally:
             otel_context.detach(token)
         beat = asyncio.create_task(self._heartbeat(task_id, started.attempt, running))
-        watch = asyncio.create_task(self._watch_cancel(task_id, interrupt))
+        watch = asyncio.create_task(cancel.poll())
         try:
             outcome = await running
         except asyncio.CancelledError:
-            if beat.done() and isinstance(beat.exception(), StaleAttempt):
-                raise beat.exception() from None  # type: ignore[misc]
+            if beat.done() and isinstance(stale := beat.exception(), StaleAttempt):
+                raise stale from None
             if writer.error is not None:
                 raise writer.error from None
             writer.abort()
@@ -385,18 +361,6 @@ class Worker:
             running.cancel()
             raise
 
-    async def _watch_cancel(self, task_id: str, interrupt: asyncio.Event) -> None:
-        """Interrupt the run as soon as a cancel is requested, not only at the next
-        step boundary: a step waiting on sub-agents stops at once, which cancels
-        them (and, through their own workers, their sub-agents)."""
-        while not interrupt.is_set():
-            await asyncio.sleep(self.cancel_poll_seconds)
-            try:
-                if await self.store.cancel_flag(task_id):
-                    interrupt.set()
-            except (OSError, RedisError) as exc:
-                log.warning("cannot read the cancel flag (%s)", exc, extra={"task_id": task_id})
-
     async def _dead_letter(self, task_id: str) -> None:
         message = (
             f"task was started {self.max_attempts} times without finishing (worker crashes, "
@@ -439,6 +403,59 @@ class Worker:
                 log.info("handed back", extra={"task_id": held.task_id, "attempt": held.attempt})
             elif not held.attempt:
                 await self._give_back(held.entry_id)
+
+
+class CancelFlag(Protocol):
+    """What `CancelWatch` reads: `TaskStore.cancel_flag`."""
+
+    async def cancel_flag(self, task_id: str) -> bool: ...
+
+
+class CancelWatch:
+    """The one cancel signal of a running attempt.
+
+    A cancel reaches a running task only through the task's cancel flag, and
+    this is the flag's only reader. `interrupt`, which the runner stops on, is
+    set at once if the cancel was recorded before the start
+    (`Started.cancel_requested`); else by `poll`, every `poll_seconds`, so a
+    step in flight stops without waiting for its end (one waiting on
+    sub-agents cancels them, and through their own workers their sub-agents);
+    or by `requested`, which the runner asks at each step boundary. Once set,
+    it stays set and the flag is not read again.
+    """
+
+    def __init__(
+        self,
+        store: CancelFlag,
+        task_id: str,
+        *,
+        requested_at_start: bool,
+        poll_seconds: float,
+    ) -> None:
+        self._store = store
+        self._task_id = task_id
+        self._poll_seconds = poll_seconds
+        self.interrupt = asyncio.Event()  # what the runner stops on, mid-step
+        if requested_at_start:
+            self.interrupt.set()
+
+    async def requested(self) -> bool:
+        """Whether the task is to stop: the flag, read now unless already seen."""
+        if not self.interrupt.is_set() and await self._store.cancel_flag(self._task_id):
+            self.interrupt.set()
+        return self.interrupt.is_set()
+
+    async def poll(self) -> None:
+        """Read the flag every `poll_seconds` until it is set (run as a task,
+        cancelled when the attempt ends)."""
+        while not self.interrupt.is_set():
+            await asyncio.sleep(self._poll_seconds)
+            try:
+                await self.requested()
+            except (OSError, RedisError) as exc:
+                log.warning(
+                    "cannot read the cancel flag (%s)", exc, extra={"task_id": self._task_id}
+                )
 
 
 @dataclass

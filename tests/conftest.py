@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -22,6 +23,10 @@ import redis.asyncio as aioredis
 
 from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from agentplex.agents.llm.base import LLMProvider
+    from agentplex.runtime.server import ServiceHost
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +117,7 @@ async def mesh(settings: Settings) -> AsyncIterator[Mesh]:
 
 
 @pytest.fixture
-async def channel_to():  # type: ignore[no-untyped-def]
+async def channel_to():
     """Open channels by address; all are closed after the test."""
     channels: list[grpc.aio.Channel] = []
 
@@ -147,7 +152,7 @@ async def _eventually(
 
 
 @pytest.fixture
-def eventually():  # type: ignore[no-untyped-def]
+def eventually():
     """`await eventually(condition, timeout=…, message=…)`: poll instead of sleeping."""
     return _eventually
 
@@ -345,15 +350,15 @@ async def start_worker(mesh: Mesh) -> AsyncIterator[Callable[..., Awaitable[obje
     from agentplex.agents.catalog import CATALOG
     from agentplex.agents.worker import build_worker
 
-    running: list[tuple[asyncio.Event, asyncio.Task[None], object]] = []
+    running: list[tuple[asyncio.Event, asyncio.Task[None], ServiceHost]] = []
 
-    async def start(agent: str, *, llm: object = None) -> object:
+    async def start(agent: str, *, llm: LLMProvider | None = None) -> object:
         worker, host = build_worker(
             CATALOG[agent],
             mesh.settings,
             consumer=f"{agent}-test-{len(running)}",
             metrics_port=None,
-            llm=llm,  # type: ignore[arg-type]
+            llm=llm,
         )
         worker.cancel_poll_seconds = 0.05
         await host.start()
@@ -368,11 +373,11 @@ async def start_worker(mesh: Mesh) -> AsyncIterator[Callable[..., Awaitable[obje
             stop.set()
         for _, task, host in reversed(running):
             await asyncio.wait_for(task, timeout=15)
-            await host.stop()  # type: ignore[attr-defined]
+            await host.stop()
 
 
 @pytest.fixture
-async def workers(start_worker) -> None:  # type: ignore[no-untyped-def]
+async def workers(start_worker) -> None:
     """One plain worker per catalog agent, so delegated sub-tasks run."""
     from agentplex.agents.catalog import CATALOG
 
@@ -381,7 +386,7 @@ async def workers(start_worker) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def spans():  # type: ignore[no-untyped-def]
+def spans():
     """Finished spans of this test process (one exporter for the session: `clear()` first)."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

@@ -14,8 +14,8 @@ import grpc
 
 from agentplex.clients.registry import RegistryClient
 from agentplex.runtime import redis_client
-from agentplex.runtime.process import service_main
-from agentplex.runtime.server import Endpoint, ServiceHost
+from agentplex.runtime.process import Endpoint, run_process
+from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.tools.base import Tool
 from agentplex.tools.calculator import Calculator
@@ -82,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
         return await build_host(settings, port=args.port, metrics_port=args.metrics_port)
 
-    service_main("python -m agentplex.tools", build, name="tools", argv=argv)
+    run_process("python -m agentplex.tools", build, name="tools", argv=argv)

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
+from agentplex.contract.reasons import ToolErrorCode
 from agentplex.v1 import tool_pb2
 
 
@@ -17,7 +18,7 @@ class ToolFailure(Exception):
     so the model can read it and try something else.
     """
 
-    def __init__(self, message: str, *, code: str = "EXECUTION_FAILED") -> None:
+    def __init__(self, message: str, *, code: str = ToolErrorCode.EXECUTION_FAILED) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -27,6 +27,10 @@ MAX_DIGITS = 4000
 _TOO_LARGE = 10**MAX_DIGITS
 _MAX_BITS = _TOO_LARGE.bit_length()
 
+# What the walker computes with: Fractions (exact), floats (after a fractional
+# power), ints (floor division).
+_Real = Fraction | int | float
+
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -66,25 +70,30 @@ def _finite(value: float) -> float:
     return value
 
 
-def _check_size(value: Any) -> Any:
+def _check_size(value: object) -> _Real:
     if isinstance(value, Fraction):
         if abs(value.numerator) >= _TOO_LARGE or value.denominator >= _TOO_LARGE:
             raise ToolFailure("result is too large")
-    elif isinstance(value, complex):
-        raise ToolFailure("result is not a real number")
-    elif isinstance(value, float):
-        _finite(value)
-    return value
+        return value
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, int):
+        return value
+    raise ToolFailure("result is not a real number")  # a complex: a negative's fractional power
 
 
-def _walk(node: ast.AST) -> Any:
+def _magnitude(value: _Real) -> _Real:
+    return -value if value < 0 else value  # abs() of the union: mypy can only join the types
+
+
+def _walk(node: ast.AST) -> _Real:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return _check_size(Fraction(node.value) if isinstance(node.value, int) else node.value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_walk(node.operand))
+        return _check_size(_UNARY[type(node.op)](_walk(node.operand)))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _walk(node.left), _walk(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+        if isinstance(node.op, ast.Pow) and _magnitude(right) > MAX_EXPONENT:
             raise ToolFailure(f"exponent {right} is larger than {MAX_EXPONENT}")
         if isinstance(node.op, ast.Pow) and isinstance(right, Fraction) and right.denominator != 1:
             left, right = float(left), float(right)
@@ -92,7 +101,7 @@ def _walk(node: ast.AST) -> Any:
             # Refuse before computing what is certainly too large: x**n has at
             # least (bits(x) - 1) * n + 1 bits.
             bits = max(left.numerator.bit_length(), left.denominator.bit_length())
-            if (bits - 1) * abs(right) >= _MAX_BITS:
+            if (bits - 1) * _magnitude(right) >= _MAX_BITS:
                 raise ToolFailure("result is too large")
         try:
             result = _BINARY[type(node.op)](left, right)

@@ -41,7 +41,8 @@ class Section:
 
 def split_sections(source: str, text: str) -> list[Section]:
     sections: list[Section] = []
-    title, lines = source, []
+    title = source
+    lines: list[str] = []
 
     def flush() -> None:
         body = "\n".join(lines).strip()

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import grpc
 import redis.asyncio as aioredis
 
+from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.runtime.errors import NotFound
 from agentplex.tools.base import Tool, ToolContext, ToolFailure
 from agentplex.v1 import tool_executor_service_pb2 as pb
@@ -28,13 +29,15 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
         self._prefix = key_prefix
 
     async def ExecuteTool(
-        self, request: pb.ExecuteToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ExecuteToolRequest,
+        context: grpc.aio.ServicerContext[pb.ExecuteToolRequest, pb.ExecuteToolResponse],
     ) -> pb.ExecuteToolResponse:
         tool = self._tools.get((request.tool_name, _major(request.tool_version)))
         if tool is None:
             raise NotFound(
                 f"this backend does not serve {request.tool_name} {request.tool_version}",
-                reason="TOOL_NOT_SERVED",
+                reason=Reason.TOOL_NOT_SERVED,
             )
         caller = request.caller
         context_ = ToolContext(
@@ -55,7 +58,7 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
         except (TypeError, ValueError) as exc:
             return pb.ExecuteToolResponse(
                 error=tool_pb2.ToolError(
-                    code="INVALID_RESULT", message=f"result is not JSON: {exc}"
+                    code=ToolErrorCode.INVALID_RESULT, message=f"result is not JSON: {exc}"
                 )
             )
 

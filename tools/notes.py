@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agentplex.contract.reasons import ToolErrorCode
 from agentplex.contract.tool_definition import define
 from agentplex.tools.base import ToolContext, ToolFailure
 from agentplex.v1 import tool_pb2
@@ -21,7 +22,7 @@ NOTES_TTL_SECONDS = 30 * 24 * 3600
 def _key(context: ToolContext) -> str:
     if not context.session_id:
         raise ToolFailure(
-            "notes need a session: call with caller.session_id set", code="NO_SESSION"
+            "notes need a session: call with caller.session_id set", code=ToolErrorCode.NO_SESSION
         )
     return f"{context.key_prefix}:notes:{context.session_id}"
 

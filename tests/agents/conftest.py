@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agentplex.agents.llm.base import CompletionRequest
+from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 
 
@@ -42,7 +42,7 @@ class GatedModel(ScriptedLLM):
         super().__init__()
         self.gate = gate
 
-    async def stream(self, request: CompletionRequest):  # type: ignore[no-untyped-def, override]
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
         await self.gate.wait()
         async for event in super().stream(request):
             yield event

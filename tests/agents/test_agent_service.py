@@ -27,11 +27,11 @@ from agentplex.v1 import (
 
 
 @pytest.fixture
-def assistant(mesh, channel_to):  # type: ignore[no-untyped-def]
+def assistant(mesh, channel_to):
     return agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
 
 
-async def memory_messages(mesh, channel_to, agent: str, session: str):  # type: ignore[no-untyped-def]
+async def memory_messages(mesh, channel_to, agent: str, session: str):
     stub = memory_service_pb2_grpc.MemoryServiceStub(channel_to(mesh.memory))
     response = await stub.LoadContext(
         memory_service_pb2.LoadContextRequest(
@@ -41,7 +41,7 @@ async def memory_messages(mesh, channel_to, agent: str, session: str):  # type: 
     return list(response.messages)
 
 
-async def test_run_task_uses_the_calculator(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_run_task_uses_the_calculator(assistant) -> None:
     response = await assistant.RunTask(pb.RunTaskRequest(prompt="what is 17*23?"), timeout=10)
     result = response.result
     assert result.status == task_pb2.TASK_STATUS_COMPLETED
@@ -50,7 +50,7 @@ async def test_run_task_uses_the_calculator(assistant) -> None:  # type: ignore[
     assert result.tokens_used > 0 and result.task_id and result.session_id
 
 
-async def test_stream_steps_streams_typed_events_in_order(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_stream_steps_streams_typed_events_in_order(assistant) -> None:
     call = assistant.StreamSteps(
         pb.StreamStepsRequest(prompt="what is 17*23?", task_id="t-1"), timeout=10
     )
@@ -74,7 +74,7 @@ async def test_stream_steps_streams_typed_events_in_order(assistant) -> None:  #
     ] == ["tool_calls", "stop"]
 
 
-async def test_turn_is_saved_to_memory(mesh, channel_to, assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_turn_is_saved_to_memory(mesh, channel_to, assistant) -> None:
     await assistant.RunTask(pb.RunTaskRequest(prompt="what is 2+2", session_id="s-mem"), timeout=10)
     messages = await memory_messages(mesh, channel_to, "assistant", "s-mem")
     assert [(m.role, m.content) for m in messages] == [
@@ -83,7 +83,7 @@ async def test_turn_is_saved_to_memory(mesh, channel_to, assistant) -> None:  # 
     ]
 
 
-async def test_any_replica_serves_any_session(mesh, channel_to, assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_any_replica_serves_any_session(mesh, channel_to, assistant) -> None:
     """Agents are stateless: a second replica sees what the first one stored."""
     await assistant.RunTask(
         pb.RunTaskRequest(prompt="remember that the code is 4512", session_id="shared"), timeout=10
@@ -101,7 +101,7 @@ async def test_any_replica_serves_any_session(mesh, channel_to, assistant) -> No
     assert "the code is 4512" in response.result.output
 
 
-async def test_side_effects_are_scoped_to_the_session(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_side_effects_are_scoped_to_the_session(assistant) -> None:
     await assistant.RunTask(
         pb.RunTaskRequest(prompt="remember the secret", session_id="a"), timeout=10
     )
@@ -111,7 +111,7 @@ async def test_side_effects_are_scoped_to_the_session(assistant) -> None:  # typ
     assert "secret" not in other.result.output
 
 
-async def test_max_steps_reached_completes_with_error(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_max_steps_reached_completes_with_error(assistant) -> None:
     response = await assistant.RunTask(
         pb.RunTaskRequest(prompt="what is 3*3", max_steps=1), timeout=10
     )
@@ -120,7 +120,7 @@ async def test_max_steps_reached_completes_with_error(assistant) -> None:  # typ
     assert response.result.steps_used == 1
 
 
-async def test_token_budget_exceeded_completes_with_partial_output(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_token_budget_exceeded_completes_with_partial_output(assistant) -> None:
     prompt = "what is 1+1? " + "padding " * 300
     response = await assistant.RunTask(
         pb.RunTaskRequest(prompt=prompt, token_budget=600), timeout=10
@@ -130,7 +130,7 @@ async def test_token_budget_exceeded_completes_with_partial_output(assistant) ->
     assert response.result.tokens_used <= 600 or response.result.steps_used >= 1
 
 
-async def test_agent_card(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_agent_card(assistant) -> None:
     card = (await assistant.GetAgentCard(pb.GetAgentCardRequest(), timeout=5)).card
     assert card.name == "assistant"
     assert list(card.tools) == ["calculator", "notes.read", "notes.write"]
@@ -149,25 +149,25 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("fields", "named"), BAD_REQUESTS)
-async def test_bad_run_task_is_invalid_argument_and_writes_nothing(  # type: ignore[no-untyped-def]
+async def test_bad_run_task_is_invalid_argument_and_writes_nothing(
     mesh, channel_to, assistant, fields, named
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await assistant.RunTask(pb.RunTaskRequest(session_id="untouched", **fields), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert named in caught.value.details()
+    assert named in (caught.value.details() or "")
     assert from_rpc_error(caught.value).reason == "INVALID_ARGUMENT"
     assert await memory_messages(mesh, channel_to, "assistant", "untouched") == []
 
 
 @pytest.mark.parametrize(("fields", "named"), BAD_REQUESTS)
-async def test_bad_stream_steps_fails_before_any_event(assistant, fields, named) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_stream_steps_fails_before_any_event(assistant, fields, named) -> None:
     call = assistant.StreamSteps(pb.StreamStepsRequest(**fields), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in call:
             pytest.fail("no event may be sent for a rejected request")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert named in caught.value.details()
+    assert named in (caught.value.details() or "")
 
 
 class HangingLLM:
@@ -192,7 +192,7 @@ class HangingLLM:
 
 
 @pytest.fixture
-async def hanging_agent(mesh, channel_to):  # type: ignore[no-untyped-def]
+async def hanging_agent(mesh, channel_to):
     llm = HangingLLM()
     host = agents_app.build_host(ASSISTANT, mesh.settings, metrics_port=None, llm=llm)
     endpoint = await host.start()
@@ -206,7 +206,7 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_client_disconnect_cancels_the_task(hanging_agent, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_client_disconnect_cancels_the_task(hanging_agent, eventually) -> None:
     llm, stub = hanging_agent
     cancelled_before = _sample("agentplex_tasks_total", agent="assistant", status="cancelled")
     call = stub.StreamSteps(
@@ -226,7 +226,7 @@ async def test_client_disconnect_cancels_the_task(hanging_agent, eventually) -> 
     )
 
 
-async def test_deadline_stops_the_task_with_deadline_exceeded(hanging_agent) -> None:  # type: ignore[no-untyped-def]
+async def test_deadline_stops_the_task_with_deadline_exceeded(hanging_agent) -> None:
     llm, stub = hanging_agent
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.RunTask(pb.RunTaskRequest(prompt="think hard"), timeout=0.5)
@@ -236,7 +236,7 @@ async def test_deadline_stops_the_task_with_deadline_exceeded(hanging_agent) -> 
 
 async def test_one_trace_spans_task_llm_and_tool_across_services(
     spans, assistant, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     spans.clear()
     await assistant.RunTask(pb.RunTaskRequest(prompt="what is 5*5", task_id="traced"), timeout=10)
 

@@ -94,7 +94,7 @@ class Summarizer:
         return None
 
 
-def manager(memory: MemoryClient, llm, **policy: int) -> ContextManager:  # type: ignore[no-untyped-def]
+def manager(memory: MemoryClient, llm, **policy: int) -> ContextManager:
     options = {"max_tokens": 400, "max_messages": 40, "summary_tokens": 40, **policy}
     return ContextManager(memory=memory, llm=llm, policy=ContextPolicy(**options))
 
@@ -267,7 +267,12 @@ class NoTools:
     ) -> tool_registry_service_pb2.ListToolsResponse:
         return tool_registry_service_pb2.ListToolsResponse(revision=1)
 
-    async def invoke(self, request, *, timeout: float):  # type: ignore[no-untyped-def]
+    async def invoke(self, request, *, timeout: float):
+        raise AssertionError("no tools here")
+
+    def invoke_stream(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[tool_registry_service_pb2.InvokeToolStreamResponse]:
         raise AssertionError("no tools here")
 
 

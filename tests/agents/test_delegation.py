@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
-from agentplex.agents.llm.base import CompletionRequest
+from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.registry.ledger import ledger_key
 from agentplex.v1 import agent_service_pb2 as pb
@@ -30,7 +31,7 @@ def tokens(event: step_event_pb2.StepEvent) -> int:
 
 async def test_a_replayed_delegation_re_attaches_to_its_running_sub_task(
     mesh, channel_to, redis_client, start_worker, make_gate, gated, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     gate = make_gate()  # holds the sub-task in its first model call
     await start_worker("assistant", llm=gated(gate))
     registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(mesh.registry))
@@ -87,7 +88,7 @@ async def test_a_replayed_delegation_re_attaches_to_its_running_sub_task(
 
 async def test_a_replayed_delegation_with_another_prompt_is_still_refused(
     mesh, channel_to, redis_client, workers
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(mesh.registry))
     caller = tool_registry_service_pb2.Caller(agent="supervisor", session_id="s-x", task_id="t-p")
 
@@ -115,7 +116,7 @@ class HeldAfterFirstCall(ScriptedLLM):
         self.calls = 0
         self.release = asyncio.Event()
 
-    async def stream(self, request: CompletionRequest):  # type: ignore[no-untyped-def, override]
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
         self.calls += 1
         if self.calls > 1:
             await self.release.wait()
@@ -125,7 +126,7 @@ class HeldAfterFirstCall(ScriptedLLM):
 
 async def test_a_lost_sub_task_stream_still_ends_its_branch_and_is_charged(
     mesh, channel_to, redis_client, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     model = HeldAfterFirstCall()
     await start_worker("assistant", llm=model)
     supervisor = agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["supervisor"]))

@@ -5,10 +5,11 @@ session lose no message."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from agentplex.agents import app as agents_app
 from agentplex.agents.catalog import CATALOG
-from agentplex.agents.llm.base import CompletionRequest
+from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.clients.memory import MemoryClient
 from agentplex.v1 import agent_service_pb2 as pb
@@ -21,7 +22,7 @@ from agentplex.v1 import (
 EVERYTHING = 1_000_000
 
 
-async def test_twenty_concurrent_tasks_on_one_session_lose_no_turn(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_twenty_concurrent_tasks_on_one_session_lose_no_turn(mesh, channel_to) -> None:
     assistant = agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
     prompts = [f"what is {n}*3?" for n in range(20)]
     responses = await asyncio.gather(
@@ -45,7 +46,7 @@ async def test_twenty_concurrent_tasks_on_one_session_lose_no_turn(mesh, channel
         assert answer == f"{n}*3 = {n * 3}."
 
 
-async def test_twenty_concurrent_appends_through_the_service_lose_nothing(mesh) -> None:  # type: ignore[no-untyped-def]
+async def test_twenty_concurrent_appends_through_the_service_lose_nothing(mesh) -> None:
     clients = [MemoryClient(mesh.memory) for _ in range(4)]
     try:
         counts = await asyncio.gather(
@@ -81,7 +82,7 @@ class RecordingLLM(ScriptedLLM):
         super().__init__()
         self.requests: list[CompletionRequest] = []
 
-    async def stream(self, request: CompletionRequest):  # type: ignore[no-untyped-def, override]
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
         self.requests.append(request)
         async for event in super().stream(request):
             yield event
@@ -91,7 +92,7 @@ def contents(model: RecordingLLM) -> list[str]:
     return [m.content for request in model.requests for m in request.messages]
 
 
-async def test_a_sub_agent_sees_only_its_own_scope(mesh, channel_to, start_worker) -> None:  # type: ignore[no-untyped-def]
+async def test_a_sub_agent_sees_only_its_own_scope(mesh, channel_to, start_worker) -> None:
     """A delegation reaches the sub-agent as a task of its own: the delegated prompt
     and its own (agent, session) memory, nothing of the caller's history. Checked on
     what the sub-agent's model was actually sent, in a real supervisor delegation."""

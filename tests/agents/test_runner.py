@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -140,6 +141,11 @@ class FakeTools:
             response.result_json = json.dumps({"echo": args})
         return response
 
+    def invoke_stream(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[tool_registry_service_pb2.InvokeToolStreamResponse]:
+        raise AssertionError("not used by these tests: none delegates")
+
 
 class FakeMemory:
     def __init__(self, history: Sequence[memory_pb2.MemoryMessage] = ()) -> None:
@@ -162,9 +168,25 @@ class FakeMemory:
         self.appended.append(list(messages))
         return len(messages)
 
+    async def read(
+        self, agent: str, session_id: str, start_position: int, max_messages: int, *, timeout: float
+    ) -> memory_service_pb2.ReadMessagesResponse:
+        raise AssertionError("not used by these tests: none summarizes")
 
-def task(**overrides: object) -> TaskRequest:
-    fields: dict[str, object] = {
+    async def store_summary(
+        self,
+        agent: str,
+        session_id: str,
+        summary: memory_pb2.ContextSummary,
+        expected_through_position: int,
+        *,
+        timeout: float,
+    ) -> memory_service_pb2.StoreSummaryResponse:
+        raise AssertionError("not used by these tests: none summarizes")
+
+
+def task(**overrides: Any) -> TaskRequest:
+    fields: dict[str, Any] = {
         "task_id": "t1",
         "prompt": "do it",
         "session_id": "s1",
@@ -172,7 +194,7 @@ def task(**overrides: object) -> TaskRequest:
         "token_budget": 8192,
     }
     fields.update(overrides)
-    return TaskRequest(**fields)  # type: ignore[arg-type]
+    return TaskRequest(**fields)
 
 
 class Recorder:
@@ -186,7 +208,7 @@ class Recorder:
         return [str(e.WhichOneof("kind")) for e in self.events]
 
 
-def runner(llm: FakeLLM, tools: FakeTools | None = None, memory: FakeMemory | None = None):  # type: ignore[no-untyped-def]
+def runner(llm: FakeLLM, tools: FakeTools | None = None, memory: FakeMemory | None = None):
     return AgentRunner(
         spec=SPEC,
         llm=llm,
@@ -253,7 +275,7 @@ async def test_context_from_memory_precedes_the_prompt() -> None:
     ]
 
 
-async def test_tool_calls_of_one_step_run_in_parallel(eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_tool_calls_of_one_step_run_in_parallel(eventually) -> None:
     tools = FakeTools()
     tools.release.clear()
     llm = FakeLLM(call_tools(("echo", {"a": 1}), ("echo", {"b": 2}), ("slow", {})), answer("ok"))
@@ -354,7 +376,7 @@ async def test_no_retry_once_output_was_streamed() -> None:
 
 async def test_memory_outage_fails_the_task_as_unavailable() -> None:
     class DownMemory(FakeMemory):
-        async def load(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        async def load(self, *args: object, **kwargs: object):
             raise errors.Unavailable("memory is down")
 
     outcome = await runner(FakeLLM(answer("x")), memory=DownMemory()).run(
@@ -392,7 +414,7 @@ async def test_cancellation_stops_the_loop_and_saves_nothing() -> None:
     assert len(llm.requests) == 1
 
 
-async def test_cancellation_during_tool_calls_cancels_them(eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_cancellation_during_tool_calls_cancels_them(eventually) -> None:
     tools = FakeTools()
     tools.release.clear()
     llm = FakeLLM(call_tools(("echo", {}), ("slow", {})), answer("never"))

@@ -5,12 +5,14 @@ deadline, budget, depth, trace)."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 
 from agentplex.agents.delegation import TOKEN_BUDGET_EXCEEDED
-from agentplex.agents.llm.base import CompletionRequest, LLMError
+from agentplex.agents.llm.base import CompletionRequest, LLMError, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.runtime.errors import from_rpc_error
 from agentplex.v1 import agent_service_pb2 as pb
@@ -25,14 +27,14 @@ TERMINAL = (
 
 
 @pytest.fixture
-def agents(mesh, channel_to):  # type: ignore[no-untyped-def]
+def agents(mesh, channel_to):
     return {
         name: agent_service_pb2_grpc.AgentServiceStub(channel_to(address))
         for name, address in mesh.agents.items()
     }
 
 
-async def collect(call) -> list[step_event_pb2.StepEvent]:  # type: ignore[no-untyped-def]
+async def collect(call) -> list[step_event_pb2.StepEvent]:
     return [response.event async for response in call]
 
 
@@ -40,7 +42,7 @@ def kinds(events: list[step_event_pb2.StepEvent], kind: str) -> list[step_event_
     return [e for e in events if e.WhichOneof("kind") == kind]
 
 
-async def delegations_started(call, count: int) -> list[step_event_pb2.StepEvent]:  # type: ignore[no-untyped-def]
+async def delegations_started(call, count: int) -> list[step_event_pb2.StepEvent]:
     """Read a stream until `count` delegations have started; returns the events so far."""
     seen: list[step_event_pb2.StepEvent] = []
     async for response in call:
@@ -52,7 +54,7 @@ async def delegations_started(call, count: int) -> list[step_event_pb2.StepEvent
 
 async def test_supervisor_delegates_in_parallel_and_streams_the_whole_tree(
     agents, start_worker, make_gate, gated
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     # Each sub-agent's first model call waits until both are waiting: if the
     # supervisor ran them one after the other, this would never open.
     gate = make_gate(open_at=2)
@@ -100,7 +102,7 @@ async def test_supervisor_delegates_in_parallel_and_streams_the_whole_tree(
 
 async def test_hanging_up_cancels_every_running_child(
     agents, start_worker, make_gate, gated, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     gate = make_gate()  # never opens: the children are stuck in their first model call
     await start_worker("assistant", llm=gated(gate))
     await start_worker("researcher", llm=gated(gate))
@@ -127,7 +129,7 @@ async def test_hanging_up_cancels_every_running_child(
 
 async def test_cancelling_a_durable_parent_cancels_its_children(
     agents, start_worker, make_gate, gated, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     gate = make_gate()
     await start_worker("supervisor")
     await start_worker("assistant", llm=gated(gate))
@@ -168,7 +170,7 @@ async def test_cancelling_a_durable_parent_cancels_its_children(
 
 async def test_sub_tasks_carry_the_callers_deadline_and_end_with_it(
     agents, start_worker, make_gate, gated, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     gate = make_gate()
     await start_worker("assistant", llm=gated(gate))
     await start_worker("researcher", llm=gated(gate))
@@ -200,7 +202,7 @@ async def test_sub_tasks_carry_the_callers_deadline_and_end_with_it(
 
 async def test_a_sub_task_that_reaches_a_worker_after_its_deadline_never_starts(
     agents, workers, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     spec = task_pb2.TaskSpec(prompt="what is 2+2", task_id="too-late")
     spec.deadline.FromSeconds(int(time.time()) - 1)
     assistant = agents["assistant"]
@@ -214,7 +216,7 @@ async def test_a_sub_task_that_reaches_a_worker_after_its_deadline_never_starts(
     assert not kinds(events, "step_started")
 
 
-async def test_sub_agents_spend_from_the_callers_budget(agents, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_sub_agents_spend_from_the_callers_budget(agents, workers) -> None:
     budget = 1400
     events = await collect(
         agents["supervisor"].StreamSteps(
@@ -236,7 +238,7 @@ async def test_sub_agents_spend_from_the_callers_budget(agents, workers) -> None
     assert TOKEN_BUDGET_EXCEEDED in {f.delegation_finished.result.error for f in finished}
 
 
-async def test_a_budget_warning_comes_once_most_of_it_is_spent(agents, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_a_budget_warning_comes_once_most_of_it_is_spent(agents, workers) -> None:
     async def run(budget: int) -> list[step_event_pb2.StepEvent]:
         request = pb.StreamStepsRequest(prompt=PROMPT, token_budget=budget)
         return await collect(agents["supervisor"].StreamSteps(request, timeout=30))
@@ -253,7 +255,7 @@ async def test_a_budget_warning_comes_once_most_of_it_is_spent(agents, workers) 
     assert (result.error, result.tokens_used) == ("", needed)
 
 
-async def test_no_sub_task_starts_without_a_budget_to_give_it(agents, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_no_sub_task_starts_without_a_budget_to_give_it(agents, workers) -> None:
     events = await collect(
         agents["supervisor"].StreamSteps(
             pb.StreamStepsRequest(prompt=PROMPT, token_budget=600), timeout=30
@@ -271,7 +273,7 @@ def lineage(*agents: str) -> task_pb2.TaskLineage:
     )
 
 
-async def test_too_deep_a_delegation_is_a_tool_error_not_a_failed_task(agents, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_too_deep_a_delegation_is_a_tool_error_not_a_failed_task(agents, workers) -> None:
     events = await collect(
         agents["supervisor"].StreamSteps(
             pb.StreamStepsRequest(prompt=PROMPT, lineage=lineage("a", "b", "c")), timeout=30
@@ -289,7 +291,7 @@ async def test_too_deep_a_delegation_is_a_tool_error_not_a_failed_task(agents, w
     assert "agent.assistant failed: delegation depth limit reached" in result.output
 
 
-async def test_a_cycle_is_refused_and_the_model_routes_around_it(agents, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_a_cycle_is_refused_and_the_model_routes_around_it(agents, workers) -> None:
     events = await collect(
         agents["supervisor"].StreamSteps(
             pb.StreamStepsRequest(prompt=PROMPT, lineage=lineage("assistant")), timeout=30
@@ -304,7 +306,7 @@ async def test_a_cycle_is_refused_and_the_model_routes_around_it(agents, workers
     assert "researcher: From " in result.output
 
 
-async def test_an_agent_refuses_a_task_that_would_close_a_cycle(agents) -> None:  # type: ignore[no-untyped-def]
+async def test_an_agent_refuses_a_task_that_would_close_a_cycle(agents) -> None:
     request = pb.RunTaskRequest(prompt="what is 1+1", lineage=lineage("assistant"))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await agents["assistant"].RunTask(request, timeout=10)
@@ -317,33 +319,33 @@ async def test_an_agent_refuses_a_task_that_would_close_a_cycle(agents) -> None:
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def _status(record) -> int:  # type: ignore[no-untyped-def]
+async def _status(record) -> int:
     return (await record).status
 
 
-async def _status_of(response) -> int:  # type: ignore[no-untyped-def]
+async def _status_of(response) -> int:
     return (await response).task.status
 
 
-async def _is(status, wanted: int) -> bool:  # type: ignore[no-untyped-def]
+async def _is(status, wanted: int) -> bool:
     return await status == wanted
 
 
-async def _in(status, wanted: tuple[int, ...]) -> bool:  # type: ignore[no-untyped-def]
+async def _in(status, wanted: tuple[int, ...]) -> bool:
     return await status in wanted
 
 
 class BrokenModel(ScriptedLLM):
     """A model backend that refuses every call (a misconfigured sub-agent)."""
 
-    async def stream(self, request: CompletionRequest):  # type: ignore[no-untyped-def, override]
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[LLMEvent]:
         raise LLMError("401 Unauthorized: bad API key")
-        yield  # pragma: no cover
+        yield  # type: ignore[unreachable]  # an async generator, as stream() is: fails when iterated
 
 
 async def test_a_failing_sub_agent_is_a_tool_error_the_model_routes_around(
     agents, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     await start_worker("assistant", llm=BrokenModel())
     await start_worker("researcher")
     events = await collect(
@@ -361,32 +363,28 @@ async def test_a_failing_sub_agent_is_a_tool_error_the_model_routes_around(
 
 async def test_one_trace_id_across_supervisor_registry_queue_and_sub_agents(
     spans, agents, workers, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     spans.clear()
     events = await collect(
         agents["supervisor"].StreamSteps(pb.StreamStepsRequest(prompt=PROMPT), timeout=30)
     )
     children = {e.delegation_started.task_id for e in kinds(events, "delegation_started")}
 
-    def tasks() -> dict[str, object]:
+    def tasks() -> dict[object, ReadableSpan]:
         return {
-            s.attributes.get("agent.task_id"): s
+            (s.attributes or {}).get("agent.task_id"): s
             for s in spans.get_finished_spans()
             if s.name == "agent.task"
         }
 
     await eventually(lambda: children <= set(tasks()), message="the sub-tasks' spans")
     root = tasks()[events[0].task_id]
-    trace_id = root.context.trace_id  # type: ignore[attr-defined]
+    trace_id = root.context.trace_id
     for child in children:
         span = tasks()[child]
         # Sub-tasks ran on workers, after a hop through Redis; still the same trace.
-        assert span.context.trace_id == trace_id, child  # type: ignore[attr-defined]
-    services = {
-        s.name
-        for s in spans.get_finished_spans()
-        if s.context.trace_id == trace_id  # type: ignore[attr-defined]
-    }
+        assert span.context.trace_id == trace_id, child
+    services = {s.name for s in spans.get_finished_spans() if s.context.trace_id == trace_id}
     assert {"agent.task", "agent.tool_call", "registry.invoke", "agent.llm_call"} <= services
     assert any("InvokeToolStream" in name for name in services)
     assert any("SubmitTask" in name for name in services)

@@ -29,9 +29,7 @@ def list_tools_calls() -> float:
     )
 
 
-async def test_tasks_reuse_the_list_until_a_call_reports_a_newer_revision(  # type: ignore[no-untyped-def]
-    mesh, channel_to
-) -> None:
+async def test_tasks_reuse_the_list_until_a_call_reports_a_newer_revision(mesh, channel_to) -> None:
     assistant = agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
     registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(mesh.registry))
 

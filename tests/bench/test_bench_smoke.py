@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bench_smoke_runs_every_scenario(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "agentplex.bench", "--smoke"],
         capture_output=True,
@@ -35,7 +35,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path) -> None:  # type: ignore[no-u
     assert not (tmp_path / "docs").exists()  # smoke mode writes nothing
 
 
-def test_profile_accounts_cpu_per_task_for_every_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_profile_accounts_cpu_per_task_for_every_process(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "agentplex.bench.profile", "--tasks", "96"],
         capture_output=True,

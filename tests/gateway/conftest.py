@@ -46,7 +46,7 @@ class Gateway:
         return hosts
 
 
-async def start_control_plane(mesh, **gateway_settings) -> ControlPlaneServer:  # type: ignore[no-untyped-def]
+async def start_control_plane(mesh, **gateway_settings) -> ControlPlaneServer:
     settings = GatewaySettings(
         listen_port=0,
         directory_poll_seconds=0.1,
@@ -59,13 +59,13 @@ async def start_control_plane(mesh, **gateway_settings) -> ControlPlaneServer:  
 
 
 @pytest.fixture
-async def start_gateway(mesh, tmp_path: Path, eventually):  # type: ignore[no-untyped-def]
+async def start_gateway(mesh, tmp_path: Path, eventually):
     """`await start_gateway(**gateway_settings)`: a gateway (control plane + Envoy) over the
     test's mesh, ready to route to the default agent; stopped after the test. A test
     that replaces `gateway.control_plane` gets the replacement stopped instead."""
     started: list[Gateway] = []
 
-    async def start(**gateway_settings) -> Gateway:  # type: ignore[no-untyped-def]
+    async def start(**gateway_settings) -> Gateway:
         index = len(started)
         control_plane = await start_control_plane(mesh, **gateway_settings)
         envoy = EnvoyProcess(
@@ -96,5 +96,5 @@ async def start_gateway(mesh, tmp_path: Path, eventually):  # type: ignore[no-un
 
 
 @pytest.fixture
-async def gateway(start_gateway) -> Gateway:  # type: ignore[no-untyped-def]
+async def gateway(start_gateway) -> Gateway:
     return await start_gateway()

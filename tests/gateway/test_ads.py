@@ -13,7 +13,11 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from envoy_data_plane.google.rpc import Status
 
@@ -52,12 +56,12 @@ class CountingServer(DiscoveryServer):
         self.considered: Snapshot | None = None
         self._progress = asyncio.Event()
 
-    def _receive(self, stream, request):  # type: ignore[no-untyped-def]
+    def _receive(self, stream, request):
         super()._receive(stream, request)
         self.handled += 1
         self._progress.set()
 
-    def _responses(self, stream, snapshot):  # type: ignore[no-untyped-def]
+    def _responses(self, stream, snapshot):
         self.considered = snapshot
         self._progress.set()
         return super()._responses(stream, snapshot)
@@ -160,6 +164,19 @@ async def envoy(server: CountingServer) -> AsyncIterator[Envoy]:
         await fake.close()
 
 
+def resource_names(response: DiscoveryResponse) -> list[str]:
+    """Each resource's name (an endpoint assignment's is its cluster's), in order."""
+    names = []
+    for resource in response.resources:
+        message = resource.unpack()
+        if isinstance(message, ClusterLoadAssignment):
+            names.append(message.cluster_name)
+        else:
+            assert isinstance(message, Cluster | Listener | RouteConfiguration), message
+            names.append(message.name)
+    return names
+
+
 async def subscribe_all(envoy: Envoy, snapshot: Snapshot) -> dict[str, DiscoveryResponse]:
     """What Envoy does at start: CDS and LDS wildcards, then EDS and RDS by name; ACK each."""
     got: dict[str, DiscoveryResponse] = {}
@@ -168,7 +185,7 @@ async def subscribe_all(envoy: Envoy, snapshot: Snapshot) -> dict[str, Discovery
     for response in await envoy.receive_all(2):
         got[response.type_url] = response
         envoy.ack(response)
-    clusters = tuple(sorted(r.unpack().name for r in got[CLUSTER].resources))
+    clusters = tuple(sorted(resource_names(got[CLUSTER])))
     envoy.send(ENDPOINT, clusters)
     envoy.send(ROUTE, ("gateway",))
     for response in await envoy.receive_all(2):
@@ -195,6 +212,7 @@ async def test_nothing_is_sent_before_a_snapshot_exists(
     first, second = await envoy.receive_all(2)
     assert [first.type_url, second.type_url] == [CLUSTER, LISTENER]  # make before break
     assert first.version_info == snap.version(CLUSTER)
+    assert first.control_plane is not None
     assert first.control_plane.identifier == "test-cp"
 
 
@@ -206,7 +224,7 @@ async def test_first_request_gets_the_resources(cache: SnapshotCache, envoy: Env
     assert response.type_url == CLUSTER
     assert response.version_info == snap.version(CLUSTER)
     assert response.nonce
-    names = sorted(r.unpack().name for r in response.resources)
+    names = sorted(resource_names(response))
     assert names == ["agent.assistant", "agent.researcher", "registry"]
     assert all(r.type_url == CLUSTER for r in response.resources)
 
@@ -270,14 +288,14 @@ async def test_new_snapshot_is_pushed_in_make_before_break_order(
     await envoy.considered(newer)
     envoy.assert_nothing_sent()  # the listener did not change: not re-sent
     # Envoy's subscription follows the clusters it now has
-    clusters = tuple(sorted(r.unpack().name for r in pushed[0].resources))
+    clusters = tuple(sorted(resource_names(pushed[0])))
     names = {ROUTE: ("gateway",), ENDPOINT: clusters}
     for response in pushed:
         envoy.ack(response, names.get(response.type_url, ()))
     # the wider EDS subscription is answered at once, same version, with the new names
     widened = await envoy.receive()
     assert widened.type_url == ENDPOINT and widened.version_info == newer.version(ENDPOINT)
-    assert sorted(r.unpack().cluster_name for r in widened.resources) == list(clusters)
+    assert sorted(resource_names(widened)) == list(clusters)
     envoy.ack(widened, clusters)
     await envoy.idle()
     envoy.assert_nothing_sent()
@@ -292,7 +310,7 @@ async def test_only_changed_types_are_pushed(cache: SnapshotCache, envoy: Envoy)
     snap = snapshot_for("assistant")
     await cache.publish(snap)
     got = await subscribe_all(envoy, snap)
-    clusters = tuple(sorted(r.unpack().name for r in got[CLUSTER].resources))
+    clusters = tuple(sorted(resource_names(got[CLUSTER])))
 
     moved = Snapshot.of(
         resources.build(
@@ -306,7 +324,7 @@ async def test_only_changed_types_are_pushed(cache: SnapshotCache, envoy: Envoy)
     await cache.publish(moved)
     response = await envoy.receive()
     assert response.type_url == ENDPOINT
-    assert sorted(r.unpack().cluster_name for r in response.resources) == list(clusters)
+    assert sorted(resource_names(response)) == list(clusters)
     envoy.ack(response, clusters)
     await envoy.idle()
     envoy.assert_nothing_sent()
@@ -351,7 +369,7 @@ async def test_eds_and_rds_contain_only_the_requested_names(
     await cache.publish(snap)
     envoy.send(ENDPOINT, ("agent.researcher", "agent.nobody"), node="gw-1")
     response = await envoy.receive()
-    assert [r.unpack().cluster_name for r in response.resources] == ["agent.researcher"]
+    assert resource_names(response) == ["agent.researcher"]
 
     # a changed subscription is answered even at the same version
     envoy.send(
@@ -361,7 +379,7 @@ async def test_eds_and_rds_contain_only_the_requested_names(
         nonce=response.nonce,
     )
     changed = await envoy.receive()
-    assert sorted(r.unpack().cluster_name for r in changed.resources) == [
+    assert sorted(resource_names(changed)) == [
         "agent.assistant",
         "registry",
     ]
@@ -369,7 +387,7 @@ async def test_eds_and_rds_contain_only_the_requested_names(
 
     envoy.send(ROUTE, ("gateway",))
     routes = await envoy.receive()
-    assert [r.unpack().name for r in routes.resources] == ["gateway"]
+    assert resource_names(routes) == ["gateway"]
     envoy.send(ROUTE, ("other",), version=routes.version_info, nonce=routes.nonce)
     assert (await envoy.receive()).resources == []
 

@@ -41,7 +41,7 @@ def chromium() -> Path:
 
 
 @pytest.fixture
-async def page(gateway, chromium: Path) -> AsyncIterator[object]:  # type: ignore[no-untyped-def]
+async def page(gateway, chromium: Path) -> AsyncIterator[object]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
@@ -59,14 +59,14 @@ async def page(gateway, chromium: Path) -> AsyncIterator[object]:  # type: ignor
             await browser.close()
 
 
-async def run(page, agent: str, prompt: str, *, mode: str = "live") -> None:  # type: ignore[no-untyped-def]
+async def run(page, agent: str, prompt: str, *, mode: str = "live") -> None:
     await page.select_option("#agent", agent)
     await page.select_option("#mode", mode)
     await page.fill("#prompt", prompt)
     await page.click("#run")
 
 
-async def test_console_runs_a_live_task(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_console_runs_a_live_task(page, tmp_path: Path) -> None:
     options = await page.locator("#agent option").all_inner_texts()
     assert any(text.startswith("assistant") for text in options)
     assert await page.locator("#agent").input_value() == "assistant"  # the default agent
@@ -86,7 +86,7 @@ async def test_console_runs_a_live_task(page, tmp_path: Path) -> None:  # type: 
     assert shot.exists() and shot.stat().st_size > 0
 
 
-async def test_console_runs_a_durable_task(page, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_console_runs_a_durable_task(page, workers) -> None:
     await run(page, "assistant", "what is 17*23?", mode="durable")
     await page.locator("#final-answer", has_text="391").wait_for()
     await page.locator("#task-status", has_text="COMPLETED").wait_for()
@@ -94,7 +94,7 @@ async def test_console_runs_a_durable_task(page, workers) -> None:  # type: igno
     assert await page.locator("#error").is_hidden()
 
 
-async def test_console_shows_the_supervisors_sub_agents(page, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_console_shows_the_supervisors_sub_agents(page, workers) -> None:
     prompt = "what is 17*23 and how does the tool registry validate arguments?"
     await run(page, "supervisor", prompt)
     await page.locator("#task-status", has_text="COMPLETED").wait_for()
@@ -106,7 +106,7 @@ async def test_console_shows_the_supervisors_sub_agents(page, workers) -> None: 
     await page.locator("#final-answer", has_text="391").wait_for()
 
 
-async def test_console_reports_an_unknown_agent(page) -> None:  # type: ignore[no-untyped-def]
+async def test_console_reports_an_unknown_agent(page) -> None:
     # an agent the page listed that is no longer routable: the error is shown, not swallowed
     await page.evaluate(
         "() => { const o = new Option('ghost', 'ghost'); document.getElementById('agent').append(o); }"

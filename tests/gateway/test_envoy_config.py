@@ -18,6 +18,9 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, Bootstr
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
 from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+)
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
 from envoy_data_plane.google.protobuf import Any
 
@@ -45,7 +48,9 @@ def static_equivalent(built: Resources) -> Bootstrap:
         for chain in listener.filter_chains:
             filters = []
             for network_filter in chain.filters:
+                assert network_filter.typed_config is not None
                 manager = network_filter.typed_config.unpack()
+                assert isinstance(manager, HttpConnectionManager), manager
                 if manager.rds is not None:
                     name = manager.rds.route_config_name
                     manager.rds = None
@@ -141,7 +146,7 @@ def test_bootstrap_for_an_ipv6_control_plane_validates(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_built_resources_validate_as_static_config(name: str, built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_built_resources_validate_as_static_config(name: str, built, tmp_path: Path) -> None:
     validate(static_equivalent(built()), tmp_path / f"{name}.json")
 
 
@@ -149,8 +154,12 @@ def test_a_bad_route_fails_validation(tmp_path: Path) -> None:
     """The check above is not vacuous: Envoy does read the routes we hand it."""
     built = resources.build(directory("assistant"), GatewayOptions(listen_port=0))
     (config,) = built.routes
-    broken = next(r for r in config.virtual_hosts[0].routes if r.match.safe_regex is not None)
-    broken.match.safe_regex = RegexMatcher(regex="/v1/tools(")
+    broken = next(
+        r.match
+        for r in config.virtual_hosts[0].routes
+        if r.match is not None and r.match.safe_regex is not None
+    )
+    broken.safe_regex = RegexMatcher(regex="/v1/tools(")
     path = tmp_path / "broken.json"
     path.write_text(to_json(static_equivalent(built)))
     result = envoy.validate(path)

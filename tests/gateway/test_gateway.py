@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -33,7 +34,7 @@ SUPERVISOR_PROMPT = "what is 17*23 and how does the tool registry validate argum
 TWO_MIB = 2 * 1024 * 1024
 
 
-def agent_stub(channel_to, gateway) -> agent_service_pb2_grpc.AgentServiceStub:  # type: ignore[no-untyped-def]
+def agent_stub(channel_to, gateway) -> agent_service_pb2_grpc.AgentServiceStub:
     return agent_service_pb2_grpc.AgentServiceStub(channel_to(gateway.address))
 
 
@@ -45,12 +46,12 @@ def kinds(events: list[step_event_pb2.StepEvent], kind: str) -> list[step_event_
     return [e for e in events if e.WhichOneof("kind") == kind]
 
 
-async def collect(call) -> list[step_event_pb2.StepEvent]:  # type: ignore[no-untyped-def]
+async def collect(call) -> list[step_event_pb2.StepEvent]:
     return [response.event async for response in call]
 
 
 @pytest.fixture
-async def http(gateway) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+async def http(gateway) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30.0) as client:
         yield client
 
@@ -60,7 +61,7 @@ async def http(gateway) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-
 
 async def test_grpc_unary_and_streaming_to_the_default_agent_and_by_header(
     gateway, channel_to
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     stub = agent_stub(channel_to, gateway)
 
     response = await stub.RunTask(pb.RunTaskRequest(prompt="what is 17*23?"), timeout=30)
@@ -93,7 +94,7 @@ async def test_grpc_unary_and_streaming_to_the_default_agent_and_by_header(
     assert final.final_result.result.status == task_pb2.TASK_STATUS_COMPLETED
 
 
-async def test_the_supervisor_delegates_through_the_gateway(gateway, workers, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_the_supervisor_delegates_through_the_gateway(gateway, workers, channel_to) -> None:
     stub = agent_stub(channel_to, gateway)
     events = await collect(
         stub.StreamSteps(
@@ -111,7 +112,7 @@ async def test_the_supervisor_delegates_through_the_gateway(gateway, workers, ch
     assert "391" in final.final_result.result.output
 
 
-async def test_grpc_durable_task_through_the_gateway(gateway, workers, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_grpc_durable_task_through_the_gateway(gateway, workers, channel_to) -> None:
     stub = agent_stub(channel_to, gateway)
     submitted = await stub.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 12*12?")),
@@ -132,12 +133,12 @@ async def test_grpc_durable_task_through_the_gateway(gateway, workers, channel_t
     assert task.task.status == task_pb2.TASK_STATUS_COMPLETED
 
 
-async def test_unknown_agent_is_not_found(gateway, channel_to, http) -> None:  # type: ignore[no-untyped-def]
+async def test_unknown_agent_is_not_found(gateway, channel_to, http) -> None:
     stub = agent_stub(channel_to, gateway)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.RunTask(pb.RunTaskRequest(prompt="hi"), metadata=to("nobody"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert AGENT_HEADER in caught.value.details()
+    assert AGENT_HEADER in (caught.value.details() or "")
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(
@@ -151,7 +152,7 @@ async def test_unknown_agent_is_not_found(gateway, channel_to, http) -> None:  #
     assert (await http.get("/no/such/path")).status_code == 404
 
 
-async def test_oversize_requests_are_refused_at_the_edge(gateway, channel_to, http) -> None:  # type: ignore[no-untyped-def]
+async def test_oversize_requests_are_refused_at_the_edge(gateway, channel_to, http) -> None:
     stub = agent_stub(channel_to, gateway)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.RunTask(pb.RunTaskRequest(prompt="x" * TWO_MIB), timeout=30)
@@ -190,7 +191,7 @@ async def run_grpcurl(*args: str) -> str:
     return stdout.decode()
 
 
-async def test_grpcurl_lists_and_runs_through_the_gateway(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_grpcurl_lists_and_runs_through_the_gateway(gateway) -> None:
     services = (await run_grpcurl("-plaintext", gateway.address, "list")).split()
     assert "agentplex.v1.AgentService" in services
 
@@ -215,7 +216,7 @@ async def test_grpcurl_lists_and_runs_through_the_gateway(gateway) -> None:  # t
 # --- the registry -------------------------------------------------------------------
 
 
-async def test_the_registry_is_reachable_over_grpc_and_json(gateway, channel_to, http) -> None:  # type: ignore[no-untyped-def]
+async def test_the_registry_is_reachable_over_grpc_and_json(gateway, channel_to, http) -> None:
     stub = registry_grpc.ToolRegistryServiceStub(channel_to(gateway.address))
     listing = await stub.ListTools(registry_pb.ListToolsRequest(), timeout=10)
     names = {tool.name for tool in listing.tools}
@@ -237,7 +238,7 @@ async def test_the_registry_is_reachable_over_grpc_and_json(gateway, channel_to,
 # --- JSON ---------------------------------------------------------------------------
 
 
-async def test_health_ready_and_the_agent_listing(gateway, http) -> None:  # type: ignore[no-untyped-def]
+async def test_health_ready_and_the_agent_listing(gateway, http) -> None:
     assert (await http.get("/health")).status_code == 200
     assert (await http.get("/ready")).status_code == 200
     listing = (await http.get("/v1/agents")).json()
@@ -249,7 +250,7 @@ async def test_health_ready_and_the_agent_listing(gateway, http) -> None:  # typ
     }
 
 
-async def test_json_run_stream_and_card(gateway, http) -> None:  # type: ignore[no-untyped-def]
+async def test_json_run_stream_and_card(gateway, http) -> None:
     response = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": "what is 17*23?"})
     assert response.status_code == 200, response.text
     result = response.json()["result"]
@@ -280,13 +281,13 @@ async def test_json_run_stream_and_card(gateway, http) -> None:  # type: ignore[
     assert bad.status_code == 400
 
 
-async def test_json_submit_then_poll_until_completed(gateway, workers, http, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_json_submit_then_poll_until_completed(gateway, workers, http, eventually) -> None:
     response = await http.post("/v1/agents/assistant/tasks", json={"prompt": "what is 17*23?"})
     assert response.status_code == 200, response.text
     task_id = response.json()["task"]["task_id"]
     assert task_id
 
-    task: dict[str, object] = {}
+    task: dict[str, Any] = {}
 
     async def completed() -> bool:
         nonlocal task
@@ -296,7 +297,7 @@ async def test_json_submit_then_poll_until_completed(gateway, workers, http, eve
         return task["status"] == "TASK_STATUS_COMPLETED"
 
     await eventually(completed, timeout=30, message="the task never completed")
-    assert "391" in task["result"]["output"]  # type: ignore[index]
+    assert "391" in task["result"]["output"]
 
     events = []
     async with http.stream("GET", f"/v1/agents/assistant/tasks/{task_id}/events") as stream:
@@ -323,7 +324,7 @@ def grpc_web_frames(body: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def test_grpc_web_stream_steps_over_http1(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_grpc_web_stream_steps_over_http1(gateway) -> None:
     message = pb.StreamStepsRequest(prompt="what is 17*23?").SerializeToString()
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30.0) as client:
         response = await client.post(
@@ -349,7 +350,7 @@ async def test_grpc_web_stream_steps_over_http1(gateway) -> None:  # type: ignor
     assert "391" in kinds(events, "final_result")[0].final_result.result.output
 
 
-async def grpc_web_call(gateway, method: str, message: bytes, **headers: str) -> httpx.Response:  # type: ignore[no-untyped-def]
+async def grpc_web_call(gateway, method: str, message: bytes, **headers: str) -> httpx.Response:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30.0) as client:
         return await client.post(
             f"/agentplex.v1.AgentService/{method}",
@@ -367,7 +368,7 @@ def grpc_web_unary(response: httpx.Response) -> bytes:
     return payload
 
 
-async def test_grpc_web_unary_calls_reach_the_default_agent_and_by_header(gateway, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_grpc_web_unary_calls_reach_the_default_agent_and_by_header(gateway, workers) -> None:
     """Methods without a route of their own (RunTask, SubmitTask) work over gRPC-Web too."""
     run = await grpc_web_call(
         gateway, "RunTask", pb.RunTaskRequest(prompt="what is 17*23?").SerializeToString()
@@ -393,7 +394,7 @@ async def test_grpc_web_unary_calls_reach_the_default_agent_and_by_header(gatewa
     assert pb.GetAgentCardResponse.FromString(grpc_web_unary(card)).card.name == "researcher"
 
 
-async def test_grpc_web_unknown_agent_is_a_trailers_only_not_found(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_grpc_web_unknown_agent_is_a_trailers_only_not_found(gateway) -> None:
     message = pb.RunTaskRequest(prompt="hi").SerializeToString()
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30.0) as client:
         response = await client.post(
@@ -409,7 +410,7 @@ async def test_grpc_web_unknown_agent_is_a_trailers_only_not_found(gateway) -> N
     assert response.headers["grpc-status"] == "5"
 
 
-async def test_cors_preflight_allows_only_configured_origins(start_gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_cors_preflight_allows_only_configured_origins(start_gateway) -> None:
     gateway = await start_gateway(cors_origins="http://app.example")
     request_headers = f"content-type,x-grpc-web,{AGENT_HEADER}"
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10.0) as client:
@@ -454,13 +455,13 @@ async def test_cors_preflight_allows_only_configured_origins(start_gateway) -> N
 # --- routes follow the directory ----------------------------------------------------
 
 
-async def run_tasks(stub, count: int) -> None:  # type: ignore[no-untyped-def]
+async def run_tasks(stub, count: int) -> None:
     for i in range(count):
         response = await stub.RunTask(pb.RunTaskRequest(prompt=f"what is {i}+1?"), timeout=30)
         assert response.result.status == task_pb2.TASK_STATUS_COMPLETED, response
 
 
-async def wait_until_served(gateway, stub, replica: str, eventually) -> None:  # type: ignore[no-untyped-def]
+async def wait_until_served(gateway, stub, replica: str, eventually) -> None:
     """Until `replica` has answered a call through the gateway.
 
     Envoy's admin API reports a replica healthy as soon as its first health check
@@ -477,7 +478,7 @@ async def wait_until_served(gateway, stub, replica: str, eventually) -> None:  #
 
 async def test_routes_follow_replicas_as_they_start_and_stop(
     gateway, mesh, channel_to, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from agentplex.agents import app as agents_app
     from agentplex.agents.catalog import CATALOG
 
@@ -525,12 +526,12 @@ async def test_routes_follow_replicas_as_they_start_and_stop(
     await run_tasks(stub, 3)
 
 
-async def _replicas_are(gateway, agent: str, count: int) -> bool:  # type: ignore[no-untyped-def]
+async def _replicas_are(gateway, agent: str, count: int) -> bool:
     return await gateway.replicas(agent) == count
 
 
 @pytest.fixture
-async def agent_process(mesh, tmp_path):  # type: ignore[no-untyped-def]
+async def agent_process(mesh, tmp_path):
     """`await agent_process("assistant")`: an agent as its own process on the test's mesh."""
     processes: list[asyncio.subprocess.Process] = []
     settings = mesh.settings
@@ -593,7 +594,7 @@ async def agent_process(mesh, tmp_path):  # type: ignore[no-untyped-def]
 
 async def test_a_killed_replica_is_ejected_and_calls_keep_succeeding(
     gateway, agent_process, channel_to, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     stub = agent_stub(channel_to, gateway)
     process, address = await agent_process("assistant")
 
@@ -618,7 +619,7 @@ async def test_a_killed_replica_is_ejected_and_calls_keep_succeeding(
 
 async def test_envoy_keeps_routing_without_the_control_plane_and_follows_a_new_one(
     gateway, mesh, channel_to, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from agentplex.agents import app as agents_app
     from agentplex.agents.catalog import CATALOG
     from agentplex.gateway.app import ControlPlaneServer

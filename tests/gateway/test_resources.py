@@ -11,9 +11,17 @@ import datetime
 import json
 import re
 from dataclasses import replace
+from typing import TypeVar
 
+import betterproto2
 import pytest
+from envoy_data_plane.envoy.config.endpoint.v3 import LbEndpoint
 from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher, Route, RouteMatch
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+)
+from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from agentplex.gateway import resources, snapshot
 from agentplex.gateway.resources import (
@@ -29,6 +37,21 @@ from agentplex.gateway.snapshot import InconsistentSnapshot, Snapshot
 AGENT = "/agentplex.v1.AgentService/"
 REGISTRY = "/agentplex.v1.ToolRegistryService/"
 GRPC = "application/grpc"
+
+T = TypeVar("T")
+M = TypeVar("M", bound=betterproto2.Message)
+
+
+def some(value: T | None) -> T:
+    """A field envoy_data_plane types as optional (every sub-message is) that is set here."""
+    assert value is not None
+    return value
+
+
+def unpacked(value: AnyMessage | None, kind: type[M]) -> M:
+    message = some(value).unpack()
+    assert isinstance(message, kind), message
+    return message
 
 
 def directory(*agents: str, replicas: int = 1) -> Directory:
@@ -98,7 +121,7 @@ def resolve(
     if agent is not None:
         headers[AGENT_HEADER] = agent
     for route in routes:
-        if _matches(route.match, path, headers):
+        if _matches(some(route.match), path, headers):
             return route
     raise AssertionError(f"no route for {method} {path} {headers}")
 
@@ -107,16 +130,26 @@ def cluster(route: Route) -> str | None:
     return route.route.cluster if route.route is not None else None
 
 
+def headers_added(route: Route) -> dict[str, str]:
+    return {some(o.header).key: some(o.header).value for o in route.response_headers_to_add}
+
+
 def grpc_status(route: Route) -> str | None:
-    for option in route.response_headers_to_add:
-        if option.header.key == "grpc-status":
-            return option.header.value
-    return None
+    return headers_added(route).get("grpc-status")
+
+
+def body(route: Route) -> str:
+    return some(some(some(route.direct_response).body).inline_string)
 
 
 def direct_json(route: Route) -> tuple[int, dict[str, object]]:
     assert route.direct_response is not None, route
-    return route.direct_response.status, json.loads(route.direct_response.body.inline_string)
+    return route.direct_response.status, json.loads(body(route))
+
+
+def socket_of(endpoint: LbEndpoint) -> tuple[str, int]:
+    address = some(some(some(endpoint.endpoint).address).socket_address)
+    return address.address, some(address.port_value)
 
 
 # --- agents over gRPC ---------------------------------------------------------------
@@ -212,7 +245,7 @@ def test_unknown_agent_is_not_found_never_another_agents_answer(agent: str) -> N
     assert cluster(route) is None
     assert grpc_status(route) == "5"
     assert route.direct_response is not None and route.direct_response.status == 200
-    headers = {o.header.key: o.header.value for o in route.response_headers_to_add}
+    headers = headers_added(route)
     assert headers["content-type"] == "application/grpc"
     assert headers["grpc-message"].isascii() and headers["grpc-message"].isprintable()
 
@@ -232,7 +265,7 @@ def test_non_grpc_unknown_path_is_a_json_404() -> None:
 # --- timeouts and retries -----------------------------------------------------------
 
 
-def _action(routes: list[Route], method: str, agent: str | None = "assistant"):  # type: ignore[no-untyped-def]
+def _action(routes: list[Route], method: str, agent: str | None = "assistant"):
     route = resolve(routes, AGENT + method, grpc=True, agent=agent)
     assert route.route is not None
     return route.route
@@ -258,9 +291,9 @@ def test_json_streams_have_no_route_timeout() -> None:
     stream = resolve(routes, "/v1/agents/assistant/tasks:stream")
     events = resolve(routes, "/v1/agents/assistant/tasks/t-1/events", method="GET")
     run = resolve(routes, "/v1/agents/assistant/tasks:run")
-    assert stream.route.timeout == datetime.timedelta(0)
-    assert events.route.timeout == datetime.timedelta(0)
-    assert run.route.timeout == datetime.timedelta(seconds=330)
+    assert some(stream.route).timeout == datetime.timedelta(0)
+    assert some(events.route).timeout == datetime.timedelta(0)
+    assert some(run.route).timeout == datetime.timedelta(seconds=330)
 
 
 @pytest.mark.parametrize("agent", ["assistant", None])
@@ -284,8 +317,8 @@ def test_json_retries_follow_the_http_method() -> None:
     routes = routes_of(resources.build(directory("assistant"), GatewayOptions()))
     get_task = resolve(routes, "/v1/agents/assistant/tasks/t-1", method="GET")
     submit = resolve(routes, "/v1/agents/assistant/tasks")
-    assert "unavailable" in get_task.route.retry_policy.retry_on
-    assert "unavailable" not in submit.route.retry_policy.retry_on
+    assert "unavailable" in some(some(get_task.route).retry_policy).retry_on
+    assert "unavailable" not in some(some(submit.route).retry_policy).retry_on
 
 
 # --- JSON, registry, console --------------------------------------------------------
@@ -326,13 +359,10 @@ def test_registry_routes() -> None:
         for agent in (None, "assistant", "nobody"):
             route = resolve(routes, REGISTRY + method, grpc=True, agent=agent)
             assert cluster(route) == REGISTRY_CLUSTER, (method, agent)
-    assert (
-        "unavailable"
-        in resolve(routes, REGISTRY + "ListTools", grpc=True).route.retry_policy.retry_on
-    )
-    assert "unavailable" not in (
-        resolve(routes, REGISTRY + "InvokeTool", grpc=True).route.retry_policy.retry_on
-    )
+    list_tools = some(resolve(routes, REGISTRY + "ListTools", grpc=True).route)
+    assert "unavailable" in some(list_tools.retry_policy).retry_on
+    invoke_tool = some(resolve(routes, REGISTRY + "InvokeTool", grpc=True).route)
+    assert "unavailable" not in some(invoke_tool.retry_policy).retry_on
     assert cluster(resolve(routes, "/v1/tools", method="GET")) == REGISTRY_CLUSTER
     assert cluster(resolve(routes, "/v1/tools/calculator", method="GET")) == REGISTRY_CLUSTER
     # only reads are exposed over JSON
@@ -349,28 +379,24 @@ def test_console_routes() -> None:
     root = resolve(routes, "/", method="GET")
     assert root.redirect is not None and root.redirect.path_redirect == "/console/"
     page = resolve(routes, "/console/", method="GET")
-    assert page.direct_response.status == 200
-    assert "<title>agentplex console</title>" in page.direct_response.body.inline_string
+    assert some(page.direct_response).status == 200
+    assert "<title>agentplex console</title>" in body(page)
     types = {}
     for name in ("console.js", "console.css", "protobuf.min.js", "agentplex.json"):
         route = resolve(routes, f"/console/{name}", method="GET")
         assert route.direct_response is not None and route.direct_response.status == 200, name
-        types[name] = {o.header.key: o.header.value for o in route.response_headers_to_add}[
-            "content-type"
-        ]
+        types[name] = headers_added(route)["content-type"]
     assert types["console.js"].startswith("text/javascript")
     assert types["agentplex.json"] == "application/json"
-    schema = json.loads(
-        resolve(routes, "/console/agentplex.json", method="GET").direct_response.body.inline_string
-    )
+    schema = json.loads(body(resolve(routes, "/console/agentplex.json", method="GET")))
     v1 = schema["nested"]["agentplex"]["nested"]["v1"]["nested"]
     assert {"StreamStepsRequest", "StepEvent", "SubmitTaskRequest"} <= set(v1)
     # every body fits the route table's direct-response limit
     (config,) = resources.build(directory("assistant"), GatewayOptions()).routes
     for route in routes:
         if route.direct_response is not None and route.direct_response.body is not None:
-            size = len(route.direct_response.body.inline_string.encode())
-            assert size <= config.max_direct_response_body_size_bytes
+            size = len(body(route).encode())
+            assert size <= some(config.max_direct_response_body_size_bytes)
 
     without = routes_of(resources.build(directory("assistant"), GatewayOptions(console=False)))
     assert direct_json(resolve(without, "/console/", method="GET"))[0] == 404
@@ -382,7 +408,8 @@ def test_cors_allows_only_the_configured_origins() -> None:
         directory("assistant"), GatewayOptions(cors_origins=("http://app.example",))
     )
     (config,) = built.routes
-    policy = config.virtual_hosts[0].typed_per_filter_config["envoy.filters.http.cors"].unpack()
+    per_filter = config.virtual_hosts[0].typed_per_filter_config
+    policy = unpacked(per_filter["envoy.filters.http.cors"], CorsPolicy)
     assert [m.exact for m in policy.allow_origin_string_match] == ["http://app.example"]
     assert AGENT_HEADER in policy.allow_headers and "x-grpc-web" in policy.allow_headers
     assert "grpc-status" in policy.expose_headers
@@ -392,14 +419,7 @@ def test_clusters_and_endpoints_follow_the_directory() -> None:
     built = resources.build(directory("assistant", "researcher", replicas=2), GatewayOptions())
     assert [c.name for c in built.clusters] == ["agent.assistant", "agent.researcher", "registry"]
     by_cluster = {
-        a.cluster_name: [
-            (
-                e.endpoint.address.socket_address.address,
-                e.endpoint.address.socket_address.port_value,
-            )
-            for locality in a.endpoints
-            for e in locality.lb_endpoints
-        ]
+        a.cluster_name: [socket_of(e) for locality in a.endpoints for e in locality.lb_endpoints]
         for a in built.endpoints
     }
     assert by_cluster == {
@@ -409,13 +429,14 @@ def test_clusters_and_endpoints_follow_the_directory() -> None:
     }
     for built_cluster in built.clusters:
         assert built_cluster.health_checks[0].grpc_health_check is not None
-        assert built_cluster.common_lb_config.healthy_panic_threshold.value == 0.0
+        lb_config = some(built_cluster.common_lb_config)
+        assert some(lb_config.healthy_panic_threshold).value == 0.0
 
 
 def test_listener_takes_its_routes_over_rds() -> None:
     (listener,) = resources.build(directory("assistant"), GatewayOptions(listen_port=0)).listeners
-    manager = listener.filter_chains[0].filters[0].typed_config.unpack()
-    assert manager.rds.route_config_name == resources.ROUTE_CONFIG_NAME
+    manager = unpacked(listener.filter_chains[0].filters[0].typed_config, HttpConnectionManager)
+    assert some(manager.rds).route_config_name == resources.ROUTE_CONFIG_NAME
     names = [f.name for f in manager.http_filters]
     assert names[-1] == "envoy.filters.http.router"
     # gRPC-Web must become gRPC before the transcoder and router see the request

@@ -29,7 +29,7 @@ def scope(agent: str = "assistant", session_id: str = "s-1") -> memory_pb2.Sessi
 
 
 def msg(
-    content: str, *, role: int = memory_pb2.ROLE_USER, tokens: int = 0
+    content: str, *, role: memory_pb2.Role = memory_pb2.ROLE_USER, tokens: int = 0
 ) -> memory_pb2.MemoryMessage:
     return memory_pb2.MemoryMessage(role=role, content=content, token_count=tokens)
 
@@ -59,14 +59,14 @@ async def memory_address(settings: Settings) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def stub(memory_address: str, channel_to) -> pb_grpc.MemoryServiceStub:  # type: ignore[no-untyped-def]
+def stub(memory_address: str, channel_to) -> pb_grpc.MemoryServiceStub:
     return pb_grpc.MemoryServiceStub(channel_to(memory_address))
 
 
 # --- round trips on the full mesh -----------------------------------------------------------
 
 
-async def test_append_load_clear_round_trip(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_append_load_clear_round_trip(mesh, channel_to) -> None:
     stub = pb_grpc.MemoryServiceStub(channel_to(mesh.memory))
 
     appended = await stub.AppendMessages(
@@ -113,7 +113,7 @@ async def test_append_load_clear_round_trip(mesh, channel_to) -> None:  # type: 
 
 async def test_service_writes_under_the_configured_key_prefix(
     mesh, channel_to, redis_client: aioredis.Redis, key_prefix: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     stub = pb_grpc.MemoryServiceStub(channel_to(mesh.memory))
     await stub.AppendMessages(
         pb.AppendMessagesRequest(scope=scope("researcher", "abc"), messages=[msg("x")]),
@@ -124,7 +124,7 @@ async def test_service_writes_under_the_configured_key_prefix(
     assert 0 < await redis_client.ttl(key) <= mesh.settings.memory_ttl_seconds
 
 
-async def test_memory_client_round_trip(mesh) -> None:  # type: ignore[no-untyped-def]
+async def test_memory_client_round_trip(mesh) -> None:
     client = MemoryClient(mesh.memory)
     try:
         count = await client.append(
@@ -143,7 +143,7 @@ async def test_memory_client_round_trip(mesh) -> None:  # type: ignore[no-untype
 # --- max_tokens: unset means the server default ---------------------------------------------
 
 
-async def test_max_tokens_unset_uses_server_default(settings: Settings, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_max_tokens_unset_uses_server_default(settings: Settings, channel_to) -> None:
     host = memory_app.build_host(
         settings.model_copy(update={"memory_default_context_tokens": 30}), metrics_port=None
     )
@@ -273,7 +273,7 @@ async def test_bad_input_is_invalid_argument(
 
     err = caught.value
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert expected in err.details()
+    assert expected in (err.details() or "")
     info = error_info(err)
     assert info.reason == "INVALID_ARGUMENT"
     assert info.domain == errors.ERROR_DOMAIN
@@ -281,10 +281,10 @@ async def test_bad_input_is_invalid_argument(
     assert await redis_client.keys(f"{key_prefix}:*") == []
 
 
-async def test_health_serving_with_redis(memory_address: str, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_health_serving_with_redis(memory_address: str, channel_to) -> None:
     health = health_pb2_grpc.HealthStub(channel_to(memory_address))
     for service in ("", memory_app.SERVICE_NAME):
-        response = await health.Check(
+        response = await health.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
             health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT
         )
         assert response.status == health_pb2.HealthCheckResponse.SERVING
@@ -305,7 +305,7 @@ async def memory_without_redis(settings: Settings) -> AsyncIterator[str]:
 
 async def test_unreachable_redis_is_unavailable_and_not_serving(
     memory_without_redis: str, channel_to
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     channel = channel_to(memory_without_redis)
     stub = pb_grpc.MemoryServiceStub(channel)
 
@@ -321,12 +321,12 @@ async def test_unreachable_redis_is_unavailable_and_not_serving(
             await call
         err = caught.value
         assert err.code() is grpc.StatusCode.UNAVAILABLE, err
-        assert "Redis is unavailable" in err.details()
+        assert "Redis is unavailable" in (err.details() or "")
         assert error_info(err).reason == "REDIS_UNAVAILABLE"
 
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", memory_app.SERVICE_NAME):
-        response = await health.Check(
+        response = await health.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
             health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT
         )
         assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -334,7 +334,7 @@ async def test_unreachable_redis_is_unavailable_and_not_serving(
 
 async def test_validation_still_wins_when_redis_is_unreachable(
     memory_without_redis: str, channel_to
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     stub = pb_grpc.MemoryServiceStub(channel_to(memory_without_redis))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.AppendMessages(pb.AppendMessagesRequest(scope=scope()), timeout=TIMEOUT)

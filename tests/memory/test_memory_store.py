@@ -31,7 +31,7 @@ def scope(agent: str = "assistant", session_id: str = "s-1") -> memory_pb2.Sessi
 def msg(
     content: str,
     *,
-    role: int = memory_pb2.ROLE_USER,
+    role: memory_pb2.Role = memory_pb2.ROLE_USER,
     tokens: int = 0,
     task_id: str = "",
     tool_call_id: str = "",
@@ -46,7 +46,7 @@ def key_of(key_prefix: str, s: memory_pb2.SessionScope) -> str:
 
 
 @pytest.fixture
-def make_store(redis_client: aioredis.Redis, key_prefix: str):  # type: ignore[no-untyped-def]
+def make_store(redis_client: aioredis.Redis, key_prefix: str):
     def make(**overrides: int) -> MemoryStore:
         options = {
             "ttl_seconds": TTL_SECONDS,
@@ -60,7 +60,7 @@ def make_store(redis_client: aioredis.Redis, key_prefix: str):  # type: ignore[n
 
 
 @pytest.fixture
-def store(make_store) -> MemoryStore:  # type: ignore[no-untyped-def]
+def store(make_store) -> MemoryStore:
     return make_store()
 
 
@@ -141,7 +141,7 @@ async def test_sessions_and_agents_are_isolated(store: MemoryStore) -> None:
 
 async def test_key_prefix_isolates_stores(
     redis_client: aioredis.Redis, key_prefix: str, make_store
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     mine = make_store()
     other = MemoryStore(
         redis_client,
@@ -266,7 +266,7 @@ async def test_append_renews_ttl(
 
 async def test_append_trims_to_max_messages(
     make_store, redis_client: aioredis.Redis, key_prefix: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     store = make_store(max_messages=5)
     assert await store.append(scope(), [msg(f"m{i}", tokens=1) for i in range(3)]) == 3
     assert await store.append(scope(), [msg(f"m{i}", tokens=1) for i in range(3, 8)]) == 5
@@ -277,7 +277,7 @@ async def test_append_trims_to_max_messages(
     assert packet.omitted_count == 0
 
 
-async def test_load_window_never_exceeds_max_messages(make_store) -> None:  # type: ignore[no-untyped-def]
+async def test_load_window_never_exceeds_max_messages(make_store) -> None:
     store = make_store(max_messages=4)
     await store.append(scope(), [msg(f"m{i}", tokens=1) for i in range(10)])
 
@@ -488,7 +488,7 @@ async def test_concurrent_appends_through_separate_connections(
 
 async def test_a_tasks_turn_is_stored_once_however_often_it_is_saved(
     redis_client, key_prefix
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from agentplex.memory.store import MemoryStore
     from agentplex.v1 import memory_pb2
 

@@ -55,7 +55,7 @@ async def test_messages_carry_stable_positions(store: MemoryStore) -> None:
     assert (packet.next_position, packet.omitted_count, packet.summary) == (3, 1, None)
 
 
-async def test_positions_survive_the_hard_cap(redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_positions_survive_the_hard_cap(redis_client, key_prefix) -> None:
     capped = MemoryStore(
         redis_client,
         key_prefix=key_prefix,
@@ -255,7 +255,7 @@ async def test_concurrent_summaries_one_wins_whole(store: MemoryStore) -> None:
 # --- over gRPC ------------------------------------------------------------------------------
 
 
-async def test_summary_rpcs_over_grpc(settings, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_summary_rpcs_over_grpc(settings, channel_to) -> None:
     import grpc
 
     from agentplex.memory import app as memory_app

@@ -37,7 +37,7 @@ def agentplex(
     )
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float, what: str) -> None:
     give_up = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > give_up:
@@ -70,7 +70,8 @@ def running_mesh(
             "the mesh did not come up",
         )
         if process.poll() is not None:
-            pytest.fail(f"agentplex up exited early:\n{process.stdout.read()}")  # type: ignore[union-attr]
+            assert process.stdout is not None
+            pytest.fail(f"agentplex up exited early:\n{process.stdout.read()}")
         yield state_file, process
     finally:
         if process.poll() is None:
@@ -81,7 +82,7 @@ def running_mesh(
                 process.kill()
 
 
-def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_state_file_names_every_part(running_mesh) -> None:
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
     parts = ("redis", "memory", "registry", "tools", "assistant", "researcher", "supervisor")
@@ -98,7 +99,7 @@ def test_state_file_names_every_part(running_mesh) -> None:  # type: ignore[no-u
     assert state["assistant"].startswith("127.0.0.1:")
 
 
-def test_run_stream_shows_the_calculator_call_and_391(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_run_stream_shows_the_calculator_call_and_391(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex(
         "run", "--stream", "--agent", "assistant", "what is 17*23?", state_file=state_file
@@ -108,13 +109,13 @@ def test_run_stream_shows_the_calculator_call_and_391(running_mesh) -> None:  # 
     assert "answer: 17*23 = 391." in done.stdout
 
 
-def test_run_without_stream_prints_the_answer(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_run_without_stream_prints_the_answer(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex("run", "what is 6*7", state_file=state_file)
     assert (done.returncode, done.stdout.strip()) == (0, "6*7 = 42.")
 
 
-def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_researcher_answers_from_the_docs(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex(
         "run", "--agent", "researcher", "how do I run the tests?", state_file=state_file
@@ -123,7 +124,7 @@ def test_researcher_answers_from_the_docs(running_mesh) -> None:  # type: ignore
     assert done.stdout.startswith("From "), done.stdout  # a section of README or docs/
 
 
-def test_supervisor_streams_a_live_tree_of_two_sub_agents(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_supervisor_streams_a_live_tree_of_two_sub_agents(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex(
         "run",
@@ -150,7 +151,7 @@ def test_supervisor_streams_a_live_tree_of_two_sub_agents(running_mesh) -> None:
     assert "assistant: 17*23 = 391." in answers[0] and "researcher: From " in answers[0]
 
 
-def test_tools_list(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_tools_list(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex("tools", "list", state_file=state_file)
     assert done.returncode == 0, done.stderr
@@ -158,7 +159,7 @@ def test_tools_list(running_mesh) -> None:  # type: ignore[no-untyped-def]
         assert name in done.stdout
 
 
-def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:
     state_file, _ = running_mesh
     unknown = agentplex("run", "--agent", "nope", "hi", state_file=state_file)
     assert unknown.returncode == 2
@@ -176,7 +177,7 @@ def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:  # 
     assert len(nothing.stderr.strip().splitlines()) == 1
 
 
-def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:
     state_file, _ = running_mesh
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     state = json.loads(state_file.read_text())
@@ -199,7 +200,7 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:  # 
     assert '"status": "SERVING"' in health.stdout
 
 
-def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:
     """The issue's newcomer path: one gateway address, gRPC (grpcurl) and JSON (HTTP)."""
     import httpx
 
@@ -234,7 +235,7 @@ def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:  # 
     assert console.status_code == 200 and "agentplex console" in console.text
 
 
-def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_submit_watch_status_cancel(running_mesh) -> None:
     state_file, _ = running_mesh
     submitted = agentplex("submit", "--task-id", "cli-1", "what is 9*9", state_file=state_file)
     assert (submitted.returncode, submitted.stdout.strip()) == (0, "cli-1")
@@ -258,7 +259,7 @@ def test_submit_watch_status_cancel(running_mesh) -> None:  # type: ignore[no-un
     assert missing.stderr.startswith("agentplex: NOT_FOUND: task 'nope'")
 
 
-def test_a_callers_trace_reaches_the_worker_log_with_no_exporter(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_a_callers_trace_reaches_the_worker_log_with_no_exporter(running_mesh) -> None:
     """The mesh as `up` runs it records no spans; the caller's trace id still crosses
     the gRPC hop (header only) and the queue, into the worker's log line."""
     import grpc
@@ -286,11 +287,13 @@ def test_a_callers_trace_reaches_the_worker_log_with_no_exporter(running_mesh) -
         for log in logs.glob("*.log"):
             for line in log.read_text().splitlines():
                 if '"traced-1"' in line and "task finished" in line:
-                    return json.loads(line)  # type: ignore[no-any-return]
+                    return json.loads(line)
         return None
 
     wait_for(lambda: finished_line() is not None, 10, "the worker never logged the task")
-    assert finished_line()["trace_id"] == trace_id  # type: ignore[index]
+    finished = finished_line()
+    assert finished is not None
+    assert finished["trace_id"] == trace_id
 
 
 CALCULATOR_YAML = """\
@@ -315,7 +318,7 @@ output_schema:
 """
 
 
-def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:
     """docs/TOOLS.md, step by step."""
     state_file, _ = running_mesh
     endpoint = json.loads(state_file.read_text())["tools"]
@@ -361,20 +364,20 @@ def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:  # type: ig
     assert refused.returncode == 2 and "missing version" in refused.stderr
 
 
-def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:
     state_file, _ = running_mesh
     second = agentplex("up", "--ephemeral-ports", state_file=state_file, timeout=60)
     assert second.returncode == 1
     assert "a mesh is already running here" in second.stdout
 
 
-def test_sigterm_stops_everything_cleanly(running_mesh) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_stops_everything_cleanly(running_mesh) -> None:
     """Runs last in this module: stops the mesh and checks nothing is left behind."""
     state_file, process = running_mesh
     state = json.loads(state_file.read_text())
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
-    output = process.stdout.read()  # type: ignore[union-attr]
+    output = process.stdout.read()
     assert "agentplex: stopped" in output
     assert not state_file.exists()
     import socket

@@ -150,12 +150,13 @@ def test_agentplex_up_with_the_local_model_streams_a_real_answer(tmp_path: Path)
         text=True,
         env=env,
     )
+    assert up.stdout is not None
     try:
         give_up = time.monotonic() + 180
         while not state_file.exists() and up.poll() is None:
             assert time.monotonic() < give_up, "the mesh did not come up"
             time.sleep(0.1)
-        assert up.poll() is None, up.stdout.read()  # type: ignore[union-attr]
+        assert up.poll() is None, up.stdout.read()
         state = json.loads(state_file.read_text())
         llm_url = state["llm"]
         assert httpx.get(f"{llm_url}/models", timeout=5).status_code == 200

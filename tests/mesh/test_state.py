@@ -121,3 +121,14 @@ def test_state_file_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert state_file_path() == tmp_path / "from-env.json"
     monkeypatch.delenv("AGENTPLEX_STATE_FILE")
     assert state_file_path() == DEFAULT_STATE_FILE == Path(".agentplex/mesh.json")
+
+
+def test_state_file_path_from_the_settings_read_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from agentplex.runtime.settings import Settings
+
+    monkeypatch.setenv("AGENTPLEX_STATE_FILE", str(tmp_path / "from-env.json"))
+    settings = Settings(state_file=tmp_path / "read-once.json")
+    assert state_file_path(None, settings) == tmp_path / "read-once.json"
+    assert state_file_path(tmp_path / "explicit.json", settings) == tmp_path / "explicit.json"

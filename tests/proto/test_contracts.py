@@ -69,3 +69,43 @@ def test_service_names_are_the_published_ones() -> None:
     assert memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name == (
         "agentplex.v1.MemoryService"
     )
+
+
+def _image_of(tree: Path, out: Path) -> Path:
+    done = run_buf("build", "-o", str(out), cwd=tree)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def _breaking(image: Path) -> subprocess.CompletedProcess[str]:
+    baseline = REPO_ROOT / "proto" / "released.json"
+    return run_buf(
+        "breaking",
+        str(image),
+        "--against",
+        str(baseline),
+        "--config",
+        str(REPO_ROOT / "buf.yaml"),
+        cwd=REPO_ROOT,
+    )
+
+
+def test_contracts_keep_every_released_field(tmp_path: Path) -> None:
+    """`buf breaking` against proto/released.json (the last released contracts)."""
+    googleapis.stage(REPO_ROOT / ".build" / "googleapis")
+    done = _breaking(_image_of(REPO_ROOT, tmp_path / "current.binpb"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_baseline_catches_a_removed_field(tmp_path: Path) -> None:
+    """The check can fail: a released field deleted from a copy of the contracts is a break."""
+    shutil.copytree(REPO_ROOT / "proto", tmp_path / "proto")
+    shutil.copy(REPO_ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    googleapis.stage(tmp_path / ".build" / "googleapis")
+    service = tmp_path / "proto/agentplex/v1/tool_registry_service.proto"
+    text = service.read_text()
+    assert "  bool only_if_unset = 3;\n" in text
+    service.write_text(text.replace("  bool only_if_unset = 3;\n", ""))
+    done = _breaking(_image_of(tmp_path, tmp_path / "edited.binpb"))
+    assert done.returncode != 0
+    assert "only_if_unset" in done.stdout + done.stderr

@@ -7,7 +7,7 @@ import json
 from agentplex.agents.app import agent_tool
 from agentplex.agents.catalog import ASSISTANT
 from agentplex.mesh.redis_process import free_port
-from agentplex.registry.backends import BackendRouter, _failure
+from agentplex.registry.backends import BackendRouter, Invocation, _failure
 from agentplex.registry.breaker import BreakerState, CircuitBreaker
 from agentplex.runtime.clients import Deadline
 from agentplex.v1 import tool_pb2
@@ -22,6 +22,21 @@ class Clock:
         return self.now
 
 
+def delegation(tool: tool_pb2.ToolDefinition, caller: pb.Caller) -> Invocation:
+    return Invocation(
+        tool=tool,
+        arguments={"prompt": "hi"},
+        caller=caller,
+        deadline=Deadline.after(10),
+        idempotency_key="t:1:0",
+    )
+
+
+def state_of(breaker: CircuitBreaker) -> BreakerState:
+    """Read afresh: mypy would keep `breaker.state` narrowed across the calls that change it."""
+    return breaker.state
+
+
 def test_opens_after_consecutive_failures_only() -> None:
     breaker = CircuitBreaker(failure_threshold=3, reset_seconds=30, clock=Clock())
     for _ in range(2):
@@ -32,10 +47,10 @@ def test_opens_after_consecutive_failures_only() -> None:
     for _ in range(2):
         assert breaker.allow()
         breaker.record(False)
-    assert breaker.state is BreakerState.CLOSED
+    assert state_of(breaker) is BreakerState.CLOSED
     assert breaker.allow()
     breaker.record(False)
-    assert breaker.state is BreakerState.OPEN
+    assert state_of(breaker) is BreakerState.OPEN
     assert not breaker.allow()
 
 
@@ -46,11 +61,11 @@ def test_half_open_admits_one_probe_and_closes_on_success() -> None:
     clock.now += 29.9
     assert not breaker.allow() and breaker.retry_after() > 0
     clock.now += 0.1
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state_of(breaker) is BreakerState.HALF_OPEN
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one at a time
     breaker.record(True)
-    assert breaker.state is BreakerState.CLOSED
+    assert state_of(breaker) is BreakerState.CLOSED
     assert breaker.allow() and breaker.allow()
 
 
@@ -62,7 +77,7 @@ def test_a_failed_probe_opens_it_for_another_cool_down() -> None:
     clock.now += 10
     assert breaker.allow()
     breaker.record(False)  # one failed probe is enough
-    assert breaker.state is BreakerState.OPEN
+    assert state_of(breaker) is BreakerState.OPEN
     clock.now += 9
     assert not breaker.allow()
     clock.now += 1
@@ -76,7 +91,7 @@ def test_a_probe_without_a_verdict_frees_the_slot() -> None:
     clock.now += 10
     assert breaker.allow()
     breaker.record(None)  # the caller gave up: says nothing about the peer
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state_of(breaker) is BreakerState.HALF_OPEN
     assert breaker.allow()
 
 
@@ -93,9 +108,7 @@ async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
     caller = pb.Caller(agent="supervisor", session_id="s", task_id="t")
 
     async def call() -> tool_pb2.ToolError:
-        response = await router.execute(
-            tool, [dead], {"prompt": "hi"}, caller, "t:1:0", Deadline.after(10)
-        )
+        response = await router.execute(delegation(tool, caller), [dead])
         assert response.HasField("error")
         return response.error
 
@@ -105,7 +118,7 @@ async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
         refused = await call()
         assert refused.code == "CIRCUIT_OPEN"
         assert "agent.assistant failed 2 times in a row" in refused.message
-        assert router.breaker(tool.name).state is BreakerState.OPEN
+        assert router.agents.breaker(tool.name).state is BreakerState.OPEN
         clock.now += 30
         assert (await call()).code == "UNAVAILABLE"  # the probe went through, and failed
         assert (await call()).code == "CIRCUIT_OPEN"
@@ -114,7 +127,7 @@ async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
     assert json.loads(tool.input_schema_json)["required"] == ["prompt"]
 
 
-async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypatch) -> None:
     """Only failures of the agent itself count; a refused, cancelled or unaffordable
     call neither counts nor resets the count, and a full queue counts."""
     clock = Clock()
@@ -126,29 +139,27 @@ async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypa
     caller = pb.Caller(agent="supervisor", session_id="s", task_id="t")
     codes: list[str] = []
 
-    async def fake_execute(*args, **kwargs):  # type: ignore[no-untyped-def]
+    async def fake_execute(*args, **kwargs):
         return _failure(codes.pop(0), "scripted")
 
-    monkeypatch.setattr(router, "_execute", fake_execute)
+    monkeypatch.setattr(router.agents, "_execute", fake_execute)
 
     async def call(code: str) -> str:
         codes.append(code)
-        response = await router.execute(
-            tool, ["127.0.0.1:1"], {"prompt": "hi"}, caller, "t:1:0", Deadline.after(10)
-        )
+        response = await router.execute(delegation(tool, caller), ["127.0.0.1:1"])
         return response.error.code
 
-    breaker = router.breaker(tool.name)
+    breaker = router.agents.breaker(tool.name)
     assert await call("UNAVAILABLE") == "UNAVAILABLE"
     assert await call("QUEUE_FULL") == "QUEUE_FULL"
     for harmless in ("TOKEN_BUDGET_EXCEEDED", "CANCELLED", "DELEGATION_CYCLE"):
         assert await call(harmless) == harmless
         assert breaker.consecutive_failures == 2  # not reset, not counted
     assert await call("AGENT_FAILED") == "AGENT_FAILED"
-    assert breaker.state is BreakerState.OPEN
+    assert state_of(breaker) is BreakerState.OPEN
 
     clock.now += 30
     assert await call("CANCELLED") == "CANCELLED"  # the probe ended without a verdict
-    assert breaker.state is BreakerState.HALF_OPEN  # ... so it did not close the breaker
+    assert state_of(breaker) is BreakerState.HALF_OPEN  # ... so it did not close the breaker
     assert await call("UNAVAILABLE") == "UNAVAILABLE"  # the next probe is admitted, and fails
-    assert breaker.state is BreakerState.OPEN
+    assert state_of(breaker) is BreakerState.OPEN

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agentplex.registry.compat import input_breaks, output_breaks
 
-BASE = {
+BASE: dict[str, Any] = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "minLength": 1, "maxLength": 100},
@@ -19,11 +21,11 @@ BASE = {
 }
 
 
-def changed(path: list[str], key: str, value: object) -> dict:
+def changed(path: list[str], key: str, value: object) -> dict[str, Any]:
     import copy
 
     schema = copy.deepcopy(BASE)
-    node = schema
+    node: Any = schema
     for part in path:
         node = node[part]
     if value is DELETE:
@@ -149,14 +151,14 @@ INPUT_CASES = [
 @pytest.mark.parametrize(
     ("case", "new", "breaking", "words"), INPUT_CASES, ids=[case[0] for case in INPUT_CASES]
 )
-def test_input_compatibility(case: str, new: dict, breaking: bool, words: str) -> None:
+def test_input_compatibility(case: str, new: dict[str, Any], breaking: bool, words: str) -> None:
     breaks = input_breaks(BASE, new)
     assert bool(breaks) is breaking, breaks
     if words:
         assert any(words in b for b in breaks), breaks
 
 
-OUT = {
+OUT: dict[str, Any] = {
     "type": "object",
     "properties": {"temp": {"type": "number"}, "sky": {"type": "string", "enum": ["sun", "rain"]}},
     "required": ["temp", "sky"],
@@ -218,7 +220,7 @@ OUTPUT_CASES = [
 @pytest.mark.parametrize(
     ("case", "new", "breaking", "words"), OUTPUT_CASES, ids=[case[0] for case in OUTPUT_CASES]
 )
-def test_output_compatibility(case: str, new: dict, breaking: bool, words: str) -> None:
+def test_output_compatibility(case: str, new: dict[str, Any], breaking: bool, words: str) -> None:
     breaks = output_breaks(OUT, new)
     assert bool(breaks) is breaking, breaks
     if words:

@@ -60,7 +60,9 @@ async def test_first_claim_runs(
     assert claim.replay is None
     assert claim.key == ledger_key(key_prefix, "", "session-1", "key-1")
     assert claim.key.startswith(f"{key_prefix}:idempotency:")
-    entry = json.loads(await redis_client.get(claim.key))
+    raw = await redis_client.get(claim.key)
+    assert raw is not None
+    entry = json.loads(raw)
     assert entry == {"fp": FP, "state": "pending", "token": claim.token}
 
 
@@ -108,7 +110,7 @@ async def test_conflict_is_detected_while_the_first_call_is_pending(
 
 async def test_concurrent_claims_run_exactly_once(
     ledger: IdempotencyLedger,
-    eventually,  # type: ignore[no-untyped-def]
+    eventually,
 ) -> None:
     release_first = asyncio.Event()
     runs: list[int] = []

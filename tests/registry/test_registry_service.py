@@ -15,6 +15,7 @@ from agentplex.contract.tool_definition import define
 from agentplex.registry import app as registry_app
 from agentplex.runtime import errors
 from agentplex.runtime.errors import from_rpc_error
+from agentplex.runtime.redis_client import as_text
 from agentplex.tools.calculator import Calculator
 from agentplex.v1 import tool_pb2, tool_registry_service_pb2_grpc
 from agentplex.v1 import tool_registry_service_pb2 as pb
@@ -41,7 +42,7 @@ TIMEOUT = 10
 
 
 @pytest.fixture
-def registry(mesh, channel_to):  # type: ignore[no-untyped-def]
+def registry(mesh, channel_to):
     return tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(mesh.registry))
 
 
@@ -104,31 +105,31 @@ def weather(version: str = "1.0.0", **overrides: Any) -> tool_pb2.ToolDefinition
 # ---------------------------------------------------------------- discovery
 
 
-async def test_list_all_tools(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_list_all_tools(registry) -> None:
     response = await registry.ListTools(pb.ListToolsRequest(), timeout=TIMEOUT)
     assert [tool.name for tool in response.tools] == EVERYTHING
     assert all(tool.version == "1.0.0" for tool in response.tools)
     assert all(tool.endpoint for tool in response.tools)
 
 
-async def test_list_tools_for_assistant(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_list_tools_for_assistant(registry) -> None:
     response = await registry.ListTools(pb.ListToolsRequest(agent="assistant"), timeout=TIMEOUT)
     assert [tool.name for tool in response.tools] == ["calculator", "notes.read", "notes.write"]
 
 
-async def test_list_tools_for_researcher(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_list_tools_for_researcher(registry) -> None:
     response = await registry.ListTools(pb.ListToolsRequest(agent="researcher"), timeout=TIMEOUT)
     assert [tool.name for tool in response.tools] == ["docs.search"]
 
 
-async def test_list_tools_for_unknown_agent_is_not_found(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_list_tools_for_unknown_agent_is_not_found(registry) -> None:
     err = await rpc_error(registry.ListTools(pb.ListToolsRequest(agent="ghost"), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.NOT_FOUND
-    assert "ghost" in err.details()
+    assert "ghost" in (err.details() or "")
     assert reason_of(err) == "AGENT_NOT_FOUND"
 
 
-async def test_get_tool_returns_the_published_contract(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_get_tool_returns_the_published_contract(registry) -> None:
     response = await registry.GetTool(pb.GetToolRequest(name="calculator"), timeout=TIMEOUT)
     assert contract_of(response.tool) == Calculator.definition
     assert response.tool.backend_kind == tool_pb2.BACKEND_KIND_EXECUTOR
@@ -138,22 +139,22 @@ async def test_get_tool_returns_the_published_contract(registry) -> None:  # typ
     assert response.tool.side_effect == tool_pb2.SIDE_EFFECT_READ_ONLY
 
 
-async def test_get_unknown_tool_is_not_found(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_get_unknown_tool_is_not_found(registry) -> None:
     err = await rpc_error(registry.GetTool(pb.GetToolRequest(name="nope"), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert reason_of(err) == "TOOL_NOT_FOUND"
 
 
-async def test_get_tool_without_name_is_invalid(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_get_tool_without_name_is_invalid(registry) -> None:
     err = await rpc_error(registry.GetTool(pb.GetToolRequest(name=""), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "name" in err.details()
+    assert "name" in (err.details() or "")
 
 
 # ---------------------------------------------------------------- invocation
 
 
-async def test_invoke_calculator(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invoke_calculator(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "17*23"}, agent="assistant", session="s"),
         timeout=TIMEOUT,
@@ -164,14 +165,14 @@ async def test_invoke_calculator(registry) -> None:  # type: ignore[no-untyped-d
     assert response.replayed is False
 
 
-async def test_invoke_as_operator_without_agent(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invoke_as_operator_without_agent(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "7/2"}), timeout=TIMEOUT
     )
     assert json.loads(response.result_json)["result"] == 3.5
 
 
-async def test_invoke_docs_search(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invoke_docs_search(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("docs.search", {"query": "registry", "limit": 2}, agent="researcher"),
         timeout=TIMEOUT,
@@ -180,13 +181,13 @@ async def test_invoke_docs_search(registry) -> None:  # type: ignore[no-untyped-
     assert isinstance(results, list) and len(results) <= 2
 
 
-async def test_invoke_unknown_tool_is_not_found(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invoke_unknown_tool_is_not_found(registry) -> None:
     err = await rpc_error(registry.InvokeTool(invoke_request("nope", {}), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert reason_of(err) == "TOOL_NOT_FOUND"
 
 
-async def test_agent_invoking_a_tool_it_was_not_granted_is_denied(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_agent_invoking_a_tool_it_was_not_granted_is_denied(registry) -> None:
     # Whether or not the tool exists: an agent learns nothing beyond its grants.
     err = await rpc_error(
         registry.InvokeTool(invoke_request("nope", {}, agent="assistant"), timeout=TIMEOUT)
@@ -194,7 +195,7 @@ async def test_agent_invoking_a_tool_it_was_not_granted_is_denied(registry) -> N
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_invoke_without_tool_name_is_invalid(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invoke_without_tool_name_is_invalid(registry) -> None:
     err = await rpc_error(registry.InvokeTool(invoke_request("", {}), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -208,26 +209,26 @@ async def test_invoke_without_tool_name_is_invalid(registry) -> None:  # type: i
         ({"expression": "1", "code": "x"}, "code"),
     ],
 )
-async def test_arguments_failing_the_schema_are_invalid(registry, arguments, words) -> None:  # type: ignore[no-untyped-def]
+async def test_arguments_failing_the_schema_are_invalid(registry, arguments, words) -> None:
     err = await rpc_error(
         registry.InvokeTool(invoke_request("calculator", arguments), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert words in err.details()
-    assert "calculator" in err.details()
+    assert words in (err.details() or "")
+    assert "calculator" in (err.details() or "")
     assert reason_of(err) == "INVALID_ARGUMENT"
 
 
 @pytest.mark.parametrize("raw", ["{", "not json", "[1, 2]", '"17*23"', "null"])
-async def test_malformed_arguments_are_invalid(registry, raw) -> None:  # type: ignore[no-untyped-def]
+async def test_malformed_arguments_are_invalid(registry, raw) -> None:
     err = await rpc_error(
         registry.InvokeTool(invoke_request("calculator", raw=raw), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "arguments_json" in err.details()
+    assert "arguments_json" in (err.details() or "")
 
 
-async def test_agent_may_only_use_its_own_tools(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_agent_may_only_use_its_own_tools(registry) -> None:
     err = await rpc_error(
         registry.InvokeTool(
             invoke_request("calculator", {"expression": "1+1"}, agent="researcher"),
@@ -236,10 +237,10 @@ async def test_agent_may_only_use_its_own_tools(registry) -> None:  # type: igno
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(err) == "TOOL_NOT_ALLOWED"
-    assert "researcher" in err.details() and "calculator" in err.details()
+    assert "researcher" in (err.details() or "") and "calculator" in (err.details() or "")
 
 
-async def test_unknown_agent_may_use_nothing(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_unknown_agent_may_use_nothing(registry) -> None:
     err = await rpc_error(
         registry.InvokeTool(
             invoke_request("calculator", {"expression": "1+1"}, agent="ghost"), timeout=TIMEOUT
@@ -249,7 +250,7 @@ async def test_unknown_agent_may_use_nothing(registry) -> None:  # type: ignore[
     assert reason_of(err) == "TOOL_NOT_ALLOWED"
 
 
-async def test_division_by_zero_is_a_tool_error_not_an_rpc_error(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_division_by_zero_is_a_tool_error_not_an_rpc_error(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "1/0"}, agent="assistant"), timeout=TIMEOUT
     )
@@ -259,7 +260,7 @@ async def test_division_by_zero_is_a_tool_error_not_an_rpc_error(registry) -> No
     assert response.tool_version == "1.0.0"
 
 
-async def test_code_in_an_expression_is_a_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_code_in_an_expression_is_a_tool_error(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "__import__('os').getcwd()"}),
         timeout=TIMEOUT,
@@ -267,14 +268,14 @@ async def test_code_in_an_expression_is_a_tool_error(registry) -> None:  # type:
     assert response.error.code == "EXECUTION_FAILED"
 
 
-async def test_a_too_large_result_is_a_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_a_too_large_result_is_a_tool_error(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "99999**1000"}), timeout=TIMEOUT
     )
     assert response.error.code == "EXECUTION_FAILED"
 
 
-async def test_result_json_is_strict_json(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_result_json_is_strict_json(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("calculator", {"expression": "1e308*10"}), timeout=TIMEOUT
     )
@@ -293,10 +294,10 @@ async def test_result_json_is_strict_json(registry) -> None:  # type: ignore[no-
 
 async def stored_notes(redis_client: aioredis.Redis, key_prefix: str, session: str) -> list[str]:
     raw = await redis_client.lrange(f"{key_prefix}:notes:{session}", 0, -1)
-    return [note.decode() for note in raw]
+    return [as_text(note) for note in raw]
 
 
-async def test_notes_write_then_read_through_the_registry(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_notes_write_then_read_through_the_registry(registry) -> None:
     write = await registry.InvokeTool(
         invoke_request(
             "notes.write", {"text": "remember 42"}, agent="assistant", session="s1", key="w1"
@@ -314,7 +315,7 @@ async def test_notes_write_then_read_through_the_registry(registry) -> None:  # 
     assert json.loads(other.result_json) == {"notes": []}
 
 
-async def test_notes_without_session_is_a_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_notes_without_session_is_a_tool_error(registry) -> None:
     response = await registry.InvokeTool(
         invoke_request("notes.write", {"text": "x"}, agent="assistant", key="k0"),
         timeout=TIMEOUT,
@@ -322,7 +323,7 @@ async def test_notes_without_session_is_a_tool_error(registry) -> None:  # type:
     assert response.error.code == "NO_SESSION"
 
 
-async def test_same_idempotency_key_writes_one_note(registry, redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_same_idempotency_key_writes_one_note(registry, redis_client, key_prefix) -> None:
     request = invoke_request(
         "notes.write", {"text": "only once"}, agent="assistant", session="s1", key="step-1"
     )
@@ -339,7 +340,7 @@ async def test_same_idempotency_key_writes_one_note(registry, redis_client, key_
     assert json.loads(read.result_json) == {"notes": ["only once"]}
 
 
-async def test_concurrent_retries_write_one_note(registry, redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_retries_write_one_note(registry, redis_client, key_prefix) -> None:
     request = invoke_request(
         "notes.write", {"text": "raced"}, agent="assistant", session="race", key="step-1"
     )
@@ -353,7 +354,7 @@ async def test_concurrent_retries_write_one_note(registry, redis_client, key_pre
 
 async def test_same_key_different_arguments_is_a_conflict(
     registry, redis_client, key_prefix
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     await registry.InvokeTool(
         invoke_request("notes.write", {"text": "first"}, agent="assistant", session="s", key="k"),
         timeout=TIMEOUT,
@@ -371,7 +372,7 @@ async def test_same_key_different_arguments_is_a_conflict(
     assert await stored_notes(redis_client, key_prefix, "s") == ["first"]
 
 
-async def test_idempotency_keys_are_scoped_by_session(registry, redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_idempotency_keys_are_scoped_by_session(registry, redis_client, key_prefix) -> None:
     for session in ("a", "b"):
         response = await registry.InvokeTool(
             invoke_request(
@@ -390,7 +391,7 @@ async def test_idempotency_keys_are_scoped_by_session(registry, redis_client, ke
 
 async def test_side_effecting_tool_without_key_is_refused(
     registry, redis_client, key_prefix
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     request = invoke_request("notes.write", {"text": "again"}, agent="assistant", session="s")
     err = await rpc_error(registry.InvokeTool(request, timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -398,13 +399,13 @@ async def test_side_effecting_tool_without_key_is_refused(
     assert await stored_notes(redis_client, key_prefix, "s") == []
 
 
-async def test_read_only_tool_without_key_runs_every_time(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_read_only_tool_without_key_runs_every_time(registry) -> None:
     request = invoke_request("calculator", {"expression": "1+1"}, agent="assistant")
     for _ in range(2):
         assert (await registry.InvokeTool(request, timeout=TIMEOUT)).replayed is False
 
 
-async def test_stored_tool_error_is_replayed(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_stored_tool_error_is_replayed(registry) -> None:
     request = invoke_request("notes.write", {"text": "x"}, agent="assistant", key="k")
     first = await registry.InvokeTool(request, timeout=TIMEOUT)
     second = await registry.InvokeTool(request, timeout=TIMEOUT)
@@ -414,7 +415,7 @@ async def test_stored_tool_error_is_replayed(registry) -> None:  # type: ignore[
 
 async def test_rejected_call_runs_nothing_and_claims_nothing(
     registry, redis_client, key_prefix
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     for arguments in ({"text": ""}, {"text": 5}, {"note": "x"}):
         err = await rpc_error(
             registry.InvokeTool(
@@ -441,7 +442,7 @@ async def test_rejected_call_runs_nothing_and_claims_nothing(
     assert await stored_notes(redis_client, key_prefix, "s") == ["valid"]
 
 
-async def test_overlong_idempotency_key_is_invalid(registry, redis_client, key_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_overlong_idempotency_key_is_invalid(registry, redis_client, key_prefix) -> None:
     err = await rpc_error(
         registry.InvokeTool(
             invoke_request(
@@ -457,7 +458,7 @@ async def test_overlong_idempotency_key_is_invalid(registry, redis_client, key_p
 # ---------------------------------------------------------------- registration
 
 
-async def test_register_new_then_identical(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_register_new_then_identical(registry) -> None:
     tool = weather()
     first = await registry.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=TIMEOUT)
     assert first.created is True
@@ -476,7 +477,7 @@ async def test_register_new_then_identical(registry) -> None:  # type: ignore[no
 @pytest.mark.parametrize(
     ("version", "reason"), [("1.1.0", "VERSION_EXISTS"), ("1.0.5", "VERSION_NOT_NEWER")]
 )
-async def test_published_versions_are_immutable_and_ordered(registry, version, reason) -> None:  # type: ignore[no-untyped-def]
+async def test_published_versions_are_immutable_and_ordered(registry, version, reason) -> None:
     await registry.RegisterTool(pb.RegisterToolRequest(tool=weather("1.0.0")), timeout=TIMEOUT)
     original = weather("1.1.0")
     await registry.RegisterTool(pb.RegisterToolRequest(tool=original), timeout=TIMEOUT)
@@ -490,7 +491,7 @@ async def test_published_versions_are_immutable_and_ordered(registry, version, r
     assert contract_of(got.tool) == original
 
 
-async def test_higher_version_is_accepted(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_higher_version_is_accepted(registry) -> None:
     await registry.RegisterTool(pb.RegisterToolRequest(tool=weather("1.0.0")), timeout=TIMEOUT)
     upgraded = weather("1.1.0", description="Looks up weather, now with humidity.")
     response = await registry.RegisterTool(pb.RegisterToolRequest(tool=upgraded), timeout=TIMEOUT)
@@ -519,12 +520,12 @@ async def test_higher_version_is_accepted(registry) -> None:  # type: ignore[no-
         ({"description": " "}, "description"),
     ],
 )
-async def test_invalid_contract_is_rejected_and_not_stored(registry, overrides, words) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_contract_is_rejected_and_not_stored(registry, overrides, words) -> None:
     err = await rpc_error(
         registry.RegisterTool(pb.RegisterToolRequest(tool=weather(**overrides)), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert words in err.details()
+    assert words in (err.details() or "")
     missing = await rpc_error(
         registry.GetTool(pb.GetToolRequest(name="weather.lookup"), timeout=TIMEOUT)
     )
@@ -532,20 +533,20 @@ async def test_invalid_contract_is_rejected_and_not_stored(registry, overrides, 
 
 
 @pytest.mark.parametrize("name", ["Weather", "a__b", "weather_", ""])
-async def test_invalid_name_is_rejected(registry, name) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_name_is_rejected(registry, name) -> None:
     err = await rpc_error(
         registry.RegisterTool(pb.RegisterToolRequest(tool=weather(name=name)), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "tool.name" in err.details()
+    assert "tool.name" in (err.details() or "")
 
 
-async def test_register_without_tool_is_invalid(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_register_without_tool_is_invalid(registry) -> None:
     err = await rpc_error(registry.RegisterTool(pb.RegisterToolRequest(), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_builtin_contract_cannot_be_changed_in_place(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_builtin_contract_cannot_be_changed_in_place(registry) -> None:
     changed = tool_pb2.ToolDefinition()
     changed.CopyFrom(Calculator.definition)
     changed.description = "Evaluates anything."
@@ -555,7 +556,7 @@ async def test_builtin_contract_cannot_be_changed_in_place(registry) -> None:  #
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_registered_tool_without_backend_cannot_run(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_registered_tool_without_backend_cannot_run(registry) -> None:
     await registry.RegisterTool(pb.RegisterToolRequest(tool=weather()), timeout=TIMEOUT)
     err = await rpc_error(
         registry.InvokeTool(invoke_request("weather.lookup", {"city": "Oslo"}), timeout=TIMEOUT)
@@ -567,13 +568,13 @@ async def test_registered_tool_without_backend_cannot_run(registry) -> None:  # 
         registry.InvokeTool(invoke_request("weather.lookup", {"city": ""}), timeout=TIMEOUT)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "$.city" in err.details()
+    assert "$.city" in (err.details() or "")
 
 
 # ---------------------------------------------------------------- persistence
 
 
-async def test_state_survives_a_registry_restart(mesh, registry, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_state_survives_a_registry_restart(mesh, registry, channel_to) -> None:
     tool = weather("2.3.4")
     await registry.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=TIMEOUT)
     await registry.InvokeTool(
@@ -608,7 +609,7 @@ async def test_state_survives_a_registry_restart(mesh, registry, channel_to) -> 
         await second.stop()
 
 
-async def test_restart_keeps_an_upgraded_builtin_contract(mesh, registry, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_restart_keeps_an_upgraded_builtin_contract(mesh, registry, channel_to) -> None:
     upgraded = tool_pb2.ToolDefinition()
     upgraded.CopyFrom(Calculator.definition)
     upgraded.version = "1.1.0"
@@ -630,7 +631,7 @@ async def test_restart_keeps_an_upgraded_builtin_contract(mesh, registry, channe
 # ---------------------------------------------------------------- client-side error mapping
 
 
-async def test_from_rpc_error_maps_the_status_code(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_from_rpc_error_maps_the_status_code(registry) -> None:
     err = await rpc_error(registry.GetTool(pb.GetToolRequest(name="nope"), timeout=TIMEOUT))
     mapped = from_rpc_error(err)
     assert isinstance(mapped, errors.NotFound)
@@ -645,7 +646,7 @@ async def test_from_rpc_error_maps_the_status_code(registry) -> None:  # type: i
     ],
     ids=["unknown-tool", "not-allowed"],
 )
-async def test_from_rpc_error_keeps_the_registry_reason(registry, request_, reason) -> None:  # type: ignore[no-untyped-def]
+async def test_from_rpc_error_keeps_the_registry_reason(registry, request_, reason) -> None:
     err = await rpc_error(registry.InvokeTool(request_, timeout=TIMEOUT))
     assert reason_of(err) == reason  # the server did send it
     assert from_rpc_error(err).reason == reason

@@ -21,12 +21,12 @@ from agentplex.v1 import tool_registry_service_pb2 as pb
 
 
 @pytest.fixture
-def registry(mesh, channel_to):  # type: ignore[no-untyped-def]
+def registry(mesh, channel_to):
     return tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel_to(mesh.registry))
 
 
 @pytest.fixture
-def assistant(mesh, channel_to):  # type: ignore[no-untyped-def]
+def assistant(mesh, channel_to):
     return agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
 
 
@@ -37,18 +37,20 @@ def calculator(version: str, endpoint: str, **schema_changes: object) -> tool_pb
     schema = json.loads(tool.input_schema_json)
     for key, value in schema_changes.items():
         if key == "properties":
-            schema["properties"].update(value)  # type: ignore[arg-type]
+            schema["properties"].update(value)
         else:
             schema[key] = value
     tool.input_schema_json = json.dumps(schema)
     return tool
 
 
-async def register(registry, tool):  # type: ignore[no-untyped-def]
+async def register(
+    registry: tool_registry_service_pb2_grpc.ToolRegistryServiceStub, tool: tool_pb2.ToolDefinition
+) -> pb.RegisterToolResponse:
     return await registry.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=5)
 
 
-async def tool_call_version(assistant, prompt: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+async def tool_call_version(assistant, prompt: str) -> tuple[str, str]:
     call = assistant.StreamSteps(agent_service_pb2.StreamStepsRequest(prompt=prompt), timeout=10)
     events = [r.event async for r in call]
     [tool_call] = [e.tool_call for e in events if e.HasField("tool_call")]
@@ -57,7 +59,7 @@ async def tool_call_version(assistant, prompt: str) -> tuple[str, str]:  # type:
 
 async def test_worked_example_minor_breaking_major_and_a_pinned_agent(
     registry, assistant, mesh
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     precision = {"precision": {"type": "integer", "minimum": 0, "maximum": 12}}
     # v1.1: an optional property: compatible, and the agent uses it on its next task.
     created = await register(registry, calculator("1.1.0", mesh.tools, properties=precision))
@@ -73,8 +75,8 @@ async def test_worked_example_minor_breaking_major_and_a_pinned_agent(
             ),
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "$.precision: property became required" in caught.value.details()
-    assert "Publish it as 2.0.0 instead" in caught.value.details()
+    assert "$.precision: property became required" in (caught.value.details() or "")
+    assert "Publish it as 2.0.0 instead" in (caught.value.details() or "")
 
     # v2.0: the same change as a new major is fine...
     assert (
@@ -105,7 +107,7 @@ async def test_worked_example_minor_breaking_major_and_a_pinned_agent(
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_deprecated_versions_warn_and_retired_ones_are_gone(registry, mesh) -> None:  # type: ignore[no-untyped-def]
+async def test_deprecated_versions_warn_and_retired_ones_are_gone(registry, mesh) -> None:
     await register(registry, calculator("1.1.0", mesh.tools))
     await registry.SetToolState(
         pb.SetToolStateRequest(
@@ -137,14 +139,14 @@ async def test_deprecated_versions_warn_and_retired_ones_are_gone(registry, mesh
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await registry.InvokeTool(invoke, timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "retired; use calculator@2" in caught.value.details()
+    assert "retired; use calculator@2" in (caught.value.details() or "")
     listed = await registry.ListTools(pb.ListToolsRequest(), timeout=5)
     assert "calculator" not in [t.name for t in listed.tools]
     every = await registry.ListTools(pb.ListToolsRequest(all_versions=True), timeout=5)
     assert {t.version for t in every.tools if t.name == "calculator"} == {"1.0.0", "1.1.0"}
 
 
-async def test_deprecating_needs_a_replacement(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_deprecating_needs_a_replacement(registry) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await registry.SetToolState(
             pb.SetToolStateRequest(
@@ -157,7 +159,7 @@ async def test_deprecating_needs_a_replacement(registry) -> None:  # type: ignor
 
 async def test_fifty_concurrent_calls_with_one_key_run_once(
     registry, redis_client, key_prefix
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     request = pb.InvokeToolRequest(
         tool_name="notes.write",
         arguments_json='{"text": "once"}',
@@ -170,7 +172,7 @@ async def test_fifty_concurrent_calls_with_one_key_run_once(
     assert await redis_client.lrange(f"{key_prefix}:notes:s50", 0, -1) == [b"once"]
 
 
-async def test_access_lists_are_set_in_the_registry(registry, assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_access_lists_are_set_in_the_registry(registry, assistant) -> None:
     await registry.SetAgentTools(
         pb.SetAgentToolsRequest(
             agent="assistant", grants=[pb.ToolGrant(name="docs.search", major=1)]
@@ -203,7 +205,7 @@ class FlakyBackend(ex_grpc.ToolExecutorServiceServicer):
         self.failures = failures
         self.calls = 0
 
-    async def ExecuteTool(self, request, context):  # type: ignore[no-untyped-def]
+    async def ExecuteTool(self, request, context):
         self.calls += 1
         if self.calls <= self.failures:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
@@ -211,7 +213,7 @@ class FlakyBackend(ex_grpc.ToolExecutorServiceServicer):
 
 
 @pytest.fixture
-async def flaky():  # type: ignore[no-untyped-def]
+async def flaky():
     backend = FlakyBackend(failures=2)
     server = grpc.aio.server()
     ex_grpc.add_ToolExecutorServiceServicer_to_server(backend, server)
@@ -223,7 +225,9 @@ async def flaky():  # type: ignore[no-untyped-def]
         await server.stop(0)
 
 
-def flaky_tool(name: str, endpoint: str, side_effect: int) -> tool_pb2.ToolDefinition:
+def flaky_tool(
+    name: str, endpoint: str, side_effect: tool_pb2.SideEffect
+) -> tool_pb2.ToolDefinition:
     schema = json.dumps({"type": "object", "properties": {}})
     out = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}})
     return tool_pb2.ToolDefinition(
@@ -237,7 +241,7 @@ def flaky_tool(name: str, endpoint: str, side_effect: int) -> tool_pb2.ToolDefin
     )
 
 
-async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry, flaky) -> None:  # type: ignore[no-untyped-def]
+async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry, flaky) -> None:
     backend, endpoint = flaky
     await register(registry, flaky_tool("flaky.read", endpoint, tool_pb2.SIDE_EFFECT_READ_ONLY))
     response = await registry.InvokeTool(pb.InvokeToolRequest(tool_name="flaky.read"), timeout=10)
@@ -272,7 +276,7 @@ async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry
     assert not retried.replayed and json.loads(retried.result_json) == {"ok": True}
 
 
-async def test_backend_gone_is_a_structured_tool_error(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_gone_is_a_structured_tool_error(registry) -> None:
     from agentplex.mesh.redis_process import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
@@ -282,7 +286,7 @@ async def test_backend_gone_is_a_structured_tool_error(registry) -> None:  # typ
     assert "after 3 attempts" in response.error.message
 
 
-async def test_agents_are_tools(registry, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_agents_are_tools(registry, workers) -> None:
     """An agent tool runs a durable sub-task on that agent's queue (hence the workers)."""
     tool = (await registry.GetTool(pb.GetToolRequest(name="agent.assistant"), timeout=5)).tool
     assert tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT
@@ -308,7 +312,7 @@ async def test_agents_are_tools(registry, workers) -> None:  # type: ignore[no-u
     assert replay.replayed and json.loads(replay.result_json) == result
 
 
-async def test_several_backends_serve_one_version_and_a_dead_one_is_skipped(registry, mesh) -> None:  # type: ignore[no-untyped-def]
+async def test_several_backends_serve_one_version_and_a_dead_one_is_skipped(registry, mesh) -> None:
     """A second backend joins the first instead of taking its routes; one that
     went away is skipped (nothing was sent to it, so even side effects are safe)."""
     from agentplex.mesh.redis_process import free_port

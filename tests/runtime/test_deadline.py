@@ -58,7 +58,7 @@ def test_timeout_raises_when_passed(offset: float) -> None:
 def test_deadline_is_immutable() -> None:
     deadline = Deadline.after(1)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        deadline.at = 0  # type: ignore[misc]
+        deadline.at = 0  # type: ignore[misc]  # the point: a frozen dataclass refuses it
 
 
 class FakeContext:
@@ -70,12 +70,12 @@ class FakeContext:
 
 
 def test_from_context_without_caller_deadline_uses_default() -> None:
-    deadline = Deadline.from_context(FakeContext(None), default_seconds=300)  # type: ignore[arg-type]
+    deadline = Deadline.from_context(FakeContext(None), default_seconds=300)
     assert 299 < deadline.remaining() <= 300
 
 
 def test_from_context_uses_the_callers_deadline() -> None:
-    deadline = Deadline.from_context(FakeContext(2.0), default_seconds=300)  # type: ignore[arg-type]
+    deadline = Deadline.from_context(FakeContext(2.0), default_seconds=300)
     assert 1.5 < deadline.remaining() <= 2.0
 
 
@@ -86,7 +86,7 @@ SERVICE = "agentplex.test.Clock"
 async def clock() -> AsyncIterator[str]:
     """A server that reports the deadline it derived from each incoming call."""
 
-    async def remaining(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def remaining(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         deadline = Deadline.from_context(context, default_seconds=300)
         return json.dumps({"remaining": deadline.remaining()}).encode()
 
@@ -109,6 +109,7 @@ async def clock() -> AsyncIterator[str]:
 async def test_from_context_over_grpc(clock: str) -> None:
     channel = open_channel(clock)
     try:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
         call = channel.unary_unary(f"/{SERVICE}/Remaining")
         with_deadline = json.loads(await call(b"", timeout=2))["remaining"]
         without_deadline = json.loads(await call(b""))["remaining"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
@@ -166,22 +165,21 @@ class EdgeServer:
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def fail(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def fail(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         raise _raiser(request.decode())
 
-    async def ok(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ok(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"echo:" + request
 
-    async def abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def abort(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, "handler aborted itself")
-        return b""  # pragma: no cover
 
-    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await self.release.wait()
         return b"late"
 
     async def stream(
-        self, request: bytes, context: grpc.aio.ServicerContext
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
         yield b"one"
         yield b"two"
@@ -189,7 +187,9 @@ class EdgeServer:
             raise _raiser(request.decode())
         yield b"three"
 
-    async def write_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def write_stream(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> None:
         """The other streaming style grpc.aio allows: write, then return."""
         await context.write(b"one")
         await context.write(b"two")
@@ -198,7 +198,7 @@ class EdgeServer:
 @pytest.fixture
 async def edge() -> AsyncIterator[tuple[str, EdgeServer]]:
     impl = EdgeServer()
-    handlers: dict[str, grpc.RpcMethodHandler] = {
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         "Fail": grpc.unary_unary_rpc_method_handler(impl.fail),
         "Ok": grpc.unary_unary_rpc_method_handler(impl.ok),
         "Abort": grpc.unary_unary_rpc_method_handler(impl.abort),
@@ -218,12 +218,18 @@ async def edge() -> AsyncIterator[tuple[str, EdgeServer]]:
 
 
 @pytest.fixture
-async def edge_channel(edge, channel_to) -> grpc.aio.Channel:  # type: ignore[no-untyped-def]
+async def edge_channel(edge, channel_to) -> grpc.aio.Channel:
     return channel_to(edge[0])
 
 
-def unary(channel: grpc.aio.Channel, method: str) -> Any:
+def unary(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
     return channel.unary_unary(f"/{SERVICE}/{method}")
+
+
+def server_stream(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+    return channel.unary_stream(f"/{SERVICE}/{method}")
 
 
 async def test_domain_error_survives_the_wire(edge_channel: grpc.aio.Channel) -> None:
@@ -252,13 +258,15 @@ async def test_from_rpc_error_keeps_the_reason_of_an_aio_error(
     assert errors.from_rpc_error(caught.value).reason == "TOOL_NOT_FOUND"
 
 
-async def test_from_rpc_error_keeps_the_reason_of_a_sync_error(edge) -> None:  # type: ignore[no-untyped-def]
+async def test_from_rpc_error_keeps_the_reason_of_a_sync_error(edge) -> None:
     """The synchronous API's errors are grpc.Call objects, so there the reason survives."""
 
     def call() -> errors.AgentplexError:
         with grpc.insecure_channel(edge[0]) as channel:
+            fail: grpc.UnaryUnaryMultiCallable[bytes, bytes]
+            fail = channel.unary_unary(f"/{SERVICE}/Fail")
             try:
-                channel.unary_unary(f"/{SERVICE}/Fail")(b"tool-not-found", timeout=5)
+                fail(b"tool-not-found", timeout=5)
             except grpc.RpcError as err:
                 return errors.from_rpc_error(err)
         raise AssertionError("the call should have failed")
@@ -317,7 +325,7 @@ async def test_redis_connection_error_is_unavailable(edge_channel: grpc.aio.Chan
         await unary(edge_channel, "Fail")(b"redis-down", timeout=5)
     err = caught.value
     assert err.code() is grpc.StatusCode.UNAVAILABLE
-    assert err.details().startswith("Redis is unavailable: ")
+    assert (err.details() or "").startswith("Redis is unavailable: ")
     assert error_info_of(trailer_status(err)).reason == "REDIS_UNAVAILABLE"
     assert type(errors.from_rpc_error(err)) is errors.Unavailable
 
@@ -334,13 +342,13 @@ async def test_success_passes_through(edge_channel: grpc.aio.Channel) -> None:
 
 
 async def test_stream_completes_normally(edge_channel: grpc.aio.Channel) -> None:
-    call = edge_channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5)
+    call = server_stream(edge_channel, "Stream")(b"", timeout=5)
     assert [item async for item in call] == [b"one", b"two", b"three"]
     assert await call.code() is grpc.StatusCode.OK
 
 
 async def test_stream_raising_midway_maps_the_error(edge_channel: grpc.aio.Channel) -> None:
-    call = edge_channel.unary_stream(f"/{SERVICE}/Stream")(b"RESOURCE_EXHAUSTED", timeout=5)
+    call = server_stream(edge_channel, "Stream")(b"RESOURCE_EXHAUSTED", timeout=5)
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for item in call:
@@ -354,19 +362,19 @@ async def test_stream_raising_midway_maps_the_error(edge_channel: grpc.aio.Chann
 
 
 async def test_stream_unknown_error_midway_is_internal(edge_channel: grpc.aio.Channel) -> None:
-    call = edge_channel.unary_stream(f"/{SERVICE}/Stream")(b"secret", timeout=5)
+    call = server_stream(edge_channel, "Stream")(b"secret", timeout=5)
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for item in call:
             received.append(item)
     assert received == [b"one", b"two"]
     assert caught.value.code() is grpc.StatusCode.INTERNAL
-    assert "hunter2" not in caught.value.details()
+    assert "hunter2" not in (caught.value.details() or "")
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 async def test_stream_handler_using_context_write(edge_channel: grpc.aio.Channel) -> None:
-    call = edge_channel.unary_stream(f"/{SERVICE}/WriteStream")(b"", timeout=5)
+    call = server_stream(edge_channel, "WriteStream")(b"", timeout=5)
     assert [item async for item in call] == [b"one", b"two"]
 
 

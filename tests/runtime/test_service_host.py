@@ -10,16 +10,18 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from agentplex.memory import app as memory_app
 from agentplex.mesh.redis_process import free_port
-from agentplex.runtime.server import Endpoint, ServiceHost, write_ready_file
+from agentplex.runtime.process import Endpoint, write_ready_file
+from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 
 PROBE = "agentplex.test.Probe"
@@ -36,16 +38,16 @@ class Probe:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def ping(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ping(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"pong"
 
-    async def wait(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def wait(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         self.entered.set()
         await self.release.wait()
         return b"done"
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
             "Ping": grpc.unary_unary_rpc_method_handler(self.ping),
             "Wait": grpc.unary_unary_rpc_method_handler(self.wait),
         }
@@ -75,15 +77,15 @@ def probe() -> Probe:
 async def make_host(probe: Probe) -> AsyncIterator[Callable[..., ServiceHost]]:
     hosts: list[ServiceHost] = []
 
-    def make(**options: object) -> ServiceHost:
-        defaults: dict[str, object] = {
+    def make(**options: Any) -> ServiceHost:
+        defaults: dict[str, Any] = {
             "name": "probe",
             "register": probe.register,
             "metrics_port": None,
             "health_interval_seconds": 0.05,
             "grace_seconds": 2.0,
         }
-        host = ServiceHost(**{**defaults, **options})  # type: ignore[arg-type]
+        host = ServiceHost(**{**defaults, **options})
         hosts.append(host)
         return host
 
@@ -96,24 +98,30 @@ async def make_host(probe: Probe) -> AsyncIterator[Callable[..., ServiceHost]]:
 
 
 async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
-    response = await health_pb2_grpc.HealthStub(channel).Check(
+    response = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
     return int(response.status)
 
 
+def probe_method(
+    channel: grpc.aio.Channel, name: str
+) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    return channel.unary_unary(f"/{PROBE}/{name}")
+
+
 async def wait_call(channel: grpc.aio.Channel) -> bytes:
-    return await channel.unary_unary(f"/{PROBE}/Wait")(b"", timeout=10)
+    return await probe_method(channel, "Wait")(b"", timeout=10)
 
 
 async def ping(channel: grpc.aio.Channel) -> bytes:
-    return await channel.unary_unary(f"/{PROBE}/Ping")(b"", timeout=5)
+    return await probe_method(channel, "Ping")(b"", timeout=5)
 
 
 # --- start and health -----------------------------------------------------------------------
 
 
-async def test_starts_on_a_free_port(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_starts_on_a_free_port(make_host, channel_to) -> None:
     endpoint = await make_host().start()
     host, _, port = endpoint.address.rpartition(":")
     assert host == "127.0.0.1"
@@ -122,13 +130,13 @@ async def test_starts_on_a_free_port(make_host, channel_to) -> None:  # type: ig
     assert await ping(channel_to(endpoint.address)) == b"pong"
 
 
-async def test_two_hosts_get_different_ports(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_two_hosts_get_different_ports(make_host) -> None:
     first = await make_host().start()
     second = await make_host(name="probe-2").start()
     assert first.address != second.address
 
 
-async def test_async_context_manager_starts_and_stops(probe: Probe, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_async_context_manager_starts_and_stops(probe: Probe, channel_to) -> None:
     host = ServiceHost(name="probe", register=probe.register, metrics_port=None, grace_seconds=1)
     async with host as endpoint:
         assert isinstance(endpoint, Endpoint)
@@ -139,13 +147,13 @@ async def test_async_context_manager_starts_and_stops(probe: Probe, channel_to) 
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
-async def test_health_serving_without_dependencies(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_health_serving_without_dependencies(make_host, channel_to) -> None:
     channel = channel_to((await make_host().start()).address)
     assert await health_of(channel) == SERVING
     assert await health_of(channel, PROBE) == SERVING
 
 
-async def test_health_follows_dependency_checks(make_host, channel_to, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_health_follows_dependency_checks(make_host, channel_to, eventually) -> None:
     healthy, flaky = Switch(), Switch()
     host = make_host(dependency_checks=[healthy, flaky])
     channel = channel_to((await host.start()).address)
@@ -167,7 +175,7 @@ async def test_health_follows_dependency_checks(make_host, channel_to, eventuall
     await eventually(lambda: flaky.calls > calls, message="dependency checks stopped running")
 
 
-async def test_failing_dependency_at_start_is_not_serving(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_failing_dependency_at_start_is_not_serving(make_host, channel_to) -> None:
     down = Switch()
     down.ok = False
     channel = channel_to((await make_host(dependency_checks=[down]).start()).address)
@@ -175,7 +183,7 @@ async def test_failing_dependency_at_start_is_not_serving(make_host, channel_to)
     assert await health_of(channel, PROBE) == NOT_SERVING
 
 
-async def test_hanging_dependency_check_times_out_to_not_serving(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_hanging_dependency_check_times_out_to_not_serving(make_host, channel_to) -> None:
     async def hangs() -> None:
         await asyncio.Event().wait()
 
@@ -186,7 +194,7 @@ async def test_hanging_dependency_check_times_out_to_not_serving(make_host, chan
     assert await health_of(channel) == NOT_SERVING
 
 
-async def test_health_of_an_unknown_service_is_not_found(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_health_of_an_unknown_service_is_not_found(make_host, channel_to) -> None:
     channel = channel_to((await make_host().start()).address)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await health_of(channel, "no.such.Service")
@@ -199,21 +207,28 @@ async def test_health_of_an_unknown_service_is_not_found(make_host, channel_to) 
 async def reflect(
     channel: grpc.aio.Channel, request: reflection_pb2.ServerReflectionRequest
 ) -> reflection_pb2.ServerReflectionResponse:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(iter([request]), timeout=5)
+    # The method by hand: types-grpcio-reflection types the generated stub for sync channels.
+    info: grpc.aio.StreamStreamMultiCallable[
+        reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
+    ] = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = info(iter([request]), timeout=5)
     responses = [response async for response in call]
     assert len(responses) == 1
     return responses[0]
 
 
-async def test_reflection_lists_the_services(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_reflection_lists_the_services(make_host, channel_to) -> None:
     channel = channel_to((await make_host().start()).address)
     response = await reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {service.name for service in response.list_services_response.service}
     assert names == {PROBE, HEALTH, REFLECTION}
 
 
-async def test_reflection_serves_the_memory_contract(settings: Settings, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_reflection_serves_the_memory_contract(settings: Settings, channel_to) -> None:
     from google.protobuf import descriptor_pb2
 
     host = memory_app.build_host(settings, metrics_port=None)
@@ -249,7 +264,7 @@ async def test_reflection_serves_the_memory_contract(settings: Settings, channel
 # --- metrics --------------------------------------------------------------------------------
 
 
-async def test_metrics_endpoint_serves_prometheus_text(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_metrics_endpoint_serves_prometheus_text(make_host, channel_to) -> None:
     endpoint = await make_host(metrics_port=0).start()
     assert isinstance(endpoint.metrics_port, int)
     assert endpoint.metrics_port > 0
@@ -266,7 +281,7 @@ async def test_metrics_endpoint_serves_prometheus_text(make_host, channel_to) ->
     assert f'agentplex_rpc_duration_seconds_count{{method="/{PROBE}/Ping"}}' in text
 
 
-async def test_metrics_endpoint_closes_on_stop(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_metrics_endpoint_closes_on_stop(make_host) -> None:
     host = make_host(metrics_port=0)
     endpoint = await host.start()
     await host.stop()
@@ -275,7 +290,7 @@ async def test_metrics_endpoint_closes_on_stop(make_host) -> None:  # type: igno
             await client.get(f"http://127.0.0.1:{endpoint.metrics_port}/metrics")
 
 
-async def test_failed_start_leaves_nothing_listening(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_failed_start_leaves_nothing_listening(make_host, channel_to) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -287,7 +302,7 @@ async def test_failed_start_leaves_nothing_listening(make_host, channel_to) -> N
         await ping(channel_to(f"127.0.0.1:{grpc_port}"))
 
 
-async def test_start_on_a_taken_port_fails(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_start_on_a_taken_port_fails(make_host) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -300,7 +315,7 @@ async def test_start_on_a_taken_port_fails(make_host) -> None:  # type: ignore[n
 # --- stopping -------------------------------------------------------------------------------
 
 
-async def test_stop_is_idempotent_and_runs_hooks_once(make_host, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_stop_is_idempotent_and_runs_hooks_once(make_host, channel_to) -> None:
     stopped: list[str] = []
 
     async def hook() -> None:
@@ -317,7 +332,7 @@ async def test_stop_is_idempotent_and_runs_hooks_once(make_host, channel_to) -> 
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
-async def test_concurrent_stops_all_wait_for_the_first(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_stops_all_wait_for_the_first(make_host) -> None:
     order: list[str] = []
 
     async def slow_hook() -> None:
@@ -336,7 +351,7 @@ async def test_concurrent_stops_all_wait_for_the_first(make_host) -> None:  # ty
     assert sorted(order[1:]) == ["first", "second"]
 
 
-async def test_stop_without_start_is_harmless(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_stop_without_start_is_harmless(make_host) -> None:
     host = make_host()
     await host.stop()
     await host.stop()
@@ -345,13 +360,13 @@ async def test_stop_without_start_is_harmless(make_host) -> None:  # type: ignor
 async def host_health(host: ServiceHost, service: str = "") -> int:
     """The host's own health table, read without an RPC (a stopping server takes none)."""
     assert host._health is not None
-    response = await host._health.Check(health_pb2.HealthCheckRequest(service=service), None)
+    response = await host._health.Check(health_pb2.HealthCheckRequest(service=service), None)  # type: ignore[arg-type]  # no RPC: only an unknown service reads the context
     return int(response.status)
 
 
 async def test_stop_sets_not_serving_then_lets_in_flight_calls_finish(
     make_host, probe: Probe, channel_to, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     host = make_host(grace_seconds=5.0)
     channel = channel_to((await host.start()).address)
     in_flight = asyncio.create_task(wait_call(channel))
@@ -388,11 +403,11 @@ async def test_stop_sets_not_serving_then_lets_in_flight_calls_finish(
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-async def test_health_watch_streams_status_changes(make_host, channel_to, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_health_watch_streams_status_changes(make_host, channel_to, eventually) -> None:
     check = Switch()
     host = make_host(dependency_checks=[check])
     channel = channel_to((await host.start()).address)
-    watch = health_pb2_grpc.HealthStub(channel).Watch(
+    watch = health_pb2_grpc.HealthStub(channel).Watch(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
         health_pb2.HealthCheckRequest(service=PROBE), timeout=10
     )
     statuses: list[int] = []
@@ -412,7 +427,7 @@ async def test_health_watch_streams_status_changes(make_host, channel_to, eventu
         await asyncio.gather(reader, return_exceptions=True)
 
 
-async def test_in_flight_call_past_grace_is_cancelled(make_host, probe: Probe, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_in_flight_call_past_grace_is_cancelled(make_host, probe: Probe, channel_to) -> None:
     host = make_host(grace_seconds=0.3)
     channel = channel_to((await host.start()).address)
     in_flight = asyncio.create_task(wait_call(channel))
@@ -427,7 +442,7 @@ async def test_in_flight_call_past_grace_is_cancelled(make_host, probe: Probe, c
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-async def test_dependency_watch_stops_with_the_host(make_host, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_dependency_watch_stops_with_the_host(make_host, eventually) -> None:
     check = Switch()
     host = make_host(dependency_checks=[check])
     await host.start()
@@ -452,7 +467,7 @@ def test_write_ready_file_is_complete_json(tmp_path: Path) -> None:
     assert not path.with_suffix(".json.tmp").exists()
 
 
-async def test_a_port_in_use_is_refused_not_shared(make_host) -> None:  # type: ignore[no-untyped-def]
+async def test_a_port_in_use_is_refused_not_shared(make_host) -> None:
     """gRPC would share a port through SO_REUSEPORT; a second mesh must fail instead."""
     first = await make_host().start()
     port = int(first.address.rsplit(":", 1)[1])

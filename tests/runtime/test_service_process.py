@@ -26,7 +26,7 @@ START_TIMEOUT = 20.0
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_memory_process_serves_and_exits_cleanly_on_signal(
     settings: Settings, tmp_path: Path, eventually, stop_signal: signal.Signals
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     ready_file = tmp_path / "run" / "memory.json"
     log_path = tmp_path / "memory.log"
     env = {
@@ -66,7 +66,7 @@ async def test_memory_process_serves_and_exits_cleanly_on_signal(
         assert address.startswith("127.0.0.1:")
 
         async with grpc.aio.insecure_channel(address) as channel:
-            response = await health_pb2_grpc.HealthStub(channel).Check(
+            response = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
                 health_pb2.HealthCheckRequest(service="agentplex.v1.MemoryService"), timeout=5
             )
             assert response.status == health_pb2.HealthCheckResponse.SERVING

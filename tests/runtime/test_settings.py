@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -119,3 +120,140 @@ def test_model_copy_keeps_other_fields(clean_env: pytest.MonkeyPatch) -> None:
     assert copy.key_prefix == "base"
     assert copy.grace_seconds == 3
     assert base.redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_every_part_reads_its_section_from_the_same_class(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert settings.event_loop == "auto"
+    assert settings.state_file == Path(".agentplex/mesh.json")
+    assert settings.external_redis_url is None
+    assert settings.gateway_listen_port == 8080
+    assert settings.gateway_directory_poll_seconds == 0.5
+    assert settings.gateway_console is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "expected"),
+    [
+        ("AGENTPLEX_EVENT_LOOP", " AsyncIO ", "event_loop", "asyncio"),
+        ("AGENTPLEX_EVENT_LOOP", "", "event_loop", "auto"),
+        ("AGENTPLEX_STATE_FILE", "/tmp/elsewhere.json", "state_file", Path("/tmp/elsewhere.json")),
+        ("AGENTPLEX_GATEWAY_LISTEN_PORT", "0", "gateway_listen_port", 0),
+        (
+            "AGENTPLEX_GATEWAY_CORS_ORIGINS",
+            "http://a,http://b",
+            "gateway_cors_origins",
+            "http://a,http://b",
+        ),
+        ("AGENTPLEX_GATEWAY_CONSOLE", "false", "gateway_console", False),
+        ("AGENTPLEX_LLM_PROVIDER", "local", "llm_provider", "local"),
+        # The standard variable, without the prefix: `agentplex up` uses that Redis.
+        ("REDIS_URL", "redis://10.0.0.9:6379/0", "external_redis_url", "redis://10.0.0.9:6379/0"),
+        ("REDIS_URL", "", "external_redis_url", None),
+    ],
+)
+def test_variables_that_used_to_be_read_elsewhere(
+    clean_env: pytest.MonkeyPatch, name: str, value: str, field: str, expected: object
+) -> None:
+    clean_env.setenv(name, value)
+    assert getattr(Settings(), field) == expected
+
+
+def test_the_standard_variable_comes_after_the_prefixed_one(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("REDIS_URL", "redis://standard:1/0")
+    clean_env.setenv("AGENTPLEX_EXTERNAL_REDIS_URL", "redis://prefixed:1/0")
+    assert Settings().external_redis_url == "redis://prefixed:1/0"
+    assert Settings(external_redis_url="redis://given:1/0").external_redis_url == (
+        "redis://given:1/0"
+    )
+
+
+def test_redis_url_and_the_standard_variable_stay_apart(clean_env: pytest.MonkeyPatch) -> None:
+    """REDIS_URL must not swallow `redis_url=` (as a case-insensitive alias would)."""
+    clean_env.setenv("REDIS_URL", "redis://standard:1/0")
+    settings = Settings(redis_url="redis://mine:1/0")
+    assert settings.redis_url == "redis://mine:1/0"
+    assert settings.external_redis_url == "redis://standard:1/0"
+    assert Settings(redis_url="redis://mine:1/0").model_copy().redis_url == "redis://mine:1/0"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("AGENTPLEX_GATEWAY_LISTEN_PORT", "70000"), ("AGENTPLEX_GATEWAY_MAX_REQUEST_BYTES", "10")],
+)
+def test_invalid_gateway_values_are_rejected(
+    clean_env: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    clean_env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_the_gateway_reads_its_section_under_short_names(clean_env: pytest.MonkeyPatch) -> None:
+    from agentplex.gateway.settings import PREFIX, GatewaySettings
+    from agentplex.runtime.settings import GatewaySection
+
+    assert {PREFIX + name for name in GatewaySettings.model_fields} == set(
+        GatewaySection.model_fields
+    )
+    # Built directly (tests, the bench), the defaults are the section's.
+    defaults = Settings()
+    assert GatewaySettings() == GatewaySettings.from_settings(defaults)
+
+    clean_env.setenv("AGENTPLEX_GATEWAY_LISTEN_PORT", "0")
+    clean_env.setenv("AGENTPLEX_GATEWAY_CORS_ORIGINS", " http://a , http://b ")
+    gateway = GatewaySettings.from_settings(Settings())
+    assert gateway.listen_port == 0
+    assert gateway.options().cors_origins == ("http://a", "http://b")
+    assert gateway.options().listen_port == 0
+
+
+SOURCE_PACKAGES = [
+    "runtime",
+    "mesh",
+    "gateway",
+    "agents",
+    "registry",
+    "memory",
+    "tools",
+    "tasks",
+    "clients",
+    "contract",
+]
+# The settings module itself, and handing the environment on to child processes
+# (which is not reading settings).
+ALLOWED_READS = {"runtime/settings.py": None, "mesh/launcher.py": "_child_env"}
+ENVIRONMENT_NAMES = {"environ", "environb", "getenv", "getenvb"}
+
+
+def environment_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, enclosing function) of every use of os.environ / os.getenv in a module."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        if (isinstance(node, ast.Attribute) and node.attr in ENVIRONMENT_NAMES) or (
+            isinstance(node, ast.Name) and node.id in ENVIRONMENT_NAMES
+        ):
+            found.append((node.lineno, function))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "")
+    return found
+
+
+def test_nothing_but_settings_reads_the_environment() -> None:
+    root = Path(__file__).resolve().parents[2]
+    reads = [
+        f"{relative}:{line} (in {function or 'the module'})"
+        for package in SOURCE_PACKAGES
+        for path in sorted((root / package).rglob("*.py"))
+        for relative in [path.relative_to(root).as_posix()]
+        for line, function in environment_reads(ast.parse(path.read_text()))
+        if relative not in ALLOWED_READS or ALLOWED_READS[relative] not in (None, function)
+    ]
+    assert reads == [], "read settings through runtime/settings.py (Settings) instead"

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from types import TracebackType
 
 import pytest
 from opentelemetry import trace
@@ -22,13 +23,15 @@ from agentplex.runtime.telemetry import (
     configure_tracing,
 )
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
 
 def record(
     message: str = "hello %s",
     args: tuple[object, ...] = ("world",),
     *,
     level: int = logging.INFO,
-    exc_info: object = None,
+    exc_info: ExcInfo | None = None,
     **extra: object,
 ) -> logging.LogRecord:
     made = logging.getLogger("agentplex.test").makeRecord(

@@ -23,11 +23,13 @@ def _current_trace_id() -> bytes:
     return format(trace.get_current_span().get_span_context().trace_id, "032x").encode()
 
 
-async def _unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+async def _unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return _current_trace_id()
 
 
-async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+async def _stream(
+    request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
     for _ in range(2):
         yield _current_trace_id()
 

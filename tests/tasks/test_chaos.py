@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_chaos_run_loses_nothing_and_repeats_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_chaos_run_loses_nothing_and_repeats_nothing(tmp_path) -> None:
     done = subprocess.run(
         [
             sys.executable,

@@ -30,7 +30,7 @@ def event(sequence: int) -> step_event_pb2.StepEvent:
 
 
 def writer(store: RecordingStore, linger: float = 0.0) -> EventWriter:
-    return EventWriter(store, "t", 1, on_error=lambda: None, linger=linger)  # type: ignore[arg-type]
+    return EventWriter(store, "t", 1, on_error=lambda: None, linger=linger)  # type: ignore[arg-type]  # a stand-in: the writer calls only append_events
 
 
 async def test_without_linger_events_that_pile_up_during_a_write_go_in_the_next() -> None:

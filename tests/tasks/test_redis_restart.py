@@ -32,7 +32,7 @@ def redis_url(own_redis: list[EmbeddedRedis]) -> str:
     return own_redis[0].url
 
 
-async def test_tasks_finish_across_a_redis_restart(  # type: ignore[no-untyped-def]
+async def test_tasks_finish_across_a_redis_restart(
     own_redis, mesh, channel_to, worker_processes, gated_model, eventually, tmp_path
 ) -> None:
     stub = agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))

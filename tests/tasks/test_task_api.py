@@ -14,25 +14,26 @@ from agentplex.agents.llm.base import CompletionRequest, LLMEvent
 from agentplex.agents.llm.scripted import ScriptedLLM
 from agentplex.agents.worker import build_worker
 from agentplex.runtime.errors import from_rpc_error
+from agentplex.runtime.server import ServiceHost
 from agentplex.tasks.event_feed import READER_NAME
 from agentplex.v1 import agent_service_pb2 as pb
-from agentplex.v1 import agent_service_pb2_grpc, task_pb2
+from agentplex.v1 import agent_service_pb2_grpc, step_event_pb2, task_pb2
 
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
 CANCELLED = task_pb2.TASK_STATUS_CANCELLED
 
 
 @pytest.fixture
-def assistant(mesh, channel_to):  # type: ignore[no-untyped-def]
+def assistant(mesh, channel_to):
     return agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
 
 
 @pytest.fixture
-async def start_worker(mesh):  # type: ignore[no-untyped-def]
+async def start_worker(mesh):
     """Start in-process workers for the assistant; all are stopped after the test."""
-    running: list[tuple[asyncio.Event, asyncio.Task[None], object]] = []
+    running: list[tuple[asyncio.Event, asyncio.Task[None], ServiceHost]] = []
 
-    async def start(llm=None, **overrides):  # type: ignore[no-untyped-def]
+    async def start(llm=None, **overrides):
         settings = mesh.settings.model_copy(update=overrides)
         worker, host = build_worker(
             ASSISTANT, settings, metrics_port=None, llm=llm, consumer=f"w{len(running)}"
@@ -48,10 +49,10 @@ async def start_worker(mesh):  # type: ignore[no-untyped-def]
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(job, timeout=15)
-        await host.stop()  # type: ignore[attr-defined]
+        await host.stop()
 
 
-async def wait_status(stub, task_id: str, statuses, eventually) -> task_pb2.Task:  # type: ignore[no-untyped-def]
+async def wait_status(stub, task_id: str, statuses, eventually) -> task_pb2.Task:
     found: list[task_pb2.Task] = []
 
     async def reached() -> bool:
@@ -63,7 +64,9 @@ async def wait_status(stub, task_id: str, statuses, eventually) -> task_pb2.Task
     return found[0]
 
 
-async def watch(stub, task_id: str, after: int = 0, final_only: bool = False) -> list:  # type: ignore[no-untyped-def]
+async def watch(
+    stub, task_id: str, after: int = 0, final_only: bool = False
+) -> list[step_event_pb2.StepEvent]:
     call = stub.WatchTask(
         pb.WatchTaskRequest(task_id=task_id, after_sequence=after, final_only=final_only),
         timeout=30,
@@ -71,7 +74,7 @@ async def watch(stub, task_id: str, after: int = 0, final_only: bool = False) ->
     return [response.event async for response in call]
 
 
-async def test_submit_then_watch_until_done(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_submit_then_watch_until_done(assistant, start_worker, eventually) -> None:
     submitted = await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 17*23?")), timeout=5
     )
@@ -91,7 +94,7 @@ async def test_submit_then_watch_until_done(assistant, start_worker, eventually)
     assert await watch(assistant, task_id, after=3) == events[3:]
 
 
-async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -> None:
     spec = task_pb2.TaskSpec(prompt="what is 1+1", task_id="dup-1")
     first = await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
     again = await assistant.SubmitTask(pb.SubmitTaskRequest(task=spec), timeout=5)
@@ -104,7 +107,7 @@ async def test_duplicate_submit_is_one_task_and_conflict_is_refused(assistant) -
     assert from_rpc_error(caught.value).reason == "TASK_ID_REUSED"
 
 
-async def test_a_delegation_resubmitted_with_new_limits_is_the_same_task(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_a_delegation_resubmitted_with_new_limits_is_the_same_task(assistant) -> None:
     """The registry recomputes a sub-task's deadline and budget share each time it
     runs a delegation; a replay under the same id is the same task, not a conflict.
     A task without a parent keeps the strict rule."""
@@ -146,7 +149,7 @@ async def test_a_delegation_resubmitted_with_new_limits_is_the_same_task(assista
 
 async def test_bad_submit_is_invalid_argument_and_queues_nothing(
     mesh, assistant, redis_client
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     for spec in (
         task_pb2.TaskSpec(prompt=""),
         task_pb2.TaskSpec(prompt="hi", max_steps=26),
@@ -162,7 +165,7 @@ async def test_bad_submit_is_invalid_argument_and_queues_nothing(
     assert await redis_client.xlen(f"{prefix}:queue:assistant") == 0
 
 
-async def test_unknown_task_is_not_found(assistant) -> None:  # type: ignore[no-untyped-def]
+async def test_unknown_task_is_not_found(assistant) -> None:
     for call in (
         assistant.GetTask(pb.GetTaskRequest(task_id="nope"), timeout=5),
         assistant.CancelTask(pb.CancelTaskRequest(task_id="nope"), timeout=5),
@@ -175,7 +178,7 @@ async def test_unknown_task_is_not_found(assistant) -> None:  # type: ignore[no-
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:  # type: ignore[no-untyped-def]
+async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:
     from agentplex.agents import app as agents_app
 
     host = agents_app.build_host(
@@ -193,12 +196,12 @@ async def test_queue_full_is_resource_exhausted(mesh, channel_to) -> None:  # ty
                 pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="3+1")), timeout=5
             )
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in caught.value.details()
+        assert "queue is full" in (caught.value.details() or "")
     finally:
         await host.stop()
 
 
-async def test_cancel_pending_task_never_starts(assistant, start_worker, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_cancel_pending_task_never_starts(assistant, start_worker, eventually) -> None:
     submitted = await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 5*5", task_id="c-1")), timeout=5
     )
@@ -232,7 +235,7 @@ class SlowLLM(ScriptedLLM):
 
 async def test_cancel_running_task_stops_at_the_next_step(
     assistant, start_worker, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     llm = SlowLLM()
     await start_worker(llm=llm)
     await assistant.SubmitTask(
@@ -252,7 +255,7 @@ async def test_cancel_running_task_stops_at_the_next_step(
     assert events[-1].final_result.result.status == CANCELLED
 
 
-async def test_several_watchers_see_the_same_events(assistant, start_worker) -> None:  # type: ignore[no-untyped-def]
+async def test_several_watchers_see_the_same_events(assistant, start_worker) -> None:
     await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 2*21", task_id="w-1")),
         timeout=5,
@@ -266,7 +269,7 @@ async def test_several_watchers_see_the_same_events(assistant, start_worker) -> 
 
 async def test_a_final_only_watch_gets_just_the_outcome_live_or_after_the_end(
     assistant, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 6*7", task_id="f-1")),
         timeout=5,
@@ -290,7 +293,7 @@ async def test_a_final_only_watch_gets_just_the_outcome_live_or_after_the_end(
 
 async def test_a_final_only_watch_of_a_cancelled_task_gets_the_cancellation(
     assistant,
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 1*1", task_id="f-2")),
         timeout=5,
@@ -304,7 +307,7 @@ async def test_a_final_only_watch_of_a_cancelled_task_gets_the_cancellation(
 
 async def test_many_watchers_hold_one_blocked_redis_connection_and_miss_nothing(
     assistant, start_worker, redis_client, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     ids = [f"many-{n}" for n in range(30)]
     for task_id in ids:
         await assistant.SubmitTask(
@@ -326,7 +329,7 @@ async def test_many_watchers_hold_one_blocked_redis_connection_and_miss_nothing(
 
 async def test_events_past_retention_are_out_of_range(
     assistant, start_worker, mesh, redis_client, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     await assistant.SubmitTask(
         pb.SubmitTaskRequest(task=task_pb2.TaskSpec(prompt="what is 3*3", task_id="r-1")), timeout=5
     )
@@ -339,23 +342,23 @@ async def test_events_past_retention_are_out_of_range(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(assistant, "r-1")
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert f"first still available is {len(done) + 1}" in caught.value.details()
+    assert f"first still available is {len(done) + 1}" in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(assistant, "r-1", final_only=True)
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert "read the result with GetTask" in caught.value.details()
+    assert "read the result with GetTask" in (caught.value.details() or "")
     # The result outlives the events.
     task = (await assistant.GetTask(pb.GetTaskRequest(task_id="r-1"), timeout=5)).task
     assert task.status == COMPLETED
 
 
-async def _gone(redis_client, key: str) -> bool:  # type: ignore[no-untyped-def]
+async def _gone(redis_client, key: str) -> bool:
     return not await redis_client.exists(key)
 
 
 async def test_parallel_tool_calls_keep_their_event_order(
     assistant, start_worker, eventually
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Tool calls of one step emit events concurrently; none may be refused as stale."""
     await start_worker()
     ids = [f"par-{n}" for n in range(8)]

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from agentplex.v1 import agent_service_pb2 as pb
-from agentplex.v1 import agent_service_pb2_grpc, task_pb2
+from agentplex.v1 import agent_service_pb2_grpc, step_event_pb2, task_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,11 @@ FAILED = task_pb2.TASK_STATUS_FAILED
 
 
 @pytest.fixture
-def assistant(mesh, channel_to):  # type: ignore[no-untyped-def]
+def assistant(mesh, channel_to):
     return agent_service_pb2_grpc.AgentServiceStub(channel_to(mesh.agents["assistant"]))
 
 
-async def submit(stub, task_id: str) -> None:  # type: ignore[no-untyped-def]
+async def submit(stub, task_id: str) -> None:
     await stub.SubmitTask(
         pb.SubmitTaskRequest(
             task=task_pb2.TaskSpec(
@@ -39,11 +39,11 @@ async def submit(stub, task_id: str) -> None:  # type: ignore[no-untyped-def]
     )
 
 
-async def get(stub, task_id: str) -> task_pb2.Task:  # type: ignore[no-untyped-def]
+async def get(stub, task_id: str) -> task_pb2.Task:
     return (await stub.GetTask(pb.GetTaskRequest(task_id=task_id), timeout=5)).task
 
 
-async def wait_status(stub, task_id, status, eventually, timeout=30.0) -> task_pb2.Task:  # type: ignore[no-untyped-def]
+async def wait_status(stub, task_id, status, eventually, timeout=30.0) -> task_pb2.Task:
     async def reached() -> bool:
         return (await get(stub, task_id)).status == status
 
@@ -51,16 +51,16 @@ async def wait_status(stub, task_id, status, eventually, timeout=30.0) -> task_p
     return await get(stub, task_id)
 
 
-async def notes(redis_client, mesh, task_id: str) -> list[bytes]:  # type: ignore[no-untyped-def]
+async def notes(redis_client, mesh, task_id: str) -> list[bytes]:
     return await redis_client.lrange(f"{mesh.settings.key_prefix}:notes:s-{task_id}", 0, -1)
 
 
-async def watch_all(stub, task_id: str, after: int = 0) -> list:  # type: ignore[no-untyped-def]
+async def watch_all(stub, task_id: str, after: int = 0) -> list[step_event_pb2.StepEvent]:
     call = stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_sequence=after), timeout=60)
     return [r.event async for r in call]
 
 
-async def test_sigkill_mid_task_completes_once_with_one_side_effect(  # type: ignore[no-untyped-def]
+async def test_sigkill_mid_task_completes_once_with_one_side_effect(
     assistant, worker_processes, gated_model, mesh, redis_client, eventually
 ) -> None:
     await submit(assistant, "kill-1")
@@ -69,7 +69,7 @@ async def test_sigkill_mid_task_completes_once_with_one_side_effect(  # type: ig
     assert await notes(redis_client, mesh, "kill-1") == [b"note for kill-1"]
 
     # A watcher reads what happened so far, then disconnects.
-    seen: list = []
+    seen: list[step_event_pb2.StepEvent] = []
     call = assistant.WatchTask(pb.WatchTaskRequest(task_id="kill-1"), timeout=60)
     async for response in call:
         seen.append(response.event)
@@ -93,7 +93,7 @@ async def test_sigkill_mid_task_completes_once_with_one_side_effect(  # type: ig
     assert len(results) == 2 and results[0] == results[1]  # the retry replayed the stored result
 
 
-async def test_stalled_worker_is_superseded_and_its_late_result_refused(  # type: ignore[no-untyped-def]
+async def test_stalled_worker_is_superseded_and_its_late_result_refused(
     assistant, worker_processes, gated_model, mesh, redis_client, eventually
 ) -> None:
     await submit(assistant, "stall-1")
@@ -127,7 +127,7 @@ async def test_stalled_worker_is_superseded_and_its_late_result_refused(  # type
     assert await notes(redis_client, mesh, "stall-1") == [b"note for stall-1"]
 
 
-async def test_task_that_keeps_killing_workers_is_dead_lettered(  # type: ignore[no-untyped-def]
+async def test_task_that_keeps_killing_workers_is_dead_lettered(
     assistant, worker_processes, gated_model, mesh, redis_client, eventually
 ) -> None:
     await submit(assistant, "poison-1")
@@ -152,7 +152,7 @@ async def test_task_that_keeps_killing_workers_is_dead_lettered(  # type: ignore
     assert events[-1].error.code == "ABORTED"
 
 
-async def test_sigterm_drains_and_hands_the_task_back(  # type: ignore[no-untyped-def]
+async def test_sigterm_drains_and_hands_the_task_back(
     assistant, worker_processes, gated_model, mesh, redis_client, eventually
 ) -> None:
     await submit(assistant, "drain-1")
@@ -168,7 +168,7 @@ async def test_sigterm_drains_and_hands_the_task_back(  # type: ignore[no-untype
     assert await notes(redis_client, mesh, "drain-1") == [b"note for drain-1"]
 
 
-async def test_worker_health_and_metrics(worker_processes, eventually) -> None:  # type: ignore[no-untyped-def]
+async def test_worker_health_and_metrics(worker_processes, eventually) -> None:
     worker = await worker_processes.start()
     ready = worker_processes._tmp / "worker-0.ready"
     import json
@@ -180,7 +180,7 @@ async def test_worker_health_and_metrics(worker_processes, eventually) -> None: 
         stub = health_pb2_grpc.HealthStub(channel)
 
         async def serving() -> bool:
-            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
             return response.status == health_pb2.HealthCheckResponse.SERVING
 
         await eventually(serving, message="worker never became healthy")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -71,7 +72,9 @@ def context(redis_client: aioredis.Redis, key_prefix: str) -> ToolContext:
     )
 
 
-async def search(tool: DocsSearch, context: ToolContext, **arguments: object) -> list[dict]:
+async def search(
+    tool: DocsSearch, context: ToolContext, **arguments: object
+) -> list[dict[str, Any]]:
     result = await tool.run(arguments, context)
     assert schemas.schema_violation(DocsSearch.definition.output_schema_json, result) is None
     return result["results"]

@@ -17,7 +17,7 @@ from agentplex.v1 import tool_pb2
 
 
 @pytest.fixture
-def context_for(redis_client: aioredis.Redis, key_prefix: str):  # type: ignore[no-untyped-def]
+def context_for(redis_client: aioredis.Redis, key_prefix: str):
     def make(session_id: str, agent: str = "assistant") -> ToolContext:
         return ToolContext(
             agent=agent,
@@ -30,7 +30,7 @@ def context_for(redis_client: aioredis.Redis, key_prefix: str):  # type: ignore[
     return make
 
 
-async def test_write_then_read_in_the_same_session(context_for) -> None:  # type: ignore[no-untyped-def]
+async def test_write_then_read_in_the_same_session(context_for) -> None:
     ctx = context_for("s1")
     first = await NotesWrite().run({"text": "the door code is 4711"}, ctx)
     second = await NotesWrite().run({"text": "buy milk"}, ctx)
@@ -43,7 +43,7 @@ async def test_write_then_read_in_the_same_session(context_for) -> None:  # type
 
 
 async def test_notes_are_stored_under_the_prefixed_session_key(
-    context_for,  # type: ignore[no-untyped-def]
+    context_for,
     redis_client: aioredis.Redis,
     key_prefix: str,
 ) -> None:
@@ -54,7 +54,7 @@ async def test_notes_are_stored_under_the_prefixed_session_key(
     assert 0 < ttl <= NOTES_TTL_SECONDS
 
 
-async def test_sessions_are_isolated(context_for) -> None:  # type: ignore[no-untyped-def]
+async def test_sessions_are_isolated(context_for) -> None:
     await NotesWrite().run({"text": "alpha secret"}, context_for("alpha"))
     await NotesWrite().run({"text": "beta secret"}, context_for("beta"))
     assert await NotesRead().run({}, context_for("alpha")) == {"notes": ["alpha secret"]}
@@ -74,10 +74,10 @@ async def test_key_prefixes_are_isolated(redis_client: aioredis.Redis, key_prefi
 
 @pytest.mark.parametrize(("tool", "arguments"), [(NotesWrite(), {"text": "x"}), (NotesRead(), {})])
 async def test_no_session_is_a_tool_failure(
-    context_for,  # type: ignore[no-untyped-def]
+    context_for,
     redis_client: aioredis.Redis,
     key_prefix: str,
-    tool,  # type: ignore[no-untyped-def]
+    tool,
     arguments: dict[str, object],
 ) -> None:
     with pytest.raises(ToolFailure) as info:
@@ -86,7 +86,7 @@ async def test_no_session_is_a_tool_failure(
     assert await redis_client.keys(f"{key_prefix}:*") == []
 
 
-async def test_read_limit_returns_the_most_recent_oldest_first(context_for) -> None:  # type: ignore[no-untyped-def]
+async def test_read_limit_returns_the_most_recent_oldest_first(context_for) -> None:
     ctx = context_for("limits")
     for i in range(1, 6):
         await NotesWrite().run({"text": f"n{i}"}, ctx)
@@ -96,7 +96,7 @@ async def test_read_limit_returns_the_most_recent_oldest_first(context_for) -> N
 
 
 async def test_read_defaults_to_twenty_notes(
-    context_for,  # type: ignore[no-untyped-def]
+    context_for,
     redis_client: aioredis.Redis,
     key_prefix: str,
 ) -> None:
@@ -106,7 +106,7 @@ async def test_read_defaults_to_twenty_notes(
 
 
 async def test_write_caps_the_session_at_max_notes(
-    context_for,  # type: ignore[no-untyped-def]
+    context_for,
     redis_client: aioredis.Redis,
     key_prefix: str,
 ) -> None:
@@ -119,7 +119,7 @@ async def test_write_caps_the_session_at_max_notes(
     assert await redis_client.lindex(key, -1) == b"newest"
 
 
-async def test_unicode_round_trips(context_for) -> None:  # type: ignore[no-untyped-def]
+async def test_unicode_round_trips(context_for) -> None:
     ctx = context_for("unicode")
     await NotesWrite().run({"text": "café ✓ 東京"}, ctx)
     assert await NotesRead().run({"limit": 1}, ctx) == {"notes": ["café ✓ 東京"]}
