@@ -26,13 +26,14 @@ from typing import Protocol
 
 from agentplex.agents.events import EventRecorder
 from agentplex.contract.events import is_final
+from agentplex.contract.reasons import ToolErrorCode
 from agentplex.runtime import errors
 from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2, tool_registry_service_pb2
 
 TOKEN_BUDGET_EXCEEDED = "token budget exceeded"
 # Tool error code for a delegation refused because the caller's share of its
 # budget is too small for any sub-task.
-BUDGET_ERROR_CODE = "TOKEN_BUDGET_EXCEEDED"
+BUDGET_ERROR_CODE = ToolErrorCode.TOKEN_BUDGET_EXCEEDED
 
 
 class StreamingTools(Protocol):

@@ -14,6 +14,7 @@ from opentelemetry import propagate
 
 from agentplex.contract import lineage
 from agentplex.contract.events import is_final
+from agentplex.contract.reasons import Reason
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from agentplex.tasks.event_feed import EventFeed, Lagged
@@ -163,7 +164,7 @@ class TaskService:
                         if not events and not await self._store.exists(task_id):
                             raise NotFound(
                                 f"task {task_id!r} expired while being watched",
-                                reason="TASK_NOT_FOUND",
+                                reason=Reason.TASK_NOT_FOUND,
                             )
                     for event in events:
                         if event.sequence <= cursor:
@@ -182,7 +183,7 @@ class TaskService:
 
 def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:
     return OutOfRange(
-        reason="EVENTS_EXPIRED",
+        reason=Reason.EVENTS_EXPIRED,
         message=f"events of task {task_id} up to sequence {first_seq - 1} are past "
         f"retention; the first still available is {first_seq}"
         + ("" if available else " (none: read the result with GetTask)"),

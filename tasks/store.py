@@ -35,6 +35,7 @@ from google.protobuf import timestamp_pb2
 from redis.exceptions import ResponseError
 from redis.typing import StreamRangeResponse, XReadGroupResponse, XReadResponse
 
+from agentplex.contract.reasons import Reason
 from agentplex.runtime.errors import FailedPrecondition, NotFound, ResourceExhausted
 from agentplex.runtime.redis_client import as_bytes, as_text
 from agentplex.v1 import step_event_pb2, task_pb2
@@ -367,13 +368,13 @@ class TaskStore:
             raise FailedPrecondition(
                 f"task {spec.task_id!r} was already submitted with a different request; "
                 "choose a new task_id",
-                reason="TASK_ID_REUSED",
+                reason=Reason.TASK_ID_REUSED,
             )
         if verdict == "full":
             raise ResourceExhausted(
                 f"the {self.agent} queue is full ({outcome[1].decode()} unfinished tasks); "
                 "retry later",
-                reason="QUEUE_FULL",
+                reason=Reason.QUEUE_FULL,
             )
         return verdict == "created"
 
@@ -383,7 +384,7 @@ class TaskStore:
             raise NotFound(
                 f"task {task_id!r} is not known to agent {self.agent!r} "
                 "(never submitted, or expired)",
-                reason="TASK_NOT_FOUND",
+                reason=Reason.TASK_NOT_FOUND,
             )
         spec = task_pb2.TaskSpec.FromString(as_bytes(fields[b"spec"]))
         task = task_pb2.Task(

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from prometheus_client import Counter
@@ -373,7 +374,9 @@ class Worker:
             task_id=task_id,
             agent=self.store.agent,
             sequence=await self.store.last_sequence(task_id) + 1,
-            error=step_event_pb2.TaskFailed(code="ABORTED", message=message, result=result),
+            error=step_event_pb2.TaskFailed(
+                code=grpc.StatusCode.ABORTED.name, message=message, result=result
+            ),
         )
         event.time.GetCurrentTime()
         await self.store.finish(task_id, None, result, event, dead_letter_reason=message)
