@@ -20,7 +20,7 @@ from agentplex.clients.registry import RegistryClient
 from agentplex.contract import agent_tool as delegation_tool
 from agentplex.contract import limits
 from agentplex.runtime import redis_client
-from agentplex.runtime.clients import health_status, open_channel
+from agentplex.runtime.clients import Keepalive, health_status, open_channel
 from agentplex.runtime.process import CannotStart, Endpoint, run_process
 from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
@@ -84,8 +84,9 @@ def build_parts(
     spec: AgentSpec, settings: Settings, *, llm: LLMProvider | None = None
 ) -> AgentParts:
     llm = llm or build_provider(settings)
-    memory_channel = open_channel(settings.memory_address)
-    registry_channel = open_channel(settings.registry_address)
+    keepalive = Keepalive.from_settings(settings)
+    memory_channel = open_channel(settings.memory_address, keepalive)
+    registry_channel = open_channel(settings.registry_address, keepalive)
     redis = redis_client.connect(settings.redis_url)
     registry = RegistryClient(settings.registry_address, channel=registry_channel)
     memory = MemoryClient(settings.memory_address, channel=memory_channel)

@@ -25,7 +25,7 @@ from agentplex.gateway.control_plane import ControlPlane
 from agentplex.gateway.directory import AgentDirectory
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import SnapshotCache
-from agentplex.runtime.clients import open_channel
+from agentplex.runtime.clients import Keepalive, open_channel
 from agentplex.runtime.metrics import MetricsEndpoint
 from agentplex.runtime.process import Endpoint, run_process, stop_each
 from agentplex.runtime.settings import Settings
@@ -108,7 +108,7 @@ class ControlPlaneServer:
         self.gateway = gateway
         self.cache = SnapshotCache()
         self.discovery = DiscoveryServer(self.cache)
-        self._channel = open_channel(settings.registry_address)
+        self._channel = open_channel(settings.registry_address, Keepalive.from_settings(settings))
         self.control_plane = ControlPlane(
             AgentDirectory(self._channel, [settings.registry_address]),
             gateway.options(),

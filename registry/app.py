@@ -18,6 +18,7 @@ from agentplex.registry.service import ToolRegistry
 from agentplex.registry.servicer import ToolRegistryServicer
 from agentplex.registry.store import RegistryStore
 from agentplex.runtime import redis_client
+from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.process import run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
@@ -37,6 +38,7 @@ async def build_host(
         tool_timeout_seconds=settings.tool_timeout_seconds,
         breaker_failure_threshold=settings.breaker_failure_threshold,
         breaker_reset_seconds=settings.breaker_reset_seconds,
+        keepalive=Keepalive.from_settings(settings),
     )
     registry = ToolRegistry(
         store=RegistryStore(redis, key_prefix=settings.key_prefix),

@@ -40,7 +40,7 @@ from agentplex.contract.events import is_final
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.registry.breaker import CircuitBreaker
 from agentplex.runtime import errors
-from agentplex.runtime.clients import Deadline, call_with_deadline, open_channel
+from agentplex.runtime.clients import Deadline, Keepalive, call_with_deadline, open_channel
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -124,7 +124,8 @@ class Connections:
     """Connections, not state: one channel per backend address, reused, and the
     addresses that lately failed to accept one (tried last)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keepalive: Keepalive | None = None) -> None:
+        self._keepalive = keepalive
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect: dict[str, float] = {}
 
@@ -134,7 +135,7 @@ class Connections:
                 # Drop the oldest: backends that left long ago should not pin sockets.
                 oldest = next(iter(self._channels))
                 asyncio.get_running_loop().create_task(self._channels.pop(oldest).close())
-            self._channels[endpoint] = open_channel(endpoint)
+            self._channels[endpoint] = open_channel(endpoint, self._keepalive)
         return self._channels[endpoint]
 
     async def connect(
@@ -386,8 +387,9 @@ class BackendRouter:
         breaker_failure_threshold: int = 5,
         breaker_reset_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        keepalive: Keepalive | None = None,
     ) -> None:
-        self._connections = Connections()
+        self._connections = Connections(keepalive)
         self.executors = ExecutorBackend(
             self._connections,
             tool_timeout_seconds=tool_timeout_seconds,

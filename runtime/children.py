@@ -7,12 +7,18 @@ import contextlib
 import signal
 
 
-async def terminate(process: asyncio.subprocess.Process, *, timeout: float) -> None:
-    """SIGTERM (a graceful drain), then SIGKILL if it outlasts `timeout`; idempotent."""
+async def terminate(
+    process: asyncio.subprocess.Process,
+    *,
+    timeout: float,
+    sig: signal.Signals = signal.SIGTERM,
+) -> None:
+    """`sig` (SIGTERM: a graceful drain; SIGINT: agentplex parts skip the drain delay),
+    then SIGKILL if it outlasts `timeout`; idempotent."""
     if process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
     try:
         await asyncio.wait_for(process.wait(), timeout=timeout)
     except TimeoutError:

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplex.runtime import errors
+from agentplex.runtime.settings import Settings
 from agentplex.runtime.tracing import client_interceptors
 
 T = TypeVar("T")
@@ -27,12 +28,53 @@ class TimeLeft(Protocol):
     def time_remaining(self) -> float | None: ...
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure loopback/cluster channel that propagates W3C trace context."""
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive, so a frozen or half-open peer fails calls instead of hanging them.
+
+    TCP alone cannot tell: a stopped process's kernel still acknowledges
+    packets. A PING unanswered for `timeout_seconds` closes the connection
+    and every call on it ends with UNAVAILABLE, within `seconds + timeout_seconds`.
+    """
+
+    seconds: float = 10.0
+    timeout_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keepalive:
+        return cls(settings.keepalive_seconds, settings.keepalive_timeout_seconds)
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_time_ms", int(self.seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
+            # A stream waiting on a slow model sends no data for minutes; without
+            # these, pings stop after two and a freeze then goes unnoticed.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Accept our clients' (and Envoy's) pings at this rate, and ping them back."""
+        return [
+            ("grpc.keepalive_time_ms", int(self.seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Peers ping every `seconds`; allow some jitter before calling it abuse.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.seconds * 500)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.seconds * 500)),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+
+
+def open_channel(address: str, keepalive: Keepalive | None = None) -> grpc.aio.Channel:
+    """An insecure loopback/cluster channel that propagates W3C trace context and
+    detects a dead peer through keepalive (defaults unless the caller's settings say)."""
     return grpc.aio.insecure_channel(
         address,
         interceptors=client_interceptors(),
-        options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)],
+        options=[*(keepalive or Keepalive()).channel_options(), ("grpc.enable_retries", 0)],
     )
 
 

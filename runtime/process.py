@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGTERM is the graceful stop (drain delay, then grace), as Kubernetes sends it;
+# SIGINT (Ctrl-C, or `agentplex up` stopping the whole mesh) skips the drain
+# delay: when every replica is going away there is nowhere to drain to.
+QUICK_STOP_SIGNAL = signal.SIGINT
+_quick_stop = False
 EXIT_CANNOT_START = 1
 EXIT_BAD_SETTINGS = 2
 
@@ -155,18 +160,27 @@ async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
 def stop_on_signals(stop: asyncio.Event, *, name: str | None = None) -> None:
     """Set `stop` on SIGTERM or SIGINT (the event loop must be running).
 
+    SIGINT also marks the stop as quick (`quick_stop_requested`).
     With a `name`, the first signal is logged as "<name> received a stop
     signal; draining"; later ones change nothing (the drain is under way).
     """
     loop = asyncio.get_running_loop()
 
     def received(sig: signal.Signals) -> None:
+        global _quick_stop
+        if sig == QUICK_STOP_SIGNAL:
+            _quick_stop = True
         if name is not None and not stop.is_set():
             log.info("%s received a stop signal; draining", name, extra={"signal": sig.name})
         stop.set()
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, received, sig)
+
+
+def quick_stop_requested() -> bool:
+    """True once this process got SIGINT: stop without the drain delay (signals are per process)."""
+    return _quick_stop
 
 
 async def stop_each(owner: str, steps: Sequence[Callable[[], Awaitable[object]]]) -> bool:

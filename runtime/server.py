@@ -3,8 +3,11 @@
 Health (SERVING only while the service's dependencies answer), server
 reflection (so grpcurl works without .proto files), the error/metrics edge
 interceptor, OpenTelemetry server spans, a Prometheus endpoint, and graceful
-shutdown: on SIGTERM health turns NOT_SERVING first so balancers drain the
-instance, then in-flight calls get the grace period to finish.
+shutdown: on SIGTERM health turns NOT_SERVING first and the server keeps
+answering for the drain delay, so the gateway's health checks and clients'
+balancers move away while nothing is refused; then it stops accepting calls
+and in-flight ones get the grace period to finish. HTTP/2 keepalive both
+ways, so a frozen peer is noticed (see `Keepalive`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
-from agentplex.runtime.process import Endpoint, stop_each
+from agentplex.runtime.process import Endpoint, quick_stop_requested, stop_each
 from agentplex.runtime.process import write_ready_file as write_ready_file  # still importable here
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.tracing import ServerTracing
@@ -49,6 +53,9 @@ class ServiceHost:
     dependency_checks: Sequence[DependencyCheck] = ()
     health_interval_seconds: float = 1.0
     grace_seconds: float = 10.0
+    # Serving-while-NOT_SERVING time after a stop is asked for; 0 for in-process tests.
+    drain_seconds: float = 0.0
+    keepalive: Keepalive = field(default_factory=Keepalive)
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Run once serving, with the bound endpoint (e.g. to announce it to the registry).
     on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = ()
@@ -83,6 +90,8 @@ class ServiceHost:
             dependency_checks=dependency_checks,
             health_interval_seconds=settings.health_interval_seconds,
             grace_seconds=settings.grace_seconds,
+            drain_seconds=settings.drain_seconds,
+            keepalive=Keepalive.from_settings(settings),
             on_start=on_start,
             on_stop=on_stop,
         )
@@ -95,7 +104,7 @@ class ServiceHost:
             # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
             server = grpc.aio.server(
                 interceptors=[ServerTracing(), EdgeInterceptor()],
-                options=[("grpc.so_reuseport", 0)],
+                options=[("grpc.so_reuseport", 0), *self.keepalive.server_options()],
             )
             self._service_names = list(self.register(server))
             self._health = health_aio.HealthServicer()
@@ -168,6 +177,7 @@ class ServiceHost:
                 [
                     self._stop_watch,
                     self._enter_graceful_shutdown,
+                    self._drain,
                     self._stop_server,
                     self._close_metrics,
                     *self.on_stop,
@@ -187,6 +197,12 @@ class ServiceHost:
         # NOT_SERVING first, so balancers stop sending before the server drains.
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+
+    async def _drain(self) -> None:
+        # Still serving: calls that arrive before the balancers notice are answered.
+        if self._server is not None and self.drain_seconds > 0 and not quick_stop_requested():
+            log.info("%s draining for %.1fs", self.name, self.drain_seconds)
+            await asyncio.sleep(self.drain_seconds)
 
     async def _stop_server(self) -> None:
         if self._server is not None:

@@ -67,10 +67,32 @@ class SharedSection(Section):
         description="Seconds a stopping server lets in-flight calls (and a worker its running "
         "tasks) finish after SIGTERM.",
     )
+    drain_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, how long a server keeps answering while its health says "
+        "NOT_SERVING, so the gateway's health checks (two failed checks eject a replica) and "
+        "clients' balancers move away before it stops accepting calls; then `grace_seconds` "
+        "apply. 0 stops at once (development, tests).",
+    )
     health_interval_seconds: float = Field(
         default=1.0,
         gt=0,
         description="How often a service re-checks its dependencies for its health status.",
+    )
+    keepalive_seconds: float = Field(
+        default=10.0,
+        ge=1,
+        description="How often internal gRPC channels, servers and the gateway's upstream "
+        "connections send an HTTP/2 PING to prove the peer is alive.",
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=10.0,
+        ge=1,
+        description="How long a PING may go unanswered before the connection counts as dead and "
+        "its calls fail with UNAVAILABLE: a frozen or half-open peer is detected within "
+        "`keepalive_seconds` + this.",
     )
     log_level: str = Field(
         default="INFO", description="Level of the JSON log lines every process writes to stderr."
@@ -256,6 +278,13 @@ class TasksSection(Section):
     worker_concurrency: int = Field(
         default=4, ge=1, description="Tasks one worker process runs at once."
     )
+    task_reconcile_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the workers (one at a time, whichever holds the lock) reconcile "
+        "task records with the queue: re-enqueue a pending or running task that lost its queue "
+        "entry and has no live lease, and recount the queue depth.",
+    )
 
 
 class GatewaySection(Section):
@@ -327,6 +356,17 @@ class LauncherSection(Section):
         default=Path(".agentplex/mesh.json"),
         description="Where `agentplex up` writes the running mesh's addresses, and where the "
         "other commands read them (`--state-file` overrides it).",
+    )
+    restart_backoff_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="`agentplex up` restarts a part that exited after this long, doubling the "
+        "wait on each restart that did not stay up.",
+    )
+    restart_backoff_max_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="The longest wait between restarts of a crash-looping part.",
     )
     external_redis_url: str | None = Field(
         default=None,

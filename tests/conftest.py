@@ -57,6 +57,7 @@ def settings(redis_url: str, key_prefix: str) -> Settings:
         docs_dir=REPO_ROOT,
         health_interval_seconds=0.2,
         grace_seconds=1.0,
+        drain_seconds=0,
     )
 
 
@@ -332,6 +333,7 @@ def worker_processes(
         "AGENTPLEX_OPENAI_BASE_URL": gated_model.base_url,
         "AGENTPLEX_TASK_LEASE_SECONDS": "1.5",
         "AGENTPLEX_GRACE_SECONDS": "1",
+        "AGENTPLEX_DRAIN_SECONDS": "0",
         "AGENTPLEX_HEALTH_INTERVAL_SECONDS": "0.2",
         "AGENTPLEX_LOG_LEVEL": "INFO",
     }

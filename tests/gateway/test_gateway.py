@@ -544,6 +544,7 @@ async def agent_process(mesh, tmp_path):
         "AGENTPLEX_DOCS_DIR": str(settings.docs_dir),
         "AGENTPLEX_HEALTH_INTERVAL_SECONDS": "0.2",
         "AGENTPLEX_GRACE_SECONDS": "1",
+        "AGENTPLEX_DRAIN_SECONDS": "0",
     }
 
     async def start(agent: str) -> tuple[asyncio.subprocess.Process, str]:

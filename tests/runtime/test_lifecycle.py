@@ -170,7 +170,7 @@ async def test_until_stopped_returns_the_result_or_none() -> None:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("AGENTPLEX_")}
-    return {**env, "AGENTPLEX_GRACE_SECONDS": "1", **extra}
+    return {**env, "AGENTPLEX_GRACE_SECONDS": "1", "AGENTPLEX_DRAIN_SECONDS": "0", **extra}
 
 
 async def test_the_gateway_control_plane_runs_the_shared_lifecycle(

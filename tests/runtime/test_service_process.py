@@ -34,6 +34,7 @@ async def test_memory_process_serves_and_exits_cleanly_on_signal(
         "AGENTPLEX_REDIS_URL": settings.redis_url,
         "AGENTPLEX_KEY_PREFIX": settings.key_prefix,
         "AGENTPLEX_GRACE_SECONDS": "2",
+        "AGENTPLEX_DRAIN_SECONDS": "0",
         "AGENTPLEX_HEALTH_INTERVAL_SECONDS": "0.2",
     }
     with log_path.open("wb") as log:
