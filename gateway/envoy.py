@@ -18,7 +18,7 @@ import httpx
 
 from agentplex.gateway import bootstrap
 from agentplex.gateway.resources import LISTENER_NAME, HostPort
-from agentplex.runtime.children import terminate
+from agentplex.runtime.children import spawn, terminate
 
 
 class EnvoyError(Exception):
@@ -55,7 +55,7 @@ class EnvoyProcess:
         admin_file.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
+            self.process = await spawn(
                 str(binary()),
                 "-c",
                 str(config),
@@ -70,7 +70,6 @@ class EnvoyProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                start_new_session=True,
             )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout

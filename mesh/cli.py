@@ -1,6 +1,8 @@
 """The `agentplex` command.
 
     agentplex up                      start the mesh locally (Ctrl-C stops it)
+    agentplex ps                      the parts of the running mesh: state, pid, restarts
+    agentplex restart PART            restart a part gracefully (replicas one at a time)
     agentplex run --agent NAME TEXT   run a task; --stream prints step events live
     agentplex submit --agent NAME TEXT   queue a durable task; prints its id
     agentplex watch ID [--after SEQ] [--result]  follow a task's events (resumable)
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 from pydantic import ValidationError
 
-from agentplex.mesh import launcher, render, tool_commands
+from agentplex.agents.catalog import CATALOG
+from agentplex.mesh import render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
@@ -39,6 +42,7 @@ T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+MAX_REPLICAS = 8
 
 
 class CliError(Exception):
@@ -78,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="task workers per agent, for submitted tasks (default 1)",
     )
     up.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="AGENT=N",
+        help="run N replicas of an agent behind the gateway, e.g. --replicas assistant=2 "
+        "(default 1 each)",
+    )
+    up.add_argument(
         "--no-gateway",
         action="store_true",
         help="skip the Envoy gateway and its control plane (agents are still reachable directly)",
@@ -88,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted); "
         "local starts SmolLM2-135M offline (needs the local extra)",
+    )
+
+    ps = commands.add_parser("ps", help="list the running mesh's parts and their restarts")
+    ps.add_argument("--json", action="store_true", help="print one JSON object per part")
+
+    restart = commands.add_parser(
+        "restart",
+        help="restart a part gracefully; an agent's replicas one at a time",
+        description="Restart a part of the running mesh gracefully (SIGTERM: it turns "
+        "NOT_SERVING, drains, finishes in-flight calls) and wait until it serves again. "
+        "Naming an agent restarts each of its replicas in turn, so with --replicas it "
+        "never stops serving. Exit code 1 if the part does not come back.",
+    )
+    restart.add_argument("part", help="a part or group name, as `agentplex ps` shows them")
+    restart.add_argument("--json", action="store_true", help="print the restarted parts as JSON")
+    restart.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the part to serve again (default 300)",
     )
 
     run = commands.add_parser("run", help="run one task on an agent, within this call")
@@ -189,6 +221,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError(str(exc)) from None
     if args.command == "tools":
         return await _tools(args, state)
+    if args.command in ("ps", "restart"):
+        return await _control(args, state)
     commands = {
         "run": _run,
         "submit": _submit,
@@ -200,6 +234,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) -> int:
+    # Only `up` needs the launcher (and Envoy's config types, slow to import).
+    from agentplex.mesh import launcher
+
     overrides: dict[str, int] = {}
     for item in args.port:
         name, _, port = item.partition("=")
@@ -211,6 +248,16 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
                 EXIT_USAGE,
             )
         overrides[name] = int(port)
+    replicas: dict[str, int] = {}
+    for item in args.replicas:
+        name, _, count = item.partition("=")
+        if name not in CATALOG or not count.isdigit() or not 1 <= int(count) <= MAX_REPLICAS:
+            raise CliError(
+                f"--replicas expects AGENT=N with AGENT one of {', '.join(CATALOG)} and N from "
+                f"1 to {MAX_REPLICAS}; got {item!r}",
+                EXIT_USAGE,
+            )
+        replicas[name] = int(count)
     mesh = launcher.MeshLauncher(
         state_file=state_file,
         redis_url=settings.external_redis_url,
@@ -218,6 +265,7 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
         port_overrides=overrides,
         llm_provider=args.llm,
         workers=args.workers,
+        replicas=replicas,
         gateway=not args.no_gateway,
         settings=settings,
         say=lambda line: print(line, flush=True),
@@ -226,8 +274,6 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
 
 
 def _agent_address(state: dict[str, object], agent: str) -> str:
-    from agentplex.agents.catalog import CATALOG
-
     address = state.get(agent)
     if agent not in CATALOG or not isinstance(address, str):
         running = ", ".join(name for name in CATALOG if isinstance(state.get(name), str))
@@ -261,6 +307,33 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
             printer.interrupted()
             raise _rpc_failure(err, f"agent {args.agent!r} at {address}") from None
     return 0 if result is not None and not result.error else EXIT_FAILED
+
+
+async def _control(args: argparse.Namespace, state: dict[str, object]) -> int:
+    """`ps` and `restart`: the MeshControlService of the `agentplex up` that wrote `state`."""
+    import grpc
+
+    from agentplex.v1 import mesh_control_service_pb2 as control_pb
+    from agentplex.v1 import mesh_control_service_pb2_grpc as control_grpc
+
+    address = state.get("control")
+    if not isinstance(address, str):
+        raise CliError("the state file names no control address; restart with `agentplex up`")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = control_grpc.MeshControlServiceStub(channel)
+        try:
+            if args.command == "ps":
+                listed = await stub.ListParts(control_pb.ListPartsRequest(), timeout=10)
+                parts = listed.parts
+            else:
+                restarted = await stub.RestartPart(
+                    control_pb.RestartPartRequest(name=args.part), timeout=args.timeout
+                )
+                parts = restarted.parts
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_failure(err, f"the mesh's control service at {address}") from None
+    render.print_parts(parts, json_lines=args.json)
+    return 0
 
 
 async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:

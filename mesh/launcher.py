@@ -1,12 +1,16 @@
-"""`agentplex up`: the whole mesh as local processes, started in dependency order.
+"""`agentplex up`: the whole mesh as local processes, started in dependency order and
+kept running.
 
-Redis (embedded unless REDIS_URL is set) → memory → registry → tool backend → agents →
-task workers (`--workers N` per agent) → the gateway's xDS control plane → Envoy
-(unless `--no-gateway`). Each
-service is its own process; it reports the address it bound through a ready
-file, and counts as up once its gRPC health check says SERVING. Logs go to
-`.agentplex/logs/<name>.log` so this terminal shows only progress. Stopping
-runs in reverse order, each part drained through SIGTERM.
+Redis (embedded unless REDIS_URL is set) → memory → registry → tool backend → agents
+(`--replicas NAME=N` each) → task workers (`--workers N` per agent) → the gateway's
+xDS control plane → Envoy (unless `--no-gateway`). Each service is its own process;
+it reports the address it bound through a ready file, and counts as up once its
+gRPC health check says SERVING. Logs go to `.agentplex/logs/<name>.log` so this
+terminal shows only progress. Once up, the supervisor restarts any part that exits
+(mesh/supervisor.py); `agentplex ps` and `agentplex restart` reach it over the
+MeshControlService on loopback, whose address the state file holds under
+"control". Every child dies with the launcher, even a SIGKILLed one
+(runtime/orphan_guard.py). Stopping runs in reverse order, without the drain delay.
 """
 
 from __future__ import annotations
@@ -15,31 +19,22 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import httpx
-from grpc_health.v1 import health_pb2
-
 from agentplex.agents.catalog import CATALOG
-from agentplex.gateway.bootstrap import BootstrapOptions
-from agentplex.gateway.envoy import EnvoyError, EnvoyProcess
-from agentplex.gateway.resources import HostPort
-from agentplex.mesh.local_model import LocalModelError, LocalModelServer
-from agentplex.mesh.redis_process import EmbeddedRedis
+from agentplex.mesh.control_service import control_host
+from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePart
+from agentplex.mesh.redis_process import free_port
 from agentplex.mesh.state import pid_alive, write_state
-from agentplex.runtime.children import terminate
-from agentplex.runtime.clients import health_status
+from agentplex.mesh.supervisor import LaunchError, Runner, Supervisor
 from agentplex.runtime.process import stop_each, stop_on_signals
+from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 
-START_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 20.0
+__all__ = ["LaunchError", "MeshLauncher", "run_until_signalled"]
 
 # Documented defaults (README); `--ephemeral-ports` or `--port NAME=PORT` override them.
 DEFAULT_PORTS: dict[str, tuple[int, int]] = {
@@ -57,33 +52,6 @@ DEFAULT_PORTS["gateway-xds"] = (50070, 9170)
 GATEWAY_PORTS = {"gateway": 8080, "envoy-admin": 9901}
 
 
-class LaunchError(Exception):
-    """A part of the mesh failed to start; the message says which and why."""
-
-
-@dataclass
-class Part:
-    name: str
-    module: str
-    args: list[str]
-    port: int
-    metrics_port: int
-    process: asyncio.subprocess.Process | None = None
-    address: str = ""
-    metrics: int | None = None
-    log_path: Path | None = None
-
-    @property
-    def exit_code(self) -> int | None:
-        """The process's exit code; None while it runs (or before it started)."""
-        return None if self.process is None else self.process.returncode
-
-    async def stop(self) -> None:
-        """SIGTERM (the part drains), SIGKILL if it outlasts the timeout; idempotent."""
-        if self.process is not None:
-            await terminate(self.process, timeout=STOP_TIMEOUT_SECONDS)
-
-
 @dataclass
 class MeshLauncher:
     state_file: Path
@@ -92,15 +60,23 @@ class MeshLauncher:
     port_overrides: dict[str, int] = field(default_factory=dict)
     llm_provider: str | None = None
     workers: int = 1
+    # Replicas per agent beyond the first (`--replicas assistant=2`), all behind the gateway.
+    replicas: dict[str, int] = field(default_factory=dict)
     # Envoy in front of every agent, configured by its xDS control plane.
     gateway: bool = True
     # The launcher's own settings (docs_dir and llm_provider are passed on to the parts).
     settings: Settings = field(default_factory=Settings)
     say: Callable[[str], None] = print
-    _redis: EmbeddedRedis | None = None
-    _local_model: LocalModelServer | None = None
-    _parts: list[Part] = field(default_factory=list)
+    supervisor: Supervisor = field(init=False)
+    _control: ServiceHost | None = None
     _run_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(
+            backoff_seconds=self.settings.restart_backoff_seconds,
+            backoff_max_seconds=self.settings.restart_backoff_max_seconds,
+            say=self.say,
+        )
 
     def _port(self, name: str, index: int) -> int:
         if name in self.port_overrides and index == 0:
@@ -119,20 +95,22 @@ class MeshLauncher:
             redis_port = self.port_overrides.get(
                 "redis", 0 if self.ephemeral_ports else DEFAULT_REDIS_PORT
             )
-            self._redis = EmbeddedRedis(port=redis_port, data_dir=self._run_dir / "redis")
-            try:
-                redis_url = await self._redis.start()
-            except (RuntimeError, FileNotFoundError) as exc:
-                raise LaunchError(
-                    f"embedded Redis failed to start: {exc}. Is port {redis_port} "
-                    "taken? Try --port redis=PORT or set REDIS_URL."
-                ) from None
-            self.say(f"  {'redis':<20} {redis_url}  (embedded)")
+            redis = await self._supervise(
+                RedisPart(port=redis_port, data_dir=self._run_dir / "redis")
+            )
+            redis_url = redis.address
+            self.say(f"  {'redis':<20} {redis_url}  (embedded, supervised)")
         else:
             self.say(f"  {'redis':<20} {redis_url}  (REDIS_URL)")
         env = self._child_env(redis_url)
         if (self.llm_provider or self.settings.llm_provider) == "local":
-            env.update(await self._start_local_model())
+            model = LocalModelPart(log_path=self._run_dir / "logs" / "llm.log")
+            await self._supervise(model)
+            env.update(model.agent_env())
+            self.say(
+                f"  {'llm (local)':<20} {model.address}  (SmolLM2-135M-Instruct, "
+                f"log {model.log_path})"
+            )
         memory = await self._start_part("memory", "agentplex.memory", [], env)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
         registry = await self._start_part("registry", "agentplex.registry", [], env)
@@ -142,8 +120,9 @@ class MeshLauncher:
         # Agents depend only on memory and registry, not on each other.
         await asyncio.gather(
             *(
-                self._start_part(name, "agentplex.agents", ["--agent", name], env)
+                self._start_part(replica, "agentplex.agents", ["--agent", name], env, group=name)
                 for name in CATALOG
+                for replica in self._replica_names(name)
             )
         )
         # Workers run queued tasks; they start once the agents they serve are up.
@@ -154,6 +133,7 @@ class MeshLauncher:
                     "agentplex.agents.worker",
                     ["--agent", name, "--name", f"{name}-worker-{index}"],
                     env,
+                    group=f"{name}-worker",
                 )
                 for name in CATALOG
                 for index in range(1, self.workers + 1)
@@ -161,26 +141,37 @@ class MeshLauncher:
         )
         if self.gateway:
             await self._start_gateway(env)
+        self._control = control_host(self.supervisor)
+        control = await self._control.start()
+        return self._write_state(redis_url, control.address)
+
+    def _replica_names(self, agent: str) -> list[str]:
+        """The first replica is named after the agent (the state file's key); then name-2..."""
+        count = self.replicas.get(agent, 1)
+        return [agent, *(f"{agent}-{index}" for index in range(2, count + 1))]
+
+    def _write_state(self, redis_url: str, control_address: str) -> dict[str, Any]:
+        assert self._run_dir is not None
+        parts = self.supervisor.parts
         state: dict[str, Any] = {"redis": redis_url}
-        if self._local_model is not None:
-            state["llm"] = self._local_model.base_url
-        state.update(
-            {part.name: part.address for part in self._parts if "-worker-" not in part.name}
-        )
-        state["workers"] = {
-            part.name: part.address for part in self._parts if "-worker-" in part.name
-        }
+        model = next((p.runner for p in parts if p.name == "llm"), None)
+        if model is not None:
+            state["llm"] = model.address
+        services = [p.runner for p in parts if isinstance(p.runner, ServicePart | EnvoyPart)]
+        state.update({part.name: part.address for part in services if "-worker-" not in part.name})
+        state["workers"] = {part.name: part.address for part in services if "-worker-" in part.name}
         state["metrics"] = {
             # Envoy serves Prometheus text on its admin API, not at /metrics.
             part.name: f"http://127.0.0.1:{part.metrics}"
             + ("/stats/prometheus" if part.name == "gateway" else "/metrics")
-            for part in self._parts
+            for part in services
             if part.metrics
         }
-        gateway = next((p for p in self._parts if p.name == "gateway"), None)
+        gateway = next((part for part in services if isinstance(part, EnvoyPart)), None)
         if gateway is not None:
             state["console"] = f"http://{gateway.address}/console/"
             state["envoy_admin"] = f"http://127.0.0.1:{gateway.metrics}"
+        state["control"] = control_address
         state["logs"] = str(self._run_dir / "logs")
         state["pid"] = os.getpid()
         write_state(self.state_file, state)
@@ -189,7 +180,8 @@ class MeshLauncher:
     def _gateway_port(self, name: str) -> int:
         if name in self.port_overrides:
             return self.port_overrides[name]
-        return 0 if self.ephemeral_ports else GATEWAY_PORTS[name]
+        # A fixed port even when ephemeral: a restarted Envoy must listen where the first did.
+        return free_port() if self.ephemeral_ports else GATEWAY_PORTS[name]
 
     async def _start_gateway(self, env: dict[str, str]) -> None:
         """The control plane (healthy once it has a snapshot), then Envoy booting from it."""
@@ -201,52 +193,22 @@ class MeshLauncher:
             [],
             {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)},
         )
-        log_path = self._run_dir / "logs" / "envoy.log"
-        envoy = EnvoyProcess(
-            BootstrapOptions(
-                HostPort.parse(xds.address), admin_port=self._gateway_port("envoy-admin")
-            ),
-            work_dir=self._run_dir / "envoy",
-            log_path=log_path,
+        envoy = EnvoyPart(
+            xds=xds.address,
+            listen_port=listen_port,
+            admin_port=self._gateway_port("envoy-admin"),
+            run_dir=self._run_dir,
         )
-        try:
-            admin = await envoy.start(timeout=START_TIMEOUT_SECONDS)
-            listener = await envoy.listener(timeout=START_TIMEOUT_SECONDS)
-        except EnvoyError as exc:
-            await envoy.stop()
-            hint = f" Is port {listen_port} taken? Use --port gateway=PORT." if listen_port else ""
-            raise LaunchError(f"the Envoy gateway failed to start: {exc}{hint}") from None
-        if not await _gateway_ready(listener, envoy):
-            await envoy.stop()
-            raise LaunchError(
-                f"the gateway did not become ready within {START_TIMEOUT_SECONDS:g}s "
-                f"(its default agent never passed a health check); see {log_path}"
-            )
-        # Envoy is one more part: watched for crashes, stopped first.
-        part = Part("gateway", "envoy", [], listen_port, admin.port, process=envoy.process)
-        part.address, part.metrics, part.log_path = (
-            f"{listener.host}:{listener.port}",
-            admin.port,
-            log_path,
-        )
-        self._parts.append(part)
+        await self._supervise(envoy)
         self.say(
-            f"  {'gateway':<20} {part.address}  (gRPC, gRPC-Web and JSON; "
-            f"envoy admin :{admin.port}, log {log_path})"
+            f"  {'gateway':<20} {envoy.address}  (gRPC, gRPC-Web and JSON; "
+            f"envoy admin :{envoy.metrics}, log {envoy.log_path})"
         )
-        self.say(f"  {'console':<20} http://{part.address}/console/")
+        self.say(f"  {'console':<20} http://{envoy.address}/console/")
 
-    async def _start_local_model(self) -> dict[str, str]:
-        """Start the offline model server; the env that points agents at it."""
-        assert self._run_dir is not None
-        log_path = self._run_dir / "logs" / "llm.log"
-        self._local_model = LocalModelServer(log_path=log_path)
-        try:
-            base_url = await self._local_model.start()
-        except LocalModelError as exc:
-            raise LaunchError(f"local model: {exc}") from None
-        self.say(f"  {'llm (local)':<20} {base_url}  (SmolLM2-135M-Instruct, log {log_path})")
-        return self._local_model.agent_env()
+    async def _supervise(self, runner: Runner) -> Runner:
+        await self.supervisor.add(runner)
+        return runner
 
     def _refuse_second_mesh(self) -> None:
         if not self.state_file.exists():
@@ -266,76 +228,36 @@ class MeshLauncher:
         # Resolved here, so every part indexes the directory `up` runs in.
         env["AGENTPLEX_DOCS_DIR"] = str(self.settings.docs_dir)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # A part that dies of a signal leaves a Python traceback in its log.
+        env.setdefault("PYTHONFAULTHANDLER", "1")
         if self.llm_provider:
             env["AGENTPLEX_LLM_PROVIDER"] = self.llm_provider
         return env
 
     async def _start_part(
-        self, name: str, module: str, args: list[str], env: dict[str, str]
-    ) -> Part:
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        *,
+        group: str | None = None,
+    ) -> ServicePart:
         assert self._run_dir is not None
-        part = Part(name, module, args, self._port(name, 0), self._port(name, 1))
-        ready_file = Path(tempfile.mkdtemp(prefix="agentplex-")) / f"{name}.ready"
-        part.log_path = self._run_dir / "logs" / f"{name}.log"
-        log = part.log_path.open("ab")
-        try:
-            part.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                module,
-                *args,
-                "--port",
-                str(part.port),
-                "--metrics-port",
-                str(part.metrics_port),
-                "--ready-file",
-                str(ready_file),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
-            )
-        finally:
-            log.close()
-        self._parts.append(part)
-        try:
-            ready = await self._wait_ready(part, ready_file)
-        finally:
-            with contextlib.suppress(OSError):
-                ready_file.unlink()
-                ready_file.parent.rmdir()
-        part.address, part.metrics = ready["address"], ready.get("metrics_port")
+        port_name = group if group in DEFAULT_PORTS and name == group else name
+        part = ServicePart(
+            name,
+            module,
+            args,
+            port=self._port(port_name, 0),
+            metrics_port=self._port(port_name, 1),
+            env=env,
+            log_path=self._run_dir / "logs" / f"{name}.log",
+            group=group,
+        )
+        await self._supervise(part)
         self.say(f"  {name:<20} {part.address}  (metrics :{part.metrics}, log {part.log_path})")
         return part
-
-    async def _wait_ready(self, part: Part, ready_file: Path) -> dict[str, Any]:
-        assert part.process is not None
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + START_TIMEOUT_SECONDS
-        ready: dict[str, Any] | None = None
-        while loop.time() < give_up:
-            if part.process.returncode is not None:
-                tail = _tail(part.log_path)
-                hint = (
-                    f"\nIs port {part.port} taken? Use --port {part.name}=PORT or "
-                    "--ephemeral-ports."
-                    if "cannot listen" in tail
-                    else ""
-                )
-                raise LaunchError(
-                    f"{part.name} exited with code {part.process.returncode} "
-                    f"while starting:\n{tail}{hint}"
-                )
-            if ready is None:
-                ready = await asyncio.to_thread(_read_ready, ready_file)
-            if ready is not None and await _serving(ready["address"]):
-                return ready
-            await asyncio.sleep(0.05)
-        raise LaunchError(
-            f"{part.name} did not become healthy within {START_TIMEOUT_SECONDS:g}s:"
-            f"\n{_tail(part.log_path)}"
-        )
 
     async def stop(self) -> None:
         """Stop everything started, in reverse order; idempotent.
@@ -343,81 +265,31 @@ class MeshLauncher:
         Every step runs even when one fails: a part that cannot be stopped
         must not leave the others (or Redis) running.
         """
-        parts, self._parts = self._parts, []
-        for part in reversed(parts):
-            await stop_each(part.name, [part.stop])
         await stop_each(
-            "agentplex up", [self._stop_local_model, self._stop_redis, self._forget_state]
+            "agentplex up", [self._stop_control, self.supervisor.stop, self._forget_state]
         )
 
-    async def _stop_local_model(self) -> None:
-        model, self._local_model = self._local_model, None
-        if model is not None:
-            await model.stop()
-
-    async def _stop_redis(self) -> None:
-        redis, self._redis = self._redis, None
-        if redis is not None:
-            await redis.stop()
+    async def _stop_control(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            await control.stop()
 
     async def _forget_state(self) -> None:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
             if json.loads(self.state_file.read_text()).get("pid") == os.getpid():
                 self.state_file.unlink()
 
-    def exited_parts(self) -> list[Part]:
-        return [p for p in self._parts if p.exit_code is not None]
-
-
-async def _serving(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            status = await health_status(channel, timeout=1.0)
-        except grpc.aio.AioRpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _read_ready(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-
-
-def _tail(path: Path | None, lines: int = 6) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return "\n".join(f"    {line}" for line in text)
-
-
-async def _gateway_ready(listener: HostPort, envoy: EnvoyProcess) -> bool:
-    """/ready answers 200 once Envoy has health-checked the default agent."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + START_TIMEOUT_SECONDS
-    async with httpx.AsyncClient(timeout=1.0) as client:
-        while loop.time() < give_up:
-            if envoy.process is not None and envoy.process.returncode is not None:
-                return False
-            with contextlib.suppress(httpx.HTTPError):
-                response = await client.get(f"http://{listener.host}:{listener.port}/ready")
-                if response.status_code == 200:
-                    return True
-            await asyncio.sleep(0.1)
-    return False
-
 
 def _state_address(launcher: MeshLauncher, name: str) -> str:
-    return next((p.address for p in launcher._parts if p.name == name), "?")
+    return next((p.runner.address for p in launcher.supervisor.parts if p.name == name), "?")
 
 
 async def run_until_signalled(launcher: MeshLauncher) -> int:
-    """`agentplex up`'s main loop: start, report, wait for Ctrl-C/SIGTERM or a crash, stop."""
+    """`agentplex up`'s main loop: start, report, keep the parts running until Ctrl-C or
+    SIGTERM, stop. A part that exits is restarted by the supervisor, never fatal."""
     stop = asyncio.Event()
     stop_on_signals(stop)
     launcher.say("agentplex: starting the mesh")
-    code = 0
     try:
         try:
             await launcher.start()
@@ -432,24 +304,11 @@ async def run_until_signalled(launcher: MeshLauncher) -> int:
         launcher.say(
             f"agentplex: mesh is up; addresses in {launcher.state_file}. "
             'Try: agentplex run --stream --agent assistant "what is 17*23?"  '
-            "(Ctrl-C stops)"
+            "(agentplex ps shows the parts; Ctrl-C stops)"
         )
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-            crashed = launcher.exited_parts()
-            if crashed:
-                names = ", ".join(f"{p.name} (exit {p.exit_code})" for p in crashed)
-                launcher.say(
-                    f"agentplex: {names} stopped unexpectedly; shutting the mesh down. "
-                    f"Logs: {crashed[0].log_path}"
-                )
-                code = 1
-                break
-        else:
-            launcher.say("agentplex: stopping")
+        await stop.wait()
+        launcher.say("agentplex: stopping")
     finally:
         await launcher.stop()
-    if code == 0:
-        launcher.say("agentplex: stopped")
-    return code
+    launcher.say("agentplex: stopped")
+    return 0

