@@ -15,6 +15,8 @@ A delegation whose stream breaks after the sub-task started (the registry
 lost the sub-task's events, or this call to the registry broke) still ends
 its branch with a `DelegationFinished`: FAILED, the error, and the tokens the
 sub-task's relayed model calls showed it had spent — which are charged too.
+When it broke because the mesh was unavailable, the call's error is
+MESH_UNAVAILABLE, which fails the delegating task's attempt (see the runner).
 """
 
 from __future__ import annotations
@@ -105,9 +107,12 @@ async def delegate(
     except errors.AgentplexError as exc:
         if subtask is None:
             raise  # nothing started: the runner reports it as before
+        # A stream lost to an outage is the mesh's failure, not the sub-agent's
+        # answer: the attempt fails, and its retry re-attaches to the sub-task.
+        code = ToolErrorCode.MESH_UNAVAILABLE if isinstance(exc, errors.Unavailable) else exc.reason
         response = tool_registry_service_pb2.InvokeToolResponse(
             tool_name=request.tool_name,
-            error=tool_pb2.ToolError(code=exc.reason, message=exc.message),
+            error=tool_pb2.ToolError(code=code, message=exc.message),
         )
         if isinstance(exc, errors.DeadlineExceeded):
             await _finish_lost(events, step, call_id, subtask, response, seen_tokens)

@@ -46,7 +46,7 @@ from agentplex.agents.llm.base import (
     TransientLLMError,
 )
 from agentplex.agents.tool_list import SharedToolList, TaskToolList
-from agentplex.contract.reasons import Reason
+from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline
@@ -165,6 +165,9 @@ class _ToolOutcome:
     tokens: int = 0  # spent by a sub-task (and its sub-tasks); charged to this task
     budget_exhausted: bool = False
     output: str = ""  # a sub-task's (partial) answer
+    # The mesh could not run the call (MESH_UNAVAILABLE): no answer for the model,
+    # the attempt fails with this once the step's other calls are done.
+    outage: errors.Unavailable | None = None
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -332,7 +335,10 @@ class AgentRunner:
             cancel_requested=cancel_requested,
         )
         metrics.tasks_in_flight.labels(agent).inc()
-        status_label = "cancelled"
+        # What the tasks metric counts when no ending was reached: a cancel of the
+        # run itself (the caller hung up, a worker draining), or else an error no
+        # ending accounts for (a bug, a lost event sink).
+        status_label = "error"
         with tracer.start_as_current_span("agent.task") as span:
             span.set_attributes(
                 {
@@ -347,6 +353,9 @@ class AgentRunner:
                 outcome = await self._finish(run, ending, span)
                 status_label = ending.label
                 return outcome
+            except asyncio.CancelledError:
+                status_label = "cancelled"
+                raise
             finally:
                 metrics.tasks_in_flight.labels(agent).dec()
                 metrics.tasks_finished.labels(agent, status_label.lower()).inc()
@@ -460,6 +469,11 @@ class AgentRunner:
             )
         )
         run.observe(calls, results)
+        # Only now, with the step's other calls done: cancelling them mid-call
+        # would leave a side effect's outcome unknown instead of stored.
+        outage = next((result.outage for result in results if result.outage), None)
+        if outage is not None:
+            raise outage
         if any(result.budget_exhausted for result in results):
             raise _BudgetExceeded  # the tree is out of tokens: stop here
         run.check_budget()
@@ -625,15 +639,19 @@ class AgentRunner:
             outcome, delegated = await self._call_tool(
                 run, step, call, self._tool_request(run, call, version, key), token_share
             )
-            label = "error" if outcome.HasField("error") else "ok"
+            outage = _outage(outcome)
+            label = _outcome_label(outcome)
             span.set_attribute("tool.outcome", label)
         metrics.tool_calls.labels(self.spec.name, call.name, label).inc()
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        # Recorded even for an outage: a watcher sees which call failed the attempt.
         await run.events.emit(step, tool_result=outcome)
         content = _model_view(outcome)
         if delegated is None:
-            return _ToolOutcome(content)
-        return _ToolOutcome(content, delegated.tokens, delegated.budget_exhausted, delegated.output)
+            return _ToolOutcome(content, outage=outage)
+        return _ToolOutcome(
+            content, delegated.tokens, delegated.budget_exhausted, delegated.output, outage
+        )
 
     def _tool_request(
         self, run: _TaskRun, call: ToolCall, version: str, key: str
@@ -661,7 +679,9 @@ class AgentRunner:
         token_share: int,
     ) -> tuple[step_event_pb2.ToolCallResult, Delegated | None]:
         """The registry's answer as this task's tool result (and the delegation, if
-        it was one). Refusals become tool errors; only the deadline ends the task."""
+        it was one). Refusals become tool errors; an unavailable registry becomes
+        MESH_UNAVAILABLE, like a backend the registry could not reach; only the
+        deadline ends the task here."""
         outcome = step_event_pb2.ToolCallResult(call_id=call.id, tool_name=call.name)
         delegated: Delegated | None = None
         try:
@@ -689,10 +709,19 @@ class AgentRunner:
                 outcome.result_json = response.result_json
         except errors.DeadlineExceeded:
             raise
+        except errors.Unavailable as exc:
+            # The registry (or its Redis) is down: no answer at all, let alone the
+            # tool's. Nothing is claimed under the key by a call that was not served.
+            outcome.error.CopyFrom(
+                tool_pb2.ToolError(
+                    code=ToolErrorCode.MESH_UNAVAILABLE,
+                    message=f"the tool registry is unavailable: {exc.message}",
+                )
+            )
         except errors.AgentplexError as exc:
             run.tools.saw(None)  # the list may be out of date: read it again
-            # Refusals (bad arguments, unknown or forbidden tool, backend down)
-            # go back to the model, which may correct itself.
+            # Refusals (bad arguments, unknown or forbidden tool, no backend
+            # published) go back to the model, which may correct itself.
             outcome.error.CopyFrom(tool_pb2.ToolError(code=exc.reason, message=exc.message))
         return outcome, delegated
 
@@ -723,6 +752,28 @@ def _model_view(outcome: step_event_pb2.ToolCallResult) -> str:
     if not outcome.HasField("error"):
         return outcome.result_json
     return json.dumps({"error": {"code": outcome.error.code, "message": outcome.error.message}})
+
+
+def _outage(outcome: step_event_pb2.ToolCallResult) -> errors.Unavailable | None:
+    """The attempt's failure when the mesh could not run the call (MESH_UNAVAILABLE).
+
+    Not an answer to show the model: it would answer from an outage message and
+    the task would complete without the tool's effect. UNAVAILABLE instead, which
+    a worker retries on another attempt and a direct caller can retry on.
+    """
+    if outcome.error.code != ToolErrorCode.MESH_UNAVAILABLE:
+        return None
+    return errors.Unavailable(
+        f"{outcome.tool_name} could not be run: {outcome.error.message}",
+        reason=Reason.TOOL_UNAVAILABLE,
+    )
+
+
+def _outcome_label(outcome: step_event_pb2.ToolCallResult) -> str:
+    """The tool-calls metric's outcome: ok, error (the tool's or a refusal), unavailable."""
+    if not outcome.HasField("error"):
+        return "ok"
+    return "unavailable" if outcome.error.code == ToolErrorCode.MESH_UNAVAILABLE else "error"
 
 
 def _llm_failure(exc: LLMError) -> errors.AgentplexError:

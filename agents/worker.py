@@ -3,15 +3,21 @@
 Runs the agent's AgentRunner against its queue. It serves no RPCs of its own,
 only health (SERVING while Redis, memory and the registry answer) and
 metrics, so orchestrators can probe and scrape it like any other part.
+
+On SIGTERM, health turns NOT_SERVING first; then the worker drains (stops
+claiming, lets running tasks finish within the grace period, hands the rest
+back) while the host waits out its drain delay and stops listening; the
+worker's connections close last, once the drain is over.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentplex.agents.app import build_parts, require_agent_model
 from agentplex.agents.catalog import CATALOG, AgentSpec
@@ -20,6 +26,8 @@ from agentplex.runtime.process import Endpoint, run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.tasks.worker import Worker
+
+log = logging.getLogger(__name__)
 
 
 def default_consumer_name(agent: str) -> str:
@@ -31,6 +39,7 @@ def build_worker(
     settings: Settings,
     *,
     consumer: str | None = None,
+    port: int = 0,
     metrics_port: int | None = 0,
     llm: LLMProvider | None = None,
 ) -> tuple[Worker, ServiceHost]:
@@ -45,15 +54,18 @@ def build_worker(
         grace_seconds=settings.grace_seconds,
         task_timeout_seconds=settings.default_task_timeout_seconds,
         event_linger_seconds=settings.task_event_linger_seconds,
+        reconcile_seconds=settings.task_reconcile_seconds,
     )
     host = ServiceHost.for_settings(
         settings,
         name=f"{spec.name}-worker",
         register=lambda server: [],
-        port=0,
+        port=port,
         metrics_port=metrics_port,
         dependency_checks=parts.dependency_checks,
-        on_stop=[parts.close],
+        # The host may stop while the worker still drains (`WorkerProcess`):
+        # the connections the worker's tasks use close only after the drain.
+        on_stop=[worker.stopped, parts.close],
     )
     return worker, host
 
@@ -62,18 +74,39 @@ def build_worker(
 class WorkerProcess:
     """A worker with its health/metrics host, as one process part (runtime/process.py).
 
-    On a stop signal the worker drains first (running tasks finish or are
-    handed back), then the host stops.
+    On a stop signal the host announces it (health NOT_SERVING) and then the
+    worker drains, while health still answers: so whoever watches the health
+    knows the worker is going before it hands anything back. The drain delay
+    counts from the announcement, so it overlaps the drain instead of adding
+    to it; the host's stop then closes the listener, and its last steps wait
+    for the drain before closing the worker's connections.
     """
 
     worker: Worker
     host: ServiceHost
+    _endpoint: Endpoint | None = field(default=None, init=False)
 
     async def start(self) -> Endpoint:
-        return await self.host.start()
+        self._endpoint = await self.host.start()
+        return self._endpoint
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.worker.run(stop)
+        drain = asyncio.Event()
+        working = asyncio.create_task(self.worker.run(drain), name="worker")
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({working, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not working.done():
+                # NOT_SERVING first, so whoever watches the health knows the worker
+                # is going before it hands anything back; health keeps answering
+                # through the drain, and the host's stop (after `run`) closes it.
+                await self.host.announce_stop()
+                drain.set()
+                await working
+        finally:
+            stopped.cancel()
+            drain.set()  # however this ends, the worker drains (the host's stop waits for it)
+        await working  # a worker that ended by itself failed: its error is the process's
 
     async def stop(self) -> None:
         await self.host.stop()
@@ -87,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> WorkerProcess:
         require_agent_model(settings)
         worker, host = build_worker(
-            CATALOG[args.agent], settings, consumer=args.name, metrics_port=args.metrics_port
+            CATALOG[args.agent],
+            settings,
+            consumer=args.name,
+            port=args.port,
+            metrics_port=args.metrics_port,
         )
         return WorkerProcess(worker, host)
 
@@ -96,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         build,
         name=lambda args: f"{args.agent}-worker",
         add_arguments=add_arguments,
-        port_help="ignored; workers serve no RPCs",
+        port_help="port of the worker's health endpoint (0 = any free port); it serves no RPCs",
         argv=argv,
     )
 

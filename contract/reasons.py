@@ -61,6 +61,16 @@ class Reason(StrEnum):
     """The model provider failed permanently or after its retries."""
     REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
     """Redis could not be reached (UNAVAILABLE)."""
+    BACKEND_DEPENDENCY_UNAVAILABLE = "BACKEND_DEPENDENCY_UNAVAILABLE"
+    """A tool backend could not run a call because a dependency of its own (its
+    Redis) is unavailable. The call took no effect that running it again under
+    the same idempotency key would duplicate, so the registry may give the key
+    back for a retry (UNAVAILABLE)."""
+    TOOL_UNAVAILABLE = "TOOL_UNAVAILABLE"
+    """A task's tool call could not be run because the mesh's own dependencies
+    (Redis, the registry, the tool's backend) are unavailable: an outage, not
+    the tool's answer. The task's attempt fails so that it can be run again
+    (UNAVAILABLE); a queued task is retried by its workers."""
     INTERNAL = "INTERNAL"
     """A bug; the server log has the details (INTERNAL)."""
 
@@ -70,7 +80,8 @@ class ToolErrorCode(StrEnum):
 
     These never fail the caller's task; the model reads them and routes around.
     A refused call (any `Reason` above) reaches the model with that reason as
-    its code.
+    its code. The one exception is `MESH_UNAVAILABLE`: not the tool's answer but
+    the mesh's failure to get one, which fails the caller's attempt instead.
     """
 
     EXECUTION_FAILED = "EXECUTION_FAILED"
@@ -82,9 +93,21 @@ class ToolErrorCode(StrEnum):
     NO_SESSION = "NO_SESSION"
     """A session-scoped tool was called without a session."""
     TIMEOUT = "TIMEOUT"
-    """The tool took longer than its time limit."""
+    """The tool took longer than its time limit. It says nothing of the tool's
+    result, so for a tool safe to repeat the key is not kept (a retry runs it
+    again); a side-effecting tool keeps it, since it may have taken effect."""
     UNAVAILABLE = "UNAVAILABLE"
-    """No backend answered (after retries, for tools safe to repeat)."""
+    """No backend answered. Kept for callers of earlier registries, which sent it for
+    any unavailable backend; the registry now says `MESH_UNAVAILABLE` when the call
+    took no effect and `OUTCOME_UNKNOWN` when a side-effecting call may have."""
+    MESH_UNAVAILABLE = "MESH_UNAVAILABLE"
+    """The mesh could not run the tool: its backend is down or unreachable, a
+    dependency of the backend (its Redis) is, or the downstream agent's circuit is
+    open because it was unreachable. The call took no effect that running it again
+    under its idempotency key would duplicate, so the registry does not keep this
+    outcome under the key, and a calling agent does not show it to its model: it
+    fails the task's attempt with UNAVAILABLE (`Reason.TOOL_UNAVAILABLE`), to be
+    run again once the mesh has recovered."""
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
     """The downstream agent kept failing and is not called during its cool-down."""
     CANCELLED = "CANCELLED"

@@ -29,6 +29,7 @@ from agentplex.mesh import render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
+from agentplex.runtime.clients import open_channel
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import (
     agent_service_pb2,
@@ -287,7 +288,8 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     address = _agent_address(state, args.agent)
     fields = _task_fields(args)
     printer = render.EventPrinter(json_lines=args.json)
-    async with grpc.aio.insecure_channel(address) as channel:
+    # Keepalive: an agent that freezes mid-task fails the call (UNAVAILABLE), never hangs it.
+    async with open_channel(address) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         try:
             if args.stream:
@@ -368,7 +370,7 @@ async def _on_agent(
     import grpc
 
     address = _agent_address(state, args.agent)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address) as channel:
         try:
             return await call(agent_service_pb2_grpc.AgentServiceStub(channel))
         except grpc.aio.AioRpcError as err:

@@ -9,9 +9,18 @@ downstream agent is guarded by a circuit breaker. Both reach their backends
 through one `Connections` pool. Every call gets the caller's remaining
 deadline, capped by the tool timeout (a sub-task by the deadline alone).
 UNAVAILABLE is retried only for tools declared read-only or idempotent (a
-side-effecting call that may have happened is never blindly repeated); when
-the backend stays down the model gets a structured tool error it can route
-around, not a failed task.
+side-effecting call that may have happened is never blindly repeated).
+
+A backend that stays unavailable is the mesh's failure, not the tool's answer:
+`MESH_UNAVAILABLE`, which the caller's runner turns into a failed attempt (to
+be run again) instead of showing it to its model. That code promises the call
+took no effect a repeat under its key would duplicate, so it is given only
+when that holds: for tools safe to repeat; when no backend accepted a
+connection (nothing was sent); when the backend itself said its own
+dependency was down (`Reason.BACKEND_DEPENDENCY_UNAVAILABLE`); and for agent
+tools, whose sub-task id comes from the key, so a repeat re-attaches. A
+side-effecting call whose backend failed mid-call may have happened:
+`OUTCOME_UNKNOWN`, which the model is told.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ WATCH_ATTEMPTS = 3
 # nor resets the count, and a half-open probe that ends so frees its slot.
 BREAKER_FAILURES = frozenset(
     {
+        ToolErrorCode.MESH_UNAVAILABLE,
         ToolErrorCode.UNAVAILABLE,
         ToolErrorCode.TIMEOUT,
         ToolErrorCode.AGENT_FAILED,
@@ -120,6 +130,10 @@ class Invocation:
         return self.tool.side_effect in SAFE_TO_REPEAT
 
 
+class NotConnected(errors.Unavailable):
+    """No backend of the tool accepted a connection: nothing was sent to any."""
+
+
 class Connections:
     """Connections, not state: one channel per backend address, reused, and the
     addresses that lately failed to accept one (tried last)."""
@@ -159,7 +173,7 @@ class Connections:
                 continue
             self._suspect.pop(endpoint, None)
             return channel
-        raise errors.Unavailable(
+        raise NotConnected(
             f"no backend of {tool.name} {tool.version} accepted a connection "
             f"(tried {', '.join(order)})"
         )
@@ -206,12 +220,29 @@ class _Backend(ABC):
             )
         except errors.Unavailable as exc:
             retried = f" after {attempts} attempts" if attempts > 1 else ""
+            if self._repeatable(invocation, exc):
+                return _failure(
+                    ToolErrorCode.MESH_UNAVAILABLE,
+                    f"{tool.name} could not be run{retried}: {exc.message}",
+                )
             return _failure(
-                ToolErrorCode.UNAVAILABLE, f"{tool.name} is unavailable{retried}: {exc.message}"
+                ToolErrorCode.OUTCOME_UNKNOWN,
+                f"{tool.name}'s backend failed during the call ({exc.message}); it may or "
+                "may not have taken effect, and will not run again under this idempotency key",
             )
         except errors.AgentplexError as exc:
             return _failure(exc.reason, exc.message)
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _repeatable(self, invocation: Invocation, failure: errors.Unavailable) -> bool:
+        """Whether a call that ended unavailable took no effect a repeat under its
+        key would duplicate: then it is the mesh's failure (`MESH_UNAVAILABLE`),
+        and the key is given back for the retry."""
+        return (
+            invocation.safe_to_repeat
+            or isinstance(failure, NotConnected)
+            or failure.reason == Reason.BACKEND_DEPENDENCY_UNAVAILABLE
+        )
 
     def _retrying(self, attempts: int) -> AsyncRetrying:
         """UNAVAILABLE only: nothing else a backend says gets better by asking again."""
@@ -285,19 +316,31 @@ class AgentBackend(_Backend):
         tool = invocation.tool
         breaker = self.breaker(tool.name)
         if not breaker.allow():
-            return _failure(
-                ToolErrorCode.CIRCUIT_OPEN,
+            refusal = (
                 f"{tool.name} failed {breaker.consecutive_failures} times in a row and is "
-                f"not being called for the next {breaker.retry_after():.0f}s; do without it",
+                f"not being called for the next {breaker.retry_after():.0f}s"
             )
+            if breaker.last_failure == ToolErrorCode.MESH_UNAVAILABLE:
+                # Open because the agent is unreachable: an outage of the mesh, which
+                # the caller's attempt waits out, not a verdict on the agent's work.
+                return _failure(ToolErrorCode.MESH_UNAVAILABLE, f"{refusal}: unreachable")
+            return _failure(ToolErrorCode.CIRCUIT_OPEN, f"{refusal}; do without it")
         verdict: bool | None = None
+        cause = ""
         try:
             response = await self._execute(invocation, endpoints)
             verdict = breaker_verdict(response)
+            if verdict is False:
+                cause = response.error.code
             return response
         finally:
             # No verdict when the caller gave up (cancelled, or its own deadline).
-            breaker.record(verdict)
+            breaker.record(verdict, cause=cause)
+
+    def _repeatable(self, invocation: Invocation, failure: errors.Unavailable) -> bool:
+        """Always: the sub-task's id comes from the idempotency key, so a repeat
+        re-attaches to the sub-task it may have started instead of starting another."""
+        return True
 
     async def _send(self, invocation: Invocation, channel: grpc.aio.Channel) -> ExecuteResponse:
         """Delegate: a durable sub-task on the agent's queue, followed to its end.
@@ -338,6 +381,10 @@ class AgentBackend(_Backend):
             if progress is not None:
                 await progress(tool_registry_service_pb2.InvokeToolStreamResponse(subtask=subtask))
             return await self._follow(stub, subtask.task_id, invocation.deadline, progress)
+        except errors.Unavailable:
+            # The stream was lost, not the sub-task: it runs on (its deadline bounds
+            # it), and the caller's retried attempt re-attaches to it by its id.
+            raise
         except BaseException:
             # Cancelled, or out of time: the sub-task must not outlive this call.
             await asyncio.shield(_cancel_quietly(stub, subtask.task_id))

@@ -5,6 +5,9 @@ Closed, it lets every call through and counts consecutive failures; after
 sub-agent costs its callers a structured tool error instead of a timeout
 each. After `reset_seconds` it is half-open: exactly one probe call goes
 through; success closes it, failure opens it for another `reset_seconds`.
+It remembers what the last failure was, so a breaker opened by an agent that
+could not be reached says so (the registry then answers MESH_UNAVAILABLE: an
+outage the caller's attempt waits out, not a verdict on the agent's work).
 
 A breaker is per-process knowledge about a peer's health, not task state:
 each registry replica learns it from its own calls, losing it on restart only
@@ -32,6 +35,9 @@ class CircuitBreaker:
     failure_threshold: int = 5
     reset_seconds: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    last_failure: str = ""
+    """What the latest failure of the current streak was (a tool error code), so
+    an open breaker can say why it is open; empty while closed."""
     _failures: int = 0
     _opened_at: float | None = None
     _probing: bool = False
@@ -69,15 +75,18 @@ class CircuitBreaker:
         self._probing, self._probe_started = True, self.clock()
         return True
 
-    def record(self, ok: bool | None) -> None:
-        """The outcome of an allowed call: True success, False failure, None no verdict
-        (the caller gave up first: says nothing about the peer)."""
+    def record(self, ok: bool | None, *, cause: str = "") -> None:
+        """The outcome of an allowed call: True success, False failure (`cause` says
+        what failed), None no verdict (the caller gave up first: says nothing about
+        the peer)."""
         if ok is None:
             self._probing = False
         elif ok:
             self._failures, self._opened_at, self._probing = 0, None, False
+            self.last_failure = ""
         else:
             self._failures += 1
+            self.last_failure = cause
             if self._probing or self._failures >= self.failure_threshold:
                 self._opened_at = self.clock()
             self._probing = False

@@ -336,7 +336,9 @@ class ToolRegistry:
 
         A call that ends without an answer gives its key back when the tool is
         safe to repeat; otherwise the key remembers OUTCOME_UNKNOWN, since it may
-        have happened and at most once means never running it again.
+        have happened and at most once means never running it again. An answer
+        that is not the tool's (see `_leaves_key_free`) gives the key back too:
+        stored, it would be replayed to the very retry meant to get the answer.
         """
         key = invocation.idempotency_key
         if not key:
@@ -353,8 +355,8 @@ class ToolRegistry:
         except BaseException:
             await asyncio.shield(self._abandon(claim, fp, invocation))
             raise
-        if invocation.safe_to_repeat and _unavailable(response):
-            await self._ledger.release(claim)  # safe to run again later
+        if _leaves_key_free(invocation, response):
+            await self._ledger.release(claim)  # the retry runs it again
         else:
             await self._ledger.complete(claim, fp, response)
         return response
@@ -426,8 +428,22 @@ def checked_result(tool: tool_pb2.ToolDefinition, result_json: str) -> tuple[obj
     return result, schemas.schema_violation(tool.output_schema_json, result)
 
 
-def _unavailable(response: pb.InvokeToolResponse) -> bool:
-    return response.HasField("error") and response.error.code == ToolErrorCode.UNAVAILABLE
+# Failures after which no call ran (or none that a repeat under the key would
+# duplicate): whatever the tool's side effect class, there is nothing to remember.
+NOTHING_RAN = frozenset({ToolErrorCode.MESH_UNAVAILABLE, ToolErrorCode.CIRCUIT_OPEN})
+# Failures that say nothing of the tool's result: the call may have run, but a
+# tool safe to repeat is simply run again rather than told of an old failure.
+NO_RESULT = frozenset({ToolErrorCode.TIMEOUT, ToolErrorCode.UNAVAILABLE})
+
+
+def _leaves_key_free(invocation: Invocation, response: pb.InvokeToolResponse) -> bool:
+    """Whether the response is no outcome to replay for 24 h: nothing ran, or a tool
+    safe to repeat gave no result. A side-effecting call that may have run keeps
+    its outcome (OUTCOME_UNKNOWN, TIMEOUT): at most once means not running it again."""
+    if not response.HasField("error"):
+        return False
+    code = response.error.code
+    return code in NOTHING_RAN or (invocation.safe_to_repeat and code in NO_RESULT)
 
 
 def _resolve_quietly(

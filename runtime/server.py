@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class ServiceHost:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _stopping: bool = field(default=False, init=False)
     _metrics: MetricsEndpoint | None = field(default=None, init=False)
+    _announced_at: float | None = field(default=None, init=False)
 
     @classmethod
     def for_settings(
@@ -175,8 +177,7 @@ class ServiceHost:
             await stop_each(
                 self.name,
                 [
-                    self._stop_watch,
-                    self._enter_graceful_shutdown,
+                    self.announce_stop,
                     self._drain,
                     self._stop_server,
                     self._close_metrics,
@@ -198,11 +199,27 @@ class ServiceHost:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
 
+    async def announce_stop(self) -> None:
+        """Say NOT_SERVING from now on, while still answering calls; idempotent.
+
+        The first step of `stop`, public for a part that must tell its
+        watchers before it starts letting go of work (a worker, before it
+        hands tasks back); the drain delay counts from here.
+        """
+        if self._announced_at is not None:
+            return
+        self._announced_at = time.monotonic()
+        await self._stop_watch()
+        await self._enter_graceful_shutdown()
+
     async def _drain(self) -> None:
         # Still serving: calls that arrive before the balancers notice are answered.
-        if self._server is not None and self.drain_seconds > 0 and not quick_stop_requested():
-            log.info("%s draining for %.1fs", self.name, self.drain_seconds)
-            await asyncio.sleep(self.drain_seconds)
+        if self._server is None or quick_stop_requested() or self._announced_at is None:
+            return
+        left = self.drain_seconds - (time.monotonic() - self._announced_at)
+        if left > 0:
+            log.info("%s draining for %.1fs", self.name, left)
+            await asyncio.sleep(left)
 
     async def _stop_server(self) -> None:
         if self._server is not None:

@@ -9,6 +9,9 @@ Per agent `a` and task `t` (all keys under the configured prefix):
 - `queue:a` — stream with consumer group `workers`; one entry per unfinished
   task, deleted when the task ends, so its length is the backlog;
 - `queue:a:depth` — count of unfinished tasks, for backpressure;
+- `queue:a:open` — set of the unfinished tasks' ids: what the reconciler walks
+  to find a task that lost its queue entry, and what it recounts the depth from;
+- `queue:a:reconciler` — whose turn it is to reconcile (a lock with expiry);
 - `queue:a:dead` — dead-letter stream of tasks that kept killing workers.
 
 Every transition is one Lua script, so it is atomic, and every write a worker
@@ -18,15 +21,17 @@ its lease while another took over) is refused.
 This module is the one door to that storage: no other module names a key,
 reads a stream id or parses a Redis reply. The worker claims through
 `claim_new`/`reclaim_abandoned`/`give_back`, the watch path reads through
-`last_event`/`first_event_sequence`/`read_events`/`subscribe_events`, and all
-of them answer in task ids, entry ids, sequences and StepEvents.
+`last_event`/`first_event_sequence`/`read_events`/`subscribe_events`, the
+reconciler through `take_reconcile_turn`/`open_task_ids`/`requeue_lost`/
+`recount_depth`, and all of them answer in task ids, entry ids, sequences and
+StepEvents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -67,12 +72,22 @@ local entry = redis.call('XADD', KEYS[2], '*', 'task', ARGV[5])
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', ARGV[2], 'status', ARGV[6], 'attempt', 0,
   'seq', 0, 'cancel', 0, 'created_ms', ARGV[3], 'entry', entry, 'delegation', ARGV[7])
 redis.call('INCR', KEYS[3])
+redis.call('SADD', KEYS[4], ARGV[5])
 return {'created'}
+"""
+
+# Leases are kept in Redis's own clock (milliseconds), not the workers': whoever
+# compares one with "now" (the reconciler, on another host) must read the same clock.
+_SERVER_MS = """
+local server_time = redis.call('TIME')
+local server_ms = tonumber(server_time[1]) * 1000 + math.floor(tonumber(server_time[2]) / 1000)
 """
 
 # Start (or restart, after a reclaim) an attempt. Returns the new attempt and
 # the last event sequence, or why the entry should just be acknowledged.
-_START = """
+_START = (
+    _SERVER_MS
+    + """
 local status = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
 if status == 0 then return {'missing'} end
 if status >= 3 then return {'ended'} end
@@ -82,13 +97,14 @@ local used = attempt - tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0
 if used >= tonumber(ARGV[4]) then return {'exhausted', tostring(used)} end
 attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'owner', ARGV[1],
-  'lease_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  'lease_until', server_ms + tonumber(ARGV[3]))
 if redis.call('HEXISTS', KEYS[1], 'started_ms') == 0 then
   redis.call('HSET', KEYS[1], 'started_ms', ARGV[2])
 end
 return {'run', tostring(attempt), redis.call('HGET', KEYS[1], 'seq'),
   redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel')}
 """
+)
 
 # Append a batch of consecutive events of the current attempt; 0 if the
 # attempt is stale, -1 if the batch does not continue the numbering.
@@ -109,17 +125,21 @@ return 1
 
 # Renew the lease (and the queue entry's idle time, which is what XAUTOCLAIM
 # looks at). 1 if the attempt still owns the task, 0 if it is stale. The cancel
-# flag is not read here: the worker's CancelWatch is its one reader.
-_HEARTBEAT = """
+# flag is not read here: the worker's CancelWatch is its one reader. ARGV[2] is
+# the lease's length.
+_HEARTBEAT = (
+    _SERVER_MS
+    + """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1]
    or tonumber(redis.call('HGET', KEYS[1], 'status')) ~= tonumber(ARGV[5]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until', server_ms + tonumber(ARGV[2]))
 local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XCLAIM', KEYS[2], ARGV[4], ARGV[3], 0, entry, 'JUSTID')
 return 1
 """
+)
 
 # Record the end of a task exactly once: result, final event, ack, TTLs.
 # ARGV[1] is the attempt that must still own the task, ARGV[12] the status the
@@ -141,6 +161,7 @@ local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XACK', KEYS[3], ARGV[9], entry)
 redis.call('XDEL', KEYS[3], entry)
 redis.call('DECR', KEYS[4])
+redis.call('SREM', KEYS[6], ARGV[11])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 if ARGV[10] ~= '' then redis.call('XADD', KEYS[5], '*', 'task', ARGV[11], 'reason', ARGV[10]) end
@@ -157,6 +178,59 @@ redis.call('HINCRBY', KEYS[1], 'handed_back', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[5])
 local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[2], 0, entry, 'IDLE', ARGV[6], 'JUSTID')
+return 1
+"""
+
+# Re-enqueue the tasks of a batch that are unfinished but lost their queue entry
+# (an XTRIM, a Redis restored from an older file), unless a worker still holds
+# the lease of a running one: it is heartbeating the task and will finish it.
+# A running task with a lapsed lease is pending again, like a reclaimed one: its
+# attempt count stands (the lost attempt counts), the next start takes a new
+# attempt, and the old attempt's writes are refused from now on. Keeps the open
+# index in step on the way: unfinished tasks in, ended or deleted ones out.
+# KEYS: queue, open index, then one record per task; ARGV: PENDING, RUNNING,
+# then the task ids. Returns {task id, status it had, ...} of those re-enqueued.
+_REQUEUE_LOST = (
+    _SERVER_MS
+    + """
+local pending, running = tonumber(ARGV[1]), tonumber(ARGV[2])
+local requeued = {}
+for i = 3, #KEYS do
+  local id = ARGV[i]
+  local status = tonumber(redis.call('HGET', KEYS[i], 'status') or '0')
+  if status ~= pending and status ~= running then
+    redis.call('SREM', KEYS[2], id)
+  else
+    redis.call('SADD', KEYS[2], id)
+    local entry = redis.call('HGET', KEYS[i], 'entry')
+    local queued = entry and entry ~= '' and #redis.call('XRANGE', KEYS[1], entry, entry) > 0
+    local leased = status == running
+      and tonumber(redis.call('HGET', KEYS[i], 'lease_until') or '0') > server_ms
+    if not queued and not leased then
+      entry = redis.call('XADD', KEYS[1], '*', 'task', id)
+      redis.call('HSET', KEYS[i], 'entry', entry, 'status', pending)
+      requeued[#requeued + 1] = id
+      requeued[#requeued + 1] = tostring(status)
+    end
+  end
+end
+return requeued
+"""
+)
+
+# The depth is the number of unfinished tasks, which the open index holds (submit
+# and finish change both in one script). Returns {depth before, depth now}.
+_RECOUNT_DEPTH = """
+local before = tonumber(redis.call('GET', KEYS[1]) or '0')
+local open = redis.call('SCARD', KEYS[2])
+if before ~= open then redis.call('SET', KEYS[1], open) end
+return {before, open}
+"""
+
+# Extend the reconcile turn, if it is still the caller's.
+_KEEP_TURN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -185,6 +259,20 @@ class Claimed:
 
     entry_id: bytes  # opaque: handed back to the store (give_back, ack_orphan)
     task_id: str
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """A task the reconciler put back on the queue, and the status it had then."""
+
+    task_id: str
+    status: int  # PENDING (never claimed again) or RUNNING (its worker gone)
+
+
+@dataclass(frozen=True)
+class DepthRecount:
+    before: int
+    after: int
 
 
 @dataclass(frozen=True)
@@ -324,6 +412,8 @@ class TaskStore:
         self._queue_key = f"{key_prefix}:queue:{agent}"
         self._depth_key = f"{self._queue_key}:depth"
         self._dead_key = f"{self._queue_key}:dead"
+        self._open_key = f"{self._queue_key}:open"
+        self._reconcile_key = f"{self._queue_key}:reconciler"
         self._queue_limit = queue_limit
         self._record_ttl_ms = record_ttl_seconds * 1000
         self._event_ttl_ms = event_retention_seconds * 1000
@@ -334,6 +424,9 @@ class TaskStore:
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_REQUEST_CANCEL)
         self._hand_back = redis.register_script(_HAND_BACK)
+        self._requeue_lost = redis.register_script(_REQUEUE_LOST)
+        self._recount_depth = redis.register_script(_RECOUNT_DEPTH)
+        self._keep_turn = redis.register_script(_KEEP_TURN)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{self.agent}:{task_id}"
@@ -352,7 +445,7 @@ class TaskStore:
         """Record and queue a task atomically; False if it was already there: the
         same request (`fp`), or the same delegation (`delegation`, if not empty)."""
         outcome: list[bytes] = await self._submit(
-            keys=[self._task_key(spec.task_id), self._queue_key, self._depth_key],
+            keys=[self._task_key(spec.task_id), self._queue_key, self._depth_key, self._open_key],
             args=[
                 spec.SerializeToString(),
                 fp,
@@ -455,7 +548,7 @@ class TaskStore:
         """Renew the lease; raises StaleAttempt if the attempt no longer owns the task."""
         alive = await self._heartbeat(
             keys=[self._task_key(task_id), self._queue_key],
-            args=[attempt, now_ms() + lease_ms, consumer, GROUP, RUNNING],
+            args=[attempt, lease_ms, consumer, GROUP, RUNNING],
         )
         if not alive:
             raise StaleAttempt(f"attempt {attempt} of {task_id} no longer owns the task")
@@ -479,6 +572,7 @@ class TaskStore:
                 self._queue_key,
                 self._depth_key,
                 self._dead_key,
+                self._open_key,
             ],
             args=[
                 "" if attempt is None else attempt,
@@ -562,6 +656,68 @@ class TaskStore:
         await self._redis.xclaim(
             self._queue_key, GROUP, consumer, 0, [entry_id], idle=lease_ms * 10, justid=True
         )
+
+    # -- reconciling the queue with the task records (one worker at a time) --
+
+    async def take_reconcile_turn(self, token: str, hold_ms: int) -> bool:
+        """Take the agent's reconcile turn for `hold_ms`; False if another holds it.
+
+        A lock with expiry: a holder that dies frees it by itself."""
+        return bool(await self._redis.set(self._reconcile_key, token, nx=True, px=hold_ms))
+
+    async def keep_reconcile_turn(self, token: str, hold_ms: int) -> bool:
+        """Hold the turn `hold_ms` from now; False if it expired (and may be another's)."""
+        return bool(await self._keep_turn(keys=[self._reconcile_key], args=[token, hold_ms]))
+
+    async def open_task_ids(self, batch: int) -> AsyncIterator[list[str]]:
+        """Ids of the tasks that may be unfinished, about `batch` at a time (an id
+        may come more than once): the open index, then the tasks that have a queue
+        entry — which covers tasks submitted before the index existed."""
+        cursor = 0
+        while True:
+            cursor, members = await self._redis.sscan(self._open_key, cursor, count=batch)
+            if members:
+                yield [as_text(member) for member in members]
+            if cursor == 0:
+                break
+        after = "-"
+        while True:
+            entries = _stream_entries(
+                await self._redis.xrange(self._queue_key, min=after, count=batch)
+            )
+            ids = [fields[b"task"].decode() for _id, fields in entries if b"task" in fields]
+            if ids:
+                yield ids
+            if len(entries) < batch:
+                break
+            after = f"({as_text(entries[-1][0])}"
+
+    async def requeue_lost(self, task_ids: Sequence[str]) -> list[Requeued]:
+        """Put back on the queue those of `task_ids` whose record says pending or
+        running but that have no queue entry, except running ones with a live lease.
+
+        Atomic per batch (one script), so it cannot race a start, heartbeat or
+        finish, and it is idempotent: a task it re-enqueued has an entry again."""
+        if not task_ids:
+            return []
+        reply: list[bytes] = await self._requeue_lost(
+            keys=[
+                self._queue_key,
+                self._open_key,
+                *(self._task_key(task_id) for task_id in task_ids),
+            ],
+            args=[PENDING, RUNNING, *task_ids],
+        )
+        return [
+            Requeued(task_id=reply[i].decode(), status=int(reply[i + 1]))
+            for i in range(0, len(reply), 2)
+        ]
+
+    async def recount_depth(self) -> DepthRecount:
+        """Set the depth counter to the number of unfinished tasks (the open index,
+        as `requeue_lost` leaves it)."""
+        before, after = await self._recount_depth(keys=[self._depth_key, self._open_key])
+        return DepthRecount(before=int(before), after=int(after))
 
     # -- reading a task's events (the watch path) --
 

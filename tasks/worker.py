@@ -9,6 +9,9 @@ afterwards is refused (attempt fencing) and it gives up the task.
 
 On shutdown the worker stops claiming, lets running tasks finish within the
 grace period, and hands the rest back, ready for another worker at once.
+Beside the claim loop runs the agent's `Reconciler` (tasks/reconciler.py):
+the workers take turns putting back on the queue the tasks that lost their
+queue entry.
 Tool calls carry idempotency keys derived from task, step and call index, so
 a task that runs again replays its completed side effects instead of
 repeating them.
@@ -37,6 +40,7 @@ from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import AgentplexError, Unavailable
 from agentplex.tasks.events import EventWriter
+from agentplex.tasks.reconciler import Reconciler
 from agentplex.tasks.store import Claimed, StaleAttempt, Started, TaskStore
 from agentplex.v1 import step_event_pb2, task_pb2
 
@@ -108,6 +112,8 @@ class Worker:
     cancel_poll_seconds: float = 0.2
     # How long a task's first pending event waits for others to share its write.
     event_linger_seconds: float = 0.0
+    # How often the workers of the agent (one at a time) reconcile its queue.
+    reconcile_seconds: float = 30.0
     # Running jobs: task id, queue entry and (once started) attempt number.
     _running: dict[asyncio.Task[None], _Job] = field(default_factory=dict)
     # Where the last scan for abandoned entries stopped: each call scans only a
@@ -115,6 +121,8 @@ class Worker:
     _reclaim_cursor: str | None = None
     # When the last scan for abandoned entries found none (monotonic seconds).
     _last_idle_sweep: float = float("-inf")
+    # Set while no `run` is in progress (see `stopped`).
+    _idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
 
     @property
     def _sweep_seconds(self) -> float:
@@ -126,10 +134,27 @@ class Worker:
     def _lease_ms(self) -> int:
         return int(self.lease_seconds * 1000)
 
+    async def stopped(self) -> None:
+        """Return once no `run` is in progress: at once if none is, else when the
+        one running has drained. Whoever closes the store's connections waits
+        for this first."""
+        await self._idle.wait()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until `stop` is set, then drain."""
+        self._idle.clear()
+        try:
+            await self._run(stop)
+        finally:
+            self._idle.set()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.store.ensure_group()
         slots = asyncio.Semaphore(self.concurrency)
+        reconciler = Reconciler(self.store, self.consumer, self.reconcile_seconds)
+        reconciling = asyncio.create_task(
+            reconciler.run(stop), name=f"reconciler-{self.store.agent}"
+        )
 
         def ended(done: asyncio.Task[None]) -> None:
             self._running.pop(done, None)
@@ -165,6 +190,10 @@ class Worker:
                 self._running[job] = _Job(entry.task_id, entry.entry_id)
                 job.add_done_callback(ended)
         finally:
+            # A pass in flight may stop anywhere: each of its writes is atomic.
+            reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciling
             await self._drain()
 
     async def _claim(self) -> tuple[Claimed, str] | None:
@@ -399,13 +428,25 @@ class Worker:
                     unfinished[job].task_id,
                 )
         for held in unfinished.values():
-            if held.attempt and await self.store.hand_back(
-                held.task_id, held.attempt, self.consumer, self._lease_ms
-            ):
-                tasks_outcome.labels(self.store.agent, "handed_back").inc()
-                log.info("handed back", extra={"task_id": held.task_id, "attempt": held.attempt})
-            elif not held.attempt:
-                await self._give_back(held.entry_id)
+            # One that cannot be handed back (Redis failing) must not keep the rest:
+            # it only waits out its lease, they would too.
+            try:
+                await self._return(held)
+            except Exception as exc:
+                log.warning(
+                    "cannot hand the task back (%s); its lease will run out",
+                    exc,
+                    extra={"task_id": held.task_id, "attempt": held.attempt},
+                )
+
+    async def _return(self, held: _Job) -> None:
+        """Give a held task back to the queue: a started one as pending again, an
+        unstarted entry as reclaimable at once."""
+        if not held.attempt:
+            await self._give_back(held.entry_id)
+        elif await self.store.hand_back(held.task_id, held.attempt, self.consumer, self._lease_ms):
+            tasks_outcome.labels(self.store.agent, "handed_back").inc()
+            log.info("handed back", extra={"task_id": held.task_id, "attempt": held.attempt})
 
 
 class CancelFlag(Protocol):
@@ -466,6 +507,11 @@ class _Job:
     task_id: str
     entry_id: bytes
     attempt: int = 0
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:

@@ -33,6 +33,9 @@ class ToolContext:
     task_id: str
     redis: aioredis.Redis
     key_prefix: str
+    idempotency_key: str = ""
+    """The call's key (empty when it has none): what a side-effecting tool dedupes
+    on, so that running it again after a lost answer does not repeat its effect."""
 
 
 class Tool(Protocol):

@@ -2,6 +2,11 @@
 
 Only the registry calls it, after access checks and argument validation; a
 tool's own failure comes back as a structured error, never as an RPC failure.
+A failure of the backend's own dependency (its Redis) is the opposite: not the
+tool's answer, so an RPC failure, UNAVAILABLE with the reason
+`BACKEND_DEPENDENCY_UNAVAILABLE`. That reason promises the registry that
+running the call again under its key repeats no effect, which holds because
+the built-in tools either have none or dedupe on the key (`notes.write`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from collections.abc import Iterable
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from agentplex.contract.reasons import Reason, ToolErrorCode
-from agentplex.runtime.errors import NotFound
+from agentplex.runtime.errors import NotFound, Unavailable
 from agentplex.tools.base import Tool, ToolContext, ToolFailure
 from agentplex.v1 import tool_executor_service_pb2 as pb
 from agentplex.v1 import tool_executor_service_pb2_grpc as pb_grpc
@@ -46,6 +52,7 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
             task_id=caller.task_id,
             redis=self._redis,
             key_prefix=self._prefix,
+            idempotency_key=request.idempotency_key,
         )
         try:
             result = await tool.run(json.loads(request.arguments_json), context_)
@@ -53,6 +60,11 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
             return pb.ExecuteToolResponse(
                 error=tool_pb2.ToolError(code=exc.code, message=exc.message)
             )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise Unavailable(
+                f"{request.tool_name} could not run: this backend's Redis is unavailable ({exc})",
+                reason=Reason.BACKEND_DEPENDENCY_UNAVAILABLE,
+            ) from exc
         try:
             return pb.ExecuteToolResponse(result_json=json.dumps(result, allow_nan=False))
         except (TypeError, ValueError) as exc:

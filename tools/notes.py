@@ -2,11 +2,16 @@
 
 Notes belong to the caller's session, so one session never sees another's.
 `notes.write` is side-effecting: the registry's idempotency ledger is what
-keeps a retried step from writing the same note twice.
+keeps a retried step from writing the same note twice. The ledger gives a
+key back when this backend reports its Redis unavailable, and Redis may have
+applied a write whose reply was lost; so the write also remembers its key
+(in the same script), and a repeat of it adds nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from agentplex.contract.reasons import ToolErrorCode
@@ -17,6 +22,23 @@ from agentplex.v1 import tool_pb2
 MAX_NOTE_LENGTH = 4000
 MAX_NOTES_PER_SESSION = 500
 NOTES_TTL_SECONDS = 30 * 24 * 3600
+# How long a write remembers its idempotency key: as long as the registry
+# remembers keys by default, the window in which a retry can come.
+WRITE_KEY_TTL_SECONDS = 24 * 3600
+
+# KEYS[1]: the session's notes; KEYS[2] (if given): the write's key marker.
+# ARGV: text, max notes, notes TTL, marker TTL, fingerprint of the text.
+# A marker with this text's fingerprint means this write already happened.
+_WRITE = """
+if #KEYS == 2 then
+  if redis.call('GET', KEYS[2]) == ARGV[5] then return redis.call('LLEN', KEYS[1]) end
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4])
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('LLEN', KEYS[1])
+"""
 
 
 def _key(context: ToolContext) -> str:
@@ -54,13 +76,21 @@ class NotesWrite:
     )
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]:
-        key = _key(context)
-        async with context.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, arguments["text"])
-            pipe.ltrim(key, -MAX_NOTES_PER_SESSION, -1)
-            pipe.expire(key, NOTES_TTL_SECONDS)
-            pipe.llen(key)
-            *_, count = await pipe.execute()
+        key, text = _key(context), arguments["text"]
+        keys = [key]
+        if context.idempotency_key:
+            scope = json.dumps([context.agent, context.idempotency_key])
+            keys.append(f"{key}:written:{hashlib.sha256(scope.encode()).hexdigest()[:32]}")
+        count = await context.redis.eval(
+            _WRITE,
+            len(keys),
+            *keys,
+            text,
+            MAX_NOTES_PER_SESSION,
+            NOTES_TTL_SECONDS,
+            WRITE_KEY_TTL_SECONDS,
+            hashlib.sha256(text.encode()).hexdigest(),
+        )
         return {"saved": True, "note_count": int(count)}
 
 

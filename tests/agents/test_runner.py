@@ -137,6 +137,13 @@ class FakeTools:
         args = json.loads(request.arguments_json)
         if args.get("fail"):
             response.error.CopyFrom(tool_pb2.ToolError(code="EXECUTION_FAILED", message="boom"))
+        elif args.get("backend_down"):
+            response.error.CopyFrom(
+                tool_pb2.ToolError(
+                    code="MESH_UNAVAILABLE",
+                    message="could not be run: this backend's Redis is unavailable",
+                )
+            )
         else:
             response.result_json = json.dumps({"echo": args})
         return response
@@ -475,3 +482,89 @@ async def test_a_failing_tool_call_cancels_its_siblings() -> None:
         await _all_or_none([slow(), failing()])
     assert sibling_cancelled.is_set()  # already unwound when the failure surfaced
     assert await _all_or_none([asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)]) == [1, 2]
+
+
+def tool_results(events: Recorder) -> dict[str, step_event_pb2.ToolCallResult]:
+    return {
+        e.tool_result.tool_name: e.tool_result for e in events.events if e.HasField("tool_result")
+    }
+
+
+async def test_an_unavailable_registry_fails_the_attempt_not_the_model(eventually) -> None:
+    """The registry (or its Redis) down is no tool answer: the task fails UNAVAILABLE,
+    to be run again, instead of the model answering from an outage message. The
+    step's other calls finish first, so their outcomes are stored, not cut short."""
+    tools = FakeTools()
+    tools.release.clear()
+    tools.refuse["slow"] = errors.Unavailable(
+        "Redis is unavailable: connection refused", reason="REDIS_UNAVAILABLE"
+    )
+    llm = FakeLLM(call_tools(("echo", {}), ("slow", {})), answer("slow failed: Redis is down"))
+    memory, events = FakeMemory(), Recorder()
+    running = asyncio.create_task(
+        runner(llm, tools, memory).run(task(), Deadline.after(10), events)
+    )
+    await eventually(
+        lambda: "slow" in tool_results(events) and tools.in_flight == 1,
+        message="the outage was not reported while the sibling ran",
+    )
+    assert not running.done()  # waits for the sibling instead of cancelling it
+    tools.release.set()
+    outcome = await running
+
+    assert outcome.result.status == task_pb2.TASK_STATUS_FAILED
+    assert isinstance(outcome.failure, errors.Unavailable)
+    assert outcome.failure.reason == "TOOL_UNAVAILABLE"
+    assert "Redis is unavailable" in outcome.result.error
+    assert len(llm.requests) == 1  # the model never saw the outage
+    assert memory.appended == []
+    results = tool_results(events)
+    assert results["slow"].error.code == "MESH_UNAVAILABLE"
+    assert not results["echo"].HasField("error")  # the sibling finished
+    assert events.events[-1].error.code == "UNAVAILABLE"
+
+
+async def test_a_backend_the_mesh_could_not_run_fails_the_attempt() -> None:
+    """MESH_UNAVAILABLE from the registry (the backend or its Redis down) likewise."""
+    llm = FakeLLM(call_tools(("echo", {"backend_down": True})), answer("never"))
+    events = Recorder()
+    outcome = await runner(llm).run(task(), Deadline.after(10), events)
+    assert isinstance(outcome.failure, errors.Unavailable)
+    assert outcome.failure.reason == "TOOL_UNAVAILABLE"
+    assert outcome.result.tool_calls == 1
+    assert len(llm.requests) == 1
+    assert tool_results(events)["echo"].error.code == "MESH_UNAVAILABLE"
+
+
+def tasks_counted(status: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "agentplex_tasks_total", {"agent": SPEC.name, "status": status}
+    )
+    return value or 0.0
+
+
+async def test_an_unexpected_exception_is_counted_as_an_error_not_a_cancel() -> None:
+    before = {status: tasks_counted(status) for status in ("error", "cancelled")}
+    with pytest.raises(RuntimeError, match="a bug"):
+        await runner(FakeLLM(fail(RuntimeError("a bug")))).run(
+            task(), Deadline.after(10), Recorder()
+        )
+    assert tasks_counted("error") == before["error"] + 1
+    assert tasks_counted("cancelled") == before["cancelled"]
+
+    started = asyncio.Event()
+
+    async def hang(request: CompletionRequest) -> AsyncIterator[LLMEvent]:
+        started.set()
+        await asyncio.Event().wait()
+        yield TextDelta("never")
+
+    running = asyncio.create_task(runner(FakeLLM(hang)).run(task(), Deadline.after(10), Recorder()))
+    await started.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert tasks_counted("cancelled") == before["cancelled"] + 1
+    assert tasks_counted("error") == before["error"] + 1

@@ -95,9 +95,10 @@ def test_a_probe_without_a_verdict_frees_the_slot() -> None:
     assert breaker.allow()
 
 
-async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
-    """Through the router: failures are tool errors the calling model can route
-    around; once open, the agent is not even called."""
+async def test_a_dead_sub_agent_is_the_meshs_failure_even_once_its_circuit_is_open() -> None:
+    """Through the router: an unreachable agent is MESH_UNAVAILABLE (the caller's
+    attempt fails and is retried, its model is not told); once open, the agent is
+    not even called, and the refusal says the same, since it is open for that."""
     clock = Clock()
     router = BackendRouter(
         tool_timeout_seconds=5, breaker_failure_threshold=2, breaker_reset_seconds=30, clock=clock
@@ -113,15 +114,16 @@ async def test_a_dead_sub_agent_becomes_a_circuit_open_tool_error() -> None:
         return response.error
 
     try:
-        assert (await call()).code == "UNAVAILABLE"
-        assert (await call()).code == "UNAVAILABLE"
+        assert (await call()).code == "MESH_UNAVAILABLE"
+        assert (await call()).code == "MESH_UNAVAILABLE"
         refused = await call()
-        assert refused.code == "CIRCUIT_OPEN"
+        assert refused.code == "MESH_UNAVAILABLE"
         assert "agent.assistant failed 2 times in a row" in refused.message
+        assert "unreachable" in refused.message
         assert router.agents.breaker(tool.name).state is BreakerState.OPEN
         clock.now += 30
-        assert (await call()).code == "UNAVAILABLE"  # the probe went through, and failed
-        assert (await call()).code == "CIRCUIT_OPEN"
+        assert (await call()).code == "MESH_UNAVAILABLE"  # the probe went through, and failed
+        assert (await call()).code == "MESH_UNAVAILABLE"
     finally:
         await router.close()
     assert json.loads(tool.input_schema_json)["required"] == ["prompt"]
@@ -157,6 +159,10 @@ async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypa
         assert breaker.consecutive_failures == 2  # not reset, not counted
     assert await call("AGENT_FAILED") == "AGENT_FAILED"
     assert state_of(breaker) is BreakerState.OPEN
+    # Open because the agent's work failed, not because it was unreachable: the
+    # calling model is told, and does without it.
+    assert await call("never sent") == "CIRCUIT_OPEN"
+    codes.clear()
 
     clock.now += 30
     assert await call("CANCELLED") == "CANCELLED"  # the probe ended without a verdict

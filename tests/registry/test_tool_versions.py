@@ -256,19 +256,21 @@ async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry
         pb.InvokeToolRequest(tool_name="flaky.write", idempotency_key="w1"), timeout=10
     )
     assert backend.calls == 1  # never blindly repeated
-    assert response.error.code == "UNAVAILABLE"
+    # The backend failed mid-call without saying it took no effect: it may have
+    # happened, so the model is told so, and at most once means the key keeps it.
+    assert response.error.code == "OUTCOME_UNKNOWN"
     assert "warming up" in response.error.message
-    # It may have reached the backend: at most once means the key keeps this outcome.
     again = await registry.InvokeTool(
         pb.InvokeToolRequest(tool_name="flaky.write", idempotency_key="w1"), timeout=10
     )
-    assert again.replayed and again.error.code == "UNAVAILABLE" and backend.calls == 1
-    # A read-only call that failed for good leaves its key free for a later retry.
+    assert again.replayed and again.error.code == "OUTCOME_UNKNOWN" and backend.calls == 1
+    # A read-only call that failed for good is the mesh's failure, and leaves its
+    # key free for a later retry.
     backend.calls, backend.failures = 0, 5
     failed = await registry.InvokeTool(
         pb.InvokeToolRequest(tool_name="flaky.read", idempotency_key="r1"), timeout=10
     )
-    assert failed.error.code == "UNAVAILABLE" and backend.calls == 3
+    assert failed.error.code == "MESH_UNAVAILABLE" and backend.calls == 3
     backend.calls, backend.failures = 0, 0
     retried = await registry.InvokeTool(
         pb.InvokeToolRequest(tool_name="flaky.read", idempotency_key="r1"), timeout=10
@@ -276,13 +278,13 @@ async def test_unavailable_backend_is_retried_for_idempotent_tools_only(registry
     assert not retried.replayed and json.loads(retried.result_json) == {"ok": True}
 
 
-async def test_backend_gone_is_a_structured_tool_error(registry) -> None:
+async def test_backend_gone_is_the_meshs_failure_not_the_tools(registry) -> None:
     from agentplex.mesh.redis_process import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
     await register(registry, flaky_tool("gone.read", endpoint, tool_pb2.SIDE_EFFECT_READ_ONLY))
     response = await registry.InvokeTool(pb.InvokeToolRequest(tool_name="gone.read"), timeout=10)
-    assert response.error.code == "UNAVAILABLE"
+    assert response.error.code == "MESH_UNAVAILABLE"
     assert "after 3 attempts" in response.error.message
 
 
