@@ -711,7 +711,11 @@ class AgentRunner:
             raise
         except errors.Unavailable as exc:
             # The registry (or its Redis) is down: no answer at all, let alone the
-            # tool's. Nothing is claimed under the key by a call that was not served.
+            # tool's. It may still have claimed the key, even run the tool, before
+            # it went (killed mid-call, or its Redis failing as the answer was
+            # stored): the retried attempt's call finds that claim, and once the
+            # claim's hold runs out a side-effecting tool answers OUTCOME_UNKNOWN
+            # instead of running twice (registry/ledger.py).
             outcome.error.CopyFrom(
                 tool_pb2.ToolError(
                     code=ToolErrorCode.MESH_UNAVAILABLE,

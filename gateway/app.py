@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
+from agentplex.gateway import resources
 from agentplex.gateway.ads import DiscoveryServer
 from agentplex.gateway.control_plane import ControlPlane
 from agentplex.gateway.directory import AgentDirectory
@@ -37,7 +38,8 @@ log = logging.getLogger("agentplex.gateway")
 
 
 class SnapshotHealth:
-    """grpc.health.v1 Check for the control plane: SERVING once it has a snapshot to give.
+    """grpc.health.v1 Check for the control plane: SERVING once it has a snapshot to give,
+    until it starts stopping (`shut_down`).
 
     (grpclib's own health service registers the same protobuf names as
     grpcio-health-checking, which the rest of the mesh imports; one process
@@ -46,6 +48,15 @@ class SnapshotHealth:
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
+        self._shut_down = False
+
+    def shut_down(self) -> None:
+        """NOT_SERVING from now on, whatever the cache holds."""
+        self._shut_down = True
+
+    @property
+    def serving(self) -> bool:
+        return not self._shut_down and self._cache.current is not None
 
     async def check(
         self,
@@ -54,9 +65,10 @@ class SnapshotHealth:
         ],
     ) -> None:
         await stream.recv_message()
-        serving = self._cache.current is not None
         status = health_pb2.HealthCheckResponse
-        await stream.send_message(status(status=status.SERVING if serving else status.NOT_SERVING))
+        await stream.send_message(
+            status(status=status.SERVING if self.serving else status.NOT_SERVING)
+        )
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
@@ -108,16 +120,20 @@ class ControlPlaneServer:
         self.gateway = gateway
         self.cache = SnapshotCache()
         self.discovery = DiscoveryServer(self.cache)
-        self._channel = open_channel(settings.registry_address, Keepalive.from_settings(settings))
+        keepalive = Keepalive.from_settings(settings)
+        self._channel = open_channel(settings.registry_address, keepalive)
+        self.options = gateway.options(keepalive)
         self.control_plane = ControlPlane(
             AgentDirectory(self._channel, [settings.registry_address]),
-            gateway.options(),
+            self.options,
             self.cache,
             poll_seconds=gateway.directory_poll_seconds,
         )
-        self._server = _Server([self.discovery, SnapshotHealth(self.cache)])
+        self.health = SnapshotHealth(self.cache)
+        self._server = _Server([self.discovery, self.health])
         self._poller: asyncio.Task[None] | None = None
-        self._stopped = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
         self.address = ""
 
     async def start(self, port: int = 0) -> str:
@@ -130,17 +146,42 @@ class ControlPlaneServer:
         self.address = f"{self.settings.host}:{bound}"
         self._poller = asyncio.create_task(self.control_plane.run())
         log.info("gateway control plane serving", extra={"address": self.address})
+        # drain_seconds 0 asks for no drain at all (development, tests): nothing to fit.
+        drain = self.settings.drain_seconds
+        if drain > 0 and not resources.drain_fits(self.options, drain):
+            log.warning(
+                "replicas draining for drain_seconds may still get calls: the health checks "
+                "eject a stopping replica up to %.1fs after it turns NOT_SERVING; make "
+                "AGENTPLEX_DRAIN_SECONDS at least %.1f or the health check interval shorter",
+                resources.ejection_seconds(self.options),
+                resources.ejection_seconds(self.options)
+                + self.options.health_check_interval_seconds,
+                extra={"drain_seconds": drain},
+            )
         return self.address
 
     async def stop(self) -> None:
-        """Stop polling, drop Envoy's connections, close the registry channel; idempotent.
+        """Health NOT_SERVING first, then stop polling, drop Envoy's connections and close
+        the registry channel.
 
-        Every step runs even if an earlier one fails.
+        Safe to call more than once and concurrently: a second call waits for the first
+        to finish. Every step runs even if an earlier one fails. No drain delay: Envoy
+        keeps the configuration it has, so there is nothing to move away from.
         """
-        if self._stopped:
+        if self._stopping:
+            await self._stopped.wait()
             return
-        self._stopped = True
-        await stop_each("gateway", [self._stop_poller, self._close_server, self._channel.close])
+        self._stopping = True
+        try:
+            await stop_each(
+                "gateway",
+                [self._not_serving, self._stop_poller, self._close_server, self._channel.close],
+            )
+        finally:
+            self._stopped.set()
+
+    async def _not_serving(self) -> None:
+        self.health.shut_down()
 
     async def _stop_poller(self) -> None:
         if self._poller is not None:
@@ -164,7 +205,8 @@ class ControlPlaneProcess:
         self._port = port
         self._metrics_port = metrics_port
         self._metrics: MetricsEndpoint | None = None
-        self._stopped = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
 
     async def start(self) -> Endpoint:
         try:
@@ -179,12 +221,17 @@ class ControlPlaneProcess:
         await stop.wait()
 
     async def stop(self) -> None:
-        """Stop the server, then the metrics endpoint; idempotent."""
-        if self._stopped:
+        """Stop the server (NOT_SERVING first), then the metrics endpoint; safe to call more
+        than once and concurrently (a second call waits for the first)."""
+        if self._stopping:
+            await self._stopped.wait()
             return
-        self._stopped = True
-        await stop_each("gateway", [self.server.stop, self._close_metrics])
-        log.info("gateway stopped")
+        self._stopping = True
+        try:
+            await stop_each("gateway", [self.server.stop, self._close_metrics])
+            log.info("gateway stopped")
+        finally:
+            self._stopped.set()
 
     async def _close_metrics(self) -> None:
         metrics, self._metrics = self._metrics, None

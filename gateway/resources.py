@@ -13,6 +13,21 @@ Routing, in the order Envoy matches it:
   `registry` reaches the registry, so reflection — and grpcurl — work for it).
 - gRPC without the header: the default agent.
 An agent name nobody serves gets NOT_FOUND, never another agent's answer.
+
+A replica going away, as the gateway sees it (`drain_fits` has the timeline):
+on SIGTERM the replica's health turns NOT_SERVING while it keeps serving for
+its drain delay; Envoy's next active health check ejects it, well before the
+delay ends, so nothing new is sent to it when it stops accepting calls; the
+calls it still runs get its grace period. A request that races the stop is
+retried on another replica when it provably never reached the service
+(connect failure, refused stream, reset before the request was sent).
+
+A replica that freezes instead (SIGSTOP, a hung host, a half-open connection)
+stops answering HTTP/2 PINGs: Envoy closes the connection within
+`keepalive_detection_seconds`, long before any idle timeout would. A call
+still waiting for its answer then gets UNAVAILABLE; a stream whose response
+has begun is reset (gRPC reports INTERNAL: a proxy cannot add a status to a
+response already under way).
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +58,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterEdsClusterConfig,
     ClusterLbPolicy,
     OutlierDetection,
+    UpstreamConnectionOptions,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
@@ -56,10 +73,12 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
+    KeepaliveSettings,
     RuntimeFractionalPercent,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
+    TcpKeepalive,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -117,6 +136,7 @@ from envoy_data_plane.envoy.type.v3 import FractionalPercent, Percent, TokenBuck
 from envoy_data_plane.google.protobuf import Any, Struct
 
 from agentplex.gateway import console, descriptors
+from agentplex.runtime.server import MAX_METADATA_BYTES
 
 AGENT_HEADER = "x-agentplex-agent"
 REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the registry
@@ -135,7 +155,10 @@ _REFLECTION_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.reflection.v1alpha.ServerReflection/",
 )
-_NEVER_SENT = "connect-failure,refused-stream"  # the request never reached the service
+# The request never reached the service, so sending it again is safe for any call:
+# no connection (a replica gone), REFUSED_STREAM (a stream above a stopping server's
+# GOAWAY), a reset before Envoy wrote the request (a connection closing under it).
+_NEVER_SENT = "connect-failure,refused-stream,reset-before-request"
 # gRPC and gRPC-Web (application/grpc, application/grpc+proto, application/grpc-web…).
 # Not RouteMatch.grpc: that matches application/grpc only, and the route is picked while
 # the request still has the browser's content type (the gRPC-Web filter rewrites it
@@ -145,6 +168,27 @@ _GRPC_CONTENT = HeaderMatcher(
 )
 # For routes that never read the body (answered by Envoy, or bidirectional streams).
 _NO_BUFFER = {"envoy.filters.http.buffer": Any.pack(BufferPerRoute(disabled=True))}
+
+
+# Active health checks: a replica that answers NOT_SERVING leaves the rotation at once;
+# one that does not answer (timeout, refused connection) after this many checks in a row,
+# so one lost check is not enough. One passed check brings it back.
+UNHEALTHY_THRESHOLD = 2
+HEALTHY_THRESHOLD = 1
+HEALTH_CHECK_TIMEOUT_SECONDS = 1.0
+# Envoy adds up to this share of the interval to each keepalive PING's wait (its default,
+# set explicitly so the detection bound below is exact).
+KEEPALIVE_JITTER_PERCENT = 15.0
+# TCP keepalive probes before the kernel gives up on a silent peer.
+TCP_KEEPALIVE_PROBES = 3
+# What the services' gRPC servers accept as request metadata, counted as gRPC counts it
+# (name + value + 32 bytes per entry): runtime.server.MAX_METADATA_BYTES. Above it a
+# server refuses calls with RESOURCE_EXHAUSTED, which the JSON transcoder answers as 429.
+UPSTREAM_METADATA_LIMIT_BYTES = MAX_METADATA_BYTES
+# What Envoy adds to a request on its way up (x-request-id, x-forwarded-for,
+# x-forwarded-proto, x-envoy-expected-rq-timeout-ms, te, …), generously.
+ENVOY_ADDED_HEADERS = 10
+ENVOY_ADDED_HEADER_BYTES = 512
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -193,6 +237,16 @@ class GatewayOptions:
     stream_idle_timeout_seconds: float = 300.0
     watch_idle_timeout_seconds: float = 3600.0
     health_check_interval_seconds: float = 1.0
+    # HTTP/2 PINGs to every upstream connection (and TCP keepalive under them): the
+    # mesh-wide keepalive settings, so Envoy pings agents as often as they allow.
+    keepalive_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 10.0
+    # Request headers the edge admits (431 over HTTP/1.1, a refused stream over HTTP/2):
+    # room for bearer tokens and cookies, and small enough that whatever it admits, plus
+    # what Envoy adds, stays within the services' metadata limit: otherwise they, not
+    # the edge, refuse it (see `upstream_metadata_bytes`).
+    max_request_headers_kb: int = 32
+    max_request_headers: int = 100
     max_connections_per_cluster: int = 1024
     max_requests_per_cluster: int = 4096
     console: bool = True
@@ -210,6 +264,57 @@ class Resources:
 
 def agent_cluster(agent: str) -> str:
     return AGENT_CLUSTER_PREFIX + agent
+
+
+def keepalive_detection_seconds(options: GatewayOptions) -> float:
+    """Worst case from an upstream freezing to Envoy closing its connection.
+
+    The next PING leaves within one interval (plus jitter) of the last one; unanswered
+    for the timeout, the connection is closed and every call on it ends (UNAVAILABLE
+    for a call not yet answered, a reset stream for one under way).
+    """
+    interval = options.keepalive_seconds * (1 + KEEPALIVE_JITTER_PERCENT / 100)
+    return interval + options.keepalive_timeout_seconds
+
+
+def ejection_seconds(options: GatewayOptions) -> float:
+    """Worst case from a replica answering NOT_SERVING to Envoy no longer routing to it.
+
+    Checks run every interval, and an answered check that says NOT_SERVING ejects at
+    once (only unanswered ones count toward `UNHEALTHY_THRESHOLD`): the next check,
+    within one interval plus its round trip (milliseconds on a live replica). Health
+    changes reach the load balancer at once (`update_merge_window` 0).
+    """
+    return options.health_check_interval_seconds
+
+
+def drain_fits(options: GatewayOptions, drain_seconds: float) -> bool:
+    """True when a replica draining for `drain_seconds` is ejected with a check to spare.
+
+    The timeline of one replica in a rolling restart, as this gateway runs it:
+
+    - t=0, SIGTERM: its health turns NOT_SERVING; it still answers every call.
+    - t <= `ejection_seconds` (1 s by default): Envoy's health checks have ejected it;
+      new calls go to the other replicas. Calls already on it carry on.
+    - t = drain_seconds (3 s by default): it stops accepting calls (GOAWAY). Nothing
+      should arrive any more; a request that still races the stop is refused or
+      never connects, and Envoy sends it to another replica (`_NEVER_SENT`).
+    - t <= drain_seconds + grace: the calls it was running have finished (or are
+      cancelled at the end of the grace period); it withdraws from the directory and
+      the control plane drops it from the routes within two polls.
+
+    So the drain must outlast the ejection; one more check interval of room covers a
+    slow check, and a check lost on the way (which does not eject by itself).
+    """
+    return ejection_seconds(options) + options.health_check_interval_seconds <= drain_seconds
+
+
+def upstream_metadata_bytes(options: GatewayOptions) -> int:
+    """The most request metadata an admitted request can carry to a service, as gRPC
+    counts it: the edge's byte limit, 32 bytes for each header the edge admits, and
+    what Envoy adds. Must stay within `UPSTREAM_METADATA_LIMIT_BYTES`."""
+    headers = options.max_request_headers + ENVOY_ADDED_HEADERS
+    return options.max_request_headers_kb * 1024 + 32 * headers + ENVOY_ADDED_HEADER_BYTES
 
 
 def build(directory: Directory, options: GatewayOptions) -> Resources:
@@ -235,7 +340,15 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
     http2 = UpstreamHttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http2_protocol_options=Http2ProtocolOptions(
-                max_concurrent_streams=options.max_concurrent_streams
+                max_concurrent_streams=options.max_concurrent_streams,
+                # A frozen replica (SIGSTOP, a hung host) keeps its TCP connection: its
+                # kernel still acknowledges. Only an unanswered PING tells; the streams
+                # on it then end instead of waiting out the idle timeout.
+                connection_keepalive=KeepaliveSettings(
+                    interval=_seconds(options.keepalive_seconds),
+                    timeout=_seconds(options.keepalive_timeout_seconds),
+                    interval_jitter=Percent(value=KEEPALIVE_JITTER_PERCENT),
+                ),
             )
         )
     )
@@ -245,19 +358,29 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
         type=ClusterDiscoveryType.EDS,
         eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
         connect_timeout=_seconds(1),
+        # A vanished host (powered off, partitioned) leaves no one to send a reset; TCP
+        # keepalive finds such connections while they are idle, PINGs while in use.
+        upstream_connection_options=UpstreamConnectionOptions(
+            tcp_keepalive=TcpKeepalive(
+                keepalive_probes=TCP_KEEPALIVE_PROBES,
+                keepalive_time=math.ceil(options.keepalive_seconds),
+                keepalive_interval=math.ceil(options.keepalive_timeout_seconds),
+            )
+        ),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
         },
         # grpc.health.v1 answers SERVING only while the service's own dependencies
-        # answer, so an agent that lost Redis leaves the rotation too.
+        # answer, so an agent that lost Redis leaves the rotation too; a stopping one
+        # answers NOT_SERVING through its drain delay (`ejection_seconds`).
         health_checks=[
             HealthCheck(
-                timeout=_seconds(1),
+                timeout=_seconds(HEALTH_CHECK_TIMEOUT_SECONDS),
                 interval=interval,
                 no_traffic_interval=interval,
-                unhealthy_threshold=2,
-                healthy_threshold=1,
+                unhealthy_threshold=UNHEALTHY_THRESHOLD,
+                healthy_threshold=HEALTHY_THRESHOLD,
                 grpc_health_check=HealthCheckGrpcHealthCheck(),
             )
         ],
@@ -341,20 +464,26 @@ def _listener(options: GatewayOptions) -> Listener:
         rds=Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         # The caller's address is the TCP peer, not whatever X-Forwarded-For claims.
         use_remote_address=True,
-        # Streams are bounded by idleness, not by total length (routes say more).
+        # Streams are bounded by idleness, not by total length (routes say more). The idle
+        # timeout is for streams that stay silent while both ends are alive (a model
+        # thinking for minutes is fine below it); a frozen agent is found sooner, by the
+        # clusters' keepalive.
         stream_idle_timeout=_seconds(options.stream_idle_timeout_seconds),
         request_timeout=_seconds(0),
         request_headers_timeout=_seconds(10),
         common_http_protocol_options=HttpProtocolOptions(
             idle_timeout=_seconds(3600),
             headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST,
+            max_headers_count=options.max_request_headers,
         ),
         http2_protocol_options=Http2ProtocolOptions(
             max_concurrent_streams=options.max_concurrent_streams,
             initial_stream_window_size=65536,
             initial_connection_window_size=1048576,
         ),
-        max_request_headers_kb=64,
+        # Oversize headers are the edge's to refuse (431), before a service would refuse
+        # them as RESOURCE_EXHAUSTED (which the JSON transcoder turns into 429).
+        max_request_headers_kb=options.max_request_headers_kb,
         access_log=[_access_log()] if options.access_log else [],
         local_reply_config=_local_replies(),
         http_filters=_http_filters(options),

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from agentplex.gateway.resources import GatewayOptions
+from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.settings import GatewaySection, Settings
 
 PREFIX = "gateway_"
@@ -47,9 +48,13 @@ class GatewaySettings(BaseModel):
         """The gateway section of `settings`, as read once by the process."""
         return cls(**{name: getattr(settings, PREFIX + name) for name in cls.model_fields})
 
-    def options(self) -> GatewayOptions:
-        """The edge policy: every setting that names a GatewayOptions field, as is."""
+    def options(self, keepalive: Keepalive | None = None) -> GatewayOptions:
+        """The edge policy: every setting that names a GatewayOptions field, as is, and the
+        mesh-wide keepalive (`Keepalive.from_settings`) for Envoy's upstream connections."""
         shared = {f.name for f in dataclasses.fields(GatewayOptions)} & set(type(self).model_fields)
         values = self.model_dump(include=shared)
         values["cors_origins"] = tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
+        if keepalive is not None:
+            values["keepalive_seconds"] = keepalive.seconds
+            values["keepalive_timeout_seconds"] = keepalive.timeout_seconds
         return GatewayOptions(**values)

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from agentplex.agents.catalog import CATALOG
+from agentplex.gateway.resources import agent_cluster
 from agentplex.mesh.control_service import control_host
 from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePart
 from agentplex.mesh.redis_process import free_port
 from agentplex.mesh.state import pid_alive, write_state
-from agentplex.mesh.supervisor import LaunchError, Runner, Supervisor
+from agentplex.mesh.supervisor import LaunchError, Runner, Supervised, Supervisor
 from agentplex.runtime.process import stop_each, stop_on_signals
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
@@ -47,6 +48,8 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "supervisor": (50063, 9163),
 }
 DEFAULT_REDIS_PORT = 6399
+# A rolling restart waits this long for the gateway to route to a restarted replica.
+SETTLE_TIMEOUT_SECONDS = 30.0
 # The gateway's control plane is a service like the others; Envoy's own ports:
 DEFAULT_PORTS["gateway-xds"] = (50070, 9170)
 GATEWAY_PORTS = {"gateway": 8080, "envoy-admin": 9901}
@@ -76,6 +79,7 @@ class MeshLauncher:
             backoff_seconds=self.settings.restart_backoff_seconds,
             backoff_max_seconds=self.settings.restart_backoff_max_seconds,
             say=self.say,
+            settle=self._settle,
         )
 
     def _port(self, name: str, index: int) -> int:
@@ -205,6 +209,22 @@ class MeshLauncher:
             f"envoy admin :{envoy.metrics}, log {envoy.log_path})"
         )
         self.say(f"  {'console':<20} http://{envoy.address}/console/")
+
+    async def _settle(self, part: Supervised) -> None:
+        """After a requested restart of an agent replica: wait until the gateway routes to
+        it again, so a rolling restart never stops the next replica before this one
+        takes traffic (its own health check says SERVING a poll and a health check
+        earlier than that)."""
+        envoy = next((p.runner for p in self.supervisor.parts if p.name == "gateway"), None)
+        if not isinstance(envoy, EnvoyPart) or part.group not in CATALOG:
+            return
+        if not await envoy.routes_to(
+            agent_cluster(part.group), part.runner.address, timeout=SETTLE_TIMEOUT_SECONDS
+        ):
+            self.say(
+                f"agentplex: the gateway does not route to {part.name} yet after "
+                f"{SETTLE_TIMEOUT_SECONDS:g}s; going on"
+            )
 
     async def _supervise(self, runner: Runner) -> Runner:
         await self.supervisor.add(runner)

@@ -266,6 +266,19 @@ class EnvoyPart:
         if self._envoy is not None:
             await self._envoy.stop()
 
+    async def routes_to(self, cluster: str, address: str, *, timeout: float) -> bool:
+        """Wait until Envoy has `address` in `cluster` and its health checks pass."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while loop.time() < give_up:
+                with contextlib.suppress(httpx.HTTPError):
+                    listing = await client.get(f"http://127.0.0.1:{self.metrics}/clusters")
+                    if f"{cluster}::{address}::health_flags::healthy" in listing.text:
+                        return True
+                await asyncio.sleep(0.1)
+        return False
+
 
 async def serving(address: str) -> bool:
     """True once the gRPC server at `address` says SERVING."""

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -120,8 +120,11 @@ class Supervisor:
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
     say: Callable[[str], None] = print
+    # After each part of a requested restart: wait until callers reach it again.
+    settle: Callable[[Supervised], Awaitable[None]] | None = None
     _parts: list[Supervised] = field(default_factory=list)
     _stopping: bool = False
+    _restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def stopping(self) -> bool:
         """True once the mesh is shutting down (a method: it changes while we wait)."""
@@ -151,8 +154,12 @@ class Supervisor:
         part = Supervised(runner)
         self._parts.append(part)
         await self._launch(part)
-        part._watch = asyncio.create_task(self._watch(part), name=f"supervise-{part.name}")
+        self._start_watch(part)
         return part
+
+    def _start_watch(self, part: Supervised) -> None:
+        part._watch = asyncio.create_task(self._watch(part), name=f"supervise-{part.name}")
+        part._watch.add_done_callback(_report_watch_death)
 
     async def _launch(self, part: Supervised) -> None:
         part.state = State.STARTING
@@ -165,44 +172,51 @@ class Supervisor:
         """Wait for the part to exit; then back off and start it again, until it stays up."""
         while not self.stopping():
             process = part.runner.process
-            assert process is not None
-            code = await process.wait()
+            # No process: its last start failed before one was spawned.
+            code = await process.wait() if process is not None else None
             if self.stopping():
                 return
             self._record_exit(part, code)
-            while not self.stopping():
-                delay = self._backoff(part)
-                part.state = State.BACKOFF
-                loop_note = (
-                    f" (crash loop: {part.exits_in_a_row} exits in a row, see "
-                    f"{part.runner.log_path})"
-                    if part.crash_looping
-                    else ""
-                )
-                self.say(
-                    f"agentplex: {part.name} exited (code {code}); restarting in {delay:g}s"
-                    f"{loop_note}"
-                )
-                await asyncio.sleep(delay)
-                try:
-                    async with part._lock:
-                        if self.stopping():
-                            return
-                        await self._launch(part)
-                except LaunchError as exc:
-                    part.exits_in_a_row += 1
-                    part.restarts += 1
-                    log.warning("%s failed to restart: %s", part.name, exc)
-                    continue
-                part.restarts += 1
-                self.say(
-                    f"agentplex: {part.name} is back at {part.runner.address or '-'} "
-                    f"(restart {part.restarts})"
-                )
-                break
+            await self._bring_back(part, code)
 
-    def _record_exit(self, part: Supervised, code: int) -> None:
-        part.last_exit_code = code
+    async def _bring_back(self, part: Supervised, code: int | None) -> None:
+        """Start an exited part again, backing off while its starts keep failing."""
+        while not self.stopping():
+            delay = self._backoff(part)
+            part.state = State.BACKOFF
+            what = f"exited (code {code})" if code is not None else "did not start"
+            loop_note = (
+                f" (crash loop: {part.exits_in_a_row} exits in a row, see {part.runner.log_path})"
+                if part.crash_looping
+                else ""
+            )
+            self.say(f"agentplex: {part.name} {what}; restarting in {delay:g}s{loop_note}")
+            await asyncio.sleep(delay)
+            try:
+                async with part._lock:
+                    if self.stopping():
+                        return
+                    await self._launch(part)
+            except Exception as exc:  # whatever failed the start, the part must come back
+                part.exits_in_a_row += 1
+                part.restarts += 1
+                if isinstance(exc, LaunchError):
+                    log.warning("%s failed to restart: %s", part.name, exc)
+                else:
+                    log.exception("%s failed to restart", part.name)
+                process = part.runner.process
+                code = process.returncode if process is not None else None
+                continue
+            part.restarts += 1
+            self.say(
+                f"agentplex: {part.name} is back at {part.runner.address or '-'} "
+                f"(restart {part.restarts})"
+            )
+            return
+
+    def _record_exit(self, part: Supervised, code: int | None) -> None:
+        if code is not None:
+            part.last_exit_code = code
         if time.monotonic() - part._up_since >= STABLE_SECONDS:
             part.exits_in_a_row = 0
         part.exits_in_a_row += 1
@@ -215,13 +229,20 @@ class Supervisor:
     async def restart(self, name: str) -> list[Supervised]:
         """Restart `name` gracefully; a group one replica at a time. Returns the parts.
 
-        A replica that fails to come back stops the rolling restart there (the
-        remaining replicas keep serving) and raises LaunchError; the supervisor
-        keeps trying to start it, as after a crash.
+        After each one, `settle` (when set) waits until callers reach it again,
+        e.g. until the gateway routes to it: serving by its own health check is
+        not yet taking traffic. A replica that fails to come back stops the
+        rolling restart there (the remaining replicas keep serving) and raises
+        LaunchError; the supervisor keeps trying to start it, as after a crash.
         """
         parts = self.find(name)
-        for part in parts:
-            await self._restart_one(part)
+        # One restart at a time: two overlapping rolling restarts of a group could
+        # otherwise take down a replica each, and with them the whole group.
+        async with self._restarting:
+            for part in parts:
+                await self._restart_one(part)
+                if self.settle is not None:
+                    await self.settle(part)
         return parts
 
     async def _restart_one(self, part: Supervised) -> None:
@@ -238,12 +259,14 @@ class Supervisor:
             part.exits_in_a_row = 0
             try:
                 await self._launch(part)
-            except LaunchError:
+            except Exception as exc:
                 part.exits_in_a_row = 1
-                raise
+                if isinstance(exc, LaunchError):
+                    raise
+                raise LaunchError(f"{part.name} failed to start: {exc!r}") from exc
             finally:
                 # Watching again either way: a failed start is retried with backoff.
-                part._watch = asyncio.create_task(self._watch(part), name=f"supervise-{part.name}")
+                self._start_watch(part)
 
     async def stop(self) -> None:
         """Stop every part, in reverse start order, without the drain delay; idempotent."""
@@ -259,6 +282,12 @@ class Supervisor:
                 log.exception("%s: stop failed", part.name)
             part.state = State.STOPPED
         self._parts = parts  # still listed (as stopped) for a final `ps`
+
+
+def _report_watch_death(task: asyncio.Task[None]) -> None:
+    """A watcher only ends when the mesh stops; anything else must be seen."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("supervising %s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -149,7 +149,9 @@ class Connections:
                 # Drop the oldest: backends that left long ago should not pin sockets.
                 oldest = next(iter(self._channels))
                 asyncio.get_running_loop().create_task(self._channels.pop(oldest).close())
-            self._channels[endpoint] = open_channel(endpoint, self._keepalive)
+            # Tool backends may be written in any language with gRPC's default
+            # ping policy: keepalive that such a server accepts.
+            self._channels[endpoint] = open_channel(endpoint, self._keepalive, any_server=True)
         return self._channels[endpoint]
 
     async def connect(

@@ -339,6 +339,10 @@ class ToolRegistry:
         have happened and at most once means never running it again. An answer
         that is not the tool's (see `_leaves_key_free`) gives the key back too:
         stored, it would be replayed to the very retry meant to get the answer.
+        A claim this process cannot settle (it is killed mid-call, or its Redis
+        fails as the answer is stored) is settled by the next call for the key
+        once the claim's hold runs out, by the same rule: run again if the call
+        may be (`_may_run_again`), else OUTCOME_UNKNOWN.
         """
         key = invocation.idempotency_key
         if not key:
@@ -346,7 +350,14 @@ class ToolRegistry:
         tool = invocation.tool
         # The tool, not its version: a retry after a compatible release is a replay.
         fp = fingerprint(tool.name, invocation.arguments)
-        claim = await self._ledger.claim(invocation.caller, key, fp, invocation.deadline)
+        claim = await self._ledger.claim(
+            invocation.caller,
+            key,
+            fp,
+            invocation.deadline,
+            rerun=_may_run_again(invocation),
+            abandoned=outcome_unknown(tool),
+        )
         if claim.replay is not None:
             trace.get_current_span().set_attribute("tool.replayed", True)
             return claim.replay
@@ -444,6 +455,14 @@ def _leaves_key_free(invocation: Invocation, response: pb.InvokeToolResponse) ->
         return False
     code = response.error.code
     return code in NOTHING_RAN or (invocation.safe_to_repeat and code in NO_RESULT)
+
+
+def _may_run_again(invocation: Invocation) -> bool:
+    """Whether a call whose claim was abandoned (its registry gone mid-call) may run
+    again under its key: a tool safe to repeat, or a delegation, whose sub-task id
+    comes from the key, so running it again re-attaches to the sub-task it may
+    have started. Any other may have taken effect: it is OUTCOME_UNKNOWN."""
+    return invocation.safe_to_repeat or invocation.tool.backend_kind == tool_pb2.BACKEND_KIND_AGENT
 
 
 def _resolve_quietly(

@@ -44,10 +44,26 @@ class Keepalive:
     def from_settings(cls, settings: Settings) -> Keepalive:
         return cls(settings.keepalive_seconds, settings.keepalive_timeout_seconds)
 
-    def channel_options(self) -> list[tuple[str, int]]:
-        return [
+    def channel_options(self, *, any_server: bool = False) -> list[tuple[str, int]]:
+        """Options for a channel; `any_server` for peers that may not be ours.
+
+        Our servers accept a PING every `seconds`, with or without calls and
+        data. A server with gRPC's defaults (a tool backend in another
+        language) answers pings without data more often than every 5 minutes
+        with GOAWAY after two: to such a peer, ping only during calls and at
+        most twice without data (a call's deadline bounds the rest).
+        """
+        options = [
             ("grpc.keepalive_time_ms", int(self.seconds * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
+            # How long a PING's answer is awaited (gRPC's default is 60 s, whatever
+            # the keepalive timeout says).
+            ("grpc.http2.ping_timeout_ms", int(self.timeout_seconds * 1000)),
+        ]
+        if any_server:
+            return options
+        return [
+            *options,
             # A stream waiting on a slow model sends no data for minutes; without
             # these, pings stop after two and a freeze then goes unnoticed.
             ("grpc.keepalive_permit_without_calls", 1),
@@ -59,6 +75,7 @@ class Keepalive:
         return [
             ("grpc.keepalive_time_ms", int(self.seconds * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(self.timeout_seconds * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Peers ping every `seconds`; allow some jitter before calling it abuse.
@@ -68,13 +85,17 @@ class Keepalive:
         ]
 
 
-def open_channel(address: str, keepalive: Keepalive | None = None) -> grpc.aio.Channel:
+def open_channel(
+    address: str, keepalive: Keepalive | None = None, *, any_server: bool = False
+) -> grpc.aio.Channel:
     """An insecure loopback/cluster channel that propagates W3C trace context and
-    detects a dead peer through keepalive (defaults unless the caller's settings say)."""
+    detects a dead peer through keepalive (defaults unless the caller's settings say;
+    `any_server` for a peer that may not be an agentplex server, see `Keepalive`)."""
+    keepalive_options = (keepalive or Keepalive()).channel_options(any_server=any_server)
     return grpc.aio.insecure_channel(
         address,
         interceptors=client_interceptors(),
-        options=[*(keepalive or Keepalive()).channel_options(), ("grpc.enable_retries", 0)],
+        options=[*keepalive_options, ("grpc.enable_retries", 0)],
     )
 
 

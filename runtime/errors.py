@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "agentplex.dev"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_STREAM_RESET = "RST_STREAM"
 
 
 class AgentplexError(Exception):
@@ -149,5 +150,10 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> AgentplexError:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
                     reason = info.reason
+    if code == grpc.StatusCode.INTERNAL and reason is None and _STREAM_RESET in (details or ""):
+        # A proxy (the gateway) that lost the upstream after the response began
+        # can only reset the stream, which gRPC reports as INTERNAL; it means a
+        # lost connection, and a caller may retry it like one.
+        return Unavailable(f"the connection was lost mid-call ({details})")
     exc_type = _EXCEPTION_FOR_CODE.get(code, AgentplexError)
     return exc_type(details or code.name, reason=reason or code.name)

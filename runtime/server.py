@@ -34,6 +34,11 @@ from agentplex.runtime.tracing import ServerTracing
 
 log = logging.getLogger(__name__)
 
+# Request metadata a server accepts (gRPC counts name + value + 32 bytes per entry).
+# gRPC's default, 8 KiB, would refuse calls whose headers the gateway admits (bearer
+# tokens, cookies) with RESOURCE_EXHAUSTED; the gateway's edge limit stays below this.
+MAX_METADATA_BYTES = 64 * 1024
+
 DependencyCheck = Callable[[], Awaitable[None]]
 """Raises (or times out) when a dependency does not answer."""
 
@@ -106,7 +111,12 @@ class ServiceHost:
             # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
             server = grpc.aio.server(
                 interceptors=[ServerTracing(), EdgeInterceptor()],
-                options=[("grpc.so_reuseport", 0), *self.keepalive.server_options()],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+                    *self.keepalive.server_options(),
+                ],
             )
             self._service_names = list(self.register(server))
             self._health = health_aio.HealthServicer()

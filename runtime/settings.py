@@ -72,7 +72,7 @@ class SharedSection(Section):
         ge=0,
         le=300,
         description="After SIGTERM, how long a server keeps answering while its health says "
-        "NOT_SERVING, so the gateway's health checks (two failed checks eject a replica) and "
+        "NOT_SERVING, so the gateway's health checks (the next one ejects the replica) and "
         "clients' balancers move away before it stops accepting calls; then `grace_seconds` "
         "apply. 0 stops at once (development, tests).",
     )
@@ -329,7 +329,12 @@ class GatewaySection(Section):
         description="How long a stream may stay silent before the gateway ends it.",
     )
     gateway_health_check_interval_seconds: float = Field(
-        default=1.0, gt=0, description="How often Envoy health-checks each agent replica."
+        default=1.0,
+        gt=0,
+        description="How often Envoy health-checks each agent replica. A replica that answers "
+        "NOT_SERVING (stopping, or its dependencies down) leaves the rotation at the next check; "
+        "one that does not answer, after two checks in a row. Two intervals must fit in "
+        "`drain_seconds`, or the gateway warns.",
     )
     gateway_directory_poll_seconds: float = Field(
         default=0.5,

@@ -12,9 +12,18 @@ together) each worker asks for the agent's reconcile turn, a lock with expiry
 in Redis; one gets it, and a holder that crashes frees it by the expiry. The
 holder keeps the turn for a whole interval even after its pass, so the mesh
 makes one pass per interval however many workers it has. A pass walks the
-unfinished tasks, re-enqueues those with no queue entry and no live lease
-(`TaskStore.requeue_lost`: one script per batch, so it cannot race a start,
-a heartbeat or a finish), then recounts the depth from the open tasks.
+unfinished tasks, re-enqueues those with no queue entry that no worker has
+(`TaskStore.requeue_lost`, one script per batch), then recounts the depth from
+the open tasks.
+
+"No worker has it" is decided the way the scan for abandoned entries decides
+it, by the lease: a running task's lease is live, or a pending task's lost
+entry was claimed by a worker (read from the queue, in the consumer group's
+pending list) less than a lease ago: that worker is about to start it, and a
+copy on the queue would have a second worker start it too, the two running at
+once. A worker that stalls longer than a lease between its claim and its
+start can still meet a copy, as it can meet a reclaim: attempt fencing then
+keeps the task's events and result to one attempt.
 
 Correctness does not rest on the lock: a task re-enqueued has an entry again,
 so a second pass leaves it alone, and a re-enqueued task's next start takes a
@@ -45,6 +54,8 @@ tasks_reconciled = Counter(
 )
 
 BATCH = 100  # tasks per script: each batch blocks Redis for its length only
+# The workers' lease unless told otherwise (`AGENTPLEX_TASK_LEASE_SECONDS`'s default).
+DEFAULT_LEASE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,16 @@ class Reconciler:
     consumer: str
     interval_seconds: float = 30.0
     batch: int = BATCH
+    # The workers' lease: how long a claimed, unstarted entry counts as held.
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
 
     @property
     def _hold_ms(self) -> int:
         return max(1, int(self.interval_seconds * 1000))
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self.lease_seconds * 1000))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Try for a pass every interval until `stop` is set. A failed pass is
@@ -108,7 +125,7 @@ class Reconciler:
             if not await self.store.keep_reconcile_turn(token, self._hold_ms):
                 log.warning("the %s reconcile turn ran out mid-pass; leaving the rest", agent)
                 return None
-            for task in await self.store.requeue_lost(fresh):
+            for task in await self.store.requeue_lost(fresh, self._lease_ms):
                 requeued += 1
                 status = "running" if task.status == RUNNING else "pending"
                 tasks_reconciled.labels(agent, status).inc()

@@ -181,32 +181,76 @@ redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[2], 0, entry, 'IDLE', ARGV[6], 'JUST
 return 1
 """
 
+# One step of the scan for abandoned entries: take over the next entry idle
+# longer than the lease. An entry deleted while pending (trimmed, or its task
+# ended) is dropped from the pending list instead: Redis 7 does so by itself,
+# Redis 6.2 claims it again and again (each claim making it look freshly held),
+# and a pending list that says a lost entry is held keeps the reconciler from
+# re-enqueueing its task. So is an entry that names no task. KEYS: queue;
+# ARGV: group, consumer, idle (ms), cursor. Returns {next cursor[, entry id,
+# task id]}.
+_RECLAIM = """
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  'COUNT', 1, 'JUSTID')
+for _, id in ipairs(reply[2]) do
+  local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+  local task = nil
+  if entry then
+    local fields = entry[2]
+    for f = 1, #fields, 2 do
+      if fields[f] == 'task' then task = fields[f + 1] end
+    end
+  end
+  if task then return {reply[1], id, task} end
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  if entry then redis.call('XDEL', KEYS[1], id) end
+end
+return {reply[1]}
+"""
+
 # Re-enqueue the tasks of a batch that are unfinished but lost their queue entry
-# (an XTRIM, a Redis restored from an older file), unless a worker still holds
-# the lease of a running one: it is heartbeating the task and will finish it.
+# (an XTRIM, a Redis restored from an older file), unless a worker still has
+# them: the lease of a running one is live (it is heartbeating the task and will
+# finish it), or a pending one's entry is still in the consumer group's pending
+# list, claimed less than a lease ago (a worker read it and is about to start
+# it: re-enqueued, a second worker would start it too, and the two would run at
+# once). An entry claimed longer ago than that is presumed abandoned, as by the
+# scan for abandoned entries, and dropped from the pending list here.
 # A running task with a lapsed lease is pending again, like a reclaimed one: its
 # attempt count stands (the lost attempt counts), the next start takes a new
 # attempt, and the old attempt's writes are refused from now on. Keeps the open
 # index in step on the way: unfinished tasks in, ended or deleted ones out.
 # KEYS: queue, open index, then one record per task; ARGV: PENDING, RUNNING,
-# then the task ids. Returns {task id, status it had, ...} of those re-enqueued.
+# the consumer group, the lease (ms), then the task ids. Returns {task id,
+# status it had, ...} of those re-enqueued.
 _REQUEUE_LOST = (
     _SERVER_MS
     + """
 local pending, running = tonumber(ARGV[1]), tonumber(ARGV[2])
+local group, lease_ms = ARGV[3], tonumber(ARGV[4])
 local requeued = {}
 for i = 3, #KEYS do
-  local id = ARGV[i]
+  local id = ARGV[i + 2]
   local status = tonumber(redis.call('HGET', KEYS[i], 'status') or '0')
   if status ~= pending and status ~= running then
     redis.call('SREM', KEYS[2], id)
   else
     redis.call('SADD', KEYS[2], id)
     local entry = redis.call('HGET', KEYS[i], 'entry')
-    local queued = entry and entry ~= '' and #redis.call('XRANGE', KEYS[1], entry, entry) > 0
+    local known = entry and entry ~= ''
+    local queued = known and #redis.call('XRANGE', KEYS[1], entry, entry) > 0
     local leased = status == running
       and tonumber(redis.call('HGET', KEYS[i], 'lease_until') or '0') > server_ms
-    if not queued and not leased then
+    local held = false
+    if known and not queued and status == pending then
+      -- {{id, consumer, idle ms, deliveries}} while a worker holds the entry (an
+      -- error if the group went with the stream: then nobody holds it).
+      local claims = redis.pcall('XPENDING', KEYS[1], group, entry, entry, 1)
+      local claim = type(claims) == 'table' and not claims.err and claims[1]
+      held = claim and tonumber(claim[3]) < lease_ms or false
+    end
+    if not queued and not leased and not held then
+      if known then redis.call('XACK', KEYS[1], group, entry) end
       entry = redis.call('XADD', KEYS[1], '*', 'task', id)
       redis.call('HSET', KEYS[i], 'entry', entry, 'status', pending)
       requeued[#requeued + 1] = id
@@ -424,6 +468,7 @@ class TaskStore:
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_REQUEST_CANCEL)
         self._hand_back = redis.register_script(_HAND_BACK)
+        self._reclaim = redis.register_script(_RECLAIM)
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
         self._recount_depth = redis.register_script(_RECOUNT_DEPTH)
         self._keep_turn = redis.register_script(_KEEP_TURN)
@@ -635,20 +680,15 @@ class TaskStore:
         """Take over one entry idle longer than `idle_ms` (its worker died or
         stalled), scanning on from `cursor` (None: from the beginning). Each
         call looks at a few pending entries only, and always starting from the
-        beginning could starve the ones further on. An entry whose task was
-        deleted while pending is dropped on the way."""
-        next_cursor, entries, *_ = await self._redis.xautoclaim(
-            self._queue_key, GROUP, consumer, idle_ms, cursor or "0-0", count=1
+        beginning could starve the ones further on. An entry deleted while
+        pending, or naming no task, is dropped on the way (see `_RECLAIM`)."""
+        reply: list[bytes] = await self._reclaim(
+            keys=[self._queue_key], args=[GROUP, consumer, idle_ms, cursor or "0-0"]
         )
-        text = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
-        complete = text in ("0-0", "0")
-        for entry_id, fields in entries:
-            if entry_id is None:
-                continue  # deleted while pending (Redis 6.2 reports it this way)
-            if fields:
-                return Sweep(Claimed(entry_id, fields[b"task"].decode()), text, complete=False)
-            await self.ack_orphan(entry_id)
-        return Sweep(None, text, complete=complete)
+        text = reply[0].decode()
+        if len(reply) == 3:
+            return Sweep(Claimed(reply[1], reply[2].decode()), text, complete=False)
+        return Sweep(None, text, complete=text in ("0-0", "0"))
 
     async def give_back(self, entry_id: bytes, consumer: str, lease_ms: int) -> None:
         """Make a claimed, unstarted entry reclaimable by another worker at once:
@@ -692,12 +732,16 @@ class TaskStore:
                 break
             after = f"({as_text(entries[-1][0])}"
 
-    async def requeue_lost(self, task_ids: Sequence[str]) -> list[Requeued]:
+    async def requeue_lost(self, task_ids: Sequence[str], lease_ms: int) -> list[Requeued]:
         """Put back on the queue those of `task_ids` whose record says pending or
-        running but that have no queue entry, except running ones with a live lease.
+        running but that have no queue entry, except those a worker still has: a
+        running one with a live lease, a pending one whose lost entry a worker
+        claimed less than `lease_ms` ago and has yet to start.
 
-        Atomic per batch (one script), so it cannot race a start, heartbeat or
-        finish, and it is idempotent: a task it re-enqueued has an entry again."""
+        Atomic per batch (one script): no start, heartbeat or finish runs in the
+        middle of it. A start is not atomic with its claim, though (the worker
+        reads the entry, then starts the task), hence the check of the claimed
+        entries. Idempotent: a task it re-enqueued has an entry again."""
         if not task_ids:
             return []
         reply: list[bytes] = await self._requeue_lost(
@@ -706,7 +750,7 @@ class TaskStore:
                 self._open_key,
                 *(self._task_key(task_id) for task_id in task_ids),
             ],
-            args=[PENDING, RUNNING, *task_ids],
+            args=[PENDING, RUNNING, GROUP, lease_ms, *task_ids],
         )
         return [
             Requeued(task_id=reply[i].decode(), status=int(reply[i + 1]))

@@ -151,7 +151,9 @@ class Worker:
     async def _run(self, stop: asyncio.Event) -> None:
         await self.store.ensure_group()
         slots = asyncio.Semaphore(self.concurrency)
-        reconciler = Reconciler(self.store, self.consumer, self.reconcile_seconds)
+        reconciler = Reconciler(
+            self.store, self.consumer, self.reconcile_seconds, lease_seconds=self.lease_seconds
+        )
         reconciling = asyncio.create_task(
             reconciler.run(stop), name=f"reconciler-{self.store.agent}"
         )

@@ -5,7 +5,6 @@ follow the agent directory as replicas come, go, die, and the control plane rest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -166,6 +165,46 @@ async def test_oversize_requests_are_refused_at_the_edge(gateway, channel_to, ht
     # and the gateway is fine afterwards
     ok = await stub.RunTask(pb.RunTaskRequest(prompt="what is 2+3?"), timeout=30)
     assert "5" in ok.result.output
+
+
+async def test_oversize_headers_are_refused_at_the_edge_with_431(gateway, channel_to, http) -> None:
+    """A request whose headers are over the edge's limit gets 431 from Envoy. (It used to
+    pass the edge and reach an agent, whose gRPC server refused the metadata as
+    RESOURCE_EXHAUSTED: 429 through the JSON transcoder.)"""
+
+    async def reached_the_agent() -> int:
+        stats = await gateway.host_stats("agent.assistant")
+        return sum(int(host.get("rq_total", "0")) for host in stats.values())
+
+    before = await reached_the_agent()
+    big = {"x-big": "a" * 60_000}
+    response = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": "hi"}, headers=big)
+    assert response.status_code == 431
+    web = await grpc_web_call(
+        gateway, "GetAgentCard", pb.GetAgentCardRequest().SerializeToString(), **big
+    )
+    assert web.status_code == 431
+    # over HTTP/2 the edge resets the stream (gRPC reports INTERNAL)
+    stub = agent_stub(channel_to, gateway)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetAgentCard(pb.GetAgentCardRequest(), metadata=tuple(big.items()), timeout=10)
+    assert caught.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert await reached_the_agent() == before  # none of them got past the edge
+
+    # Just within the limit — many headers, each costing gRPC 32 bytes more upstream —
+    # the request reaches the agent and is answered: nothing between edge and agent
+    # refuses what the edge let in.
+    options = gateway.control_plane.options
+    count = options.max_request_headers - 20
+    width = (options.max_request_headers_kb * 1024 - 600) // count
+    padding = {f"x-pad-{i:02d}": "p" * (width - len("x-pad-00")) for i in range(count)}
+    ok = await http.post(
+        "/v1/agents/assistant/tasks:run", json={"prompt": "what is 2+3?"}, headers=padding
+    )
+    assert ok.status_code == 200, ok.text
+    assert "5" in ok.json()["result"]["output"]
+    card = await stub.GetAgentCard(pb.GetAgentCardRequest(), metadata=tuple(padding.items()))
+    assert card.card.name == "assistant"
 
 
 # --- grpcurl ------------------------------------------------------------------------
@@ -530,74 +569,12 @@ async def _replicas_are(gateway, agent: str, count: int) -> bool:
     return await gateway.replicas(agent) == count
 
 
-@pytest.fixture
-async def agent_process(mesh, tmp_path):
-    """`await agent_process("assistant")`: an agent as its own process on the test's mesh."""
-    processes: list[asyncio.subprocess.Process] = []
-    settings = mesh.settings
-    env = {
-        **os.environ,
-        "AGENTPLEX_REDIS_URL": settings.redis_url,
-        "AGENTPLEX_KEY_PREFIX": settings.key_prefix,
-        "AGENTPLEX_MEMORY_ADDRESS": settings.memory_address,
-        "AGENTPLEX_REGISTRY_ADDRESS": settings.registry_address,
-        "AGENTPLEX_DOCS_DIR": str(settings.docs_dir),
-        "AGENTPLEX_HEALTH_INTERVAL_SECONDS": "0.2",
-        "AGENTPLEX_GRACE_SECONDS": "1",
-        "AGENTPLEX_DRAIN_SECONDS": "0",
-    }
-
-    async def start(agent: str) -> tuple[asyncio.subprocess.Process, str]:
-        index = len(processes)
-        ready = tmp_path / f"agent-{index}.ready"
-        log_file = (tmp_path / f"agent-{index}.log").open("wb")
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agentplex.agents",
-                "--agent",
-                agent,
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--ready-file",
-                str(ready),
-                env=env,
-                stdout=log_file,
-                stderr=log_file,
-            )
-        finally:
-            log_file.close()
-        processes.append(process)
-
-        def up() -> bool:
-            return ready.exists() or process.returncode is not None
-
-        give_up = time.monotonic() + 30
-        while not up():
-            assert time.monotonic() < give_up, "the agent process did not start"
-            await asyncio.sleep(0.05)
-        if process.returncode is not None:
-            raise AssertionError((tmp_path / f"agent-{index}.log").read_text()[-3000:])
-        return process, json.loads(ready.read_text())["address"]
-
-    try:
-        yield start
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-
-
 async def test_a_killed_replica_is_ejected_and_calls_keep_succeeding(
     gateway, agent_process, channel_to, eventually
 ) -> None:
     stub = agent_stub(channel_to, gateway)
-    process, address = await agent_process("assistant")
+    replica = await agent_process("assistant")
+    process, address = replica.process, replica.address
 
     await wait_until_served(gateway, stub, address, eventually)
 

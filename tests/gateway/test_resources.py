@@ -15,11 +15,16 @@ from typing import TypeVar
 
 import betterproto2
 import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import LbEndpoint
 from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher, Route, RouteMatch
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions as UpstreamHttpProtocolOptions,
 )
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
@@ -32,7 +37,10 @@ from agentplex.gateway.resources import (
     HostPort,
     Resources,
 )
+from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import InconsistentSnapshot, Snapshot
+from agentplex.runtime.clients import Keepalive
+from agentplex.runtime.settings import Settings
 
 AGENT = "/agentplex.v1.AgentService/"
 REGISTRY = "/agentplex.v1.ToolRegistryService/"
@@ -305,8 +313,13 @@ def test_only_idempotent_methods_retry_on_unavailable(agent: str | None) -> None
     for method in ("RunTask", "StreamSteps", "SubmitTask", "CancelTask"):
         retry_on = _action(routes, method, agent).retry_policy.retry_on.split(",")
         assert "unavailable" not in retry_on, method
-        # a request that never reached the service is always safe to send again
-        assert {"connect-failure", "refused-stream"} <= set(retry_on), method
+        # a request that never reached the service is always safe to send again: a
+        # replica gone, a stream above a stopping server's GOAWAY, a connection closing
+        # before Envoy wrote the request
+        assert {"connect-failure", "refused-stream", "reset-before-request"} <= set(retry_on), (
+            method
+        )
+        assert "reset" not in retry_on, method  # a reset after sending may have run it
     policy = _action(routes, "RunTask", agent).retry_policy
     assert [p.name for p in policy.retry_host_predicate] == [
         "envoy.retry_host_predicates.previous_hosts"
@@ -444,6 +457,84 @@ def test_listener_takes_its_routes_over_rds() -> None:
         "envoy.filters.http.grpc_json_transcoder"
     )
     assert names.index("envoy.filters.http.cors") < names.index("envoy.filters.http.grpc_web")
+
+
+# --- keepalive, drain, header limits ------------------------------------------------
+
+
+def _http2_options(cluster: Cluster) -> Http2ProtocolOptions:
+    packed = cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    explicit = some(unpacked(packed, UpstreamHttpProtocolOptions).explicit_http_config)
+    return some(explicit.http2_protocol_options)
+
+
+def test_upstream_connections_are_kept_alive_by_pings_and_tcp_keepalive() -> None:
+    options = GatewayOptions(keepalive_seconds=7, keepalive_timeout_seconds=3)
+    for cluster in resources.build(directory("assistant"), options).clusters:
+        keepalive = some(_http2_options(cluster).connection_keepalive)
+        assert keepalive.interval == datetime.timedelta(seconds=7), cluster.name
+        assert keepalive.timeout == datetime.timedelta(seconds=3), cluster.name
+        assert some(keepalive.interval_jitter).value == resources.KEEPALIVE_JITTER_PERCENT
+        tcp = some(some(cluster.upstream_connection_options).tcp_keepalive)
+        assert (tcp.keepalive_time, tcp.keepalive_interval) == (7, 3), cluster.name
+        assert tcp.keepalive_probes == resources.TCP_KEEPALIVE_PROBES
+
+
+def test_keepalive_follows_the_mesh_wide_settings() -> None:
+    settings = Settings(keepalive_seconds=4, keepalive_timeout_seconds=2)
+    options = GatewaySettings().options(Keepalive.from_settings(settings))
+    assert (options.keepalive_seconds, options.keepalive_timeout_seconds) == (4, 2)
+    # jitter adds up to 15 % of the interval before a PING; the timeout runs after it
+    assert resources.keepalive_detection_seconds(options) == pytest.approx(4 * 1.15 + 2)
+
+
+def test_default_keepalive_detects_a_frozen_peer_within_30_seconds() -> None:
+    """The issue's bound, for the defaults a mesh runs with: Envoy's upstream
+    connections and the mesh's own channels (see Keepalive)."""
+    settings = Settings()
+    keepalive = Keepalive.from_settings(settings)
+    options = GatewaySettings.from_settings(settings).options(keepalive)
+    assert resources.keepalive_detection_seconds(options) <= 30
+    assert keepalive.seconds + keepalive.timeout_seconds <= 30
+
+
+def test_the_stream_idle_timeout_is_not_what_finds_a_frozen_agent() -> None:
+    """Keepalive ends a frozen agent's streams long before the idle timeout would, which
+    stays long enough for a live but silent stream (a model call up to its deadline)."""
+    settings = Settings()
+    options = GatewaySettings.from_settings(settings).options(Keepalive.from_settings(settings))
+    assert resources.keepalive_detection_seconds(options) < options.stream_idle_timeout_seconds
+    assert settings.llm_timeout_seconds < options.stream_idle_timeout_seconds
+
+
+def test_a_stopping_replica_is_ejected_well_within_the_default_drain() -> None:
+    settings = Settings()
+    options = GatewaySettings.from_settings(settings).options()
+    (cluster, *_) = resources.build(directory("assistant"), options).clusters
+    (check,) = cluster.health_checks
+    assert check.unhealthy_threshold == resources.UNHEALTHY_THRESHOLD
+    assert check.interval == datetime.timedelta(seconds=options.health_check_interval_seconds)
+    # NOT_SERVING ejects at the next check, with at least another check interval left
+    # before the replica stops accepting calls
+    assert resources.ejection_seconds(options) == options.health_check_interval_seconds
+    assert resources.drain_fits(options, settings.drain_seconds)
+    assert not resources.drain_fits(replace(options, health_check_interval_seconds=2.0), 3.0)
+
+
+def test_whatever_the_edge_admits_fits_the_services_metadata_limit() -> None:
+    """Oversize headers are refused at the edge (431), never by an agent (429 through the
+    transcoder): the edge's limit, gRPC's per-header overhead and what Envoy adds stay
+    within what the services' gRPC servers accept."""
+    options = GatewayOptions()
+    assert resources.upstream_metadata_bytes(options) <= resources.UPSTREAM_METADATA_LIMIT_BYTES
+    (listener,) = resources.build(directory("assistant"), options).listeners
+    manager = unpacked(listener.filter_chains[0].filters[0].typed_config, HttpConnectionManager)
+    assert manager.max_request_headers_kb == options.max_request_headers_kb
+    assert some(manager.common_http_protocol_options).max_headers_count == (
+        options.max_request_headers
+    )
 
 
 # --- HostPort -----------------------------------------------------------------------

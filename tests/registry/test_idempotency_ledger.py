@@ -38,6 +38,11 @@ def deadline() -> Deadline:
     return Deadline.after(5.0)
 
 
+async def server_ms(redis: aioredis.Redis) -> int:
+    seconds, microseconds = await redis.time()
+    return seconds * 1000 + microseconds // 1000
+
+
 def ok_response(note_count: int = 1) -> pb.InvokeToolResponse:
     return pb.InvokeToolResponse(
         tool_name="notes.write",
@@ -63,13 +68,26 @@ async def test_first_claim_runs(
     raw = await redis_client.get(claim.key)
     assert raw is not None
     entry = json.loads(raw)
-    assert entry == {"fp": FP, "state": "pending", "token": claim.token}
+    until = entry.pop("until")
+    assert entry == {"fp": FP, "state": "pending", "token": claim.token, "rerun": False}
+    assert until == pytest.approx(await server_ms(redis_client) + 60_000, abs=5_000)
 
 
-async def test_pending_claim_expires(redis_client: aioredis.Redis, key_prefix: str) -> None:
-    ledger = IdempotencyLedger(redis_client, key_prefix=key_prefix, pending_ttl_seconds=7)
-    claim = await ledger.claim(session("s"), "k", FP, deadline())
-    assert 0 < await redis_client.ttl(claim.key) <= 7
+async def test_a_pending_claim_outlives_its_hold(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A holder that dies leaves its claim under the ledger's TTL, not the hold's:
+    a side effect may have happened, so the key must not simply come free."""
+    ledger = IdempotencyLedger(
+        redis_client, key_prefix=key_prefix, ttl_seconds=3600, pending_ttl_seconds=7
+    )
+    claim = await ledger.claim(session("s"), "k", FP, deadline(), rerun=True)
+    assert 3000 < await redis_client.ttl(claim.key) <= 3600
+    raw = await redis_client.get(claim.key)
+    assert raw is not None
+    entry = json.loads(raw)
+    assert entry["rerun"] is True
+    assert entry["until"] == pytest.approx(await server_ms(redis_client) + 7_000, abs=2_000)
 
 
 async def test_completed_then_same_key_and_arguments_replays(
@@ -237,3 +255,92 @@ async def test_a_stale_claim_cannot_overwrite_a_newer_outcome(
     await ledger.complete(stale, FP, pb.InvokeToolResponse(result_json='{"n": 2}'))
     replay = (await ledger.claim(session("s"), "k", FP, deadline())).replay
     assert replay is not None and replay.result_json == '{"n": 1}'
+
+
+# -- claims whose holder vanished (killed mid-call, or its Redis failed as it stored) --
+
+HOLD = 0.3
+
+
+@pytest.fixture
+def short_hold(redis_client: aioredis.Redis, key_prefix: str) -> IdempotencyLedger:
+    return IdempotencyLedger(
+        redis_client, key_prefix=key_prefix, ttl_seconds=3600, pending_ttl_seconds=HOLD
+    )
+
+
+async def past_hold(redis: aioredis.Redis, key: str, eventually) -> None:
+    """Wait until the claim under `key` is past its hold, in Redis's clock."""
+    raw = await redis.get(key)
+    assert raw is not None
+    until = json.loads(raw)["until"]
+
+    async def passed() -> bool:
+        return await server_ms(redis) >= until
+
+    await eventually(passed, timeout=5, message="the hold never ran out")
+
+
+def unknown() -> pb.InvokeToolResponse:
+    return pb.InvokeToolResponse(
+        tool_name="notes.write",
+        tool_version="1.0.0",
+        error=tool_pb2.ToolError(code="OUTCOME_UNKNOWN", message="may or may not have"),
+    )
+
+
+async def test_an_abandoned_claim_of_a_side_effect_is_settled_outcome_unknown(
+    short_hold: IdempotencyLedger, redis_client: aioredis.Redis
+) -> None:
+    """The holder never settles: past its hold, the next call gets OUTCOME_UNKNOWN
+    (stored, so every later repeat too), never the right to run again."""
+    dead = await short_hold.claim(session("s"), "k", FP, deadline())
+    started = asyncio.get_running_loop().time()
+    retry = await short_hold.claim(
+        session("s"), "k", FP, deadline(), rerun=True, abandoned=unknown()
+    )
+    waited = asyncio.get_running_loop().time() - started
+    assert retry.replay is not None, "a side-effecting call ran again under its key"
+    assert retry.replay.replayed and retry.replay.error.code == "OUTCOME_UNKNOWN"
+    assert retry.replay.tool_name == "notes.write"
+    assert waited >= HOLD * 0.8  # the holder had its hold: it may have been alive
+    assert 3000 < await redis_client.ttl(dead.key) <= 3600
+    # The dead holder, should it come back, cannot overwrite what was settled.
+    await short_hold.complete(dead, FP, ok_response())
+    await short_hold.release(dead)
+    again = (await short_hold.claim(session("s"), "k", FP, deadline())).replay
+    assert again is not None and again.error.code == "OUTCOME_UNKNOWN"
+
+
+async def test_an_abandoned_claim_of_a_call_safe_to_repeat_is_taken_over(
+    short_hold: IdempotencyLedger,
+) -> None:
+    dead = await short_hold.claim(session("s"), "k", FP, deadline(), rerun=True)
+    retry = await short_hold.claim(session("s"), "k", FP, deadline(), abandoned=unknown())
+    assert retry.replay is None  # it runs again
+    assert retry.token != dead.token
+    await short_hold.complete(retry, FP, ok_response(7))
+    await short_hold.complete(dead, FP, ok_response(1))  # too late: not its claim now
+    replay = (await short_hold.claim(session("s"), "k", FP, deadline())).replay
+    assert replay is not None and json.loads(replay.result_json)["note_count"] == 7
+
+
+async def test_other_arguments_are_a_conflict_even_for_an_abandoned_claim(
+    short_hold: IdempotencyLedger, redis_client: aioredis.Redis, eventually
+) -> None:
+    dead = await short_hold.claim(session("s"), "k", FP, deadline())
+    await past_hold(redis_client, dead.key, eventually)
+    with pytest.raises(FailedPrecondition):
+        await short_hold.claim(session("s"), "k", OTHER_FP, deadline(), rerun=True)
+    settled = (await short_hold.claim(session("s"), "k", FP, deadline())).replay
+    assert settled is not None and settled.error.code == "OUTCOME_UNKNOWN"
+
+
+async def test_an_abandoned_claim_is_settled_once_among_racing_retries(
+    short_hold: IdempotencyLedger,
+) -> None:
+    await short_hold.claim(session("s"), "k", FP, deadline(), rerun=True)
+    retries = await asyncio.gather(
+        *(short_hold.claim(session("s"), "k", FP, deadline()) for _ in range(5))
+    )
+    assert sum(claim.replay is None for claim in retries) == 1  # one takes it over

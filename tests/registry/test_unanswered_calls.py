@@ -3,23 +3,27 @@
 The registry is driven as a plain class over real Redis; the backend is a real
 gRPC ToolExecutorService behind the mesh's own edge interceptor, scripted call
 by call: answer, hang past the tool's limit, report its own Redis down (as the
-built-in backend does), or fail mid-call without saying anything more.
+built-in backend does), or fail mid-call without saying anything more. A
+registry that never settles its claim (killed mid-call, or its Redis failing
+as it stores the answer) is played by a second registry on the same Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agentplex.contract.reasons import Reason
 from agentplex.mesh.redis_process import free_port
 from agentplex.registry.backends import BackendRouter
-from agentplex.registry.ledger import IdempotencyLedger, ledger_key
+from agentplex.registry.ledger import Claim, IdempotencyLedger, fingerprint, ledger_key
 from agentplex.registry.service import ToolRegistry
 from agentplex.registry.store import RegistryStore
 from agentplex.runtime import errors
@@ -71,19 +75,46 @@ async def backend() -> AsyncIterator[tuple[ScriptedBackend, str]]:
         await server.stop(0)
 
 
-@pytest.fixture
-async def registry(redis_client: aioredis.Redis, key_prefix: str) -> AsyncIterator[ToolRegistry]:
+class LostLedger(IdempotencyLedger):
+    """A ledger whose Redis fails just as a claim is to be settled: the claim stays."""
+
+    async def complete(self, claim: Claim, fp: str, response: pb.InvokeToolResponse) -> None:
+        raise RedisConnectionError("Connection reset by peer")
+
+    async def release(self, claim: Claim) -> None:
+        raise RedisConnectionError("Connection reset by peer")
+
+
+@contextlib.asynccontextmanager
+async def make_registry(
+    redis_client: aioredis.Redis, key_prefix: str, ledger: type[IdempotencyLedger]
+) -> AsyncIterator[ToolRegistry]:
     router = BackendRouter(tool_timeout_seconds=TOOL_TIMEOUT, retry_wait_seconds=0.01)
     try:
         yield ToolRegistry(
             store=RegistryStore(redis_client, key_prefix=key_prefix),
-            ledger=IdempotencyLedger(
+            ledger=ledger(
                 redis_client, key_prefix=key_prefix, pending_ttl_seconds=TOOL_TIMEOUT * 2
             ),
             router=router,
         )
     finally:
         await router.close()
+
+
+@pytest.fixture
+async def registry(redis_client: aioredis.Redis, key_prefix: str) -> AsyncIterator[ToolRegistry]:
+    async with make_registry(redis_client, key_prefix, IdempotencyLedger) as made:
+        yield made
+
+
+@pytest.fixture
+async def lost_registry(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> AsyncIterator[ToolRegistry]:
+    """A registry on the same Redis that claims and dispatches, but never settles."""
+    async with make_registry(redis_client, key_prefix, LostLedger) as made:
+        yield made
 
 
 async def publish(
@@ -170,3 +201,56 @@ async def test_no_backend_accepting_a_connection_claims_nothing(
     assert failed.error.code == "MESH_UNAVAILABLE"
     assert "accepted a connection" in failed.error.message
     assert not await redis_client.exists(ledger_key(key_prefix, "", "", "t-2:1:0"))
+
+
+# -- claims nobody settles: the registry killed mid-call, or its Redis failing --
+
+
+async def test_a_side_effect_whose_answer_was_lost_never_runs_again(
+    registry, lost_registry, backend
+) -> None:
+    """The tool ran, but the registry's Redis failed as it stored the answer (the
+    caller sees the registry's failure, MESH_UNAVAILABLE, and retries): the retry
+    must not run it again. Once the claim's hold is out it gets OUTCOME_UNKNOWN."""
+    servicer, endpoint = backend
+    await publish(registry, "lost.write", endpoint, SIDE_EFFECTING)
+    with pytest.raises(RedisConnectionError):
+        await invoke(lost_registry, "lost.write")
+    assert servicer.calls == 1
+    retried = await invoke(registry, "lost.write")
+    assert retried.replayed and retried.error.code == "OUTCOME_UNKNOWN"
+    assert "will not run again" in retried.error.message
+    assert retried.tool_name == "lost.write" and servicer.calls == 1
+    again = await invoke(registry, "lost.write")
+    assert again.replayed and again.error.code == "OUTCOME_UNKNOWN" and servicer.calls == 1
+
+
+@pytest.mark.parametrize("side_effect", [READ_ONLY, IDEMPOTENT])
+async def test_a_call_safe_to_repeat_whose_answer_was_lost_runs_again(
+    registry, lost_registry, backend, side_effect
+) -> None:
+    servicer, endpoint = backend
+    await publish(registry, "lost.lookup", endpoint, side_effect)
+    with pytest.raises(RedisConnectionError):
+        await invoke(lost_registry, "lost.lookup")
+    retried = await invoke(registry, "lost.lookup")
+    assert not retried.replayed and json.loads(retried.result_json) == {"ok": True}
+    assert servicer.calls == 2
+    assert (await invoke(registry, "lost.lookup")).replayed and servicer.calls == 2
+
+
+async def test_a_claim_left_by_a_dead_registry_is_settled_without_running(
+    registry, backend, redis_client, key_prefix
+) -> None:
+    """All a registry killed mid-call leaves behind is its pending claim (played here
+    by a claim nobody settles): a side-effecting call may have run, so the retry
+    waits out the claim's hold and gets OUTCOME_UNKNOWN, the backend not called."""
+    servicer, endpoint = backend
+    await publish(registry, "dead.write", endpoint, SIDE_EFFECTING)
+    dead = IdempotencyLedger(
+        redis_client, key_prefix=key_prefix, pending_ttl_seconds=TOOL_TIMEOUT * 2
+    )
+    await dead.claim(pb.Caller(), "t-1:1:0", fingerprint("dead.write", {}), Deadline.after(5))
+    retried = await invoke(registry, "dead.write")
+    assert retried.replayed and retried.error.code == "OUTCOME_UNKNOWN"
+    assert servicer.calls == 0

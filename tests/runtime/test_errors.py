@@ -432,3 +432,19 @@ async def test_call_with_deadline_maps_builtin_timeout() -> None:
 
     with pytest.raises(errors.DeadlineExceeded, match="call timed out"):
         await call_with_deadline(rpc, object(), timeout=1)
+
+
+def test_a_stream_reset_by_a_proxy_is_a_lost_connection() -> None:
+    class Reset(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.INTERNAL
+
+        def details(self) -> str:
+            return "Received RST_STREAM with error code 2"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    error = errors.from_rpc_error(Reset())
+    assert isinstance(error, errors.Unavailable)
+    assert "RST_STREAM" in error.message

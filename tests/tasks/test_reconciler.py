@@ -33,6 +33,7 @@ from agentplex.v1 import agent_service_pb2_grpc, step_event_pb2, task_pb2
 
 AGENT = "assistant"
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
+LEASE_MS = 60_000
 
 
 def make_store(
@@ -103,7 +104,7 @@ async def test_running_task_with_a_live_lease_is_not_requeued(
     task_id, started = await claim_and_start(store, "w1", lease_ms=60_000)
     await trim(redis_client, key_prefix)
 
-    assert await store.requeue_lost([task_id]) == []
+    assert await store.requeue_lost([task_id], LEASE_MS) == []
     assert (await store.get(task_id)).status == RUNNING
     assert await redis_client.xlen(queue_key(key_prefix)) == 0
     # Its worker carries on and finishes it, entry or no entry.
@@ -123,10 +124,10 @@ async def test_running_task_whose_lease_lapsed_is_requeued_and_its_old_attempt_f
     # The lease runs out, as when its worker died: renewed for no time at all.
     await store.heartbeat(task_id, first.attempt, "w1", 0)
 
-    assert await store.requeue_lost([task_id]) == [Requeued(task_id, RUNNING)]
+    assert await store.requeue_lost([task_id], LEASE_MS) == [Requeued(task_id, RUNNING)]
     task = await store.get(task_id)
     assert (task.status, task.attempts) == (PENDING, 1)  # the lost attempt counts
-    assert await store.requeue_lost([task_id]) == []  # queued again: nothing left to do
+    assert await store.requeue_lost([task_id], LEASE_MS) == []  # queued again: nothing left to do
 
     # The old attempt can no longer write, renew or finish.
     with pytest.raises(StaleAttempt):
@@ -146,6 +147,87 @@ async def test_running_task_whose_lease_lapsed_is_requeued_and_its_old_attempt_f
     assert await store.claim_new("w3", block_ms=50) is None
 
 
+async def claim_idle_ms(redis: aioredis.Redis, key_prefix: str, entry_id: bytes) -> int | None:
+    """How long ago a worker claimed the entry; None if no worker holds it."""
+    held = await redis.xpending_range(queue_key(key_prefix), "workers", entry_id, entry_id, 1)
+    return int(held[0]["time_since_delivered"]) if held else None
+
+
+async def test_a_pending_task_claimed_but_not_started_is_left_to_its_worker(
+    store, redis_client, key_prefix
+) -> None:
+    """The race: a worker has read the entry (it is in the group's pending list) but
+    not yet started the task, and the entry is trimmed. A copy on the queue would
+    be started by a second worker while the first starts it too."""
+    await submit(store, "claimed-1")
+    claimed = await store.claim_new("w1", block_ms=100)
+    assert claimed is not None and claimed.task_id == "claimed-1"
+    await trim(redis_client, key_prefix)
+
+    assert await store.requeue_lost(["claimed-1"], LEASE_MS) == []
+    done = await Reconciler(store, "r1", interval_seconds=60, lease_seconds=60).run_once()
+    assert done is not None and done.requeued == 0
+    assert await redis_client.xlen(queue_key(key_prefix)) == 0
+    assert await store.claim_new("w2", block_ms=50) is None  # nothing for a second worker
+
+    # Its worker starts it and finishes it, from the claim it has.
+    started = await store.start("claimed-1", "w1", LEASE_MS, max_attempts=3)
+    assert isinstance(started, Started) and started.attempt == 1
+    result, event = final_event("claimed-1", started.last_sequence + 1)
+    assert await store.finish("claimed-1", started.attempt, result, event)
+    assert await depth(redis_client, key_prefix) == 0
+
+
+async def test_a_claim_older_than_the_lease_no_longer_holds_a_lost_entry(
+    store, redis_client, key_prefix, eventually
+) -> None:
+    """A worker that claimed the entry and then died before the start: once the
+    claim is older than the lease, the task is re-enqueued, once."""
+    lease_ms = 300
+    await submit(store, "abandoned-1")
+    claimed = await store.claim_new("w1", block_ms=100)
+    assert claimed is not None
+    await trim(redis_client, key_prefix)
+    assert await store.requeue_lost(["abandoned-1"], lease_ms) == []  # fresh: held
+
+    async def older_than_the_lease() -> bool:
+        idle = await claim_idle_ms(redis_client, key_prefix, claimed.entry_id)
+        return idle is not None and idle >= lease_ms
+
+    await eventually(older_than_the_lease, message="the claim never aged")
+    assert await store.requeue_lost(["abandoned-1"], lease_ms) == [Requeued("abandoned-1", PENDING)]
+    assert await store.requeue_lost(["abandoned-1"], lease_ms) == []  # queued again
+    # The dead claim is dropped from the pending list; the copy runs as attempt 1.
+    assert await claim_idle_ms(redis_client, key_prefix, claimed.entry_id) is None
+    again, started = await claim_and_start(store, "w2", lease_ms=LEASE_MS)
+    assert (again, started.attempt) == ("abandoned-1", 1)
+
+
+async def test_the_scan_for_abandoned_entries_drops_a_lost_one(
+    store, redis_client, key_prefix, eventually
+) -> None:
+    """An abandoned claim of a trimmed entry: the scan that would take it over
+    drops it from the pending list instead (Redis 6.2 would claim it again and
+    again, each time looking freshly held), and the reconciler re-enqueues it."""
+    lease_ms = 200
+    await submit(store, "swept-1")
+    claimed = await store.claim_new("w1", block_ms=100)
+    assert claimed is not None
+    await trim(redis_client, key_prefix)
+
+    async def older_than_the_lease() -> bool:
+        idle = await claim_idle_ms(redis_client, key_prefix, claimed.entry_id)
+        return idle is not None and idle >= lease_ms
+
+    await eventually(older_than_the_lease, message="the claim never aged")
+    sweep = await store.reclaim_abandoned("w2", lease_ms, None)
+    assert sweep.claimed is None
+    assert await claim_idle_ms(redis_client, key_prefix, claimed.entry_id) is None
+    assert await store.requeue_lost(["swept-1"], LEASE_MS) == [Requeued("swept-1", PENDING)]
+    again, _ = await claim_and_start(store, "w2", lease_ms=LEASE_MS)
+    assert again == "swept-1"
+
+
 async def test_concurrent_requeues_queue_each_lost_task_once(
     store, redis_client, key_prefix
 ) -> None:
@@ -154,7 +236,7 @@ async def test_concurrent_requeues_queue_each_lost_task_once(
         await submit(store, task_id)
     await trim(redis_client, key_prefix)
 
-    passes = await asyncio.gather(*(store.requeue_lost(ids) for _ in range(4)))
+    passes = await asyncio.gather(*(store.requeue_lost(ids, LEASE_MS) for _ in range(4)))
     requeued = sorted(task.task_id for found in passes for task in found)
     assert requeued == ids
     assert await redis_client.xlen(queue_key(key_prefix)) == len(ids)
@@ -190,7 +272,7 @@ async def test_a_task_queued_before_the_open_index_existed_is_indexed_and_counte
     assert done is not None and done.requeued == 0 and done.depth_after == 1
     # Indexed now: should it lose its entry, the next pass finds it.
     await trim(redis_client, key_prefix)
-    assert await store.requeue_lost(["old-1"]) == [Requeued("old-1", PENDING)]
+    assert await store.requeue_lost(["old-1"], LEASE_MS) == [Requeued("old-1", PENDING)]
 
 
 # -- one reconciler at a time --
@@ -205,11 +287,11 @@ class HeldStore(TaskStore):
         self.release = asyncio.Event()
         self.batches = 0
 
-    async def requeue_lost(self, task_ids: Sequence[str]) -> list[Requeued]:
+    async def requeue_lost(self, task_ids: Sequence[str], lease_ms: int) -> list[Requeued]:
         self.batches += 1
         self.inside.set()
         await self.release.wait()
-        return await super().requeue_lost(task_ids)
+        return await super().requeue_lost(task_ids, lease_ms)
 
 
 async def test_two_reconcilers_racing_make_one_pass(store, redis_client, key_prefix) -> None:
@@ -398,7 +480,8 @@ async def test_trimmed_queue_whose_worker_died_completes_every_task_once(
     )
     await trim(redis_client, mesh.settings.key_prefix)
     worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=10)
+    # Polled: a blocking wait would stall the loop the in-process mesh runs on.
+    await eventually(lambda: worker.poll() is not None, message="the worker did not die")
     # Without a reconciler these stay RUNNING and PENDING for ever, counted in the depth.
     await worker_processes.start(AGENTPLEX_TASK_RECONCILE_SECONDS="0.2")
     gated_model.gate.set()
