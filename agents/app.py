@@ -3,37 +3,49 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from agentplex.agents.catalog import CATALOG, AgentSpec
+from agentplex.agents.catalog import AgentSpec, AgentSpecError, UnknownAgent, resolve
 from agentplex.agents.context import ContextManager, ContextPolicy
+from agentplex.agents.events import EventSink
 from agentplex.agents.llm.base import LLMProvider
 from agentplex.agents.llm.factory import build_provider
-from agentplex.agents.runner import AgentRunner
+from agentplex.agents.runner import AgentRunner, CancelCheck, TaskOutcome
 from agentplex.agents.servicer import AgentServicer
 from agentplex.clients.memory import MemoryClient
 from agentplex.clients.registry import RegistryClient
 from agentplex.contract import agent_tool as delegation_tool
-from agentplex.contract import limits
+from agentplex.contract import limits, lineage
+from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import redis_client
-from agentplex.runtime.clients import Keepalive, health_status, open_channel
+from agentplex.runtime.clients import Deadline, Keepalive, health_status, open_channel
 from agentplex.runtime.process import CannotStart, Endpoint, run_process
 from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
 from agentplex.tasks.event_feed import EventFeed
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
-from agentplex.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, tool_pb2
+from agentplex.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    tool_pb2,
+    tool_registry_service_pb2,
+)
 
 PUBLISH_TIMEOUT_SECONDS = 10.0
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
 def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
+    max_steps = spec.limits.max_steps or limits.MAX_STEPS_LIMIT
+    max_budget = spec.limits.token_budget or limits.MAX_TOKEN_BUDGET
     return agent_pb2.AgentCard(
         name=spec.name,
         version=spec.version,
@@ -41,14 +53,87 @@ def agent_card(spec: AgentSpec, model: str) -> agent_pb2.AgentCard:
         tools=list(spec.tool_names),
         model=model,
         limits=agent_pb2.AgentLimits(
-            max_steps_limit=limits.MAX_STEPS_LIMIT,
-            default_max_steps=limits.DEFAULT_MAX_STEPS,
+            max_steps_limit=max_steps,
+            default_max_steps=min(limits.DEFAULT_MAX_STEPS, max_steps),
             min_token_budget=limits.MIN_TOKEN_BUDGET,
-            max_token_budget=limits.MAX_TOKEN_BUDGET,
-            default_token_budget=limits.DEFAULT_TOKEN_BUDGET,
+            max_token_budget=max_budget,
+            default_token_budget=min(limits.DEFAULT_TOKEN_BUDGET, max_budget),
             max_prompt_bytes=limits.MAX_PROMPT_BYTES,
         ),
     )
+
+
+class SpecRunner(AgentRunner):
+    """An `AgentRunner` holding every task to its spec's caps (`limits:` in the spec file):
+    a task asking for more steps or tokens than its agent allows runs with the cap."""
+
+    async def run(
+        self,
+        task: TaskRequest,
+        deadline: Deadline,
+        sink: EventSink,
+        *,
+        last_sequence: int = 0,
+        interrupt: asyncio.Event | None = None,
+        cancel_requested: CancelCheck | None = None,
+    ) -> TaskOutcome:
+        return await super().run(
+            capped(self.spec, task),
+            deadline,
+            sink,
+            last_sequence=last_sequence,
+            interrupt=interrupt,
+            cancel_requested=cancel_requested,
+        )
+
+
+class DepthCappedTools:
+    """The registry client, refusing this agent's delegations that would go deeper than its
+    spec's `delegation_depth` before they leave the process: the same refusal
+    (FAILED_PRECONDITION, DELEGATION_DEPTH_EXCEEDED) the registry gives past the mesh-wide
+    AGENTPLEX_MAX_DELEGATION_DEPTH, which still holds as well."""
+
+    def __init__(self, tools: RegistryClient, spec: AgentSpec, max_depth: int) -> None:
+        self._tools = tools
+        self._spec = spec
+        self._max_depth = max_depth
+
+    async def list_tools(
+        self, agent: str = "", *, timeout: float
+    ) -> tool_registry_service_pb2.ListToolsResponse:
+        return await self._tools.list_tools(agent, timeout=timeout)
+
+    async def invoke(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> tool_registry_service_pb2.InvokeToolResponse:
+        self._check(request)
+        return await self._tools.invoke(request, timeout=timeout)
+
+    async def invoke_stream(
+        self, request: tool_registry_service_pb2.InvokeToolRequest, *, timeout: float
+    ) -> AsyncIterator[tool_registry_service_pb2.InvokeToolStreamResponse]:
+        self._check(request)
+        async for item in self._tools.invoke_stream(request, timeout=timeout):
+            yield item
+
+    def _check(self, request: tool_registry_service_pb2.InvokeToolRequest) -> None:
+        if delegation_tool.is_agent_tool(request.tool_name):
+            lineage.check_delegation(
+                caller_agent=self._spec.name,
+                caller=request.caller.lineage,
+                target=delegation_tool.agent_of_tool(request.tool_name),
+                max_depth=self._max_depth,
+            )
+
+
+def capped(spec: AgentSpec, task: TaskRequest) -> TaskRequest:
+    """`task` within `spec`'s limits on steps and tokens."""
+    update: dict[str, int] = {}
+    if spec.limits.max_steps is not None and task.max_steps > spec.limits.max_steps:
+        update["max_steps"] = spec.limits.max_steps
+    if spec.limits.token_budget is not None and task.token_budget > spec.limits.token_budget:
+        update["token_budget"] = spec.limits.token_budget
+    return task.model_copy(update=update) if update else task
 
 
 def agent_tool(spec: AgentSpec) -> tool_pb2.ToolDefinition:
@@ -83,6 +168,8 @@ class AgentParts:
 def build_parts(
     spec: AgentSpec, settings: Settings, *, llm: LLMProvider | None = None
 ) -> AgentParts:
+    # The spec's model and memory policy take the place of the mesh-wide settings.
+    settings = spec.settings(settings)
     llm = llm or build_provider(settings)
     keepalive = Keepalive.from_settings(settings)
     memory_channel = open_channel(settings.memory_address, keepalive)
@@ -90,10 +177,14 @@ def build_parts(
     redis = redis_client.connect(settings.redis_url)
     registry = RegistryClient(settings.registry_address, channel=registry_channel)
     memory = MemoryClient(settings.memory_address, channel=memory_channel)
-    runner = AgentRunner(
+    runner = SpecRunner(
         spec=spec,
         llm=llm,
-        tools=registry,
+        tools=(
+            registry
+            if spec.limits.delegation_depth is None
+            else DepthCappedTools(registry, spec, spec.limits.delegation_depth)
+        ),
         memory=memory,
         context_tokens=settings.context_tokens,
         context=ContextManager(
@@ -203,20 +294,43 @@ def require_agent_model(settings: Settings) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--agent NAME` and `--agents FILE`, for the agent and worker processes alike."""
+    parser.add_argument(
+        "--agent",
+        required=True,
+        metavar="NAME",
+        help="which agent: a built-in one (assistant, researcher, supervisor) or one the "
+        "--agents files declare",
+    )
+    parser.add_argument(
+        "--agents",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="an agent spec file (YAML) to take agents from, besides the built-in ones; repeatable",
+    )
 
+
+def spec_from_args(args: argparse.Namespace) -> AgentSpec:
+    """The spec `--agent` names, among the built-ins and the `--agents` files."""
+    try:
+        return resolve(args.agent, args.agents)
+    except (AgentSpecError, UnknownAgent) as exc:
+        raise CannotStart(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ServiceHost:
-        require_agent_model(settings)
-        return build_host(
-            CATALOG[args.agent], settings, port=args.port, metrics_port=args.metrics_port
-        )
+        spec = spec_from_args(args)
+        require_agent_model(spec.settings(settings))
+        return build_host(spec, settings, port=args.port, metrics_port=args.metrics_port)
 
     run_process(
         "python -m agentplex.agents",
         build,
         name=lambda args: args.agent,
-        add_arguments=add_arguments,
+        add_arguments=add_agent_arguments,
         argv=argv,
     )

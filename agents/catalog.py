@@ -1,82 +1,66 @@
-"""The agents the mesh ships with.
+"""The agents the mesh runs: the built-in specs shipped with the package, and any team's own.
+
+The built-in three (assistant, researcher, supervisor) are declared in
+agents/specs/builtin.yaml, in the same format a team uses for its own agents
+(agents/spec_file.py). `agentplex up --agents FILE` (or `agentplex.agents.yaml`
+in the working directory) adds a file's agents; an agent process is started
+with the same file (`--agents FILE`) and picks its spec by name.
 
 Each agent publishes its own grants to the registry when it starts (as the
 access list's default: an operator's `SetAgentTools` is kept), so what an
-agent's model is shown and what it may invoke come from one list.
+agent's model is shown and what it may invoke come from one list: its spec.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from pathlib import Path
 
-from agentplex.v1 import tool_registry_service_pb2
+from agentplex.agents.spec import AgentSpec, MemoryPolicy, ModelChoice, SpecLimits
+from agentplex.agents.spec_file import AgentSpecError, Loaded, load_catalog
+
+__all__ = [
+    "ASSISTANT",
+    "BUILTIN_SPECS",
+    "CATALOG",
+    "DEFAULT_SPEC_FILE",
+    "RESEARCHER",
+    "SUPERVISOR",
+    "AgentSpec",
+    "AgentSpecError",
+    "Loaded",
+    "MemoryPolicy",
+    "ModelChoice",
+    "SpecLimits",
+    "UnknownAgent",
+    "agents",
+    "resolve",
+]
+
+BUILTIN_SPECS = Path(__file__).parent / "specs" / "builtin.yaml"
+# Picked up by `agentplex up` when present in its working directory.
+DEFAULT_SPEC_FILE = "agentplex.agents.yaml"
+
+CATALOG: dict[str, AgentSpec] = load_catalog(BUILTIN_SPECS, []).agents
+"""The built-in agents by name."""
+
+ASSISTANT = CATALOG["assistant"]
+RESEARCHER = CATALOG["researcher"]
+SUPERVISOR = CATALOG["supervisor"]
 
 
-@dataclass(frozen=True)
-class AgentSpec:
-    """Configuration of one agent."""
-
-    name: str
-    version: str
-    description: str
-    instructions: str
-    # Tool grants as "name@major".
-    tools: tuple[str, ...]
-
-    @property
-    def tool_names(self) -> tuple[str, ...]:
-        return tuple(grant.partition("@")[0] for grant in self.tools)
-
-    @property
-    def grants(self) -> list[tool_registry_service_pb2.ToolGrant]:
-        """The access list this agent publishes for itself: 'calculator@1' → (calculator, 1)."""
-        return [
-            tool_registry_service_pb2.ToolGrant(name=name, major=int(major or 0))
-            for name, _, major in (grant.partition("@") for grant in self.tools)
-        ]
+class UnknownAgent(LookupError):
+    """An agent name that none of the loaded specs declares."""
 
 
-ASSISTANT = AgentSpec(
-    name="assistant",
-    version="1.0.0",
-    description="General helper: exact arithmetic and per-session notes.",
-    instructions=(
-        "You are a precise assistant. Use the calculator for any arithmetic instead of "
-        "computing in your head. When asked to remember something, save it with "
-        "notes.write; when asked what you were told, read notes.read. Answer briefly."
-    ),
-    # Each tool pinned to a major version: a breaking 2.0 never reaches this agent unasked.
-    tools=("calculator@1", "notes.read@1", "notes.write@1"),
-)
+def agents(files: Sequence[Path] = ()) -> Loaded:
+    """The built-in agents plus the files' (a file's agent replaces a built-in of its name)."""
+    return load_catalog(BUILTIN_SPECS, files)
 
-RESEARCHER = AgentSpec(
-    name="researcher",
-    version="1.0.0",
-    description="Answers questions about agentplex from its own documentation.",
-    instructions=(
-        "You answer questions about agentplex. Search the documentation with docs.search "
-        "and answer only from what it returns, naming the source file."
-    ),
-    tools=("docs.search@1",),
-)
 
-SUPERVISOR = AgentSpec(
-    name="supervisor",
-    version="1.0.0",
-    description=(
-        "Plans, hands independent sub-tasks to the other agents in parallel and "
-        "answers from their results."
-    ),
-    instructions=(
-        "You coordinate other agents; you have no tools of your own. Split the request "
-        "into independent parts and delegate each in the same turn: arithmetic and notes "
-        "to agent.assistant, questions about agentplex to agent.researcher. Give each a "
-        "self-contained prompt. When their results are in, answer from them, saying which "
-        "agent found what. If a delegation fails, answer with what you have and say what "
-        "is missing."
-    ),
-    # Delegation is tool use: the same grants, pins and checks as any other tool.
-    tools=("agent.assistant@1", "agent.researcher@1"),
-)
-
-CATALOG: dict[str, AgentSpec] = {spec.name: spec for spec in (ASSISTANT, RESEARCHER, SUPERVISOR)}
+def resolve(name: str, files: Sequence[Path] = ()) -> AgentSpec:
+    """The spec of agent `name`, from the built-ins and `files`."""
+    loaded = agents(files).agents
+    if name not in loaded:
+        raise UnknownAgent(f"no agent {name!r}; the specs define: {', '.join(sorted(loaded))}")
+    return loaded[name]

@@ -1,4 +1,4 @@
-"""A worker process: `python -m agentplex.agents.worker --agent NAME`.
+"""A worker process: `python -m agentplex.agents.worker --agent NAME [--agents FILE]`.
 
 Runs the agent's AgentRunner against its queue. It serves no RPCs of its own,
 only health (SERVING while Redis, memory and the registry answer) and
@@ -19,12 +19,18 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from agentplex.agents.app import build_parts, require_agent_model
-from agentplex.agents.catalog import CATALOG, AgentSpec
+from agentplex.agents.app import (
+    add_agent_arguments,
+    build_parts,
+    require_agent_model,
+    spec_from_args,
+)
+from agentplex.agents.catalog import AgentSpec
 from agentplex.agents.llm.base import LLMProvider
 from agentplex.runtime.process import Endpoint, run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
+from agentplex.tasks.metrics import QueueGauges
 from agentplex.tasks.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,8 @@ class WorkerProcess:
 
     worker: Worker
     host: ServiceHost
+    # Refreshes the agent's queue gauges while the worker runs (None: no gauges).
+    gauges: QueueGauges | None = None
     _endpoint: Endpoint | None = field(default=None, init=False)
 
     async def start(self) -> Endpoint:
@@ -94,6 +102,12 @@ class WorkerProcess:
         drain = asyncio.Event()
         working = asyncio.create_task(self.worker.run(drain), name="worker")
         stopped = asyncio.create_task(stop.wait())
+        gauged = asyncio.Event()
+        gauging = (
+            asyncio.create_task(self.gauges.run(gauged), name="queue-gauges")
+            if self.gauges is not None
+            else None
+        )
         try:
             await asyncio.wait({working, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not working.done():
@@ -106,6 +120,10 @@ class WorkerProcess:
         finally:
             stopped.cancel()
             drain.set()  # however this ends, the worker drains (the host's stop waits for it)
+            gauged.set()
+            if gauging is not None:
+                await asyncio.wait({gauging}, timeout=1.0)
+                gauging.cancel()
         await working  # a worker that ended by itself failed: its error is the process's
 
     async def stop(self) -> None:
@@ -114,19 +132,21 @@ class WorkerProcess:
 
 def main(argv: list[str] | None = None) -> None:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--agent", required=True, choices=sorted(CATALOG), help="which agent")
+        add_agent_arguments(parser)
         parser.add_argument("--name", help="consumer name (default: agent-host-pid)")
 
     async def build(settings: Settings, args: argparse.Namespace) -> WorkerProcess:
-        require_agent_model(settings)
+        spec = spec_from_args(args)
+        require_agent_model(spec.settings(settings))
         worker, host = build_worker(
-            CATALOG[args.agent],
+            spec,
             settings,
             consumer=args.name,
             port=args.port,
             metrics_port=args.metrics_port,
         )
-        return WorkerProcess(worker, host)
+        gauges = QueueGauges(worker.store, settings.task_queue_gauge_seconds)
+        return WorkerProcess(worker, host, gauges=gauges)
 
     run_process(
         "python -m agentplex.agents.worker",

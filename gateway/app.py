@@ -1,7 +1,8 @@
 """`python -m agentplex.gateway`: the control plane process Envoy's ADS stream connects to.
 
-Serves the Aggregated Discovery Service and grpc.health.v1 with grpclib
-(envoy-data-plane's service base), and reports its address through the
+Serves the Aggregated Discovery Service, the ExternalProcessor that checks JSON
+request bodies for unknown fields (`json_bodies.py`) and grpc.health.v1 with
+grpclib (envoy-data-plane's service bases), and reports its address through the
 same `--ready-file` contract as every other service, so `agentplex up`
 starts it like the rest.
 """
@@ -24,6 +25,7 @@ from agentplex.gateway import resources
 from agentplex.gateway.ads import DiscoveryServer
 from agentplex.gateway.control_plane import ControlPlane
 from agentplex.gateway.directory import AgentDirectory
+from agentplex.gateway.json_bodies import BodyChecker
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import SnapshotCache
 from agentplex.runtime.clients import Keepalive, open_channel
@@ -113,7 +115,8 @@ class _Server(Server):
 
 
 class ControlPlaneServer:
-    """The ADS server and the directory poller, started and stopped together."""
+    """The ADS server, the JSON body check and the directory poller, started and stopped
+    together."""
 
     def __init__(self, settings: Settings, gateway: GatewaySettings) -> None:
         self.settings = settings
@@ -130,7 +133,8 @@ class ControlPlaneServer:
             poll_seconds=gateway.directory_poll_seconds,
         )
         self.health = SnapshotHealth(self.cache)
-        self._server = _Server([self.discovery, self.health])
+        self.body_checker = BodyChecker()
+        self._server = _Server([self.discovery, self.body_checker, self.health])
         self._poller: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()

@@ -42,9 +42,10 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any
 
-from agentplex.gateway.resources import HostPort, load_assignment
+from agentplex.gateway.resources import CONTROL_PLANE_CLUSTER, HostPort, load_assignment
 
-XDS_CLUSTER = "xds"
+# ADS, and the JSON body check (`json_bodies.py`): both served by the control plane.
+XDS_CLUSTER = CONTROL_PLANE_CLUSTER
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ annotations; the web console's protobuf.js needs the message shapes as JSON.
 Both are derived from the generated modules already imported here, so the
 gateway always speaks exactly the contract the agents were built from — no
 `buf build` step at run time and no descriptor file to go stale.
+
+The transcoder's set also carries `google/rpc/status.proto` and
+`google/rpc/error_details.proto`: only with them can Envoy answer a JSON caller's
+error as a JSON `google.rpc.Status` (`code`, `message`, and the `ErrorInfo` the
+services attach in `details`) instead of an empty body with `grpc-status` headers.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, FileDescriptor
+from google.rpc import error_details_pb2, status_pb2
 
 from agentplex.v1 import agent_service_pb2, tool_registry_service_pb2
 
@@ -27,6 +33,11 @@ AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].fu
 REGISTRY_SERVICE = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
     "ToolRegistryService"
 ].full_name
+# What an error's JSON body is made of: `google.rpc.Status` and the detail types a
+# service may pack into it (runtime.errors attaches `google.rpc.ErrorInfo`).
+ERROR_FILES: tuple[FileDescriptor, ...] = (status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
+# Everything Envoy's JSON transcoder is given.
+TRANSCODER_FILES: tuple[FileDescriptor, ...] = SERVICE_FILES + ERROR_FILES
 
 
 def _closure(files: Iterable[FileDescriptor]) -> Iterator[FileDescriptor]:
@@ -46,7 +57,7 @@ def _closure(files: Iterable[FileDescriptor]) -> Iterator[FileDescriptor]:
 
 
 @cache
-def descriptor_set(files: tuple[FileDescriptor, ...] = SERVICE_FILES) -> bytes:
+def descriptor_set(files: tuple[FileDescriptor, ...] = TRANSCODER_FILES) -> bytes:
     """A serialized FileDescriptorSet of `files` and everything they import.
 
     Cached: the contracts cannot change in a running process, and every snapshot

@@ -13,6 +13,10 @@ Routing, in the order Envoy matches it:
   `registry` reaches the registry, so reflection — and grpcurl — work for it).
 - gRPC without the header: the default agent.
 An agent name nobody serves gets NOT_FOUND, never another agent's answer.
+JSON routes that take a body have it checked for unknown fields first (ext_proc,
+answered by the control plane: `json_bodies.py`); every error Envoy answers itself
+on a `/v1/` path is a JSON `google.rpc.Status`, as the services' errors are
+(`_local_replies`).
 
 A replica going away, as the gateway sees it (`drain_fits` has the timeline):
 on SIGTERM the replica's health turns NOT_SERVING while it keeps serving for
@@ -47,6 +51,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ComparisonFilter,
     ComparisonFilterOp,
     HeaderFilter,
+    OrFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -66,6 +71,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
     ConfigSource,
     DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
     HealthCheck,
@@ -104,9 +111,18 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
     GrpcJsonTranscoderPrintOptions,
+    GrpcJsonTranscoderRequestValidationOptions,
 )
 from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
 from envoy_data_plane.envoy.extensions.filters.http.health_check.v3 import (
@@ -135,7 +151,8 @@ from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, Percent, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct
 
-from agentplex.gateway import console, descriptors
+from agentplex.gateway import console, descriptors, json_bodies
+from agentplex.runtime.errors import ERROR_DOMAIN
 from agentplex.runtime.server import MAX_METADATA_BYTES
 
 AGENT_HEADER = "x-agentplex-agent"
@@ -143,6 +160,12 @@ REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway"
 REGISTRY_CLUSTER = "registry"
+# The control plane itself, a static cluster of Envoy's bootstrap (`bootstrap.py`): it
+# serves ADS and the ExternalProcessor that checks JSON bodies (`json_bodies.py`).
+CONTROL_PLANE_CLUSTER = "xds"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# How long Envoy waits for the body check before going on without it (fail open).
+JSON_BODY_CHECK_TIMEOUT_SECONDS = 1.0
 AGENT_CLUSTER_PREFIX = "agent."
 
 _AGENT_SERVICE = "/" + descriptors.AGENT_SERVICE + "/"
@@ -168,6 +191,57 @@ _GRPC_CONTENT = HeaderMatcher(
 )
 # For routes that never read the body (answered by Envoy, or bidirectional streams).
 _NO_BUFFER = {"envoy.filters.http.buffer": Any.pack(BufferPerRoute(disabled=True))}
+# Only the request body, whole, and nothing else: no headers round trip (the method and
+# path travel as attributes with the body), nothing on the response.
+_BODY_ONLY = ProcessingMode(
+    request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+    request_body_mode=ProcessingModeBodySendMode.BUFFERED,
+    response_body_mode=ProcessingModeBodySendMode.NONE,
+    request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+)
+# The JSON routes that carry a body turn the body check on; everywhere else (gRPC,
+# gRPC-Web, GETs, Envoy's own answers) the virtual host keeps it off.
+_CHECK_JSON_BODY = {
+    EXT_PROC_FILTER: Any.pack(
+        ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_BODY_ONLY))
+    )
+}
+# google.rpc.Code for the HTTP statuses the gateway itself answers with (the inverse of
+# google/rpc/code.proto's mapping), for the JSON bodies of its own errors.
+_HTTP_TO_CODE = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    408: 4,  # DEADLINE_EXCEEDED
+    409: 10,  # ABORTED
+    413: 8,  # RESOURCE_EXHAUSTED (as for gRPC callers: a message over the limit)
+    429: 8,  # RESOURCE_EXHAUSTED
+    431: 8,  # RESOURCE_EXHAUSTED
+    499: 1,  # CANCELLED
+    500: 13,  # INTERNAL
+    501: 12,  # UNIMPLEMENTED
+    502: 14,  # UNAVAILABLE
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED
+}
+_CODE_NAMES = {
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    10: "ABORTED",
+    12: "UNIMPLEMENTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    16: "UNAUTHENTICATED",
+}
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 
 
 # Active health checks: a replica that answers NOT_SERVING leaves the rotation at once;
@@ -549,6 +623,10 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
         _http_filter(
             "envoy.filters.http.buffer", Buffer(max_request_bytes=options.max_request_bytes)
         ),
+        # Unknown fields in JSON bodies, refused by the control plane's ExternalProcessor
+        # (`json_bodies.py`) before the transcoder would drop them. Off unless a route
+        # turns it on (`_CHECK_JSON_BODY`): gRPC and gRPC-Web never reach it.
+        _http_filter(EXT_PROC_FILTER, _json_body_check()),
         _http_filter(
             "envoy.filters.http.grpc_json_transcoder",
             GrpcJsonTranscoder(
@@ -557,7 +635,19 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
                 # Route on the URL the caller sent (/v1/agents/NAME/…), which names the agent.
                 match_incoming_request_route=True,
                 auto_mapping=False,
+                # Errors as JSON: a `google.rpc.Status` body (code, message, details) with
+                # the matching HTTP status. Needs google/rpc/{status,error_details}.proto in
+                # the descriptor set (descriptors.TRANSCODER_FILES).
                 convert_grpc_status=True,
+                # A query parameter that names no field of the request is the caller's
+                # mistake: 400 naming it, not a pass-through of the untranscoded request to
+                # an agent. (Not `reject_unknown_method`: the transcoder runs before the
+                # router, so it would also refuse the console and `/v1/agents`, which
+                # Envoy answers itself. Unknown JSON *body* fields have no such option:
+                # the transcoder drops them, so the ext_proc body check refuses them.)
+                request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
+                    reject_unknown_query_parameters=True,
+                ),
                 max_request_body_size=options.max_request_bytes,
                 print_options=GrpcJsonTranscoderPrintOptions(
                     always_print_primitive_fields=True,
@@ -571,44 +661,115 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
     ]
 
 
-def _local_replies() -> LocalReplyConfig:
-    """Edge rejections in gRPC's own terms.
+def _json_body_check() -> ExternalProcessor:
+    """The ext_proc filter's config: the request body, whole, to the control plane.
 
-    Envoy turns a local 413 into grpc-status UNKNOWN for gRPC callers; an
-    oversize request is RESOURCE_EXHAUSTED (what a gRPC server says for a
-    message over its limit), so the status is set explicitly.
+    Fails open: with the control plane down or slow (over
+    `JSON_BODY_CHECK_TIMEOUT_SECONDS`), a JSON request goes on unchecked rather than
+    failing, so the JSON API stays up whenever Envoy routes without a control plane
+    (it keeps its last configuration). Only the unknown-field check is lost meanwhile;
+    the transcoder and the services still validate everything else.
     """
-    too_large = AccessLogFilter(
-        and_filter=AndFilter(
-            filters=[
-                AccessLogFilter(
-                    status_code_filter=StatusCodeFilter(
-                        comparison=ComparisonFilter(
-                            op=ComparisonFilterOp.EQ,
-                            value=RuntimeUInt32(default_value=413, runtime_key="gateway.413"),
-                        )
-                    )
-                ),
-                AccessLogFilter(
-                    header_filter=HeaderFilter(
-                        header=HeaderMatcher(
-                            name="content-type",
-                            string_match=StringMatcher(prefix="application/grpc"),
-                        )
-                    )
-                ),
-            ]
+    return ExternalProcessor(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=CONTROL_PLANE_CLUSTER)
+        ),
+        failure_mode_allow=True,
+        message_timeout=_seconds(JSON_BODY_CHECK_TIMEOUT_SECONDS),
+        processing_mode=_BODY_ONLY,
+        request_attributes=list(json_bodies.REQUEST_ATTRIBUTES),
+        stat_prefix="json_bodies",
+    )
+
+
+def json_status(code: int, message: str) -> dict[str, object]:
+    """A `google.rpc.Status` as JSON, as the transcoder renders the services' errors."""
+    return {
+        "code": code,
+        "message": message,
+        "details": [
+            {
+                "@type": _ERROR_INFO,
+                "reason": _CODE_NAMES.get(code, "UNKNOWN"),
+                "domain": ERROR_DOMAIN,
+            }
+        ],
+    }
+
+
+def _status_is(status: int) -> AccessLogFilter:
+    return AccessLogFilter(
+        status_code_filter=StatusCodeFilter(
+            comparison=ComparisonFilter(
+                op=ComparisonFilterOp.EQ,
+                value=RuntimeUInt32(default_value=status, runtime_key=f"gateway.{status}"),
+            )
         )
     )
-    return LocalReplyConfig(
-        mappers=[
-            ResponseMapper(
-                filter=too_large,
-                headers_to_add=[_header("grpc-status", "8")],
-                body=DataSource(inline_string="request larger than the gateway accepts"),
-            )
-        ]
+
+
+def _request_header(name: str, prefix: str) -> AccessLogFilter:
+    return AccessLogFilter(
+        header_filter=HeaderFilter(
+            header=HeaderMatcher(name=name, string_match=StringMatcher(prefix=prefix))
+        )
     )
+
+
+def _local_replies() -> LocalReplyConfig:
+    """Edge rejections in the caller's terms.
+
+    gRPC: Envoy turns a local 413 into grpc-status UNKNOWN for gRPC callers; an
+    oversize request is RESOURCE_EXHAUSTED (what a gRPC server says for a
+    message over its limit), so the status is set explicitly.
+
+    JSON: every answer Envoy makes itself on a `/v1/` path — malformed JSON or an
+    unknown query parameter (the transcoder), an unknown body field (the body
+    check), an oversize body, an agent nobody serves, a method the transcoder does
+    not know — gets the body the transcoder gives the services' errors: a JSON
+    `google.rpc.Status` (`json_status`) with the code of its HTTP status and the
+    text Envoy would have sent as its message.
+    """
+    mappers = [
+        ResponseMapper(
+            filter=AccessLogFilter(
+                and_filter=AndFilter(
+                    filters=[_status_is(413), _request_header("content-type", "application/grpc")]
+                )
+            ),
+            headers_to_add=[_header("grpc-status", "8")],
+            body=DataSource(inline_string="request larger than the gateway accepts"),
+        )
+    ]
+    for status, code in _HTTP_TO_CODE.items():
+        body = json_status(code, "%LOCAL_REPLY_BODY%")
+        mappers.append(
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    and_filter=AndFilter(
+                        filters=[
+                            _status_is(status),
+                            # The transcoder has rewritten :path once it took the request
+                            # (malformed JSON, an agent nobody serves): the URL the caller
+                            # sent is then in x-envoy-original-path.
+                            AccessLogFilter(
+                                or_filter=OrFilter(
+                                    filters=[
+                                        _request_header(":path", "/v1/"),
+                                        _request_header("x-envoy-original-path", "/v1/"),
+                                    ]
+                                )
+                            ),
+                        ]
+                    )
+                ),
+                body_format_override=SubstitutionFormatString(
+                    json_format=Struct.from_dict(body),
+                    content_type="application/json",
+                ),
+            )
+        )
+    return LocalReplyConfig(mappers=mappers)
 
 
 def _access_log() -> AccessLog:
@@ -674,16 +835,22 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
     routes.append(_agents_listing(directory, options))
     for name in sorted(directory.agents):
         routes.extend(_rest_routes(name, options))
+    # Under /v1/ the local-reply mappers turn these messages into JSON statuses.
     routes.append(
-        _json_error_route(
-            RouteMatch(prefix="/v1/agents/"),
-            404,
-            "NOT_FOUND",
-            "no such agent: GET /v1/agents lists them",
+        _error_route(
+            RouteMatch(prefix="/v1/agents/"), 404, "no such agent: GET /v1/agents lists them"
         )
     )
     routes.append(_registry_rest_route(options))
-    routes.append(_json_error_route(RouteMatch(prefix="/"), 404, "NOT_FOUND", "no such path"))
+    routes.append(_error_route(RouteMatch(prefix="/v1/"), 404, "no such path"))
+    routes.append(
+        _direct(
+            RouteMatch(prefix="/"),
+            404,
+            json.dumps(json_status(5, "no such path")),
+            "application/json",
+        )
+    )
     return RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         # The console is served from the route table itself.
@@ -695,6 +862,8 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
                 routes=routes,
                 typed_per_filter_config={
                     "envoy.filters.http.cors": Any.pack(_cors_policy(options)),
+                    # The JSON body check is off but where a route turns it on.
+                    EXT_PROC_FILTER: Any.pack(ExtProcPerRoute(disabled=True)),
                 },
             )
         ],
@@ -851,6 +1020,7 @@ def _rest_routes(agent: str, options: GatewayOptions) -> list[Route]:
         Route(
             match=RouteMatch(path=f"{base}/tasks:stream"),
             route=_route_action(cluster, options, streaming=True, idempotent=False),
+            typed_per_filter_config=_CHECK_JSON_BODY,
         ),
         Route(
             match=RouteMatch(safe_regex=RegexMatcher(regex=f"{base}/tasks/[^/]+/events")),
@@ -869,6 +1039,7 @@ def _rest_routes(agent: str, options: GatewayOptions) -> list[Route]:
         Route(
             match=RouteMatch(prefix=f"{base}/"),
             route=_route_action(cluster, options, streaming=False, idempotent=False),
+            typed_per_filter_config=_CHECK_JSON_BODY,
         ),
     ]
 
@@ -915,9 +1086,9 @@ def _direct(match: RouteMatch, status: int, body: str, content_type: str) -> Rou
     )
 
 
-def _json_error_route(match: RouteMatch, status: int, code: str, message: str) -> Route:
-    body = json.dumps({"code": code, "message": message})
-    return _direct(match, status, body, "application/json")
+def _error_route(match: RouteMatch, status: int, message: str) -> Route:
+    """An error Envoy answers itself; on `/v1/` paths `_local_replies` makes it JSON."""
+    return _direct(match, status, message, "text/plain")
 
 
 def _grpc_error_route(match: RouteMatch, *, code: int, message: str) -> Route:

@@ -1,6 +1,7 @@
 """The `agentplex` command.
 
     agentplex up                      start the mesh locally (Ctrl-C stops it)
+    agentplex up --agents FILE        … with your own agents too (default: agentplex.agents.yaml)
     agentplex ps                      the parts of the running mesh: state, pid, restarts
     agentplex restart PART            restart a part gracefully (replicas one at a time)
     agentplex run --agent NAME TEXT   run a task; --stream prints step events live
@@ -10,21 +11,28 @@
     agentplex cancel ID               cancel a task
     agentplex tools list|register|show|deprecate   manage tool contracts
 
-Every failure is one readable line on stderr and a non-zero exit code:
-1 for a failed task or unreachable mesh, 2 for bad usage or bad input.
+Every failure is one readable line on stderr and a non-zero exit code (EXIT_CODES, in --help).
+Every command takes --json: the gateway's JSON, proto field names (`task_id`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 from pydantic import ValidationError
 
+from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG
+from agentplex.contract import limits
 from agentplex.mesh import render, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
@@ -34,6 +42,7 @@ from agentplex.runtime.settings import Settings
 from agentplex.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
+    task_pb2,
 )
 
 if TYPE_CHECKING:  # for annotations; the commands import it where they call it
@@ -43,7 +52,22 @@ T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Like a process killed by SIGPIPE (128 + 13), what `set -o pipefail` sees of `yes | head`.
+EXIT_BROKEN_PIPE = 141
 MAX_REPLICAS = 8
+DEFAULT_TIMEOUT = 300.0
+
+EXIT_CODES = f"""\
+exit codes:
+  0    success
+  {EXIT_FAILED}    the task failed, or the mesh is unreachable
+  {EXIT_USAGE}    bad usage or bad input (the message says which)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_BROKEN_PIPE}  stdout was closed early (e.g. `| head`): the command stops quietly
+
+Colour only on a terminal, never with NO_COLOR set. --json prints the gateway's JSON
+(proto field names, e.g. task_id), one object per line."""
 
 
 class CliError(Exception):
@@ -53,14 +77,23 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentplex", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="agentplex",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="print the version"
+    )
     parser.add_argument(
         "--state-file",
         type=Path,
         default=None,
+        metavar="PATH",
         help="mesh state file (default .agentplex/mesh.json, or $AGENTPLEX_STATE_FILE)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="start the whole mesh on loopback")
     up.add_argument(
@@ -80,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="task workers per agent, for submitted tasks (default 1)",
+        help="task workers per agent, for submitted tasks (at least 1; default 1)",
     )
     up.add_argument(
         "--replicas",
@@ -88,7 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="AGENT=N",
         help="run N replicas of an agent behind the gateway, e.g. --replicas assistant=2 "
-        "(default 1 each)",
+        f"(N from 1 to {MAX_REPLICAS}; default 1 each)",
+    )
+    up.add_argument(
+        "--agents",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="an agent spec file (YAML) whose agents run next to the built-in ones (an agent "
+        "named like a built-in replaces it); repeatable. Default: "
+        f"{catalog.DEFAULT_SPEC_FILE} in the working directory, when there is one",
     )
     up.add_argument(
         "--no-gateway",
@@ -101,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted); "
         "local starts SmolLM2-135M offline (needs the local extra)",
+    )
+    up.add_argument(
+        "--json",
+        action="store_true",
+        help='print the launcher\'s progress as JSON lines ({"message": …}); '
+        "the addresses are in the state file",
     )
 
     ps = commands.add_parser("ps", help="list the running mesh's parts and their restarts")
@@ -119,33 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument(
         "--timeout",
         type=float,
-        default=300.0,
-        help="seconds to wait for the part to serve again (default 300)",
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for the part to serve again (default %(default).0f)",
     )
 
     run = commands.add_parser("run", help="run one task on an agent, within this call")
     _task_options(run)
-    run.add_argument("--stream", action="store_true", help="print step events as they happen")
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="print step events as they happen (without it: the answer only, and a progress "
+        "line on stderr when that is a terminal)",
+    )
     run.add_argument(
         "--timeout",
         type=float,
-        default=300.0,
-        help="deadline for the whole task, seconds (default 300)",
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="deadline for the whole task, seconds (default %(default).0f)",
     )
 
     submit = commands.add_parser("submit", help="queue a durable task; prints its id")
     _task_options(submit)
-    submit.add_argument("--task-id", default="", help="your own id (idempotent resubmits)")
+    submit.add_argument(
+        "--task-id", default="", help="your own id (idempotent resubmits; default: a new one)"
+    )
 
     watch = commands.add_parser("watch", help="follow a task's events until it ends")
-    watch.add_argument("task_id")
+    watch.add_argument("task_id", help="the id `agentplex submit` printed")
     watch.add_argument("--agent", default="assistant", help="agent name (default assistant)")
     watch.add_argument(
         "--after",
         type=int,
         default=0,
         metavar="SEQ",
-        help="resume after this event sequence number",
+        help="resume after this event sequence number (default 0: from the start)",
     )
     watch.add_argument(
         "--result", action="store_true", help="wait for the outcome only, without the steps"
@@ -154,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("status", "show a task's status and result"), ("cancel", "cancel a task")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("task_id")
+        command.add_argument("task_id", help="the id `agentplex submit` printed")
         command.add_argument("--agent", default="assistant", help="agent name (default assistant)")
         command.add_argument("--json", action="store_true", help="print the task as JSON")
 
@@ -166,10 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", default="assistant", help="agent name (default assistant)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
-    parser.add_argument("--session", default="", help="session id, to continue a conversation")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--token-budget", type=int, default=None)
-    parser.add_argument("prompt", help="what to ask")
+    parser.add_argument(
+        "--session",
+        default="",
+        help="session id, to continue a conversation (default: a new session)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"most model steps the task may take, 1–{limits.MAX_STEPS_LIMIT} "
+        f"(default {limits.DEFAULT_MAX_STEPS})",
+    )
+    parser.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help=f"most tokens the task may use, "
+        f"{limits.MIN_TOKEN_BUDGET}–{limits.MAX_TOKEN_BUDGET} "
+        f"(default {limits.DEFAULT_TOKEN_BUDGET})",
+    )
+    parser.add_argument("prompt", help=f"what to ask (up to {limits.MAX_PROMPT_BYTES} bytes)")
 
 
 class _TaskFields(TypedDict, total=False):
@@ -191,17 +268,48 @@ def _task_fields(args: argparse.Namespace) -> _TaskFields:
     return fields
 
 
+def version() -> str:
+    """The installed distribution's version."""
+    try:
+        return metadata.version("agentplex")
+    except metadata.PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        code = _stdout_closed()
+    sys.exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = _read_settings()
-        code = event_loop.run(_dispatch(args, settings), settings)
+        return event_loop.run(_dispatch(args, settings), settings)
     except CliError as exc:
-        print(f"agentplex: {exc}", file=sys.stderr)
-        code = exc.code
+        colour = settings is not None and render.use_colour(sys.stderr, no_color=settings.no_color)
+        print(render.red(f"agentplex: {exc}", colour), file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+        return EXIT_INTERRUPTED
+
+
+def _stdout_closed() -> int:
+    """The reader went away (`agentplex … | head`): stop without a traceback.
+
+    Whatever is still buffered goes to /dev/null, so the interpreter's own flush at exit
+    does not fail again (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _read_settings() -> Settings:
@@ -224,8 +332,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _tools(args, state)
     if args.command in ("ps", "restart"):
         return await _control(args, state)
+    if args.command == "run":
+        return await _run(args, state, settings)
     commands = {
-        "run": _run,
         "submit": _submit,
         "watch": _watch,
         "status": _status,
@@ -238,10 +347,11 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
     # Only `up` needs the launcher (and Envoy's config types, slow to import).
     from agentplex.mesh import launcher
 
+    agent_files, loaded = _agent_specs(args.agents)
     overrides: dict[str, int] = {}
     for item in args.port:
         name, _, port = item.partition("=")
-        known = {*launcher.DEFAULT_PORTS, *launcher.GATEWAY_PORTS, "redis"}
+        known = {*launcher.DEFAULT_PORTS, *launcher.GATEWAY_PORTS, "redis", *loaded.agents}
         if name not in known or not port.isdigit():
             raise CliError(
                 f"--port expects NAME=PORT with NAME one of {', '.join(sorted(known))};"
@@ -252,13 +362,19 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
     replicas: dict[str, int] = {}
     for item in args.replicas:
         name, _, count = item.partition("=")
-        if name not in CATALOG or not count.isdigit() or not 1 <= int(count) <= MAX_REPLICAS:
+        if name not in loaded.agents or not count.isdigit() or not 1 <= int(count) <= MAX_REPLICAS:
             raise CliError(
-                f"--replicas expects AGENT=N with AGENT one of {', '.join(CATALOG)} and N from "
-                f"1 to {MAX_REPLICAS}; got {item!r}",
+                f"--replicas expects AGENT=N with AGENT one of {', '.join(loaded.agents)} and "
+                f"N from 1 to {MAX_REPLICAS}; got {item!r}",
                 EXIT_USAGE,
             )
         replicas[name] = int(count)
+    say: Callable[[str], None] = _say_json if args.json else lambda line: print(line, flush=True)
+    for path in agent_files:
+        names = [spec.name for spec in loaded.agents.values() if spec.source.startswith(f"{path}:")]
+        say(f"agentplex: agents from {path}: {', '.join(names)}")
+    for note in loaded.notes:
+        say(f"agentplex: {note}")
     mesh = launcher.MeshLauncher(
         state_file=state_file,
         redis_url=settings.external_redis_url,
@@ -268,26 +384,57 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
         workers=args.workers,
         replicas=replicas,
         gateway=not args.no_gateway,
+        agents=loaded.agents,
+        agent_files=tuple(agent_files),
         settings=settings,
-        say=lambda line: print(line, flush=True),
+        say=say,
     )
     return await launcher.run_until_signalled(mesh)
 
 
+def _agent_specs(files: list[Path]) -> tuple[list[Path], catalog.Loaded]:
+    """`up`'s agents: the built-ins and the `--agents` files' (or the default file's)."""
+    agent_files = list(files)
+    if not agent_files and Path(catalog.DEFAULT_SPEC_FILE).is_file():
+        agent_files.append(Path(catalog.DEFAULT_SPEC_FILE))
+    try:
+        return agent_files, catalog.agents(agent_files)
+    except catalog.AgentSpecError as exc:
+        raise CliError(f"invalid agent specs:\n{exc}", EXIT_USAGE) from None
+
+
+def _say_json(line: str) -> None:
+    print(json.dumps({"message": line}), flush=True)
+
+
 def _agent_address(state: dict[str, object], agent: str) -> str:
+    """An agent's address, from the state file's list of the agents the mesh runs."""
+    listed = state.get("agents")
+    # A state file written before the list existed: the built-in agents.
+    names = [str(n) for n in listed] if isinstance(listed, list) else list(CATALOG)
     address = state.get(agent)
-    if agent not in CATALOG or not isinstance(address, str):
-        running = ", ".join(name for name in CATALOG if isinstance(state.get(name), str))
+    if agent not in names or not isinstance(address, str):
+        running = ", ".join(name for name in names if isinstance(state.get(name), str))
         raise CliError(f"unknown agent {agent!r}; this mesh runs: {running}", EXIT_USAGE)
     return address
 
 
-async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
+async def _run(args: argparse.Namespace, state: dict[str, object], settings: Settings) -> int:
     import grpc
 
     address = _agent_address(state, args.agent)
     fields = _task_fields(args)
-    printer = render.EventPrinter(json_lines=args.json)
+    printer = render.EventPrinter(
+        json_lines=args.json, colour=render.use_colour(sys.stdout, no_color=settings.no_color)
+    )
+    # A terminal shows progress while the task runs: the steps, streamed, drive it.
+    progress = (
+        None
+        if args.stream or not render.is_terminal(sys.stderr)
+        else render.Progress(
+            args.agent, colour=render.use_colour(sys.stderr, no_color=settings.no_color)
+        )
+    )
     # Keepalive: an agent that freezes mid-task fails the call (UNAVAILABLE), never hangs it.
     async with open_channel(address) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
@@ -299,6 +446,9 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
                 async for response in call:
                     printer.event(response.event)
                 result = printer.final_result
+            elif progress is not None:
+                result = await _run_with_progress(stub, fields, args.timeout, progress)
+                printer.result(result)
             else:
                 response = await stub.RunTask(
                     agent_service_pb2.RunTaskRequest(**fields), timeout=args.timeout
@@ -309,6 +459,34 @@ async def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
             printer.interrupted()
             raise _rpc_failure(err, f"agent {args.agent!r} at {address}") from None
     return 0 if result is not None and not result.error else EXIT_FAILED
+
+
+async def _run_with_progress(
+    stub: agent_service_pb2_grpc.AgentServiceStub,
+    fields: _TaskFields,
+    timeout: float,
+    progress: render.Progress,
+) -> task_pb2.TaskResult:
+    """What RunTask answers, through StreamSteps, so that `progress` can follow the steps."""
+
+    async def spin() -> None:
+        while True:
+            progress.draw()
+            await asyncio.sleep(0.1)
+
+    spinner = asyncio.create_task(spin())
+    try:
+        call = stub.StreamSteps(agent_service_pb2.StreamStepsRequest(**fields), timeout=timeout)
+        async for response in call:
+            progress.event(response.event)
+    finally:
+        spinner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await spinner
+        progress.clear()
+    if progress.final_result is None:
+        raise CliError("the agent's step stream ended without a result")
+    return progress.final_result
 
 
 async def _control(args: argparse.Namespace, state: dict[str, object]) -> int:
@@ -378,8 +556,6 @@ async def _on_agent(
 
 
 async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:
-    from agentplex.v1 import task_pb2
-
     spec = task_pb2.TaskSpec(task_id=args.task_id, **_task_fields(args))
     response = await _on_agent(
         args,

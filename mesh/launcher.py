@@ -2,7 +2,8 @@
 kept running.
 
 Redis (embedded unless REDIS_URL is set) → memory → registry → tool backend → agents
-(`--replicas NAME=N` each) → task workers (`--workers N` per agent) → the gateway's
+(the built-in ones and those of the spec files, each process given the files with
+`--agents FILE`; `--replicas NAME=N` each) → task workers (`--workers N` per agent) → the gateway's
 xDS control plane → Envoy (unless `--no-gateway`). Each service is its own process;
 it reports the address it bound through a ready file, and counts as up once its
 gRPC health check says SERVING. Logs go to `.agentplex/logs/<name>.log` so this
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentplex.agents.catalog import CATALOG
+from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.gateway.resources import agent_cluster
 from agentplex.mesh.control_service import control_host
 from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePart
@@ -67,6 +68,10 @@ class MeshLauncher:
     replicas: dict[str, int] = field(default_factory=dict)
     # Envoy in front of every agent, configured by its xDS control plane.
     gateway: bool = True
+    # The agents to run (the built-ins, and those of `agent_files`) and the spec files
+    # each agent and worker process is given (`--agents FILE`) to find its own.
+    agents: dict[str, AgentSpec] = field(default_factory=lambda: dict(CATALOG))
+    agent_files: tuple[Path, ...] = ()
     # The launcher's own settings (docs_dir and llm_provider are passed on to the parts).
     settings: Settings = field(default_factory=Settings)
     say: Callable[[str], None] = print
@@ -124,8 +129,14 @@ class MeshLauncher:
         # Agents depend only on memory and registry, not on each other.
         await asyncio.gather(
             *(
-                self._start_part(replica, "agentplex.agents", ["--agent", name], env, group=name)
-                for name in CATALOG
+                self._start_part(
+                    replica,
+                    "agentplex.agents",
+                    ["--agent", name, *self._spec_args],
+                    env,
+                    group=name,
+                )
+                for name in self.agents
                 for replica in self._replica_names(name)
             )
         )
@@ -135,11 +146,11 @@ class MeshLauncher:
                 self._start_part(
                     f"{name}-worker-{index}",
                     "agentplex.agents.worker",
-                    ["--agent", name, "--name", f"{name}-worker-{index}"],
+                    ["--agent", name, *self._spec_args, "--name", f"{name}-worker-{index}"],
                     env,
                     group=f"{name}-worker",
                 )
-                for name in CATALOG
+                for name in self.agents
                 for index in range(1, self.workers + 1)
             )
         )
@@ -148,6 +159,11 @@ class MeshLauncher:
         self._control = control_host(self.supervisor)
         control = await self._control.start()
         return self._write_state(redis_url, control.address)
+
+    @property
+    def _spec_args(self) -> list[str]:
+        """`--agents FILE` for each spec file, absolute: a part's working directory may differ."""
+        return [arg for path in self.agent_files for arg in ("--agents", str(path.resolve()))]
 
     def _replica_names(self, agent: str) -> list[str]:
         """The first replica is named after the agent (the state file's key); then name-2..."""
@@ -175,6 +191,8 @@ class MeshLauncher:
         if gateway is not None:
             state["console"] = f"http://{gateway.address}/console/"
             state["envoy_admin"] = f"http://127.0.0.1:{gateway.metrics}"
+        # The agents this mesh runs (each also under its own name, with its address).
+        state["agents"] = sorted(self.agents)
         state["control"] = control_address
         state["logs"] = str(self._run_dir / "logs")
         state["pid"] = os.getpid()
@@ -216,7 +234,7 @@ class MeshLauncher:
         takes traffic (its own health check says SERVING a poll and a health check
         earlier than that)."""
         envoy = next((p.runner for p in self.supervisor.parts if p.name == "gateway"), None)
-        if not isinstance(envoy, EnvoyPart) or part.group not in CATALOG:
+        if not isinstance(envoy, EnvoyPart) or part.group not in self.agents:
             return
         if not await envoy.routes_to(
             agent_cluster(part.group), part.runner.address, timeout=SETTLE_TIMEOUT_SECONDS
@@ -245,8 +263,10 @@ class MeshLauncher:
         """The children's environment: ours, plus where the mesh's shared parts are."""
         env = dict(os.environ)
         env["AGENTPLEX_REDIS_URL"] = redis_url
-        # Resolved here, so every part indexes the directory `up` runs in.
-        env["AGENTPLEX_DOCS_DIR"] = str(self.settings.docs_dir)
+        # Resolved here, so every part indexes the same directory; unset, the parts
+        # search the documentation shipped with the package.
+        if self.settings.docs_dir is not None:
+            env["AGENTPLEX_DOCS_DIR"] = str(self.settings.docs_dir.resolve())
         env.setdefault("PYTHONUNBUFFERED", "1")
         # A part that dies of a signal leaves a Python traceback in its log.
         env.setdefault("PYTHONFAULTHANDLER", "1")

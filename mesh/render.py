@@ -1,36 +1,83 @@
-"""Human-readable (or JSON-lines) output of step events, results and tools."""
+"""Human-readable (or JSON-lines) output of step events, results and tools.
+
+JSON is what the gateway's JSON is: proto field names (`task_id`), every field printed.
+Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org):
+the caller decides with `use_colour` and passes the answer in.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from collections.abc import Iterable
-from typing import TextIO
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from agentplex.v1 import mesh_control_service_pb2, step_event_pb2, task_pb2, tool_pb2
 
+_RED, _YELLOW, _DIM, _BOLD, _RESET = "\x1b[31m", "\x1b[33m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+_CLEAR_LINE = "\r\x1b[K"
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    """A message as the gateway renders it in JSON: proto field names, defaults included."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
 
 def _json(message: Message) -> str:
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
+    return json.dumps(message_dict(message), separators=(",", ":"))
+
+
+def print_json(message: Message, out: TextIO | None = None) -> None:
+    """One message as one line of JSON."""
+    out = out or sys.stdout
+    out.write(_json(message) + "\n")
+    out.flush()
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):  # closed, or not a real stream
+        return False
+
+
+def use_colour(stream: TextIO, *, no_color: bool) -> bool:
+    """Colour for `stream`: only a terminal, and never with NO_COLOR (`Settings.no_color`)."""
+    return not no_color and is_terminal(stream)
+
+
+def paint(text: str, style: str, colour: bool) -> str:
+    return f"{style}{text}{_RESET}" if colour and text else text
+
+
+def red(text: str, colour: bool) -> str:
+    return paint(text, _RED, colour)
 
 
 class EventPrinter:
     """Prints events as they arrive; LLM deltas stream inline on one line."""
 
-    def __init__(self, *, json_lines: bool = False, out: TextIO | None = None) -> None:
+    def __init__(
+        self, *, json_lines: bool = False, out: TextIO | None = None, colour: bool = False
+    ) -> None:
         self._json = json_lines
         self._out = out or sys.stdout
+        self._colour = colour and not json_lines
         self._in_delta = False
         self.final_result: task_pb2.TaskResult | None = None
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, style: str = "") -> None:
         if self._in_delta:
             self._out.write("\n")
             self._in_delta = False
-        self._out.write(text + "\n")
+        self._out.write(paint(text, style, self._colour and bool(style)) + "\n")
         self._out.flush()
 
     def event(self, event: step_event_pb2.StepEvent) -> None:
@@ -75,7 +122,7 @@ class EventPrinter:
         elif kind == "tool_call":
             call = event.tool_call
             version = f"@{call.tool_version}" if call.tool_version else ""
-            self._line(f"{prefix} tool call  {call.tool_name}{version} {call.arguments_json}")
+            self._line(f"{prefix} tool call  {call.tool_name}{version} {call.arguments_json}", _DIM)
         elif kind == "tool_result":
             res = event.tool_result
             body = (
@@ -83,7 +130,11 @@ class EventPrinter:
                 if res.WhichOneof("outcome") == "result_json"
                 else f"ERROR {res.error.code}: {res.error.message}"
             )
-            self._line(f"{prefix} tool result {res.tool_name} ({res.duration_ms} ms): {body}")
+            failed = res.WhichOneof("outcome") != "result_json"
+            self._line(
+                f"{prefix} tool result {res.tool_name} ({res.duration_ms} ms): {body}",
+                _RED if failed else _DIM,
+            )
         elif kind == "delegation_started":
             started = event.delegation_started
             self._line(
@@ -102,21 +153,23 @@ class EventPrinter:
             warning = event.budget_warning
             self._line(
                 f"{prefix} budget warning: {warning.tokens_used} of "
-                f"{warning.token_budget} tokens used"
+                f"{warning.token_budget} tokens used",
+                _YELLOW,
             )
         elif kind == "final_result":
             self._summary(prefix, event.final_result.result)
         elif kind == "error":
-            self._line(f"{prefix} task failed: {event.error.code}: {event.error.message}")
+            self._line(f"{prefix} task failed: {event.error.code}: {event.error.message}", _RED)
 
     def _summary(self, prefix: str, result: task_pb2.TaskResult) -> None:
         status = task_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
         note = f" — {result.error}" if result.error else ""
         self._line(
             f"{prefix} {status}{note}: {result.steps_used} steps, {result.tokens_used} "
-            f"tokens, {result.tool_calls} tool calls, {result.duration_ms} ms"
+            f"tokens, {result.tool_calls} tool calls, {result.duration_ms} ms",
+            _RED if result.error else "",
         )
-        self._line(f"answer: {result.output}")
+        self._line(f"answer: {result.output}", _BOLD)
 
     def result(self, result: task_pb2.TaskResult) -> None:
         if self._json:
@@ -124,13 +177,77 @@ class EventPrinter:
             return
         self._out.write(result.output + "\n")
         if result.error:
-            self._out.write(f"({result.error})\n")
+            self._out.write(red(f"({result.error})", self._colour) + "\n")
         self._out.flush()
 
     def interrupted(self) -> None:
         if self._in_delta:
             self._out.write("\n")
             self._in_delta = False
+
+
+class Progress:
+    """One line on a terminal (stderr) while a task runs without --stream: a spinner,
+    the step and what the agent is doing; `clear` leaves the line empty for the answer."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(
+        self,
+        agent: str,
+        *,
+        out: TextIO | None = None,
+        colour: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._agent = agent
+        self._out = out or sys.stderr
+        self._colour = colour
+        self._clock = clock
+        self._started = clock()
+        self._frame = 0
+        self._step = 0
+        self._doing = "starting"
+        self.final_result: task_pb2.TaskResult | None = None
+
+    def event(self, event: step_event_pb2.StepEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if event.source_task_id:  # a sub-agent's work, under its delegation
+            if kind == "tool_call":
+                self._doing = f"{event.agent} calls {event.tool_call.tool_name}"
+            return
+        if kind == "final_result":
+            self.final_result = event.final_result.result
+        elif kind == "error":
+            self.final_result = event.error.result
+        elif kind == "step_started":
+            self._step, self._doing = event.step, "thinking"
+        elif kind == "tool_call":
+            self._doing = f"calling {event.tool_call.tool_name}"
+        elif kind == "delegation_started":
+            self._doing = f"delegated to {event.delegation_started.agent}"
+        else:
+            return
+        self.draw()
+
+    def line(self) -> str:
+        """The progress line, without the spinner."""
+        step = f"step {self._step}, " if self._step else ""
+        elapsed = self._clock() - self._started
+        return f"{self._agent}: {step}{self._doing}… {elapsed:.0f}s"
+
+    def draw(self) -> None:
+        """Redraw the line (the spinner turns one frame)."""
+        frame = self.FRAMES[self._frame % len(self.FRAMES)]
+        self._frame += 1
+        width = shutil.get_terminal_size().columns - 1
+        text = f"{frame} {self.line()}"[:width]
+        self._out.write(_CLEAR_LINE + paint(text, _DIM, self._colour))
+        self._out.flush()
+
+    def clear(self) -> None:
+        self._out.write(_CLEAR_LINE)
+        self._out.flush()
 
 
 def print_tools(

@@ -31,21 +31,36 @@ Fail = Callable[[str], Exception]
 
 
 def add_parsers(tools: argparse.ArgumentParser) -> None:
-    commands = tools.add_subparsers(dest="tools_command", required=True)
+    commands = tools.add_subparsers(dest="tools_command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="list registered tools")
-    listing.add_argument("--agent", default="", help="only the tools this agent may use")
-    listing.add_argument("--all-versions", action="store_true", help="every version, retired too")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--agent", default="", help="only the tools this agent may use (default: every tool)"
+    )
+    listing.add_argument(
+        "--all-versions", action="store_true", help="every version, deprecated and retired too"
+    )
+    listing.add_argument("--json", action="store_true", help="print one JSON object per tool")
     register = commands.add_parser("register", help="publish a tool contract from a file")
     register.add_argument("file", type=Path, help="JSON or YAML definition")
+    register.add_argument(
+        "--json", action="store_true", help="print the registry's answer (tool, created) as JSON"
+    )
     show = commands.add_parser("show", help="show one tool's contract")
-    show.add_argument("tool", metavar="NAME[@VERSION]", help="e.g. calculator, calculator@1")
+    show.add_argument(
+        "tool",
+        metavar="NAME[@VERSION]",
+        help="e.g. calculator (the newest), calculator@1 (newest 1.x), calculator@1.0.0",
+    )
+    show.add_argument("--json", action="store_true", help="print the contract as JSON")
     deprecate = commands.add_parser("deprecate", help="deprecate (or retire) a version")
     deprecate.add_argument("tool", metavar="NAME@VERSION", help="exact version, e.g. calc@1.0.0")
-    deprecate.add_argument("--replacement", required=True, help="what to use instead")
+    deprecate.add_argument(
+        "--replacement", required=True, help="what to use instead, e.g. calc@2 (required)"
+    )
     deprecate.add_argument(
         "--retire", action="store_true", help="retire: unlisted, and invoking it is NOT_FOUND"
     )
+    deprecate.add_argument("--json", action="store_true", help="print the tool as JSON")
 
 
 def load_definition(path: Path) -> tool_pb2.ToolDefinition:
@@ -124,6 +139,9 @@ async def _register(
     except ValueError as exc:
         raise fail(str(exc)) from None
     response = await stub.RegisterTool(pb.RegisterToolRequest(tool=tool), timeout=10)
+    if args.json:
+        render.print_json(response)
+        return 0
     what = "published" if response.created else "already published (unchanged)"
     print(f"{tool.name} {tool.version}: {what}")
     return 0
@@ -132,6 +150,9 @@ async def _register(
 async def _show(stub: pb_grpc.ToolRegistryServiceStub, args: argparse.Namespace) -> int:
     name, _, version = args.tool.partition("@")
     tool = (await stub.GetTool(pb.GetToolRequest(name=name, version=version), timeout=10)).tool
+    if args.json:
+        render.print_json(tool)
+        return 0
     print(
         yaml.safe_dump(
             {
@@ -168,6 +189,9 @@ async def _deprecate(
             timeout=10,
         )
     ).tool
+    if args.json:
+        render.print_json(tool)
+        return 0
     label = tool_pb2.ToolState.Name(tool.state).removeprefix("TOOL_STATE_").lower()
     print(f"{tool.name} {tool.version}: {label}; use {tool.replacement}")
     return 0

@@ -2,7 +2,9 @@
 
 Exceptions escaping a servicer become precise statuses (through the table in
 `runtime.errors`), and every call is counted and timed by method and final
-status code. Doing both in one wrapper keeps the two views consistent.
+status code, under the gRPC ecosystem's metric names (`runtime/metrics.py`;
+health checks and reflection excepted). Doing both in one wrapper keeps the
+two views consistent.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         # grpc.aio server they are coroutine (or async generator) functions of an aio context.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(cast("Handler", handler.unary_unary), method),
+                _wrap_unary(cast("Handler", handler.unary_unary), method, _rpc(method, "unary")),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -63,17 +65,47 @@ async def _abort(context: Context, exc: BaseException, method: str) -> None:
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-def _record(method: str, context: Context, started: float) -> None:
-    # None until the handler or an abort sets one (the stubs say a StatusCode always).
-    code = cast("grpc.StatusCode | None", context.code())
-    name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-    metrics.rpc_handled.labels(method, name).inc()
-    metrics.rpc_duration.labels(method).observe(time.perf_counter() - started)
+class _Rpc:
+    """The metrics of one method: started, handled by code, handling time."""
+
+    __slots__ = ("_handled", "_labels", "_started", "_timing")
+
+    def __init__(self, method: str, grpc_type: str) -> None:
+        service, name = metrics.split_method(method)
+        self._labels = (grpc_type, service, name)
+        self._started = metrics.grpc_server_started.labels(*self._labels)
+        self._timing = metrics.grpc_server_handling_seconds.labels(*self._labels)
+        self._handled: dict[str, Any] = {}
+
+    def start(self) -> float:
+        self._started.inc()
+        return time.perf_counter()
+
+    def end(self, context: Context, started: float) -> None:
+        # None until the handler or an abort sets one (the stubs say a StatusCode always).
+        code = cast("grpc.StatusCode | None", context.code())
+        name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        handled = self._handled.get(name)
+        if handled is None:
+            handled = self._handled[name] = metrics.grpc_server_handled.labels(*self._labels, name)
+        handled.inc()
+        self._timing.observe(time.perf_counter() - started)
 
 
-def _wrap_unary(inner: Handler, method: str) -> Handler:
+_rpcs: dict[tuple[str, str], _Rpc | None] = {}
+
+
+def _rpc(method: str, grpc_type: str) -> _Rpc | None:
+    """The method's metrics; None for the calls that are not traffic (health, reflection)."""
+    key = (method, grpc_type)
+    if key not in _rpcs:  # once per method: a server has a handful
+        _rpcs[key] = _Rpc(method, grpc_type) if metrics.counted(method) else None
+    return _rpcs[key]
+
+
+def _wrap_unary(inner: Handler, method: str, rpc: _Rpc | None) -> Handler:
     async def call(request: Any, context: Context) -> Any:
-        started = time.perf_counter()
+        started = rpc.start() if rpc is not None else 0.0
         try:
             return await inner(request, context)
         except grpc.aio.AbortError:
@@ -81,19 +113,21 @@ def _wrap_unary(inner: Handler, method: str) -> Handler:
         except Exception as exc:  # every escape gets a status; the table decides which
             await _abort(context, exc, method)
         finally:
-            _record(method, context, started)
+            if rpc is not None:
+                rpc.end(context, started)
 
     return call
 
 
 def _wrap_stream(inner: Handler, method: str) -> Handler:
+    rpc = _rpc(method, "server_stream")
     if not inspect.isasyncgenfunction(inner):
         # A coroutine handler that streams with `await context.write(...)`
         # (grpc_health's Watch does) is wrapped like a unary one.
-        return _wrap_unary(inner, method)
+        return _wrap_unary(inner, method, rpc)
 
     async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+        started = rpc.start() if rpc is not None else 0.0
         try:
             async for item in inner(request, context):
                 yield item
@@ -102,6 +136,7 @@ def _wrap_stream(inner: Handler, method: str) -> Handler:
         except Exception as exc:
             await _abort(context, exc, method)
         finally:
-            _record(method, context, started)
+            if rpc is not None:
+                rpc.end(context, started)
 
     return call

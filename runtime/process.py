@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from agentplex.runtime import loop as event_loop
 from agentplex.runtime.settings import Settings
-from agentplex.runtime.telemetry import configure_logging, configure_tracing
+from agentplex.runtime.telemetry import configure_logging, configure_tracing_from
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_process(
     settings = read_settings(prog)
     process = name(args) if callable(name) else name
     configure_logging(process, settings.log_level)
-    configure_tracing(process, settings.trace_exporter)
+    configure_tracing_from(process, settings)
 
     async def main() -> None:
         stop = asyncio.Event()

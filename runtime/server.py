@@ -1,7 +1,7 @@
 """`ServiceHost`: what every agentplex gRPC server has besides its own servicers.
 
 Health (SERVING only while the service's dependencies answer), server
-reflection (so grpcurl works without .proto files), the error/metrics edge
+reflection v1 and v1alpha (so grpcurl works without .proto files), the error/metrics edge
 interceptor, OpenTelemetry server spans, a Prometheus endpoint, and graceful
 shutdown: on SIGTERM health turns NOT_SERVING first and the server keeps
 answering for the drain delay, so the gateway's health checks and clients'
@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.interceptors import EdgeInterceptor
@@ -41,6 +43,101 @@ MAX_METADATA_BYTES = 64 * 1024
 
 DependencyCheck = Callable[[], Awaitable[None]]
 """Raises (or times out) when a dependency does not answer."""
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+REFLECTION_V1ALPHA = reflection.SERVICE_NAME
+_V1ALPHA_PACKAGE = reflection_pb2.DESCRIPTOR.package
+
+
+def _reflection_v1_file() -> FileDescriptor:
+    """grpc/reflection/v1/reflection.proto, in a pool of its own.
+
+    grpcio-reflection ships only v1alpha; v1 is the same protocol promoted
+    unchanged (same messages, fields and numbers) under a new package. Its
+    descriptor is v1alpha's with the package renamed, so `grpcurl describe`
+    answers for it too.
+    """
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.options.java_package = "io.grpc.reflection.v1"
+    proto.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    proto.options.ClearField("deprecated")
+    old, new = f".{_V1ALPHA_PACKAGE}.", f".{proto.package}."
+    for message in proto.message_type:
+        for message_field in message.field:
+            if message_field.HasField("type_name"):
+                message_field.type_name = message_field.type_name.replace(old, new, 1)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new, 1)
+            method.output_type = method.output_type.replace(old, new, 1)
+    return descriptor_pool.DescriptorPool().AddSerializedFile(proto.SerializeToString())
+
+
+class ReflectionPool:
+    """The descriptors reflection answers from: the default pool, then reflection v1's.
+
+    It also finds the file of a method (`agentplex.v1.AgentService.StreamSteps`):
+    protobuf's upb pool finds services, messages, fields and enums by name, but
+    not methods, so `grpcurl describe` of a method would be "Symbol not found".
+    Given to grpcio-reflection's servicer as its pool: these are the calls it makes.
+    """
+
+    def __init__(self, *pools: descriptor_pool.DescriptorPool) -> None:
+        self._pools = pools
+
+    def FindFileByName(self, name: str) -> FileDescriptor:
+        for pool in self._pools:
+            with contextlib.suppress(KeyError):
+                return pool.FindFileByName(name)
+        raise KeyError(name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptor:
+        for pool in self._pools:
+            with contextlib.suppress(KeyError):
+                return pool.FindFileContainingSymbol(symbol)
+            service, _, method = symbol.rpartition(".")
+            with contextlib.suppress(KeyError):
+                found = pool.FindServiceByName(service)
+                if method in found.methods_by_name:
+                    return found.file
+        raise KeyError(symbol)
+
+    def FindMessageTypeByName(self, name: str) -> Descriptor:
+        for pool in self._pools:
+            with contextlib.suppress(KeyError):
+                return pool.FindMessageTypeByName(name)
+        raise KeyError(name)
+
+    def FindExtensionByNumber(self, message: Descriptor, number: int) -> FieldDescriptor:
+        return message.file.pool.FindExtensionByNumber(message, number)
+
+    def FindAllExtensions(self, message: Descriptor) -> list[FieldDescriptor]:
+        return list(message.file.pool.FindAllExtensions(message))
+
+
+def serve_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Server reflection v1 and v1alpha for these services (and for itself).
+
+    One servicer, grpcio-reflection's, answers both: the two protocols' messages
+    are the same on the wire, so v1 is v1alpha's handler under v1's name.
+    """
+    names = [*service_names, REFLECTION_V1, REFLECTION_V1ALPHA]
+    pool = ReflectionPool(descriptor_pool.Default(), _reflection_v1_file().pool)
+    servicer = reflection.aio.ReflectionServicer(names, pool=pool)
+    # The stubs leave this generated function untyped.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})]
+    )
 
 
 @dataclass
@@ -122,9 +219,7 @@ class ServiceHost:
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            reflection.enable_server_reflection(
-                [*self._service_names, health_name, reflection.SERVICE_NAME], server
-            )
+            serve_reflection([*self._service_names, health_name], server)
             try:
                 bound = server.add_insecure_port(f"{self.host}:{self.port}")
             except RuntimeError as exc:

@@ -97,16 +97,64 @@ class SharedSection(Section):
     log_level: str = Field(
         default="INFO", description="Level of the JSON log lines every process writes to stderr."
     )
-    trace_exporter: Literal["none", "console"] = Field(
+    trace_exporter: Literal["none", "console", "otlp"] = Field(
         default="none",
-        description="`console` prints finished spans as JSON to stderr; `none` records no spans "
-        "(trace ids still reach the logs and downstream calls).",
+        description="Where finished spans go: `otlp` sends them over OTLP/gRPC to a collector "
+        "(see `otel_exporter_otlp_endpoint`), `console` prints them as JSON to stderr, `none` "
+        "records no spans (trace ids still reach the logs and downstream calls). "
+        "`AGENTPLEX_TRACE_EXPORTER` wins over `OTEL_TRACES_EXPORTER`; unlike the SDK's, the "
+        "default is `none`.",
+        json_schema_extra={STANDARD_VARIABLE: "OTEL_TRACES_EXPORTER"},
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        description="The OTLP/gRPC receiver spans go to with `trace_exporter=otlp` (unset: "
+        "`http://localhost:4317`); `http://` means plaintext. Headers, certificates, timeout and "
+        "compression: the SDK's own `OTEL_EXPORTER_OTLP_*` variables.",
+        json_schema_extra={STANDARD_VARIABLE: "OTEL_EXPORTER_OTLP_ENDPOINT"},
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="The receiver for spans only; wins over `otel_exporter_otlp_endpoint`.",
+        json_schema_extra={STANDARD_VARIABLE: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"},
+    )
+    otel_service_name: str | None = Field(
+        default=None,
+        description="`service.name` of every span this process exports (unset: the part's own "
+        "name, such as `memory` or `assistant-worker`; the `agentplex.part` attribute always "
+        "names the part).",
+        json_schema_extra={STANDARD_VARIABLE: "OTEL_SERVICE_NAME"},
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto",
         description="Event loop of every process: `auto` is uvloop when installed, else the "
         "standard loop; `asyncio` asks for the standard loop.",
     )
+
+    @field_validator("trace_exporter", mode="before")
+    @classmethod
+    def _exporter_name(cls, value: object) -> object:
+        # OTEL_TRACES_EXPORTER may list several; one exporter per process here.
+        if not isinstance(value, str):
+            return value
+        wanted = value.strip().lower() or "none"
+        if "," in wanted:
+            raise ValueError(f"one trace exporter (otlp, console or none), not {wanted!r}")
+        return wanted
+
+    @field_validator(
+        "otel_exporter_otlp_endpoint",
+        "otel_exporter_otlp_traces_endpoint",
+        "otel_service_name",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_default(cls, value: object) -> object:
+        return value or None
+
+    def otlp_traces_endpoint(self) -> str | None:
+        """Where `otlp` sends spans: the traces endpoint, else the shared one."""
+        return self.otel_exporter_otlp_traces_endpoint or self.otel_exporter_otlp_endpoint
 
     @field_validator("event_loop", mode="before")
     @classmethod
@@ -149,9 +197,11 @@ class RegistrySection(Section):
     backend (`python -m agentplex.tools`).
     """
 
-    docs_dir: Path = Field(
-        default_factory=Path.cwd,
-        description="What the docs.search tool indexes; `agentplex up` passes its own down.",
+    docs_dir: Path | None = Field(
+        default=None,
+        description="The documentation docs.search indexes: README.md and docs/**/*.md under "
+        "this directory (unset: the documentation shipped with agentplex); `agentplex up` "
+        "passes its own down.",
     )
     tool_timeout_seconds: float = Field(
         default=10.0,
@@ -275,6 +325,12 @@ class TasksSection(Section):
         description="How long a worker holds a task's first unwritten event so the next few share "
         "its Redis write (watchers see events up to this much later); 0: write at once.",
     )
+    task_queue_gauge_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each worker reads its agent's queue depth, oldest unclaimed "
+        "task's wait and dead letters for its metrics (one Redis script).",
+    )
     worker_concurrency: int = Field(
         default=4, ge=1, description="Tasks one worker process runs at once."
     )
@@ -383,6 +439,20 @@ class LauncherSection(Section):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return value or None
+
+    no_color: bool = Field(
+        default=False,
+        description="Print no colour, even on a terminal (the `agentplex` command colours only "
+        "a terminal's output). Set to any non-empty value, as https://no-color.org asks: "
+        "`NO_COLOR=0` turns colour off too.",
+        json_schema_extra={STANDARD_VARIABLE: "NO_COLOR"},
+    )
+
+    @field_validator("no_color", mode="before")
+    @classmethod
+    def _any_text_is_set(cls, value: object) -> object:
+        # NO_COLOR's rule: present and not empty, whatever the value.
+        return value != "" if isinstance(value, str) else value
 
 
 SECTIONS: tuple[type[Section], ...] = (

@@ -15,6 +15,13 @@ machine; docs/BENCHMARKS.md). Once a span processor is added (`add_span_processo
 or `configure_tracing` with an exporter) every span is recorded, whatever the
 caller's sampled flag says: a service without an exporter upstream marks its
 traces unsampled, and that must not blank the services that do export.
+
+Exporters (`trace_exporter`, or the standard `OTEL_TRACES_EXPORTER`): `otlp`
+sends spans over OTLP/gRPC to a collector (OpenTelemetry's exporter, through a
+`BatchSpanProcessor`: spans are queued and sent from its own thread, so the
+event loop never waits for the receiver), `console` prints them to stderr,
+`none` records none. Each process names itself by its part (`memory`,
+`assistant-worker`, ...) unless `OTEL_SERVICE_NAME` says otherwise.
 """
 
 from __future__ import annotations
@@ -24,15 +31,25 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
+
+from agentplex.runtime.settings import Settings
+
+if TYPE_CHECKING:  # imported where used: the exporter loads grpc and protobuf modules
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -98,20 +115,67 @@ class RecordWhenExported(Sampler):
         return f"RecordWhenExported(recording={self.recording})"
 
 
-def configure_tracing(service: str, exporter: str = "none") -> TracerProvider:
-    """Install the process's tracer provider (once; later calls reuse it)."""
+def configure_tracing(
+    service: str,
+    exporter: str = "none",
+    *,
+    endpoint: str | None = None,
+    service_name: str | None = None,
+) -> TracerProvider:
+    """Install the process's tracer provider (once; later calls reuse it).
+
+    `service` is the part's own name; `service_name` (the `otel_service_name`
+    setting, OTEL_SERVICE_NAME) replaces it as the resource's `service.name`,
+    and `agentplex.part` always names the part. `endpoint` is where `otlp`
+    sends spans (the `otel_exporter_otlp_*endpoint` settings); None leaves both
+    to the OpenTelemetry SDK, which reads the same standard variables itself.
+    """
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
     provider = TracerProvider(
-        resource=Resource.create({"service.name": service}), sampler=RecordWhenExported()
+        resource=tracing_resource(service, service_name), sampler=RecordWhenExported()
     )
     trace.set_tracer_provider(provider)
     if exporter == "console":
         add_span_processor(
             SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr, formatter=_one_line))
         )
+    elif exporter == "otlp":
+        add_span_processor(BatchSpanProcessor(otlp_exporter(endpoint)))
+    elif exporter != "none":
+        raise ValueError(f"unknown trace exporter {exporter!r}: otlp, console or none")
     return provider
+
+
+def configure_tracing_from(service: str, settings: Settings) -> TracerProvider:
+    """`configure_tracing` with the exporter, endpoint and service name of `settings`."""
+    return configure_tracing(
+        service,
+        settings.trace_exporter,
+        endpoint=settings.otlp_traces_endpoint(),
+        service_name=settings.otel_service_name,
+    )
+
+
+def otlp_exporter(endpoint: str | None = None) -> OTLPSpanExporter:
+    """OpenTelemetry's OTLP/gRPC span exporter; plaintext for an `http://` endpoint.
+
+    Headers, TLS files, timeout and compression come from the SDK's own
+    OTEL_EXPORTER_OTLP_* variables.
+    """
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint)
+
+
+def tracing_resource(part: str, service_name: str | None) -> Resource:
+    """The resource every span of this process carries (see `configure_tracing`)."""
+    resource = Resource.create({"service.name": service_name or part, "agentplex.part": part})
+    if service_name is None:
+        # No setting given: OTEL_SERVICE_NAME, as the SDK reads it, still wins.
+        resource = resource.merge(OTELResourceDetector().detect())
+    return resource
 
 
 def recording() -> bool:

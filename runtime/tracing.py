@@ -93,10 +93,13 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     """Server spans while recorded; otherwise the caller's context, attached."""
 
     def __init__(self) -> None:
-        # Health checks make no spans: they are noise, and the OpenTelemetry
+        # Health checks and reflection make no spans: they are noise (and not
+        # counted as traffic either, runtime/metrics.py), and the OpenTelemetry
         # interceptor cannot wrap Watch, which streams with context.write().
         self._traced: grpc.aio.ServerInterceptor = aio_server_interceptor(
-            filter_=filters.negate(filters.health_check())
+            filter_=filters.negate(
+                filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection."))
+            )
         )
 
     async def intercept_service(

@@ -23,8 +23,8 @@ reads a stream id or parses a Redis reply. The worker claims through
 `claim_new`/`reclaim_abandoned`/`give_back`, the watch path reads through
 `last_event`/`first_event_sequence`/`read_events`/`subscribe_events`, the
 reconciler through `take_reconcile_turn`/`open_task_ids`/`requeue_lost`/
-`recount_depth`, and all of them answer in task ids, entry ids, sequences and
-StepEvents.
+`recount_depth`, the queue's metrics through `queue_gauges`, and all of them
+answer in task ids, entry ids, sequences and StepEvents.
 """
 
 from __future__ import annotations
@@ -271,6 +271,36 @@ if before ~= open then redis.call('SET', KEYS[1], open) end
 return {before, open}
 """
 
+# What the queue gauges show (tasks/metrics.py), in one round trip: the depth
+# counter, the dead-letter stream's length, and the age of the oldest entry no
+# worker has read yet (the consumer group's last-delivered id onwards; 0 if
+# none waits). KEYS: depth, queue, dead letters; ARGV: the consumer group.
+_QUEUE_GAUGES = (
+    _SERVER_MS
+    + """
+local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
+local dead = redis.call('XLEN', KEYS[3])
+local waiting_ms = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local after = '0-0'
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+    local name, delivered
+    for f = 1, #group, 2 do
+      if group[f] == 'name' then name = group[f + 1] end
+      if group[f] == 'last-delivered-id' then delivered = group[f + 1] end
+    end
+    if name == ARGV[1] then after = delivered end
+  end
+  local oldest = redis.call('XRANGE', KEYS[2], '(' .. after, '+', 'COUNT', 1)[1]
+  if oldest then
+    local enqueued_ms = tonumber(string.match(oldest[1], '^(%d+)'))
+    waiting_ms = math.max(0, server_ms - enqueued_ms)
+  end
+end
+return {depth, dead, waiting_ms}
+"""
+)
+
 # Extend the reconcile turn, if it is still the caller's.
 _KEEP_TURN = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -317,6 +347,15 @@ class Requeued:
 class DepthRecount:
     before: int
     after: int
+
+
+@dataclass(frozen=True)
+class QueueGauges:
+    """What an agent's queue looks like now (for its metrics)."""
+
+    depth: int  # unfinished tasks: pending and running
+    dead_letters: int  # entries of the dead-letter stream
+    oldest_pending_seconds: float  # how long the oldest unclaimed task has waited; 0: none
 
 
 @dataclass(frozen=True)
@@ -472,6 +511,7 @@ class TaskStore:
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
         self._recount_depth = redis.register_script(_RECOUNT_DEPTH)
         self._keep_turn = redis.register_script(_KEEP_TURN)
+        self._queue_gauges = redis.register_script(_QUEUE_GAUGES)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{self.agent}:{task_id}"
@@ -762,6 +802,15 @@ class TaskStore:
         as `requeue_lost` leaves it)."""
         before, after = await self._recount_depth(keys=[self._depth_key, self._open_key])
         return DepthRecount(before=int(before), after=int(after))
+
+    async def queue_gauges(self) -> QueueGauges:
+        """Depth, dead letters and the oldest unclaimed task's wait, in one round trip."""
+        depth, dead, waiting_ms = await self._queue_gauges(
+            keys=[self._depth_key, self._queue_key, self._dead_key], args=[GROUP]
+        )
+        return QueueGauges(
+            depth=int(depth), dead_letters=int(dead), oldest_pending_seconds=int(waiting_ms) / 1000
+        )
 
     # -- reading a task's events (the watch path) --
 

@@ -30,7 +30,8 @@ SERVICE_NAME = tool_executor_service_pb2.DESCRIPTOR.services_by_name[
 PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
-async def builtin_tools(docs_dir: Path) -> list[Tool]:
+async def builtin_tools(docs_dir: Path | None) -> list[Tool]:
+    """The built-in tools; docs.search over `docs_dir`, or the shipped docs when None."""
     return [Calculator(), NotesWrite(), NotesRead(), await DocsSearch.from_directory(docs_dir)]
 
 

@@ -8,6 +8,11 @@ rules over the last user message:
 - arithmetic expressions → one `calculator` call per expression (in parallel);
 - "remember …" → `notes.write` with the rest of the sentence;
 - "what did I ask you to remember" / "my notes" / "recall" → `notes.read`;
+- a prompt that names one of the agent's other tools (any tool but those above and
+  `agent.<name>`, e.g. a team's own `greet.say`, named as a whole word) → one call of
+  each named tool whose input schema has exactly one required property, a string:
+  the whole prompt is that argument (tools named in a prompt that do not have that
+  shape are left alone);
 - any other question → `docs.search` with the question;
 - for an agent that may only delegate (`agent.<name>` tools): arithmetic and
   notes clauses → `agent.assistant`, questions → `agent.researcher`, both in
@@ -121,6 +126,8 @@ def plan_tool_calls(prompt: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:
             if expression not in seen:
                 seen.append(expression)
         calls.extend(("calculator", {"expression": e}) for e in seen)
+    if not calls:
+        calls.extend(plan_named_tools(prompt, tools))
     if not calls and _QUESTION.search(prompt) and "docs.search" in available:
         calls.append(("docs.search", {"query": prompt.strip()}))
     if not calls:
@@ -129,6 +136,42 @@ def plan_tool_calls(prompt: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:
         ToolCall(id=f"call_{index}", name=name, arguments_json=json.dumps(arguments))
         for index, (name, arguments) in enumerate(calls, start=1)
     ]
+
+
+# The tools the rules above know; any other tool the agent has is called by name.
+_KNOWN_TOOLS = frozenset({"calculator", "notes.read", "notes.write", "docs.search"})
+
+
+def plan_named_tools(prompt: str, tools: Sequence[ToolSpec]) -> list[tuple[str, dict[str, Any]]]:
+    """One call per tool the prompt names (as a whole word) that the other rules do not
+    handle, when its arguments are one required string: the prompt, verbatim."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for tool in tools:
+        if tool.name in _KNOWN_TOOLS or tool.name.startswith("agent."):
+            continue
+        if not re.search(rf"(?<![\w.]){re.escape(tool.name)}(?![\w]|\.\w)", prompt):
+            continue
+        argument = _single_string_argument(tool.parameters_json)
+        if argument is not None:
+            calls.append((tool.name, {argument: prompt.strip()}))
+    return calls
+
+
+def _single_string_argument(parameters_json: str) -> str | None:
+    """The name of the one required property of a schema, if that property is a string."""
+    try:
+        schema = json.loads(parameters_json or "{}")
+    except json.JSONDecodeError:
+        return None
+    required = schema.get("required") if isinstance(schema, dict) else None
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(required, list) or len(required) != 1 or not isinstance(properties, dict):
+        return None
+    name = required[0]
+    prop = properties.get(name) if isinstance(name, str) else None
+    if isinstance(prop, dict) and prop.get("type") == "string":
+        return str(name)
+    return None
 
 
 def extractive_summary(text: str, max_tokens: int | None) -> str:

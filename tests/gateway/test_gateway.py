@@ -147,8 +147,11 @@ async def test_unknown_agent_is_not_found(gateway, channel_to, http) -> None:
 
     response = await http.post("/v1/agents/nobody/tasks:run", json={"prompt": "hi"})
     assert response.status_code == 404
-    assert response.json()["code"] == "NOT_FOUND"
-    assert (await http.get("/no/such/path")).status_code == 404
+    assert error_status(response)["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    for path in ("/no/such/path", "/v1/no/such/path"):
+        missing = await http.get(path)
+        assert missing.status_code == 404
+        assert error_status(missing)["code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def test_oversize_requests_are_refused_at_the_edge(gateway, channel_to, http) -> None:
@@ -161,6 +164,7 @@ async def test_oversize_requests_are_refused_at_the_edge(gateway, channel_to, ht
         "/v1/agents/assistant/tasks:run", content=json.dumps({"prompt": "x" * TWO_MIB})
     )
     assert response.status_code == 413
+    assert error_status(response)["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
     # and the gateway is fine afterwards
     ok = await stub.RunTask(pb.RunTaskRequest(prompt="what is 2+3?"), timeout=30)
@@ -318,6 +322,129 @@ async def test_json_run_stream_and_card(gateway, http) -> None:
 
     bad = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": ""})
     assert bad.status_code == 400
+
+
+ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+def error_status(response: httpx.Response) -> dict[str, Any]:
+    """The JSON `google.rpc.Status` of an error answer, with its one ErrorInfo detail."""
+    assert response.headers["content-type"] == "application/json", response.headers
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"code", "message", "details"}, body
+    (detail,) = body["details"]
+    assert detail["@type"] == ERROR_INFO
+    assert detail["domain"] == "agentplex.dev"
+    return body
+
+
+async def test_json_errors_are_json_status_bodies(gateway, http) -> None:
+    """Errors reach JSON callers as a `google.rpc.Status` body with the matching HTTP
+    status, not as an empty body with the status in `grpc-*` headers."""
+    bad = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": ""})
+    assert bad.status_code == 400
+    status = error_status(bad)
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "prompt" in status["message"]
+    assert status["details"][0]["reason"] == "INVALID_ARGUMENT"
+
+    streamed = await http.post("/v1/agents/assistant/tasks:stream", json={"prompt": ""})
+    assert streamed.status_code == 400
+    assert error_status(streamed)["details"][0]["reason"] == "INVALID_ARGUMENT"
+
+    task = await http.get("/v1/agents/assistant/tasks/t-nosuchtask")
+    assert task.status_code == 404
+    status = error_status(task)
+    assert status["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "t-nosuchtask" in status["message"]
+    assert status["details"][0]["reason"] == "TASK_NOT_FOUND"
+
+    tool = await http.get("/v1/tools/no.such.tool")
+    assert tool.status_code == 404
+    assert error_status(tool)["details"][0]["reason"] == "TOOL_NOT_FOUND"
+
+    # An agent nobody serves is answered by the gateway itself, also as JSON.
+    agent = await http.post("/v1/agents/nobody/tasks:run", json={"prompt": "hi"})
+    assert agent.status_code == 404
+    status = error_status(agent)
+    assert status["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "GET /v1/agents" in status["message"]
+    assert status["details"][0]["reason"] == "NOT_FOUND"
+
+    # and a good request still succeeds
+    ok = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": "what is 2+3?"})
+    assert ok.status_code == 200, ok.text
+    assert "5" in ok.json()["result"]["output"]
+
+
+async def test_json_errors_envoy_answers_itself_are_json_status_bodies(gateway, http) -> None:
+    """What Envoy refuses before any service sees it has the same JSON shape as the
+    services' errors: `code` numeric, Envoy's text as the message."""
+    malformed = await http.post("/v1/agents/assistant/tasks:run", content=b'{"prompt": ')
+    assert malformed.status_code == 400
+    status = error_status(malformed)
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status["details"][0]["reason"] == "INVALID_ARGUMENT"
+    assert status["message"]
+
+    # a path under an agent that names no method of the contract
+    method = await http.post("/v1/agents/assistant/no-such-method", json={"prompt": "hi"})
+    assert method.status_code == 503
+    assert error_status(method)["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+async def test_json_unknown_query_parameters_are_rejected_by_name(gateway, http) -> None:
+    response = await http.get("/v1/tools", params={"nmae": "calculator"})
+    assert response.status_code == 400
+    status = error_status(response)
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert '"nmae"' in status["message"]
+    assert (await http.get("/v1/tools")).status_code == 200
+
+
+async def test_json_unknown_body_fields_are_rejected_by_name(gateway, http, channel_to) -> None:
+    """The transcoder would drop them; the control plane's body check (ext_proc) refuses
+    them, on the JSON routes only."""
+    checker = gateway.control_plane.body_checker
+    response = await http.post(
+        "/v1/agents/assistant/tasks:run", json={"prompt": "what is 2+3?", "promt": "x"}
+    )
+    assert response.status_code == 400, response.text
+    status = error_status(response)
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status["message"] == 'unknown field "promt" in agentplex.v1.RunTaskRequest'
+    assert status["details"][0]["reason"] == "INVALID_ARGUMENT"
+
+    # nested, streamed, and in a method whose body is one field of the request
+    nested = await http.post(
+        "/v1/agents/assistant/tasks:stream",
+        json={"prompt": "what is 2+3?", "lineage": {"depth": 1, "parnet": "x"}},
+    )
+    assert nested.status_code == 400, nested.text
+    assert '"parnet"' in error_status(nested)["message"]
+    submitted = await http.post(
+        "/v1/agents/assistant/tasks", json={"prompt": "what is 2+3?", "priorty": 1}
+    )
+    assert submitted.status_code == 400, submitted.text
+    assert "agentplex.v1.TaskSpec" in error_status(submitted)["message"]
+
+    # good requests still work, by proto and by JSON field names
+    ok = await http.post(
+        "/v1/agents/assistant/tasks:run", json={"prompt": "what is 2+3?", "maxSteps": 5}
+    )
+    assert ok.status_code == 200, ok.text
+    assert "5" in ok.json()["result"]["output"]
+    assert checker.refused == 3
+
+    # gRPC, gRPC-Web and bodiless JSON calls never reach the processor
+    calls = checker.calls
+    stub = agent_stub(channel_to, gateway)
+    await stub.RunTask(pb.RunTaskRequest(prompt="what is 2+3?"), timeout=30)
+    await collect(stub.StreamSteps(pb.StreamStepsRequest(prompt="what is 2+3?"), timeout=30))
+    await grpc_web_call(gateway, "GetAgentCard", pb.GetAgentCardRequest().SerializeToString())
+    assert (await http.get("/v1/agents/researcher/card")).status_code == 200
+    assert (await http.get("/v1/tools")).status_code == 200
+    assert checker.calls == calls
 
 
 async def test_json_submit_then_poll_until_completed(gateway, workers, http, eventually) -> None:
@@ -611,6 +738,10 @@ async def test_envoy_keeps_routing_without_the_control_plane_and_follows_a_new_o
     card = await stub.GetAgentCard(pb.GetAgentCardRequest(), metadata=to("researcher"))
     assert card.card.name == "researcher"
     assert await gateway.replicas("assistant") == 1
+    # The JSON body check fails open: without its processor a JSON call goes on unchecked.
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30.0) as http:
+        ok = await http.post("/v1/agents/assistant/tasks:run", json={"prompt": "what is 2+3?"})
+    assert ok.status_code == 200, ok.text
 
     # changes while it is down are not seen…
     host = agents_app.build_host(CATALOG["assistant"], mesh.settings, metrics_port=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,35 @@ def test_run_without_stream_prints_the_answer(running_mesh) -> None:
     state_file, _ = running_mesh
     done = agentplex("run", "what is 6*7", state_file=state_file)
     assert (done.returncode, done.stdout.strip()) == (0, "6*7 = 42.")
+
+
+def test_json_is_the_gateways_and_a_closed_pipe_ends_quietly(running_mesh) -> None:
+    """`agentplex run --json --stream … | head -3`: three events, proto field names, and
+    no traceback once head has stopped reading."""
+    state_file, _ = running_mesh
+    command = shlex.join(
+        [
+            *(sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file)),
+            *("run", "--json", "--stream", "what is 17*23?"),
+        ]
+    )
+    piped = subprocess.run(
+        f"{command} | head -3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.stderr == ""
+    events = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert len(events) == 3
+    assert events[0]["task_id"] and "taskId" not in events[0]
+    assert events[0]["task_accepted"]["max_steps"] == 10
+    listed = agentplex("tools", "list", "--json", state_file=state_file)
+    tools = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {"input_schema_json", "side_effect"} <= set(tools[0])
+    parts = agentplex("ps", "--json", state_file=state_file)
+    assert all("log_path" in json.loads(line) for line in parts.stdout.splitlines())
 
 
 def test_researcher_answers_from_the_docs(running_mesh) -> None:

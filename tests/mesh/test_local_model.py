@@ -168,8 +168,8 @@ def test_agentplex_up_with_the_local_model_streams_a_real_answer(tmp_path: Path)
             timeout=120,
         )
         events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        deltas = [e for e in events if "llmOutputDelta" in e]
-        finished = [e["llmCallFinished"] for e in events if "llmCallFinished" in e]
+        deltas = [e for e in events if "llm_output_delta" in e]
+        finished = [e["llm_call_finished"] for e in events if "llm_call_finished" in e]
         assert deltas, done.stdout + done.stderr
         assert finished and finished[0]["model"] == MODEL
     finally:

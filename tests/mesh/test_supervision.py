@@ -58,7 +58,10 @@ def parts(workdir: Path) -> dict[str, dict[str, Any]]:
     """What `agentplex ps --json` prints, asked over gRPC (polling through the CLI is slow)."""
     with grpc.insecure_channel(state(workdir)["control"]) as channel:
         listed = MeshControlServiceStub(channel).ListParts(ListPartsRequest(), timeout=10)
-    return {part.name: json_format.MessageToDict(part) for part in listed.parts}
+    return {
+        part.name: json_format.MessageToDict(part, preserving_proto_field_name=True)
+        for part in listed.parts
+    }
 
 
 def task_status(workdir: Path, task_id: str) -> str:
@@ -151,7 +154,7 @@ def kill_and_wait_back(workdir: Path, name: str) -> None:
 
     wait_for(back, 60, f"{name} came back after SIGKILL")
     after = parts(workdir)[name]
-    assert after["lastExitCode"] == -signal.SIGKILL
+    assert after["last_exit_code"] == -signal.SIGKILL
     assert after["address"] == before["address"]  # its peers find it where it was
 
 
@@ -202,7 +205,7 @@ def test_ps_and_restart(mesh) -> None:
     for part in restarted:
         assert part["state"] == "PART_STATE_RUNNING"
         assert part["pid"] != before[part["name"]]["pid"]
-        assert part["lastExitCode"] == 0  # a graceful stop
+        assert part["last_exit_code"] == 0  # a graceful stop
 
     unknown = cli(workdir, "restart", "asistant")
     assert unknown.returncode == 1

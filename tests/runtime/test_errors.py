@@ -379,15 +379,32 @@ async def test_stream_handler_using_context_write(edge_channel: grpc.aio.Channel
 
 
 def handled(method: str, code: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "agentplex_rpc_handled_total", {"method": method, "code": code}
+    service, name = method.lstrip("/").rsplit("/", 1)
+    labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": name}
+    value = REGISTRY.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code})
+    # The deprecated name, derived from the same series, says the same.
+    assert (
+        REGISTRY.get_sample_value("agentplex_rpc_handled_total", {"method": method, "code": code})
+        == value
     )
     return value or 0.0
 
 
 def latency_count(method: str) -> float:
-    value = REGISTRY.get_sample_value("agentplex_rpc_duration_seconds_count", {"method": method})
+    service, name = method.lstrip("/").rsplit("/", 1)
+    labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": name}
+    value = REGISTRY.get_sample_value("grpc_server_handling_seconds_count", labels)
+    assert (
+        REGISTRY.get_sample_value("agentplex_rpc_duration_seconds_count", {"method": method})
+        == value
+    )
     return value or 0.0
+
+
+def started(method: str) -> float:
+    service, name = method.lstrip("/").rsplit("/", 1)
+    labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": name}
+    return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
 
 
 async def test_edge_counts_calls_by_method_and_final_code(
@@ -396,6 +413,7 @@ async def test_edge_counts_calls_by_method_and_final_code(
     ok, fail = f"/{SERVICE}/Ok", f"/{SERVICE}/Fail"
     before = (handled(ok, "OK"), handled(fail, "NOT_FOUND"), handled(fail, "INTERNAL"))
     before_latency = latency_count(fail)
+    before_started = started(ok)
 
     await unary(edge_channel, "Ok")(b"a", timeout=5)
     await unary(edge_channel, "Ok")(b"b", timeout=5)
@@ -407,6 +425,7 @@ async def test_edge_counts_calls_by_method_and_final_code(
     assert handled(fail, "NOT_FOUND") == before[1] + 1
     assert handled(fail, "INTERNAL") == before[2] + 1
     assert latency_count(fail) == before_latency + 2
+    assert started(ok) == before_started + 2
 
 
 # --- call_with_deadline ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from agentplex.runtime.settings import Settings
 PROBE = "agentplex.test.Probe"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -225,7 +226,7 @@ async def test_reflection_lists_the_services(make_host, channel_to) -> None:
     channel = channel_to((await make_host().start()).address)
     response = await reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {service.name for service in response.list_services_response.service}
-    assert names == {PROBE, HEALTH, REFLECTION}
+    assert names == {PROBE, HEALTH, REFLECTION, REFLECTION_V1}
 
 
 async def test_reflection_serves_the_memory_contract(settings: Settings, channel_to) -> None:
@@ -236,7 +237,7 @@ async def test_reflection_serves_the_memory_contract(settings: Settings, channel
         channel = channel_to((await host.start()).address)
         listed = await reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
         names = {service.name for service in listed.list_services_response.service}
-        assert names == {"agentplex.v1.MemoryService", HEALTH, REFLECTION}
+        assert names == {"agentplex.v1.MemoryService", HEALTH, REFLECTION, REFLECTION_V1}
 
         found = await reflect(
             channel,
@@ -276,7 +277,14 @@ async def test_metrics_endpoint_serves_prometheus_text(make_host, channel_to) ->
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert "# TYPE agentplex_rpc_handled_total counter" in text
+    service, method = f"{PROBE}/Ping".rsplit("/", 1)
+    rpc = f'grpc_method="{method}",grpc_service="{service}",grpc_type="unary"'
+    assert "# TYPE grpc_server_handled_total counter" in text
+    assert f"grpc_server_started_total{{{rpc}}}" in text
+    assert f'grpc_server_handled_total{{grpc_code="OK",{rpc}}}' in text
+    assert f"grpc_server_handling_seconds_count{{{rpc}}}" in text
+    # Health checks are not traffic; the deprecated names are still served.
+    assert "grpc.health.v1.Health" not in text
     assert f'agentplex_rpc_handled_total{{code="OK",method="/{PROBE}/Ping"}}' in text
     assert f'agentplex_rpc_duration_seconds_count{{method="/{PROBE}/Ping"}}' in text
 

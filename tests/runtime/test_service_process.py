@@ -83,8 +83,10 @@ async def test_memory_process_serves_and_exits_cleanly_on_signal(
 
         async with httpx.AsyncClient(timeout=5) as http:
             metrics = await http.get(f"http://127.0.0.1:{ready['metrics_port']}/metrics")
-        assert "agentplex_rpc_handled_total" in metrics.text
-        assert "/agentplex.v1.MemoryService/AppendMessages" in metrics.text
+        assert (
+            'grpc_server_handled_total{grpc_code="OK",grpc_method="AppendMessages",'
+            'grpc_service="agentplex.v1.MemoryService",grpc_type="unary"}'
+        ) in metrics.text
 
         process.send_signal(stop_signal)
         code = await asyncio.wait_for(process.wait(), timeout=10)

@@ -36,7 +36,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.memory_ttl_seconds == 7 * 24 * 3600
     assert settings.memory_default_context_tokens == 2048
     assert settings.memory_max_messages == 1000
-    assert settings.docs_dir == tmp_path
+    assert settings.docs_dir is None  # docs.search: the documentation shipped with agentplex
     assert settings.tool_timeout_seconds == 10.0
     assert settings.llm_provider == "scripted"
     assert settings.openai_api_key.get_secret_value() == ""

@@ -43,5 +43,5 @@ def test_choices_and_bounds_come_from_the_types() -> None:
     text = settings_doc.render()
     assert "One of `auto`, `uvloop`, `asyncio`." in text
     assert "Must be ≥ 0 and ≤ 1." in text  # task_event_linger_seconds
-    assert "| `docs_dir` | `AGENTPLEX_DOCS_DIR` | `Path.cwd()` |" in text
+    assert "| `docs_dir` | `AGENTPLEX_DOCS_DIR` | unset |" in text
     assert "| `external_redis_url` | `AGENTPLEX_EXTERNAL_REDIS_URL`, `REDIS_URL` | unset |" in text

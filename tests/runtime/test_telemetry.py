@@ -191,3 +191,86 @@ def test_once_a_processor_is_added_every_span_is_recorded_even_under_an_unsample
     assert exporter.get_finished_spans()[0].context.trace_id == int(
         carrier["traceparent"].split("-")[1], 16
     )
+
+
+# --- the standard OTEL_* variables ---------------------------------------------------------
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No AGENTPLEX_* or OTEL_* variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith(("AGENTPLEX_", "OTEL_")):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_otel_variables_configure_tracing(otel_env: pytest.MonkeyPatch) -> None:
+    from agentplex.runtime.settings import Settings
+
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "OTLP")
+    otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    otel_env.setenv("OTEL_SERVICE_NAME", "checkout-agents")
+    settings = Settings()
+    assert settings.trace_exporter == "otlp"
+    assert settings.otlp_traces_endpoint() == "http://collector:4317"
+    assert settings.otel_service_name == "checkout-agents"
+    # The traces-specific endpoint wins, as in the SDK.
+    otel_env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317")
+    assert Settings().otlp_traces_endpoint() == "http://traces:4317"
+
+
+def test_agentplex_trace_exporter_wins_over_otel_traces_exporter(
+    otel_env: pytest.MonkeyPatch,
+) -> None:
+    from agentplex.runtime.settings import Settings
+
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    otel_env.setenv("AGENTPLEX_TRACE_EXPORTER", "console")
+    assert Settings().trace_exporter == "console"
+    otel_env.delenv("AGENTPLEX_TRACE_EXPORTER")
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "")
+    assert Settings().trace_exporter == "none"  # not the SDK's default: nothing is recorded
+
+
+@pytest.mark.parametrize("value", ["jaeger", "otlp,console"])
+def test_an_unsupported_otel_traces_exporter_is_refused(
+    otel_env: pytest.MonkeyPatch, value: str
+) -> None:
+    from pydantic import ValidationError
+
+    from agentplex.runtime.settings import Settings
+
+    otel_env.setenv("OTEL_TRACES_EXPORTER", value)
+    with pytest.raises(ValidationError, match="trace_exporter"):
+        Settings()
+
+
+def test_the_resource_names_the_part_unless_a_service_name_is_set(
+    otel_env: pytest.MonkeyPatch,
+) -> None:
+    from agentplex.runtime.telemetry import tracing_resource
+
+    plain = tracing_resource("assistant-worker", None).attributes
+    assert (plain["service.name"], plain["agentplex.part"]) == (
+        "assistant-worker",
+        "assistant-worker",
+    )
+    named = tracing_resource("memory", "shop").attributes
+    assert (named["service.name"], named["agentplex.part"]) == ("shop", "memory")
+    # Without the setting passed, OTEL_SERVICE_NAME as the SDK reads it still wins.
+    otel_env.setenv("OTEL_SERVICE_NAME", "from-sdk")
+    assert tracing_resource("memory", None).attributes["service.name"] == "from-sdk"
+
+
+def test_the_otlp_exporter_goes_where_it_is_told() -> None:
+    from agentplex.runtime.telemetry import otlp_exporter
+
+    exporter = otlp_exporter("http://127.0.0.1:4999")
+    try:
+        assert exporter._endpoint == "127.0.0.1:4999"
+        assert exporter._insecure  # http:// is plaintext
+    finally:
+        exporter.shutdown()

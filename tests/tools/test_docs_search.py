@@ -1,19 +1,26 @@
-"""`docs.search`: keyword search over README.md and docs/**/*.md."""
+"""`docs.search`: BM25 over README.md and docs/**/*.md, by section, of a configured
+directory or of the documentation shipped with the package."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from agentplex.registry import schemas
+from agentplex.registry import compat, schemas
+from agentplex.tools.app import builtin_tools
 from agentplex.tools.base import ToolContext
 from agentplex.tools.docs_search import (
     SNIPPET_CHARS,
     DocsSearch,
     load_corpus,
+    shipped_corpus,
     split_sections,
     terms,
 )
@@ -80,10 +87,13 @@ async def search(
     return result["results"]
 
 
-def test_terms_lowercases_and_drops_stop_words() -> None:
-    assert terms("How do I use the Redis ledger?") == {"use", "redis", "ledger"}
-    assert terms("notes.write and grpc-status.") == {"notes.write", "grpc-status"}
-    assert terms("What is it?") == set()
+def test_terms_lowercase_drop_stop_words_and_stem() -> None:
+    assert terms("How do I use the Redis ledger?") == ["use", "redi", "ledger"]
+    assert terms("notes.write and grpc-status.") == ["notes.writ", "grpc-status"]
+    assert terms("What is it?") == []
+    # One stem for a word's forms: a question finds the section whatever the inflection.
+    assert terms("trimmed") == terms("trims") == terms("trimming") == ["trim"]
+    assert terms("Tests") == terms("testing") == ["test"]
 
 
 def test_split_sections_at_headings() -> None:
@@ -94,8 +104,8 @@ def test_split_sections_at_headings() -> None:
         ("docs/x.md", "Redis"),
     ]
     assert sections[1].body.startswith("A side-effecting tool call")
-    assert "idempotency" in sections[1].title_terms
-    assert "retry" in sections[1].body_terms
+    # The heading counts twice (a field boost), then the body.
+    assert sections[2].index_terms() == ["redi", "redi", "use", "redi", "ledger"]
 
 
 def test_sections_without_body_are_dropped() -> None:
@@ -119,39 +129,37 @@ def test_load_corpus_of_an_empty_dir_is_empty(tmp_path: Path) -> None:
     assert load_corpus(tmp_path) == []
 
 
-async def test_relevant_section_ranks_first(docs_root: Path, context: ToolContext) -> None:
-    tool = await DocsSearch.from_directory(docs_root)
-    results = await search(tool, context, query="how are conversation turns trimmed per session?")
-    assert results[0]["source"] == "README.md"
-    assert results[0]["title"] == "Memory service"
-    assert results[0]["snippet"].startswith("The memory service stores conversation turns")
-    assert results[0]["score"] >= 3
+# --- ranking ------------------------------------------------------------------------
 
 
-async def test_title_hits_count_double(docs_root: Path, context: ToolContext) -> None:
-    tool = await DocsSearch.from_directory(docs_root)
-    results = await search(tool, context, query="redis", limit=10)
-    # "Redis" as a title scores 2 + 1 (also in its body); body-only mentions score 1.
-    assert (results[0]["source"], results[0]["title"], results[0]["score"]) == (
-        "docs/x.md",
-        "Redis",
-        3.0,
-    )
-    rest = results[1:]
-    assert rest and all(r["score"] == 1.0 for r in rest)
-    # Ties are ordered by source, then title.
-    assert [(r["source"], r["title"]) for r in rest] == sorted(
-        (r["source"], r["title"]) for r in rest
-    )
-
-
-async def test_title_only_match_beats_single_body_match(
+async def test_the_section_a_question_is_about_ranks_first(
     docs_root: Path, context: ToolContext
 ) -> None:
     tool = await DocsSearch.from_directory(docs_root)
-    results = await search(tool, context, query="idempotency")
-    assert results[0]["title"] == "Idempotency keys"
-    assert results[0]["score"] == 3.0  # title (2) + body (1)
+    results = await search(tool, context, query="how are conversation turns trimmed per session?")
+    assert (results[0]["source"], results[0]["title"]) == ("README.md", "Memory service")
+    assert results[0]["snippet"].startswith("The memory service stores conversation turns")
+    assert all(r["score"] < results[0]["score"] for r in results[1:])
+
+
+async def test_a_heading_outranks_a_passing_mention(docs_root: Path, context: ToolContext) -> None:
+    tool = await DocsSearch.from_directory(docs_root)
+    results = await search(tool, context, query="redis", limit=10)
+    assert (results[0]["source"], results[0]["title"]) == ("docs/x.md", "Redis")
+    assert len(results) == 4  # every section that mentions it, and only those
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+
+
+async def test_rare_terms_weigh_more_than_common_ones(
+    docs_root: Path, context: ToolContext
+) -> None:
+    # "redis" is in four sections, even a heading; "deadlines" in one, once, in passing:
+    # BM25's idf makes the rare word decide.
+    tool = await DocsSearch.from_directory(docs_root)
+    results = await search(tool, context, query="redis deadlines")
+    assert (results[0]["source"], results[0]["title"]) == ("docs/x.md", "docs/x.md")
+    assert results[1]["title"] == "Redis"
 
 
 async def test_nested_docs_are_searched(docs_root: Path, context: ToolContext) -> None:
@@ -165,7 +173,7 @@ async def test_no_hits_gives_empty_results(
     docs_root: Path, context: ToolContext, query: str
 ) -> None:
     tool = await DocsSearch.from_directory(docs_root)
-    assert await search(tool, context, query=query) == []
+    assert await tool.run({"query": query}, context) == {"results": []}
 
 
 async def test_limit_is_respected_and_defaults_to_three(
@@ -189,25 +197,95 @@ async def test_long_sections_get_a_truncated_snippet(tmp_path: Path, context: To
     assert hit["snippet"].startswith("word0 word1 word2")
 
 
-async def test_an_empty_corpus_finds_nothing(tmp_path: Path, context: ToolContext) -> None:
+# --- the corpus: configured, shipped, empty, absent -----------------------------------
+
+
+async def test_a_configured_directory_is_the_corpus(docs_root: Path, context: ToolContext) -> None:
+    [*_, tool] = await builtin_tools(docs_root)
+    assert isinstance(tool, DocsSearch)
+    results = await search(tool, context, query="zeppelin")
+    assert [(r["source"], r["title"]) for r in results] == [("docs/nested/deep.md", "Deep page")]
+
+
+async def test_an_empty_corpus_says_so(tmp_path: Path, context: ToolContext) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("# Not markdown\n\ntext\n", "utf-8")
     tool = await DocsSearch.from_directory(tmp_path)
-    assert await search(tool, context, query="anything") == []
+    result = await tool.run({"query": "anything"}, context)
+    assert result["results"] == []
+    assert result["note"].startswith(f"The documentation corpus {tmp_path} (the docs_dir setting)")
+    assert "has no README.md or docs/**/*.md" in result["note"]
+    assert schemas.schema_violation(DocsSearch.definition.output_schema_json, result) is None
 
 
-async def test_real_repository_readme_is_searchable(context: ToolContext) -> None:
-    readme = REPO_ROOT / "README.md"
-    if not readme.is_file():
-        pytest.skip("the repository has no README.md yet")
-    sections = split_sections("README.md", readme.read_text("utf-8"))
-    if not sections:
-        pytest.skip("README.md has no text sections")
-    # A word that really is in the README: prefer the project's name.
-    readme_terms = set().union(*(s.title_terms | s.body_terms for s in sections))
-    query = "agentplex" if "agentplex" in readme_terms else sorted(readme_terms)[0]
+async def test_an_absent_corpus_says_so(tmp_path: Path, context: ToolContext) -> None:
+    missing = tmp_path / "nowhere"
+    tool = await DocsSearch.from_directory(missing)
+    result = await tool.run({"query": "anything"}, context)
+    assert result == {
+        "results": [],
+        "note": f"The documentation corpus {missing} (the docs_dir setting) does not exist.",
+    }
+
+
+def test_the_package_ships_the_readme_and_docs() -> None:
+    corpus = shipped_corpus()
+    assert (corpus / "README.md").read_text("utf-8") == (REPO_ROOT / "README.md").read_text("utf-8")
+    shipped = {path.name for path in (corpus / "docs").glob("*.md")}
+    assert shipped == {path.name for path in (REPO_ROOT / "docs").glob("*.md")}
+    assert {"TOOLS.md", "ARCHITECTURE.md"} <= shipped
+
+
+async def test_the_shipped_docs_are_the_default(context: ToolContext) -> None:
+    [*_, tool] = await builtin_tools(None)
+    assert isinstance(tool, DocsSearch)
+    results = await search(tool, context, query="how do I write a tool backend?")
+    assert (results[0]["source"], results[0]["title"]) == (
+        "docs/TOOLS.md",
+        "Writing a tool backend",
+    )
+    results = await search(tool, context, query="deprecate a tool version", limit=5)
+    assert any(r["source"] == "docs/TOOLS.md" for r in results)
+
+
+def test_the_default_corpus_works_from_an_unrelated_directory(tmp_path: Path) -> None:
+    # A fresh process in a directory with no README or docs/, and no docs_dir setting.
+    script = (
+        "import asyncio, json\n"
+        "from agentplex.runtime.settings import Settings\n"
+        "from agentplex.tools.app import builtin_tools\n"
+        "async def main():\n"
+        "    settings = Settings()\n"
+        "    assert settings.docs_dir is None, settings.docs_dir\n"
+        "    tool = (await builtin_tools(settings.docs_dir))[-1]\n"
+        "    print(json.dumps(await tool.run({'query': 'how do I write a tool backend?'}, None)))\n"
+        "asyncio.run(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLEX_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert "note" not in result
+    assert len(result["results"]) == 3
+    for hit in result["results"]:
+        assert hit["source"] == "README.md" or hit["source"].startswith("docs/")
+
+
+async def test_real_repository_docs_are_searchable(context: ToolContext) -> None:
     tool = await DocsSearch.from_directory(REPO_ROOT)
-    results = await search(tool, context, query=query, limit=10)
-    assert results
+    results = await search(tool, context, query="agentplex", limit=10)
     assert any(r["source"] == "README.md" for r in results)
+
+
+# --- the contract ----------------------------------------------------------------------
 
 
 def test_contract() -> None:
@@ -216,3 +294,26 @@ def test_contract() -> None:
     assert schemas.schema_violation(schema, {"query": "x"}) is None
     assert schemas.schema_violation(schema, {"query": "x", "limit": 11}) is not None
     assert schemas.schema_violation(schema, {"query": ""}) is not None
+
+
+def test_the_new_minor_version_is_compatible_with_1_0() -> None:
+    definition = DocsSearch.definition
+    assert definition.version == "1.1.0"
+    assert (
+        compat.input_breaks(json.loads(V1_0_INPUT), json.loads(definition.input_schema_json)) == []
+    )
+    assert (
+        compat.output_breaks(json.loads(V1_0_OUTPUT), json.loads(definition.output_schema_json))
+        == []
+    )
+
+
+# docs.search 1.0.0's published schemas, as they were.
+V1_0_INPUT = """{"type": "object", "properties": {"query": {"type": "string", "minLength": 1,
+"maxLength": 500, "description": "Keywords or a question."}, "limit": {"type": "integer",
+"minimum": 1, "maximum": 10, "description": "Most sections to return (default 3)."}},
+"required": ["query"], "additionalProperties": false}"""
+V1_0_OUTPUT = """{"type": "object", "properties": {"results": {"type": "array", "items":
+{"type": "object", "properties": {"source": {"type": "string"}, "title": {"type": "string"},
+"snippet": {"type": "string"}, "score": {"type": "number"}}, "required": ["source", "title",
+"snippet", "score"]}}}, "required": ["results"]}"""
