@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -114,6 +115,21 @@ class _Server(Server):
         self._transports.clear()
 
 
+def otlp_traces_receiver(settings: Settings) -> resources.HostPort | None:
+    """Where Envoy sends its spans: the mesh's OTLP endpoint when traces go over OTLP
+    (the OpenTelemetry SDK's default, localhost:4317, when none is set)."""
+    if settings.trace_exporter != "otlp":
+        return None
+    endpoint = settings.otlp_traces_endpoint() or "http://localhost:4317"
+    try:
+        return resources.HostPort.parse(endpoint.split("://", 1)[-1].split("/", 1)[0])
+    except ValueError:
+        # Envoy's endpoints (EDS) take IP addresses; a collector's DNS name would need
+        # a DNS cluster. The services still export; only the gateway's span is missing.
+        log.warning("the gateway exports no spans: %s is not an ip:port address", endpoint)
+        return None
+
+
 class ControlPlaneServer:
     """The ADS server, the JSON body check and the directory poller, started and stopped
     together."""
@@ -125,7 +141,9 @@ class ControlPlaneServer:
         self.discovery = DiscoveryServer(self.cache)
         keepalive = Keepalive.from_settings(settings)
         self._channel = open_channel(settings.registry_address, keepalive)
-        self.options = gateway.options(keepalive)
+        self.options = dataclasses.replace(
+            gateway.options(keepalive), otlp_traces=otlp_traces_receiver(settings)
+        )
         self.control_plane = ControlPlane(
             AgentDirectory(self._channel, [settings.registry_address]),
             self.options,

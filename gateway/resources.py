@@ -108,6 +108,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
@@ -133,6 +134,7 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerTracing,
     HttpFilter,
     LocalReplyConfig,
     Rds,
@@ -160,6 +162,8 @@ REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway"
 REGISTRY_CLUSTER = "registry"
+# Where Envoy sends its own spans (OTLP over gRPC), when the mesh exports traces.
+TRACES_CLUSTER = "otlp-traces"
 # The control plane itself, a static cluster of Envoy's bootstrap (`bootstrap.py`): it
 # serves ADS and the ExternalProcessor that checks JSON bodies (`json_bodies.py`).
 CONTROL_PLANE_CLUSTER = "xds"
@@ -326,6 +330,10 @@ class GatewayOptions:
     console: bool = True
     access_log: bool = True
     max_concurrent_streams: int = 1000
+    # The OTLP/gRPC receiver the mesh's traces go to (AGENTPLEX_TRACE_EXPORTER or
+    # OTEL_TRACES_EXPORTER = otlp): Envoy then opens each request's trace, as the span
+    # "gateway", and the agent's spans become its children. None: no gateway spans.
+    otlp_traces: HostPort | None = None
 
 
 @dataclass(frozen=True)
@@ -399,6 +407,9 @@ def build(directory: Directory, options: GatewayOptions) -> Resources:
     ]
     clusters.append(_cluster(REGISTRY_CLUSTER, options))
     endpoints.append(load_assignment(REGISTRY_CLUSTER, directory.registry))
+    if options.otlp_traces is not None:
+        clusters.append(_traces_cluster())
+        endpoints.append(load_assignment(TRACES_CLUSTER, [options.otlp_traces]))
     return Resources(
         listeners=[_listener(options)],
         routes=[_route_configuration(directory, options)],
@@ -408,6 +419,47 @@ def build(directory: Directory, options: GatewayOptions) -> Resources:
 
 
 # --- clusters and endpoints --------------------------------------------------------
+
+
+def _traces_cluster() -> Cluster:
+    """The OTLP receiver: plain HTTP/2 (gRPC), no health checks (a collector need not
+    serve grpc.health), and nothing on the request path waits for it."""
+    return Cluster(
+        name=TRACES_CLUSTER,
+        type=ClusterDiscoveryType.EDS,
+        eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_seconds(1),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(
+                UpstreamHttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        },
+    )
+
+
+def _tracing(otlp_traces: HostPort | None) -> HttpConnectionManagerTracing | None:
+    """Envoy's OpenTelemetry tracer: W3C trace context in and out (a caller's traceparent
+    is continued, the agents get Envoy's), spans batched to the receiver."""
+    if otlp_traces is None:
+        return None
+    return HttpConnectionManagerTracing(
+        provider=TracingHttp(
+            name="envoy.tracers.opentelemetry",
+            typed_config=Any.pack(
+                OpenTelemetryConfig(
+                    grpc_service=GrpcService(
+                        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=TRACES_CLUSTER),
+                        timeout=_seconds(1),
+                    ),
+                    service_name="gateway",
+                )
+            ),
+        ),
+    )
 
 
 def _cluster(name: str, options: GatewayOptions) -> Cluster:
@@ -561,6 +613,7 @@ def _listener(options: GatewayOptions) -> Listener:
         access_log=[_access_log()] if options.access_log else [],
         local_reply_config=_local_replies(),
         http_filters=_http_filters(options),
+        tracing=_tracing(options.otlp_traces),
     )
     return Listener(
         name=LISTENER_NAME,

@@ -668,3 +668,41 @@ def test_snapshot_serves_resources_by_name() -> None:
     assert only.type_url == snapshot.ENDPOINT
     assert snap.resources(snapshot.ENDPOINT, ["agent.nobody"]) == []
     assert snap.version("type.googleapis.com/unknown") == ""
+
+
+def test_the_gateway_traces_only_when_the_mesh_exports_over_otlp() -> None:
+    plain = resources.build(directory("assistant"), GatewayOptions())
+    (listener,) = plain.listeners
+    manager = unpacked(listener.filter_chains[0].filters[0].typed_config, HttpConnectionManager)
+    assert manager.tracing is None
+    assert resources.TRACES_CLUSTER not in {cluster.name for cluster in plain.clusters}
+
+    receiver = HostPort("127.0.0.1", 4317)
+    traced = resources.build(directory("assistant"), GatewayOptions(otlp_traces=receiver))
+    (listener,) = traced.listeners
+    manager = unpacked(listener.filter_chains[0].filters[0].typed_config, HttpConnectionManager)
+    provider = some(some(manager.tracing).provider)
+    assert provider.name == "envoy.tracers.opentelemetry"
+    assert resources.TRACES_CLUSTER in {cluster.name for cluster in traced.clusters}
+    (assignment,) = [e for e in traced.endpoints if e.cluster_name == resources.TRACES_CLUSTER]
+    endpoint = some(some(assignment.endpoints[0].lb_endpoints[0].endpoint).address)
+    assert some(endpoint.socket_address).port_value == 4317
+    # A snapshot with the receiver is consistent (its cluster has its endpoints).
+    Snapshot.of(traced)
+
+
+def test_the_control_plane_points_envoy_at_the_mesh_receiver() -> None:
+    from agentplex.gateway.app import otlp_traces_receiver
+
+    assert otlp_traces_receiver(Settings(trace_exporter="none")) is None
+    assert otlp_traces_receiver(
+        Settings(trace_exporter="otlp", otel_exporter_otlp_endpoint="http://127.0.0.1:4999")
+    ) == HostPort("127.0.0.1", 4999)
+    # The SDK's default when no endpoint is set; a DNS name is not an EDS address.
+    assert otlp_traces_receiver(Settings(trace_exporter="otlp")) == HostPort("127.0.0.1", 4317)
+    assert (
+        otlp_traces_receiver(
+            Settings(trace_exporter="otlp", otel_exporter_otlp_endpoint="http://collector:4317")
+        )
+        is None
+    )

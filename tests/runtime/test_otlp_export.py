@@ -191,14 +191,22 @@ def test_agentplex_up_exports_one_trace_by_the_otel_variables(
         wait_for(lambda: state_file.exists() or process.poll() is not None, 90, "the mesh came up")
         assert process.poll() is None, "agentplex up exited early"
         state = json.loads(state_file.read_text())
-        with grpc.insecure_channel(state["assistant"]) as channel:
+        # Through the gateway: Envoy opens the trace, every hop behind it joins.
+        with grpc.insecure_channel(state["gateway"]) as channel:
             agent = agent_service_pb2_grpc.AgentServiceStub(channel)
-            done = agent.RunTask(pb.RunTaskRequest(prompt="what is 17*23?"), timeout=30)
+            done = agent.RunTask(
+                pb.RunTaskRequest(prompt="what is 17*23?"),
+                timeout=30,
+                metadata=(("x-agentplex-agent", "assistant"),),
+            )
         assert done.result.output == "17*23 = 391."
         wait_for(
-            lambda: set(HOPS) <= {span.name for span in receiver.server_spans()},
+            lambda: (
+                set(HOPS) <= {span.name for span in receiver.server_spans()}
+                and any(span.service == "gateway" for span in receiver.server_spans())
+            ),
             20,
-            "every hop's span arrived",
+            "every hop's span arrived, the gateway's too",
         )
     finally:
         process.send_signal(signal.SIGTERM)
@@ -214,3 +222,5 @@ def test_agentplex_up_exports_one_trace_by_the_otel_variables(
     assert services["/agentplex.v1.MemoryService/LoadContext"] == "memory"
     assert services["/agentplex.v1.ToolRegistryService/InvokeTool"] == "registry"
     assert services["/agentplex.v1.ToolExecutorService/ExecuteTool"] == "tools"
+    # The gateway's own span (Envoy's OpenTelemetry tracer) is in the same trace.
+    assert "gateway" in {span.service for span in spans if span.trace_id == trace_id}
