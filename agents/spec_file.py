@@ -29,6 +29,7 @@ Every problem is an `AgentSpecError`, rendered one per line as
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,24 @@ from agentplex.contract import limits as task_limits
 _WORD = r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
 AGENT_NAME = re.compile(rf"{_WORD}")
 TOOL_NAME = re.compile(rf"{_WORD}(?:\.{_WORD})*")
-MAJOR = re.compile(r"0|[1-9][0-9]{0,5}")
+# A pin names a major from 1 up: the registry reads major 0 as "the newest", no pin at all.
+MAJOR = re.compile(r"[1-9][0-9]{0,5}")
 SEMVER = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 MAX_AGENT_NAME = 48
 # The registry's mesh-wide limit (AGENTPLEX_MAX_DELEGATION_DEPTH) defaults to 3.
 MAX_DELEGATION_DEPTH = 10
 MIN_BUDGET, MAX_BUDGET = task_limits.MIN_TOKEN_BUDGET, task_limits.MAX_TOKEN_BUDGET
-# Delegation to another agent is version 1 of its `agent.<name>` contract.
+# Delegation to another agent is version 1 of its `agent.<name>` contract, so every
+# agent's own version is a 1.x.y (each publishes `agent.<name>` at it).
 DELEGATION_MAJOR = 1
+# Names the mesh already gives to its parts, state-file keys and gateway routes: an
+# agent called so would take their ports, addresses or routes.
+RESERVED_NAMES = frozenset(
+    {
+        "memory", "registry", "tools", "gateway", "llm", "redis", "agents", "workers",
+        "metrics", "control", "logs", "pid", "console", "envoy_admin",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,8 @@ def _agent_name(name: str) -> str:
             f"agent name {name!r} must be lowercase letters and digits, words joined by "
             f"single '_', at most {MAX_AGENT_NAME} characters"
         )
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is the name of a part of the mesh; pick another")
     return name
 
 
@@ -104,14 +117,26 @@ def _tool_grant(grant: str) -> str:
 
 
 def _semver(version: str) -> str:
-    if not SEMVER.fullmatch(version):
+    match = SEMVER.fullmatch(version)
+    if not match:
         raise ValueError(f"{version!r} is not a semantic version such as 1.0.0")
+    if int(match.group(1)) != DELEGATION_MAJOR:
+        raise ValueError(
+            f"{version!r}: an agent's version is {DELEGATION_MAJOR}.x.y (others delegate to "
+            f"agent.<name>@{DELEGATION_MAJOR}); raise the minor or patch for a new version"
+        )
     return version
 
 
 def _base_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} must be an http:// or https:// URL")
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password or parts.query:
+        raise ValueError(
+            "secrets never go in a spec file: no user, password or query in base_url; "
+            "set AGENTPLEX_OPENAI_API_KEY in the environment instead"
+        )
     return url
 
 

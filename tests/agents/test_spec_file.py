@@ -352,3 +352,25 @@ async def test_delegations_deeper_than_the_spec_allows_are_refused_in_process() 
     deep_tool = reg.InvokeToolRequest(tool_name="calculator", caller=nested.caller)
     assert await tools.invoke(deep_tool, timeout=1) == "ran"
     assert registry.invoked == ["agent.assistant", "agent.assistant", "calculator"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "part"),
+    [
+        # Major 0 is no pin: the registry reads it as "the newest major".
+        ("    tools: [calculator@0]\n", "bad pin 'calculator@0'"),
+        # Others delegate to agent.<name>@1.
+        ("    version: 2.0.0\n", "an agent's version is 1.x.y"),
+        ("    model:\n      base_url: https://me:sk-1@llm.example/v1\n", "secrets never go"),
+        ("    model:\n      base_url: https://llm.example/v1?api_key=sk-1\n", "secrets never go"),
+    ],
+)
+def test_pins_versions_and_urls_that_would_mislead_are_refused(extra: str, part: str) -> None:
+    [problem] = errors_of(AGENT + extra)
+    assert problem.startswith("team.yaml:") and part in problem
+
+
+def test_the_names_of_the_mesh_s_parts_are_reserved() -> None:
+    for name in ("memory", "registry", "gateway", "control"):
+        [problem] = errors_of(AGENT.replace("greeter", name))
+        assert f"{name!r} is the name of a part of the mesh" in problem
