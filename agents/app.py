@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from agentplex.v1 import (
     tool_pb2,
     tool_registry_service_pb2,
 )
+
+log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_SECONDS = 10.0
 SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
@@ -225,6 +228,34 @@ def build_parts(
     )
 
 
+def grant_problems(
+    spec: AgentSpec, stored: list[tool_registry_service_pb2.ToolGrant], applied: bool
+) -> list[str]:
+    """Why the registry's access list is not the spec's: it keeps a list set earlier
+    (by an operator, or by an earlier version of the spec) over an agent's default."""
+    wanted = {(grant.name, grant.major) for grant in spec.grants}
+    if applied or {(grant.name, grant.major) for grant in stored} == wanted:
+        return []
+    kept = ", ".join(f"{g.name}@{g.major}" for g in stored) or "nothing"
+    return [
+        f"the registry keeps an earlier access list ({kept}) over the spec's "
+        f"({', '.join(spec.tools) or 'nothing'}{', from ' + spec.source if spec.source else ''}); "
+        "SetAgentTools changes it"
+    ]
+
+
+def missing_tools(spec: AgentSpec, visible: set[str]) -> list[str]:
+    """Granted tools the registry does not list (yet): a misspelled name, or a tool
+    whose backend has not published it. Not an error: tools may come after agents."""
+    return [
+        f"no tool {name!r} is published (granted{' at ' + spec.source if spec.source else ''}); "
+        "the model will not see it until it is"
+        for name in spec.tool_names
+        # Delegates start alongside: their agent.<name> tools come and go with them.
+        if name not in visible and not delegation_tool.is_agent_tool(name)
+    ]
+
+
 def build_host(
     spec: AgentSpec,
     settings: Settings,
@@ -251,9 +282,14 @@ def build_host(
         # The registry knows agents only from what they publish: the access list
         # (as a default, so an operator's SetAgentTools is kept across restarts)
         # and the agent as a tool (agent.<name>), the path delegation takes.
-        await parts.registry.set_agent_tools(
+        stored = await parts.registry.set_agent_tools(
             spec.name, spec.grants, only_if_unset=True, timeout=PUBLISH_TIMEOUT_SECONDS
         )
+        for problem in grant_problems(spec, list(stored.grants), stored.applied):
+            log.warning("%s: %s", spec.name, problem, extra={"spec": spec.source})
+        visible = await parts.registry.list_tools(spec.name, timeout=PUBLISH_TIMEOUT_SECONDS)
+        for problem in missing_tools(spec, {tool.name for tool in visible.tools}):
+            log.warning("%s: %s", spec.name, problem, extra={"spec": spec.source})
         published.append(endpoint.address)
         await parts.registry.publish(
             [agent_tool(spec)],

@@ -374,3 +374,19 @@ def test_the_names_of_the_mesh_s_parts_are_reserved() -> None:
     for name in ("memory", "registry", "gateway", "control"):
         [problem] = errors_of(AGENT.replace("greeter", name))
         assert f"{name!r} is the name of a part of the mesh" in problem
+
+
+def test_an_agent_says_when_the_registry_does_not_follow_its_spec() -> None:
+    from agentplex.agents.app import grant_problems, missing_tools
+    from agentplex.v1.tool_registry_service_pb2 import ToolGrant
+
+    [spec] = parse(AGENT + "    tools: [calculator@1, greet.say@1]\n", "team.yaml")
+    # Stored as asked, or an earlier list equal to it: nothing to say.
+    assert grant_problems(spec, list(spec.grants), applied=True) == []
+    assert grant_problems(spec, list(spec.grants), applied=False) == []
+    # An earlier list kept over the spec's: say which, and where the spec is.
+    [kept] = grant_problems(spec, [ToolGrant(name="calculator", major=1)], applied=False)
+    assert "keeps an earlier access list (calculator@1)" in kept and "team.yaml:" in kept
+    # A granted tool nobody publishes (yet): a misspelling, or a backend still to come.
+    [missing] = missing_tools(spec, {"calculator"})
+    assert "no tool 'greet.say' is published" in missing and "team.yaml:" in missing
