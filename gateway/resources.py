@@ -40,6 +40,7 @@ import datetime
 import ipaddress
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -1085,16 +1086,39 @@ def _rest_routes(agent: str, options: GatewayOptions) -> list[Route]:
                 idle_seconds=options.watch_idle_timeout_seconds,
             ),
         ),
-        Route(
-            match=RouteMatch(prefix=f"{base}/", headers=[_method("GET")]),
-            route=_route_action(cluster, options, streaming=False, idempotent=True),
+        # The contract's other bindings (agent_service.proto's google.api.http), each
+        # with its verb: reads retried on another replica, writes body-checked.
+        *(
+            Route(
+                match=_json_path(base, path, "GET"),
+                route=_route_action(cluster, options, streaming=False, idempotent=True),
+            )
+            for path in (r"card", r"tasks/[^/:]+")
         ),
-        Route(
-            match=RouteMatch(prefix=f"{base}/"),
-            route=_route_action(cluster, options, streaming=False, idempotent=False),
-            typed_per_filter_config=_CHECK_JSON_BODY,
+        *(
+            Route(
+                match=_json_path(base, path, "POST"),
+                route=_route_action(cluster, options, streaming=False, idempotent=False),
+                typed_per_filter_config=_CHECK_JSON_BODY,
+            )
+            for path in (r"tasks:run", r"tasks", r"tasks/[^/:]+:cancel")
+        ),
+        # Anything else under the agent names no method: a 404 of the edge's own,
+        # rather than an untranscoded request the agent would refuse as UNAVAILABLE.
+        _error_route(
+            RouteMatch(prefix=f"{base}/"),
+            404,
+            f"no method at this URL (or not with this HTTP method); {agent}'s JSON API: "
+            "POST tasks:run, POST tasks:stream, POST tasks, GET tasks/ID, "
+            "POST tasks/ID:cancel, GET tasks/ID/events, GET card",
         ),
     ]
+
+
+def _json_path(base: str, path: str, method: str) -> RouteMatch:
+    return RouteMatch(
+        safe_regex=RegexMatcher(regex=f"{re.escape(base)}/{path}"), headers=[_method(method)]
+    )
 
 
 def _agents_listing(directory: Directory, options: GatewayOptions) -> Route:

@@ -389,8 +389,14 @@ async def test_json_errors_envoy_answers_itself_are_json_status_bodies(gateway, 
 
     # a path under an agent that names no method of the contract
     method = await http.post("/v1/agents/assistant/no-such-method", json={"prompt": "hi"})
-    assert method.status_code == 503
-    assert error_status(method)["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert method.status_code == 404
+    status = error_status(method)
+    assert status["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "POST tasks:run" in status["message"]
+    # a method of the contract, with the wrong HTTP method
+    wrong_verb = await http.get("/v1/agents/assistant/tasks:run")
+    assert wrong_verb.status_code == 404
+    assert error_status(wrong_verb)["code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def test_json_unknown_query_parameters_are_rejected_by_name(gateway, http) -> None:

@@ -143,9 +143,16 @@ def test_only_json_routes_with_a_body_turn_the_check_on() -> None:
         assert isinstance(config, ExtProcPerRoute) and config.overrides is not None
         match = route.match
         assert match is not None and route.route is not None
-        on.append(match.path or match.prefix)
-        assert all(h.name != ":method" for h in match.headers)  # never the GET routes
-    assert on == ["/v1/agents/assistant/tasks:stream", "/v1/agents/assistant/"]
+        regex = match.safe_regex.regex if match.safe_regex is not None else ""
+        on.append(match.path or regex)
+        # never the GET routes
+        assert all(h.string_match is None or h.string_match.exact != "GET" for h in match.headers)
+    assert on == [
+        "/v1/agents/assistant/tasks:stream",
+        "/v1/agents/assistant/tasks:run",
+        "/v1/agents/assistant/tasks",
+        "/v1/agents/assistant/tasks/[^/:]+:cancel",
+    ]
 
 
 def test_envoy_s_own_errors_on_v1_get_the_services_json_shape() -> None:
