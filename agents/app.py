@@ -231,14 +231,14 @@ def build_parts(
 def grant_problems(
     spec: AgentSpec, stored: list[tool_registry_service_pb2.ToolGrant], applied: bool
 ) -> list[str]:
-    """Why the registry's access list is not the spec's: it keeps a list set earlier
-    (by an operator, or by an earlier version of the spec) over an agent's default."""
+    """Why the registry's access list is not the spec's: an operator set one
+    (SetAgentTools), which an agent's default never replaces."""
     wanted = {(grant.name, grant.major) for grant in spec.grants}
     if applied or {(grant.name, grant.major) for grant in stored} == wanted:
         return []
     kept = ", ".join(f"{g.name}@{g.major}" for g in stored) or "nothing"
     return [
-        f"the registry keeps an earlier access list ({kept}) over the spec's "
+        f"the registry keeps the access list an operator set ({kept}) over the spec's "
         f"({', '.join(spec.tools) or 'nothing'}{', from ' + spec.source if spec.source else ''}); "
         "SetAgentTools changes it"
     ]

@@ -256,7 +256,8 @@ class ToolRegistry:
         """Store an agent's access list; (the list now stored, whether it is this one).
 
         `only_if_unset` is how an agent publishes its own default list when it
-        starts: an operator's `SetAgentTools` is kept across restarts."""
+        starts: it replaces an earlier default (the agent's spec changed) but never
+        a list an operator set, which is kept across the agent's restarts."""
         grants = list(grants)
         for grant in grants:
             if not schemas.TOOL_NAME_PATTERN.fullmatch(grant.name):
@@ -264,7 +265,7 @@ class ToolRegistry:
         names = [grant.name for grant in grants]
         if len(set(names)) != len(names):
             raise InvalidArgument("each tool may be granted once, at one major version")
-        if await self._store.set_grants(agent, grants, only_if_new=only_if_unset):
+        if await self._store.set_grants(agent, grants, as_default=only_if_unset):
             return grants, True
         return await self._grants(agent), False
 

@@ -31,6 +31,8 @@ class RegistryStore:
         self._prefix = f"{key_prefix}:registry"
         self._names_key = f"{self._prefix}:names"
         self._access_key = f"{self._prefix}:access"
+        # Agents whose access list an operator set: an agent's own default never replaces it.
+        self._operator_set_key = f"{self._prefix}:access:operator"
         self._revision_key = f"{self._prefix}:revision"
 
     def _tool_key(self, name: str) -> str:
@@ -107,19 +109,41 @@ class RegistryStore:
         return _grants(await self._redis.hget(self._access_key, agent))
 
     async def set_grants(
-        self, agent: str, grants: list[Grant], *, only_if_new: bool = False
+        self, agent: str, grants: list[Grant], *, as_default: bool = False
     ) -> bool:
+        """Store an agent's access list; whether it was stored.
+
+        An operator's list (`as_default=False`) is always stored and marks the agent;
+        an agent's own default replaces any earlier default (a spec that changed)
+        but never a list an operator set. One script: no interleaving between the
+        check and the write.
+        """
         value = json.dumps(
             [{"name": g.name, "major": g.major} for g in sorted(grants, key=lambda g: g.name)]
         )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if only_if_new:
-                pipe.hsetnx(self._access_key, agent, value)
-            else:
-                pipe.hset(self._access_key, agent, value)
-            pipe.incr(self._revision_key)
-            changed, _ = await pipe.execute()
-        return bool(changed) or not only_if_new
+        stored = await self._redis.eval(
+            _SET_GRANTS,
+            3,
+            self._access_key,
+            self._operator_set_key,
+            self._revision_key,
+            agent,
+            "1" if as_default else "0",
+            value,
+        )
+        return bool(stored)
+
+
+_SET_GRANTS = """
+if ARGV[2] == '1' then
+  if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+else
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('INCR', KEYS[3])
+return 1
+"""
 
 
 def _sorted(raw: list[bytes | str]) -> list[tool_pb2.ToolDefinition]:

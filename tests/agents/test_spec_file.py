@@ -384,9 +384,10 @@ def test_an_agent_says_when_the_registry_does_not_follow_its_spec() -> None:
     # Stored as asked, or an earlier list equal to it: nothing to say.
     assert grant_problems(spec, list(spec.grants), applied=True) == []
     assert grant_problems(spec, list(spec.grants), applied=False) == []
-    # An earlier list kept over the spec's: say which, and where the spec is.
+    # An operator's list kept over the spec's: say which, and where the spec is.
     [kept] = grant_problems(spec, [ToolGrant(name="calculator", major=1)], applied=False)
-    assert "keeps an earlier access list (calculator@1)" in kept and "team.yaml:" in kept
+    assert "keeps the access list an operator set (calculator@1)" in kept
+    assert "team.yaml:" in kept
     # A granted tool nobody publishes (yet): a misspelling, or a backend still to come.
     [missing] = missing_tools(spec, {"calculator"})
     assert "no tool 'greet.say' is published" in missing and "team.yaml:" in missing

@@ -653,3 +653,30 @@ async def test_from_rpc_error_keeps_the_registry_reason(registry, request_, reas
     err = await rpc_error(registry.InvokeTool(request_, timeout=TIMEOUT))
     assert reason_of(err) == reason  # the server did send it
     assert from_rpc_error(err).reason == reason
+
+
+async def test_an_agents_default_list_follows_its_spec_but_never_beats_an_operator(
+    registry,
+) -> None:
+    def grants(*names: str) -> list[pb.ToolGrant]:
+        return [pb.ToolGrant(name=name, major=1) for name in names]
+
+    async def publish(*names: str, default: bool) -> pb.SetAgentToolsResponse:
+        request = pb.SetAgentToolsRequest(
+            agent="greeter", grants=grants(*names), only_if_unset=default
+        )
+        response: pb.SetAgentToolsResponse = await registry.SetAgentTools(request, timeout=TIMEOUT)
+        return response
+
+    first = await publish("calculator", default=True)
+    assert first.applied
+    # The spec changed (a persisted Redis): the new default replaces the old one.
+    changed = await publish("calculator", "notes.read", default=True)
+    assert changed.applied
+    assert sorted(g.name for g in changed.grants) == ["calculator", "notes.read"]
+    # An operator's list replaces it, and no later default replaces the operator's.
+    operator = await publish("notes.read", default=False)
+    assert operator.applied
+    again = await publish("calculator", "notes.read", default=True)
+    assert not again.applied
+    assert [g.name for g in again.grants] == ["notes.read"]
