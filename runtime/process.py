@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ QUICK_STOP_SIGNAL = signal.SIGINT
 _quick_stop = False
 EXIT_CANNOT_START = 1
 EXIT_BAD_SETTINGS = 2
+EXIT_STOP_OVERRAN = 3
+# Beyond the drain delay and the grace period, what the last stop steps (closing
+# connections, withdrawing from the registry) may take before the process exits anyway.
+STOP_OVERRUN_SECONDS = 10.0
 
 
 class CannotStart(Exception):
@@ -106,7 +111,11 @@ def run_process(
 
     async def main() -> None:
         stop = asyncio.Event()
-        stop_on_signals(stop, name=process)
+        stop_on_signals(
+            stop,
+            name=process,
+            exit_after=settings.drain_seconds + settings.grace_seconds + STOP_OVERRUN_SECONDS,
+        )
         part = await build(settings, args)
         await serve(part, stop, args.ready_file)
 
@@ -157,12 +166,16 @@ async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     return task.result() if not task.cancelled() else None
 
 
-def stop_on_signals(stop: asyncio.Event, *, name: str | None = None) -> None:
+def stop_on_signals(
+    stop: asyncio.Event, *, name: str | None = None, exit_after: float | None = None
+) -> None:
     """Set `stop` on SIGTERM or SIGINT (the event loop must be running).
 
     SIGINT also marks the stop as quick (`quick_stop_requested`).
     With a `name`, the first signal is logged as "<name> received a stop
     signal; draining"; later ones change nothing (the drain is under way).
+    With `exit_after`, a process still alive that many seconds after the first
+    signal exits anyway (`exit_if_still_stopping`).
     """
     loop = asyncio.get_running_loop()
 
@@ -170,12 +183,35 @@ def stop_on_signals(stop: asyncio.Event, *, name: str | None = None) -> None:
         global _quick_stop
         if sig == QUICK_STOP_SIGNAL:
             _quick_stop = True
-        if name is not None and not stop.is_set():
-            log.info("%s received a stop signal; draining", name, extra={"signal": sig.name})
+        if not stop.is_set():
+            if name is not None:
+                log.info("%s received a stop signal; draining", name, extra={"signal": sig.name})
+            if exit_after is not None:
+                exit_if_still_stopping(name or "process", exit_after)
         stop.set()
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, received, sig)
+
+
+def exit_if_still_stopping(name: str, seconds: float) -> None:
+    """Exit the process `seconds` from now if it has not exited by then.
+
+    A stop is bounded by the drain delay and the grace period; a step that
+    hangs beyond them (a dependency that never answers, a stuck thread) must
+    not keep the process, its ports and its leases forever, as Kubernetes ends
+    a pod its grace period did not. A thread, so a blocked event loop cannot
+    hold it up.
+    """
+
+    def overdue() -> None:
+        log.error("%s did not stop within %.0fs of the stop signal; exiting", name, seconds)
+        logging.shutdown()
+        os._exit(EXIT_STOP_OVERRAN)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.daemon = True
+    timer.start()
 
 
 def quick_stop_requested() -> bool:

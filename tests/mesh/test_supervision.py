@@ -214,12 +214,18 @@ def test_ps_and_restart(mesh) -> None:
 
 def test_a_killed_launcher_takes_its_children_and_the_next_up_starts(mesh) -> None:
     workdir, process = mesh
-    pids = [part["pid"] for part in parts(workdir).values() if part.get("pid")]
+    parts_before = parts(workdir)
+    pids = [part["pid"] for part in parts_before.values() if part.get("pid")]
     assert len(pids) >= 10
 
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
-    wait_for(lambda: all(pid_gone(pid) for pid in pids), 30, "every child exited")
+    names = {part["pid"]: name for name, part in parts_before.items() if part.get("pid")}
+    try:
+        wait_for(lambda: all(pid_gone(pid) for pid in pids), 30, "every child exited")
+    except AssertionError:
+        alive = [names[pid] for pid in pids if not pid_gone(pid)]
+        raise AssertionError(f"still running 30 s after the launcher's SIGKILL: {alive}") from None
 
     again = start_up(workdir)
     try:

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from agentplex.runtime.process import Endpoint, serve, stop_each, until_stopped
+from agentplex.runtime.process import (
+    EXIT_STOP_OVERRAN,
+    Endpoint,
+    serve,
+    stop_each,
+    until_stopped,
+)
 from agentplex.runtime.server import ServiceHost
 
 START_TIMEOUT = 20.0
@@ -267,3 +273,16 @@ def test_every_main_keeps_its_flags(module: str, flags: list[str]) -> None:
     assert done.stdout.startswith(f"usage: python -m {module}")
     for flag in flags:
         assert flag in done.stdout
+
+
+def test_a_stop_that_overruns_its_bound_still_ends_the_process() -> None:
+    # A stop step that hangs (here: the whole process sleeping) must not keep it alive.
+    code = (
+        "import time\n"
+        "from agentplex.runtime.process import exit_if_still_stopping\n"
+        "exit_if_still_stopping('stuck', 0.2)\n"
+        "time.sleep(60)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == EXIT_STOP_OVERRAN
+    assert "stuck did not stop within" in done.stderr
