@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -102,12 +103,7 @@ class AgentClient:
         """Run a task within this call and return its result."""
         request = pb.RunTaskRequest(prompt=prompt, session_id=session_id)
         _limit(request, max_steps, token_budget)
-        try:
-            response: pb.RunTaskResponse = await self._stub.RunTask(
-                request, timeout=timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise AgentError.from_rpc_error(err) from None
+        response: pb.RunTaskResponse = await self._call(self._stub.RunTask, request, timeout)
         return response.result
 
     async def stream(
@@ -142,12 +138,9 @@ class AgentClient:
         """Queue a durable task (idempotent per `task_id`); returns it as accepted."""
         spec = task_pb2.TaskSpec(task_id=task_id, prompt=prompt, session_id=session_id)
         _limit(spec, max_steps, token_budget)
-        try:
-            response: pb.SubmitTaskResponse = await self._stub.SubmitTask(
-                pb.SubmitTaskRequest(task=spec), timeout=timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise AgentError.from_rpc_error(err) from None
+        response: pb.SubmitTaskResponse = await self._call(
+            self._stub.SubmitTask, pb.SubmitTaskRequest(task=spec), timeout
+        )
         return response.task
 
     async def watch(
@@ -163,32 +156,30 @@ class AgentClient:
             raise AgentError.from_rpc_error(err) from None
 
     async def get(self, task_id: str, *, timeout: float = 10.0) -> task_pb2.Task:
-        try:
-            response: pb.GetTaskResponse = await self._stub.GetTask(
-                pb.GetTaskRequest(task_id=task_id), timeout=timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise AgentError.from_rpc_error(err) from None
+        response: pb.GetTaskResponse = await self._call(
+            self._stub.GetTask, pb.GetTaskRequest(task_id=task_id), timeout
+        )
         return response.task
 
     async def cancel(self, task_id: str, *, timeout: float = 10.0) -> task_pb2.Task:
-        try:
-            response: pb.CancelTaskResponse = await self._stub.CancelTask(
-                pb.CancelTaskRequest(task_id=task_id), timeout=timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise AgentError.from_rpc_error(err) from None
+        response: pb.CancelTaskResponse = await self._call(
+            self._stub.CancelTask, pb.CancelTaskRequest(task_id=task_id), timeout
+        )
         return response.task
 
     async def card(self, *, timeout: float = 10.0) -> agent_pb2.AgentCard:
         """The agent's name, description, version and tools."""
+        response: pb.GetAgentCardResponse = await self._call(
+            self._stub.GetAgentCard, pb.GetAgentCardRequest(), timeout
+        )
+        return response.card
+
+    async def _call(self, rpc: Any, request: Any, timeout: float) -> Any:
+        """One unary call with the agent header; a failure as `AgentError`."""
         try:
-            response: pb.GetAgentCardResponse = await self._stub.GetAgentCard(
-                pb.GetAgentCardRequest(), timeout=timeout, metadata=self._metadata
-            )
+            return await rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise AgentError.from_rpc_error(err) from None
-        return response.card
 
     async def close(self) -> None:
         await self._channel.close()
