@@ -32,6 +32,7 @@ from agentplex.gateway.snapshot import SnapshotCache
 from agentplex.runtime.clients import Keepalive, open_channel
 from agentplex.runtime.metrics import MetricsEndpoint
 from agentplex.runtime.process import Endpoint, run_process, stop_each
+from agentplex.runtime.server import LIVENESS_SERVICE
 from agentplex.runtime.settings import Settings
 
 if TYPE_CHECKING:  # grpclib's type of a service (what Server takes), not exported
@@ -67,11 +68,12 @@ class SnapshotHealth:
             health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
         ],
     ) -> None:
-        await stream.recv_message()
+        request = await stream.recv_message()
         status = health_pb2.HealthCheckResponse
-        await stream.send_message(
-            status(status=status.SERVING if self.serving else status.NOT_SERVING)
-        )
+        # Liveness (runtime.server.LIVENESS_SERVICE): alive until it stops, snapshot or not.
+        live = request is not None and request.service == LIVENESS_SERVICE
+        serving = not self._shut_down if live else self.serving
+        await stream.send_message(status(status=status.SERVING if serving else status.NOT_SERVING))
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {

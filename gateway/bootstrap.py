@@ -1,7 +1,11 @@
 """Envoy's bootstrap: only the way to the control plane, and the process-wide limits.
 
 Everything that routes traffic (listeners, routes, clusters, endpoints) comes
-over ADS, so this file never changes while agents come and go.
+over ADS, so this file never changes while agents come and go. The control
+plane may be named by DNS (a Kubernetes Service): Envoy resolves it itself.
+Optionally one static listener serves Envoy's Prometheus stats and nothing
+else, so they can be scraped from other hosts while the admin API, which can
+stop Envoy, stays on loopback (as Istio's sidecars expose theirs).
 """
 
 from __future__ import annotations
@@ -32,7 +36,23 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     SocketAddress,
 )
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+)
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
@@ -40,6 +60,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
 from agentplex.gateway.resources import CONTROL_PLANE_CLUSTER, HostPort, load_assignment
@@ -48,13 +69,24 @@ from agentplex.gateway.resources import CONTROL_PLANE_CLUSTER, HostPort, load_as
 XDS_CLUSTER = CONTROL_PLANE_CLUSTER
 
 
+STATS_LISTENER = "stats"
+STATS_PATH = "/stats/prometheus"
+_ADMIN_CLUSTER = "envoy_admin"
+
+
 @dataclass(frozen=True)
 class BootstrapOptions:
-    control_plane: HostPort
+    control_plane: HostPort  # an IP, or a DNS name Envoy resolves (`HostPort.is_name`)
     node_id: str = "gateway"
     admin_host: str = "127.0.0.1"  # Envoy's admin API can stop Envoy: never off loopback
     admin_port: int = 9901
     max_downstream_connections: int = 10000
+    # Where a listener serves only STATS_PATH (None: the stats stay on the admin API).
+    stats: HostPort | None = None
+
+    def __post_init__(self) -> None:
+        if self.stats is not None and self.admin_port == 0:
+            raise ValueError("the stats listener forwards to the admin port: give it one, not 0")
 
 
 def build(options: BootstrapOptions) -> Bootstrap:
@@ -89,14 +121,19 @@ def build(options: BootstrapOptions) -> Bootstrap:
             clusters=[
                 Cluster(
                     name=XDS_CLUSTER,
-                    type=ClusterDiscoveryType.STATIC,
+                    # A name is re-resolved as it changes (a Service's endpoints move).
+                    type=ClusterDiscoveryType.STRICT_DNS
+                    if options.control_plane.is_name
+                    else ClusterDiscoveryType.STATIC,
                     connect_timeout=datetime.timedelta(seconds=1),
                     typed_extension_protocol_options={
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
                     },
                     load_assignment=load_assignment(XDS_CLUSTER, [options.control_plane]),
-                )
-            ]
+                ),
+                *_stats_clusters(options),
+            ],
+            listeners=_stats_listeners(options),
         ),
         # A hard ceiling on open client connections, whatever the listeners say.
         overload_manager=OverloadManager(
@@ -122,3 +159,71 @@ def write(options: BootstrapOptions, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(build(options)), indent=2))
     return path
+
+
+def _stats_clusters(options: BootstrapOptions) -> list[Cluster]:
+    if options.stats is None:
+        return []
+    admin = HostPort(options.admin_host, options.admin_port)
+    return [
+        Cluster(
+            name=_ADMIN_CLUSTER,
+            type=ClusterDiscoveryType.STATIC,
+            connect_timeout=datetime.timedelta(seconds=1),
+            load_assignment=load_assignment(_ADMIN_CLUSTER, [admin]),
+        )
+    ]
+
+
+def _stats_listeners(options: BootstrapOptions) -> list[Listener]:
+    """GET STATS_PATH goes to the admin API; any other path or method is a 404."""
+    if options.stats is None:
+        return []
+    stats_only = RouteMatch(
+        path=STATS_PATH,
+        headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))],
+    )
+    routes = RouteConfiguration(
+        name=STATS_LISTENER,
+        virtual_hosts=[
+            VirtualHost(
+                name=STATS_LISTENER,
+                domains=["*"],
+                routes=[
+                    Route(match=stats_only, route=RouteAction(cluster=_ADMIN_CLUSTER)),
+                    Route(
+                        match=RouteMatch(prefix="/"),
+                        direct_response=DirectResponseAction(status=404),
+                    ),
+                ],
+            )
+        ],
+    )
+    manager = HttpConnectionManager(
+        stat_prefix=STATS_LISTENER,
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        route_config=routes,
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))
+        ],
+    )
+    return [
+        Listener(
+            name=STATS_LISTENER,
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.stats.host, port_value=options.stats.port
+                )
+            ),
+            filter_chains=[
+                FilterChain(
+                    filters=[
+                        Filter(
+                            name="envoy.filters.network.http_connection_manager",
+                            typed_config=Any.pack(manager),
+                        )
+                    ]
+                )
+            ],
+        )
+    ]

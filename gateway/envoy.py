@@ -40,7 +40,10 @@ def validate(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 class EnvoyProcess:
-    def __init__(self, options: bootstrap.BootstrapOptions, work_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, options: bootstrap.BootstrapOptions, work_dir: Path, log_path: Path | None
+    ) -> None:
+        """`log_path` None: Envoy writes to this process's stdout and stderr (a container)."""
         self.options = options
         self.work_dir = work_dir
         self.log_path = log_path
@@ -53,8 +56,11 @@ class EnvoyProcess:
         config = self.write_config()
         admin_file = self.work_dir / "admin.address"
         admin_file.unlink(missing_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
+        with contextlib.ExitStack() as files:
+            log = None
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = files.enter_context(self.log_path.open("ab"))
             self.process = await spawn(
                 str(binary()),
                 "-c",
@@ -117,6 +123,8 @@ class EnvoyProcess:
             await terminate(self.process, timeout=timeout)
 
     def _tail(self, lines: int = 8) -> str:
+        if self.log_path is None:
+            return "(see its output above)"
         if not self.log_path.exists():
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

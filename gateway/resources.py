@@ -280,16 +280,31 @@ class HostPort:
     port: int
 
     @classmethod
-    def parse(cls, address: str) -> HostPort:
-        """`host:port` (IPv6 as `[::1]:port`); `localhost` becomes 127.0.0.1 for Envoy's EDS."""
+    def parse(cls, address: str, *, allow_names: bool = False) -> HostPort:
+        """`host:port` (IPv6 as `[::1]:port`); `localhost` becomes 127.0.0.1 for Envoy's EDS.
+
+        EDS takes IPs only; `allow_names` accepts a DNS name too, for a cluster Envoy
+        resolves itself (the control plane's, `is_name`).
+        """
         host, sep, port = address.rpartition(":")
-        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ValueError(f"not a host:port address: {address!r}")
         host = host.strip("[]")
         if host == "localhost":
             host = "127.0.0.1"
-        ipaddress.ip_address(host)  # EDS takes IPs only; names would need a DNS cluster
-        return cls(host, int(port))
+        parsed = cls(host, int(port))
+        if not (allow_names and parsed.is_name):
+            ipaddress.ip_address(host)
+        return parsed
+
+    @property
+    def is_name(self) -> bool:
+        """A DNS name rather than an IP address."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return True
+        return False
 
 
 @dataclass(frozen=True)

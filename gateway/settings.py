@@ -31,6 +31,9 @@ class GatewaySettings(BaseModel):
 
     listen_host: str = _default("listen_host")
     listen_port: int = _default("listen_port")
+    control_plane_address: str = _default("control_plane_address")
+    admin_port: int = _default("admin_port")
+    stats_port: int | None = _default("stats_port")
     default_agent: str = _default("default_agent")
     cors_origins: str = _default("cors_origins")
     max_request_bytes: int = _default("max_request_bytes")

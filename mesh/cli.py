@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG
 from agentplex.contract import limits
-from agentplex.mesh import render, tool_commands
+from agentplex.mesh import render, serve, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
@@ -152,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the addresses are in the state file",
     )
 
+    serve_part = commands.add_parser(
+        "serve",
+        help="run one part of the mesh alone, configured from the environment "
+        "(containers, systemd): agentplex serve --help",
+        add_help=False,
+    )
+    serve_part.add_argument(
+        "args", nargs=argparse.REMAINDER, help="the part (memory, agent NAME, …) and its flags"
+    )
     ps = commands.add_parser("ps", help="list the running mesh's parts and their restarts")
     ps.add_argument("--json", action="store_true", help="print one JSON object per part")
 
@@ -286,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["serve"]:
+        serve.main(words[1:])  # the part's own process: its flags, settings and exit codes
+        return 0
     args = build_parser().parse_args(argv)
     settings: Settings | None = None
     try:

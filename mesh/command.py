@@ -15,6 +15,12 @@ EXIT_USAGE = 2
 
 def main() -> None:
     try:
+        if sys.argv[1:2] == ["serve"]:
+            # One part alone: its own main, without the rest of the command's imports.
+            from agentplex.mesh import serve
+
+            serve.main(sys.argv[2:])
+            return
         from agentplex.mesh import cli
     except ModuleNotFoundError as exc:
         print(

@@ -120,19 +120,18 @@ class MeshLauncher:
                 f"  {'llm (local)':<20} {model.address}  (SmolLM2-135M-Instruct, "
                 f"log {model.log_path})"
             )
-        memory = await self._start_part("memory", "agentplex.memory", [], env)
+        memory = await self._start_part("memory", ["memory"], env)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
-        registry = await self._start_part("registry", "agentplex.registry", [], env)
+        registry = await self._start_part("registry", ["registry"], env)
         env["AGENTPLEX_REGISTRY_ADDRESS"] = registry.address
         # The built-in tool backend publishes its contracts to the registry on start.
-        await self._start_part("tools", "agentplex.tools", [], env)
+        await self._start_part("tools", ["tools"], env)
         # Agents depend only on memory and registry, not on each other.
         await asyncio.gather(
             *(
                 self._start_part(
                     replica,
-                    "agentplex.agents",
-                    ["--agent", name, *self._spec_args],
+                    ["agent", name, *self._spec_args],
                     env,
                     group=name,
                 )
@@ -145,8 +144,7 @@ class MeshLauncher:
             *(
                 self._start_part(
                     f"{name}-worker-{index}",
-                    "agentplex.agents.worker",
-                    ["--agent", name, *self._spec_args, "--name", f"{name}-worker-{index}"],
+                    ["worker", name, *self._spec_args, "--name", f"{name}-worker-{index}"],
                     env,
                     group=f"{name}-worker",
                 )
@@ -211,8 +209,7 @@ class MeshLauncher:
         listen_port = self._gateway_port("gateway")
         xds = await self._start_part(
             "gateway-xds",
-            "agentplex.gateway",
-            [],
+            ["gateway-control-plane"],
             {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)},
         )
         envoy = EnvoyPart(
@@ -277,8 +274,7 @@ class MeshLauncher:
     async def _start_part(
         self,
         name: str,
-        module: str,
-        args: list[str],
+        serve: list[str],
         env: dict[str, str],
         *,
         group: str | None = None,
@@ -287,8 +283,7 @@ class MeshLauncher:
         port_name = group if group in DEFAULT_PORTS and name == group else name
         part = ServicePart(
             name,
-            module,
-            args,
+            serve,
             port=self._port(port_name, 0),
             metrics_port=self._port(port_name, 1),
             env=env,

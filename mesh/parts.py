@@ -37,13 +37,14 @@ STOP_TIMEOUT_SECONDS = 20.0
 
 
 class ServicePart:
-    """An agentplex process: a service, a task worker or the gateway's control plane."""
+    """An agentplex process: a service, a task worker or the gateway's control plane,
+    started as `agentplex serve` starts it anywhere else (`serve` is its part and
+    arguments, e.g. `["agent", "assistant"]`)."""
 
     def __init__(
         self,
         name: str,
-        module: str,
-        args: list[str],
+        serve: list[str],
         *,
         port: int,
         metrics_port: int,
@@ -53,8 +54,7 @@ class ServicePart:
     ) -> None:
         self.name = name
         self.group = group or name
-        self.module = module
-        self.args = args
+        self.serve = serve
         self.port = port
         self.metrics_port = metrics_port
         self.env = env
@@ -80,8 +80,8 @@ class ServicePart:
             self._process = await spawn(
                 sys.executable,
                 "-m",
-                self.module,
-                *self.args,
+                "agentplex.mesh.serve",
+                *self.serve,
                 "--port",
                 str(self.port),
                 "--metrics-port",

@@ -90,12 +90,21 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """An insecure loopback/cluster channel that propagates W3C trace context and
     detects a dead peer through keepalive (defaults unless the caller's settings say;
-    `any_server` for a peer that may not be an agentplex server, see `Keepalive`)."""
+    `any_server` for a peer that may not be an agentplex server, see `Keepalive`).
+
+    Round robin over every address the name resolves to: a headless Kubernetes
+    Service gives one per replica, and one HTTP/2 connection per replica spreads
+    the calls (the default, pick_first, would send them all to one).
+    """
     keepalive_options = (keepalive or Keepalive()).channel_options(any_server=any_server)
     return grpc.aio.insecure_channel(
         address,
         interceptors=client_interceptors(),
-        options=[*keepalive_options, ("grpc.enable_retries", 0)],
+        options=[
+            *keepalive_options,
+            ("grpc.enable_retries", 0),
+            ("grpc.lb_policy_name", "round_robin"),
+        ],
     )
 
 

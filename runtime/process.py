@@ -100,11 +100,20 @@ def run_process(
     parser = argparse.ArgumentParser(prog=prog)
     if add_arguments is not None:
         add_arguments(parser)
-    parser.add_argument("--port", type=int, default=0, help=port_help)
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = any)")
+    parser.add_argument("--port", type=int, help=f"{port_help}; default $AGENTPLEX_PORT")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port (0 = any); default $AGENTPLEX_METRICS_PORT",
+    )
     parser.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
     args = parser.parse_args(argv)
     settings = read_settings(prog)
+    # Flags win over the environment (a container sets AGENTPLEX_PORT, `agentplex up` flags).
+    if args.port is None:
+        args.port = settings.port
+    if args.metrics_port is None:
+        args.metrics_port = settings.metrics_port
     process = name(args) if callable(name) else name
     configure_logging(process, settings.log_level)
     configure_tracing_from(process, settings)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from agentplex.runtime.advertise import advertised_host, join
 from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # gRPC's default, 8 KiB, would refuse calls whose headers the gateway admits (bearer
 # tokens, cookies) with RESOURCE_EXHAUSTED; the gateway's edge limit stays below this.
 MAX_METADATA_BYTES = 64 * 1024
+# The grpc.health.v1 service name a liveness probe asks for (Kubernetes `grpc.service`).
+LIVENESS_SERVICE = "liveness"
 
 DependencyCheck = Callable[[], Awaitable[None]]
 """Raises (or times out) when a dependency does not answer."""
@@ -152,6 +155,8 @@ class ServiceHost:
     register: Callable[[grpc.aio.Server], Sequence[str]]
     host: str = "127.0.0.1"
     port: int = 0
+    # Where others reach it, when not `host` (runtime/advertise.py).
+    advertise_host: str | None = None
     metrics_port: int | None = 0
     dependency_checks: Sequence[DependencyCheck] = ()
     health_interval_seconds: float = 1.0
@@ -189,6 +194,7 @@ class ServiceHost:
             name=name,
             register=register,
             host=settings.host,
+            advertise_host=settings.advertise_host,
             port=port,
             metrics_port=metrics_port,
             dependency_checks=dependency_checks,
@@ -221,13 +227,14 @@ class ServiceHost:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
             serve_reflection([*self._service_names, health_name], server)
             try:
-                bound = server.add_insecure_port(f"{self.host}:{self.port}")
+                bound = server.add_insecure_port(join(self.host, self.port))
             except RuntimeError as exc:
                 raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
             self._server = server
             await server.start()
             metrics_port = self._metrics.port if self._metrics else None
-            endpoint = Endpoint(address=f"{self.host}:{bound}", metrics_port=metrics_port)
+            advertised = await advertised_host(self.host, self.advertise_host)
+            endpoint = Endpoint(address=join(advertised, bound), metrics_port=metrics_port)
             for hook in self.on_start:
                 await hook(endpoint)
             await self._set_health(await self._dependencies_ok())
@@ -260,6 +267,9 @@ class ServiceHost:
         )
         for service in ("", *self._service_names):
             await self._health.set(service, status)
+        # Liveness says only that this process answers, whatever its dependencies say:
+        # a Redis outage must not get every pod restarted (graceful shutdown clears it).
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def _watch_dependencies(self) -> None:
         while not self._stopping:

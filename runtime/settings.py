@@ -43,6 +43,28 @@ class SharedSection(Section):
         default="127.0.0.1",
         description="Interface every server binds: gRPC, metrics and the gateway's control plane.",
     )
+    port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="gRPC port of a part started alone (`agentplex serve PART`; a worker and the "
+        "gateway's control plane too); `--port` wins, 0 is any free port. `agentplex up` gives "
+        "each part its own.",
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the part's Prometheus `/metrics` (`--metrics-port` wins; 0 is any "
+        "free port).",
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description="The IP address others reach this part at, published to the registry "
+        "(agents and tool backends) and routed to by the gateway: in Kubernetes the pod IP "
+        "(`status.podIP`). Unset: `host`, or when that is a wildcard (`0.0.0.0`, `::`), the "
+        "address this machine's hostname resolves to.",
+    )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         description="Redis that holds sessions, the registry, task queues and task events.",
@@ -357,6 +379,26 @@ class GatewaySection(Section):
     )
     gateway_listen_port: int = Field(
         default=8080, ge=0, le=65535, description="Envoy's listener port (0: any free port)."
+    )
+    gateway_control_plane_address: str = Field(
+        default="127.0.0.1:50070",
+        description="Where Envoy (`agentplex serve envoy`) reaches the gateway's control plane "
+        "for its configuration (xDS) and the JSON body check; a DNS name or an IP.",
+    )
+    gateway_admin_port: int = Field(
+        default=9901,
+        ge=0,
+        le=65535,
+        description="Port of Envoy's admin API, on 127.0.0.1 only: it can stop Envoy "
+        "(0: any free port).",
+    )
+    gateway_stats_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="With `agentplex serve envoy`, a listener on `gateway_listen_host` that "
+        "serves only Envoy's Prometheus stats (`/stats/prometheus`), for scraping from other "
+        "hosts; unset, the stats are only on the loopback admin API.",
     )
     gateway_default_agent: str = Field(
         default="assistant",

@@ -165,3 +165,38 @@ def test_a_bad_route_fails_validation(tmp_path: Path) -> None:
     result = envoy.validate(path)
     assert result.returncode != 0
     assert "/v1/tools(" in result.stdout + result.stderr
+
+
+def test_bootstrap_for_a_control_plane_by_name_with_a_stats_listener_validates(
+    tmp_path: Path,
+) -> None:
+    options = bootstrap.BootstrapOptions(
+        HostPort.parse("gateway-control-plane:50051", allow_names=True),
+        admin_port=9901,
+        stats=HostPort("0.0.0.0", 9902),
+    )
+    path = bootstrap.write(options, tmp_path / "bootstrap.json")
+    result = envoy.validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = json.loads(path.read_text())
+    xds = next(
+        c for c in written["staticResources"]["clusters"] if c["name"] == bootstrap.XDS_CLUSTER
+    )
+    assert xds["type"] == "STRICT_DNS"  # Envoy re-resolves the Service name itself
+    assert [listener["name"] for listener in written["staticResources"]["listeners"]] == ["stats"]
+    # The admin API stays on loopback; only the stats path is forwarded to it.
+    assert written["admin"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+
+
+def test_a_stats_listener_needs_a_fixed_admin_port() -> None:
+    with pytest.raises(ValueError, match="admin port"):
+        bootstrap.BootstrapOptions(
+            HostPort("127.0.0.1", 1), admin_port=0, stats=HostPort("127.0.0.1", 2)
+        )
+
+
+def test_names_are_refused_where_envoy_needs_an_ip() -> None:
+    with pytest.raises(ValueError):
+        HostPort.parse("memory:50051")
+    assert HostPort.parse("memory:50051", allow_names=True).is_name
+    assert not HostPort.parse("10.0.0.1:1", allow_names=True).is_name

@@ -237,7 +237,9 @@ def test_every_option_and_argument_has_help() -> None:
 
 
 def test_every_command_takes_json() -> None:
-    runnable = commands(cli.build_parser())
+    # `serve` runs one part of the mesh as a long-lived process with its own flags
+    # (`agentplex serve memory --help`): it prints logs, not results.
+    runnable = [(prog, p) for prog, p in commands(cli.build_parser()) if prog != "agentplex serve"]
     assert len(runnable) == 12  # up ps restart run submit watch status cancel, tools ×4
     without = [
         prog

@@ -79,8 +79,11 @@ def pid_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone too
-        return stat.read().split(")")[-1].split()[0] == "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone too
+            return stat.read().split(")")[-1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):  # it finished exiting meanwhile
+        return True
 
 
 def start_up(workdir: Path) -> subprocess.Popen[str]:
