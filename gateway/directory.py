@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import grpc
 
@@ -28,7 +29,23 @@ AGENT_TOOL_PREFIX = "agent."
 class AgentDirectory:
     def __init__(self, channel: grpc.aio.Channel, registry_addresses: list[str]) -> None:
         self._stub = pb_grpc.ToolRegistryServiceStub(channel)
-        self._registry = tuple(HostPort.parse(address) for address in registry_addresses)
+        # IPs or DNS names (a headless Service: one address per registry replica).
+        self._registry = tuple(
+            HostPort.parse(address, allow_names=True) for address in registry_addresses
+        )
+
+    async def _registry_replicas(self) -> tuple[HostPort, ...]:
+        """The registry's addresses as IPs, resolved again on every read so the gateway
+        follows its replicas (Envoy's endpoint discovery takes IPs only)."""
+        loop = asyncio.get_running_loop()
+        replicas: set[HostPort] = set()
+        for address in self._registry:
+            if not address.is_name:
+                replicas.add(address)
+                continue
+            infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            replicas.update(HostPort(str(info[4][0]), address.port) for info in infos)
+        return tuple(sorted(replicas))
 
     async def read(self, *, timeout: float = 2.0) -> Directory:
         """One consistent read; raises (grpc.aio.AioRpcError) when the registry is unreachable."""
@@ -66,5 +83,5 @@ class AgentDirectory:
                     )
         return Directory(
             agents={name: tuple(sorted(hosts)) for name, hosts in agents.items() if hosts},
-            registry=self._registry,
+            registry=await self._registry_replicas(),
         )

@@ -277,6 +277,15 @@ class Worker:
             if await self.store.hand_back(task_id, job.attempt, self.consumer, self._lease_ms):
                 tasks_outcome.labels(self.store.agent, "handed_back").inc()
                 log.info("handed back", extra={"task_id": task_id, "attempt": job.attempt})
+            else:
+                # Refused: while Redis was out of reach (a partition, a stall) the lease ran
+                # out and another worker took the task over, or it already ended.
+                tasks_outcome.labels(self.store.agent, "stale").inc()
+                log.warning(
+                    "attempt superseded: the task moved on while this worker could not reach "
+                    "Redis; nothing handed back",
+                    extra={"task_id": task_id, "attempt": job.attempt},
+                )
         except (OSError, RedisError) as exc:
             log.warning(
                 "cannot hand the task back (%s); its lease will run out",

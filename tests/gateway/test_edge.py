@@ -10,9 +10,12 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 
 from agentplex.gateway.app import ControlPlaneServer
+from agentplex.gateway.directory import AgentDirectory
+from agentplex.gateway.resources import HostPort
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.mesh.redis_process import free_port
 
@@ -92,3 +95,13 @@ async def test_serve_envoy_routes_serves_stats_only_and_drains_on_sigterm(
         await control_plane.stop()
     log = (tmp_path / "envoy.log").read_text()
     assert "envoy draining" in log
+
+
+async def test_the_registry_named_by_dns_reaches_envoy_as_its_addresses(mesh) -> None:
+    """A headless Service name for the registry: the directory resolves it on every
+    read (Envoy's endpoint discovery takes IPs only)."""
+    port = int(mesh.registry.rsplit(":", 1)[1])
+    async with grpc.aio.insecure_channel(mesh.registry) as channel:
+        directory = await AgentDirectory(channel, [f"localhost:{port}"]).read()
+    assert directory.registry == (HostPort("127.0.0.1", port),)
+    assert set(directory.agents) >= {"assistant", "researcher", "supervisor"}
