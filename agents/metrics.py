@@ -25,3 +25,18 @@ tool_calls = Counter(
     "Tool invocations, by agent, tool and outcome.",
     ["agent", "tool", "outcome"],
 )
+# A step is one model call (with its retries) plus the tool calls it asked for,
+# which may be sub-agents' whole tasks: hence the long tail.
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+step_duration = Histogram(
+    "agentplex_step_duration_seconds",
+    "Wall-clock time of one plan-act-observe step: the model call and the step's tool calls.",
+    ["agent"],
+    buckets=STEP_BUCKETS,
+)
+llm_call_duration = Histogram(
+    "agentplex_llm_call_duration_seconds",
+    "Wall-clock time of one model call attempt, streamed to its end or its error.",
+    ["agent", "model"],
+    buckets=STEP_BUCKETS,
+)

@@ -419,10 +419,12 @@ class AgentRunner:
             if await run.cancel_asked():
                 raise _Cancelled
             run.progress.steps = step
-            completion = await self._plan(run, step)
-            if not completion.tool_calls:
-                return None
-            await self._act(run, step, completion)
+            # Observed however the step ends: a step cut short is still time spent.
+            with metrics.step_duration.labels(self.spec.name).time():
+                completion = await self._plan(run, step)
+                if not completion.tool_calls:
+                    return None
+                await self._act(run, step, completion)
         return MAX_STEPS_REACHED
 
     async def _open(self, run: _TaskRun) -> None:
@@ -538,6 +540,7 @@ class AgentRunner:
             messages=tuple(run.messages), tools=tuple(tools), max_tokens=remaining_tokens
         )
         agent = self.spec.name
+        call_duration = metrics.llm_call_duration.labels(agent, self._llm.model)
         async for attempt in self._llm_retrying():
             with attempt, tracer.start_as_current_span("agent.llm_call") as span:
                 span.set_attributes(
@@ -547,7 +550,8 @@ class AgentRunner:
                         "llm.attempt": attempt.retry_state.attempt_number,
                     }
                 )
-                completion = await self._stream_once(run, step, request)
+                with call_duration.time():  # each attempt, failed ones too
+                    completion = await self._stream_once(run, step, request)
                 span.set_attributes(
                     {
                         "llm.prompt_tokens": completion.usage.prompt_tokens,

@@ -96,27 +96,11 @@ class EnvoyProcess:
 
     async def listener(self, *, name: str = LISTENER_NAME, timeout: float = 30.0) -> HostPort:
         """The gateway listener's bound address, once Envoy got it from the control plane."""
-        assert self.admin is not None, "start() first"
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while loop.time() < give_up:
-                if self.process is not None and self.process.returncode is not None:
-                    raise EnvoyError(f"envoy exited: {self._tail()}")
-                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                    response = await client.get(
-                        f"http://{self.admin.host}:{self.admin.port}/listeners",
-                        params={"format": "json"},
-                    )
-                    for listener in response.json().get("listener_statuses", []):
-                        if listener.get("name") == name:
-                            socket = listener["local_address"]["socket_address"]
-                            return HostPort(socket["address"], int(socket["port_value"]))
-                await asyncio.sleep(0.1)
-        raise EnvoyError(
-            f"the gateway listener did not appear within {timeout:g}s "
-            f"(is the control plane reachable?): {self._tail()}"
-        )
+        assert self.admin is not None and self.process is not None, "start() first"
+        try:
+            return await listener_address(self.admin, self.process, name=name, timeout=timeout)
+        except EnvoyError as exc:
+            raise EnvoyError(f"{exc}: {self._tail()}") from None
 
     async def stop(self, *, timeout: float = 10.0) -> None:
         if self.process is not None:
@@ -128,3 +112,32 @@ class EnvoyProcess:
         if not self.log_path.exists():
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def listener_address(
+    admin: HostPort,
+    process: asyncio.subprocess.Process,
+    *,
+    name: str = LISTENER_NAME,
+    timeout: float = 30.0,
+) -> HostPort:
+    """A listener's bound address from Envoy's admin API, once Envoy got it over LDS
+    (its port may have been 0); EnvoyError if Envoy exits or it never appears."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while loop.time() < give_up:
+            if process.returncode is not None:
+                raise EnvoyError(f"envoy exited with code {process.returncode}")
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                response = await client.get(
+                    f"http://{admin.host}:{admin.port}/listeners", params={"format": "json"}
+                )
+                for listener in response.json().get("listener_statuses", []):
+                    if listener.get("name") == name:
+                        socket = listener["local_address"]["socket_address"]
+                        return HostPort(socket["address"], int(socket["port_value"]))
+            await asyncio.sleep(0.1)
+    raise EnvoyError(
+        f"the gateway listener did not appear within {timeout:g}s (is the control plane reachable?)"
+    )

@@ -217,6 +217,7 @@ class MeshLauncher:
             listen_port=listen_port,
             admin_port=self._gateway_port("envoy-admin"),
             run_dir=self._run_dir,
+            env=env,
         )
         await self._supervise(envoy)
         self.say(

@@ -23,8 +23,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2
 
-from agentplex.gateway.bootstrap import BootstrapOptions
-from agentplex.gateway.envoy import EnvoyError, EnvoyProcess
+from agentplex.gateway.envoy import EnvoyError, listener_address
 from agentplex.gateway.resources import HostPort
 from agentplex.mesh.local_model import LocalModelError, LocalModelServer
 from agentplex.mesh.redis_process import EmbeddedRedis
@@ -213,22 +212,26 @@ class LocalModelPart:
 
 
 class EnvoyPart:
-    """Envoy, booting from the control plane; ready once it routes to an agent."""
+    """Envoy as `agentplex serve envoy` runs it anywhere, booting from the control plane;
+    ready once it routes to an agent. A relaunch keeps the admin port (`routes_to`
+    and the state file name it)."""
 
-    def __init__(self, *, xds: str, listen_port: int, admin_port: int, run_dir: Path) -> None:
+    def __init__(
+        self, *, xds: str, listen_port: int, admin_port: int, run_dir: Path, env: dict[str, str]
+    ) -> None:
         self.name = self.group = "gateway"
         self.log_path: Path | None = run_dir / "logs" / "envoy.log"
         self.metrics: int | None = None
-        self._xds = xds
         self._listen_port = listen_port
         self._admin_port = admin_port
-        self._work_dir = run_dir / "envoy"
-        self._envoy: EnvoyProcess | None = None
+        self._env = {**env, "AGENTPLEX_GATEWAY_CONTROL_PLANE_ADDRESS": xds}
+        self._work_dir = run_dir / "envoy"  # its bootstrap, kept for whoever debugs it
+        self._process: asyncio.subprocess.Process | None = None
         self._address = ""
 
     @property
     def process(self) -> asyncio.subprocess.Process | None:
-        return self._envoy.process if self._envoy is not None else None
+        return self._process
 
     @property
     def address(self) -> str:
@@ -236,35 +239,73 @@ class EnvoyPart:
 
     async def launch(self) -> None:
         assert self.log_path is not None
-        envoy = EnvoyProcess(
-            BootstrapOptions(HostPort.parse(self._xds), admin_port=self._admin_port),
-            work_dir=self._work_dir,
-            log_path=self.log_path,
-        )
-        self._envoy = envoy
+        ready_dir = Path(tempfile.mkdtemp(prefix="agentplex-"))
+        ready_file = ready_dir / "envoy.ready"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**self._env, "AGENTPLEX_GATEWAY_ADMIN_PORT": str(self._admin_port)}
         try:
-            admin = await envoy.start(timeout=START_TIMEOUT_SECONDS)
-            listener = await envoy.listener(timeout=START_TIMEOUT_SECONDS)
+            with self.log_path.open("ab") as log:
+                self._process = await spawn(
+                    sys.executable,
+                    "-m",
+                    "agentplex.mesh.serve",
+                    "envoy",
+                    "--work-dir",
+                    str(self._work_dir),
+                    "--ready-file",
+                    str(ready_file),
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            admin = await self._admin(ready_file)
+            listener = await listener_address(admin, self._process, timeout=START_TIMEOUT_SECONDS)
+            if not await _gateway_ready(listener, self._process):
+                raise LaunchError(
+                    f"the gateway did not become ready within {START_TIMEOUT_SECONDS:g}s "
+                    f"(its default agent never passed a health check); see {self.log_path}"
+                )
         except EnvoyError as exc:
-            await envoy.stop()
+            await self.stop(graceful=False)
             hint = (
                 f" Is port {self._listen_port} taken? Use --port gateway=PORT."
                 if self._listen_port
                 else ""
             )
-            raise LaunchError(f"the Envoy gateway failed to start: {exc}{hint}") from None
-        if not await _gateway_ready(listener, envoy):
-            await envoy.stop()
             raise LaunchError(
-                f"the gateway did not become ready within {START_TIMEOUT_SECONDS:g}s "
-                f"(its default agent never passed a health check); see {self.log_path}"
-            )
+                f"the Envoy gateway failed to start: {exc}{hint}\n{log_tail(self.log_path)}"
+            ) from None
+        except BaseException:
+            await self.stop(graceful=False)
+            raise
+        finally:
+            shutil.rmtree(ready_dir, ignore_errors=True)
         self._admin_port = self.metrics = admin.port
         self._address = f"{listener.host}:{listener.port}"
 
+    async def _admin(self, ready_file: Path) -> HostPort:
+        """The admin address `serve envoy` reports once Envoy runs."""
+        assert self._process is not None
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_SECONDS
+        while loop.time() < give_up:
+            if self._process.returncode is not None:
+                raise EnvoyError(f"envoy exited with code {self._process.returncode}")
+            ready = _read_ready(ready_file)
+            if ready is not None:
+                return HostPort.parse(ready["address"])
+            await asyncio.sleep(0.05)
+        raise EnvoyError(f"envoy did not start within {START_TIMEOUT_SECONDS:g}s")
+
     async def stop(self, *, graceful: bool) -> None:
-        if self._envoy is not None:
-            await self._envoy.stop()
+        """SIGTERM drains (health check failed first, then the listeners); SIGINT is quick."""
+        if self._process is not None:
+            await terminate(
+                self._process,
+                timeout=STOP_TIMEOUT_SECONDS,
+                sig=signal.SIGTERM if graceful else signal.SIGINT,
+            )
 
     async def routes_to(self, cluster: str, address: str, *, timeout: float) -> bool:
         """Wait until Envoy has `address` in `cluster` and its health checks pass."""
@@ -304,13 +345,13 @@ def log_tail(path: Path | None, lines: int = 6) -> str:
     return "\n".join(f"    {line}" for line in text)
 
 
-async def _gateway_ready(listener: HostPort, envoy: EnvoyProcess) -> bool:
+async def _gateway_ready(listener: HostPort, process: asyncio.subprocess.Process) -> bool:
     """/ready answers 200 once Envoy has health-checked the default agent."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + START_TIMEOUT_SECONDS
     async with httpx.AsyncClient(timeout=1.0) as client:
         while loop.time() < give_up:
-            if envoy.process is not None and envoy.process.returncode is not None:
+            if process.returncode is not None:
                 return False
             with contextlib.suppress(httpx.HTTPError):
                 response = await client.get(f"http://{listener.host}:{listener.port}/ready")

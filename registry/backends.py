@@ -47,6 +47,7 @@ from tenacity import (
 from agentplex.contract import agent_tool, limits, lineage
 from agentplex.contract.events import is_final
 from agentplex.contract.reasons import Reason, ToolErrorCode
+from agentplex.registry import metrics
 from agentplex.registry.breaker import CircuitBreaker
 from agentplex.runtime import errors
 from agentplex.runtime.clients import Deadline, Keepalive, call_with_deadline, open_channel
@@ -308,6 +309,7 @@ class AgentBackend(_Backend):
                 failure_threshold=self._breaker_threshold,
                 reset_seconds=self._breaker_reset,
                 clock=self._clock,
+                on_transition=metrics.breaker_transitions(tool_name),
             )
         return self._breakers[tool_name]
 

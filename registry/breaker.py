@@ -14,6 +14,9 @@ each registry replica learns it from its own calls, losing it on restart only
 costs a few failed calls, and no task's outcome depends on it. That keeps the
 services stateless in the sense that matters (any replica can serve any
 request), which is why it lives in process memory and not in Redis.
+
+Whoever wants to know when it opens or closes (the registry's metrics) passes
+`on_transition`; the breaker itself knows nothing of how that is reported.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class CircuitBreaker:
     last_failure: str = ""
     """What the latest failure of the current streak was (a tool error code), so
     an open breaker can say why it is open; empty while closed."""
+    on_transition: Callable[[BreakerState], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """Told OPEN on each opening (a failed probe re-opens it too), CLOSED when a call
+    closes it again. Half-open is reached by time passing and is not reported."""
     _failures: int = 0
     _opened_at: float | None = None
     _probing: bool = False
@@ -82,11 +90,23 @@ class CircuitBreaker:
         if ok is None:
             self._probing = False
         elif ok:
+            was_closed = self._opened_at is None
             self._failures, self._opened_at, self._probing = 0, None, False
             self.last_failure = ""
+            if not was_closed:
+                self._tell(BreakerState.CLOSED)
         else:
             self._failures += 1
             self.last_failure = cause
             if self._probing or self._failures >= self.failure_threshold:
+                # A call let through before the opening that fails now extends the
+                # open period; it is no new opening.
+                opens = self.state is not BreakerState.OPEN
                 self._opened_at = self.clock()
+                if opens:
+                    self._tell(BreakerState.OPEN)
             self._probing = False
+
+    def _tell(self, state: BreakerState) -> None:
+        if self.on_transition is not None:
+            self.on_transition(state)
