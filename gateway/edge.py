@@ -90,7 +90,8 @@ class EdgeEnvoy:
         if exited.done():
             code = exited.result()
             log.error("envoy exited with code %s", code)
-            return code or EXIT_CANNOT_START
+            # Never 0: whatever stopped Envoy, the orchestrator must start it again.
+            return 128 - code if code < 0 else (code or EXIT_CANNOT_START)
         exited.cancel()
         await self.drain()
         await self.envoy.stop(timeout=self.settings.grace_seconds)
