@@ -13,7 +13,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import grpclib.const
@@ -132,6 +135,47 @@ def otlp_traces_receiver(settings: Settings) -> resources.HostPort | None:
         return None
 
 
+# JWK members that only a private or symmetric key has: such a key must never reach
+# Envoy's config (its admin API prints it), and whoever holds it can mint tokens.
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def read_jwks(path: Path) -> str:
+    """The public keys in the JWKS file `path`, as compact JSON for Envoy.
+
+    ValueError, saying what is wrong (never a key's content), for a file that cannot be
+    read, is not a JWKS, or holds a private or symmetric key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the JWKS file {path}: {exc}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the JWKS file {path} is not JSON (line {exc.lineno})") from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ValueError(f'the JWKS file {path} has no "keys" list')
+    for index, key in enumerate(keys):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+            raise ValueError(f'the JWKS file {path}: key {index} has no "kty"')
+        if _PRIVATE_JWK_MEMBERS & set(key):
+            name = key.get("kid", index)
+            raise ValueError(
+                f"the JWKS file {path}: key {name!r} is private or symmetric; "
+                "give the gateway public keys only"
+            )
+    return json.dumps({"keys": keys}, separators=(",", ":"), sort_keys=True)
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class ControlPlaneServer:
     """The ADS server, the JSON body check and the directory poller, started and stopped
     together."""
@@ -143,15 +187,17 @@ class ControlPlaneServer:
         self.discovery = DiscoveryServer(self.cache)
         keepalive = Keepalive.from_settings(settings)
         self._channel = open_channel(settings.registry_address, keepalive)
+        # A local JWKS goes to Envoy inline: read now (a bad file stops the start), and
+        # again whenever it changes (`_watch_jwks`).
+        self._jwks_file = gateway.jwks_file if gateway.auth == "jwt" else None
+        self._jwks_state = _file_state(self._jwks_file) if self._jwks_file else None
+        jwks = read_jwks(self._jwks_file) if self._jwks_file else None
         self.options = dataclasses.replace(
-            gateway.options(keepalive), otlp_traces=otlp_traces_receiver(settings)
+            gateway.options(keepalive, jwks=jwks), otlp_traces=otlp_traces_receiver(settings)
         )
-        self.control_plane = ControlPlane(
-            AgentDirectory(self._channel, [settings.registry_address]),
-            self.options,
-            self.cache,
-            poll_seconds=gateway.directory_poll_seconds,
-        )
+        self._directory = AgentDirectory(self._channel, [settings.registry_address])
+        self.control_plane = self._control_plane()
+        self._jwks_watcher: asyncio.Task[None] | None = None
         self.health = SnapshotHealth(self.cache)
         self.body_checker = BodyChecker()
         self._server = _Server([self.discovery, self.body_checker, self.health])
@@ -169,6 +215,8 @@ class ControlPlaneServer:
         bound = cast(asyncio.Server, listening).sockets[0].getsockname()[1]
         self.address = f"{self.settings.host}:{bound}"
         self._poller = asyncio.create_task(self.control_plane.run())
+        if self._jwks_file is not None:
+            self._jwks_watcher = asyncio.create_task(self._watch_jwks(self._jwks_file))
         log.info("gateway control plane serving", extra={"address": self.address})
         # drain_seconds 0 asks for no drain at all (development, tests): nothing to fit.
         drain = self.settings.drain_seconds
@@ -183,6 +231,44 @@ class ControlPlaneServer:
                 extra={"drain_seconds": drain},
             )
         return self.address
+
+    def _control_plane(self) -> ControlPlane:
+        return ControlPlane(
+            self._directory,
+            self.options,
+            self.cache,
+            poll_seconds=self.gateway.directory_poll_seconds,
+        )
+
+    async def _watch_jwks(self, path: Path) -> None:
+        """Re-reads the JWKS file when it changes (a key rotated in, or out) and publishes
+        the new keys; a file that does not read as a JWKS leaves the last keys in place."""
+        while True:
+            await asyncio.sleep(self.gateway.directory_poll_seconds)
+            state = _file_state(path)
+            if state == self._jwks_state:
+                continue
+            self._jwks_state = state
+            try:
+                jwks = read_jwks(path)
+            except ValueError as exc:
+                log.warning("keeping the last JWKS", extra={"error": str(exc)})
+                continue
+            jwt = self.options.jwt
+            if jwt is None or jwt.jwks == jwks:
+                continue
+            self.options = dataclasses.replace(
+                self.options, jwt=dataclasses.replace(jwt, jwks=jwks)
+            )
+            # A control plane with nothing published yet builds a snapshot from the next
+            # directory read, with the new keys; the old one stops polling.
+            previous, self.control_plane = self._poller, self._control_plane()
+            self._poller = asyncio.create_task(self.control_plane.run())
+            if previous is not None:
+                previous.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await previous
+            log.info("JWKS changed; publishing its keys", extra={"file": str(path)})
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then stop polling, drop Envoy's connections and close
@@ -208,6 +294,10 @@ class ControlPlaneServer:
         self.health.shut_down()
 
     async def _stop_poller(self) -> None:
+        if self._jwks_watcher is not None:
+            self._jwks_watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._jwks_watcher
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

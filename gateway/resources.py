@@ -18,6 +18,14 @@ answered by the control plane: `json_bodies.py`); every error Envoy answers itse
 on a `/v1/` path is a JSON `google.rpc.Status`, as the services' errors are
 (`_local_replies`).
 
+Authentication (opt-in, `JwtOptions`): Envoy's jwt_authn filter, after the health,
+rate-limit, CORS and gRPC-Web filters and before everything that reads a body,
+refuses a call without a valid bearer token — UNAUTHENTICATED for gRPC, a JSON 401
+under `/v1/` — except `/health`, `/ready` (answered before it), CORS preflights
+and the console's static files. A verified token's claims reach the services as
+`PRINCIPAL_HEADERS`; the token itself does not. Callers' own principal headers
+are dropped at the door, whatever the mode (`_strip_principal`).
+
 A replica going away, as the gateway sees it (`drain_fits` has the timeline):
 on SIGTERM the replica's health turns NOT_SERVING while it keeps serving for
 its drain delay; Envoy's next active health check ejects it, well before the
@@ -52,6 +60,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ComparisonFilter,
     ComparisonFilterOp,
     HeaderFilter,
+    MetadataFilter,
     OrFilter,
     StatusCodeFilter,
 )
@@ -61,10 +70,14 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
     ClusterCommonLbConfig,
     ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
     ClusterEdsClusterConfig,
     ClusterLbPolicy,
     OutlierDetection,
     UpstreamConnectionOptions,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as HeaderMutationRule,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
@@ -81,12 +94,14 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
+    HttpUri,
     KeepaliveSettings,
     RuntimeFractionalPercent,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
     TcpKeepalive,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -130,6 +145,17 @@ from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
 from envoy_data_plane.envoy.extensions.filters.http.health_check.v3 import (
     HealthCheck as HealthCheckFilter,
 )
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwksAsyncFetch,
+    JwtAuthentication,
+    JwtClaimToHeader,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    PerRouteConfig,
+    RemoteJwks,
+    RequirementRule,
+)
 from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -141,8 +167,18 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     Rds,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    HeaderMutation,
+)
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import (
     PreviousHostsPredicate,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions as UpstreamHttpProtocolOptions,
@@ -150,13 +186,20 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    RegexMatcher,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, Percent, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct
 
 from agentplex.gateway import console, descriptors, json_bodies
 from agentplex.runtime.errors import ERROR_DOMAIN
 from agentplex.runtime.server import MAX_METADATA_BYTES
+from agentplex.runtime.settings import check_jwks_uri
 
 AGENT_HEADER = "x-agentplex-agent"
 REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the registry
@@ -172,6 +215,25 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 # How long Envoy waits for the body check before going on without it (fail open).
 JSON_BODY_CHECK_TIMEOUT_SECONDS = 1.0
 AGENT_CLUSTER_PREFIX = "agent."
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER = "agentplex"
+# Where Envoy fetches a remote JWKS from (the issuer's host, resolved by Envoy).
+JWKS_CLUSTER = "jwks"
+JWKS_FETCH_TIMEOUT_SECONDS = 5.0
+# Tolerance for clocks that disagree, on `exp` and `nbf` (Envoy's default is 60 s).
+JWT_CLOCK_SKEW_SECONDS = 30
+# Dynamic metadata of the jwt_authn filter: the verified payload (for later filters and
+# the access log) and, on a refusal, which check failed (for `_local_replies`).
+JWT_PAYLOAD_METADATA = "jwt_payload"
+JWT_FAILURE_METADATA = "jwt_failure"
+# The verified principal, claim -> request header, stamped by the edge on each call that
+# passed the token check. The edge owns these names: a caller's own are removed first.
+# (Nothing reads them yet; the principal work will.)
+PRINCIPAL_HEADERS = {
+    "sub": "x-agentplex-subject",
+    "tenant": "x-agentplex-tenant",
+    "scope": "x-agentplex-scope",
+}
 
 _AGENT_SERVICE = "/" + descriptors.AGENT_SERVICE + "/"
 _REGISTRY_SERVICE = "/" + descriptors.REGISTRY_SERVICE + "/"
@@ -249,6 +311,10 @@ _CODE_NAMES = {
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 
 
+# The routes a caller reaches without a token (the console's static files).
+_NO_AUTH = {JWT_FILTER: Any.pack(PerRouteConfig(disabled=True))}
+
+
 # Active health checks: a replica that answers NOT_SERVING leaves the rotation at once;
 # one that does not answer (timeout, refused connection) after this many checks in a row,
 # so one lost check is not enough. One passed check brings it back.
@@ -316,6 +382,34 @@ class Directory:
 
 
 @dataclass(frozen=True)
+class JwtOptions:
+    """Bearer tokens the edge accepts: signed by a key of the issuer's JWKS, for one of
+    the audiences, within their `exp`/`nbf` (give or take `JWT_CLOCK_SKEW_SECONDS`).
+
+    The keys come from exactly one of `jwks_uri` (fetched and cached by Envoy) and
+    `jwks` (a JWKS document, given to Envoy inline). Which algorithms verify follows
+    from the keys (RSA, EC P-256, Ed25519, …); `alg: none` never does.
+    """
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    jwks: str | None = None
+    jwks_cache_seconds: float = 300.0
+    # For an https `jwks_uri`: the CAs (a PEM file on Envoy's host) its certificate must
+    # chain to. Envoy has no "system roots" of its own.
+    jwks_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+
+    def __post_init__(self) -> None:
+        if not self.issuer or not self.audiences:
+            raise ValueError("a token check needs an issuer and at least one audience")
+        if (self.jwks_uri is None) == (self.jwks is None):
+            raise ValueError("a token check needs exactly one of jwks_uri and jwks")
+        if self.jwks_uri is not None:
+            check_jwks_uri(self.jwks_uri)
+
+
+@dataclass(frozen=True)
 class GatewayOptions:
     """The edge policy. Defaults follow Envoy's edge-proxy best practices, sized for a dev box."""
 
@@ -350,6 +444,9 @@ class GatewayOptions:
     # OTEL_TRACES_EXPORTER = otlp): Envoy then opens each request's trace, as the span
     # "gateway", and the agent's spans become its children. None: no gateway spans.
     otlp_traces: HostPort | None = None
+    # Bearer tokens required (everything but health, readiness, preflights and the
+    # console); None: the edge lets every caller through.
+    jwt: JwtOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +523,13 @@ def build(directory: Directory, options: GatewayOptions) -> Resources:
     if options.otlp_traces is not None:
         clusters.append(_traces_cluster())
         endpoints.append(load_assignment(TRACES_CLUSTER, [options.otlp_traces]))
+    if options.jwt is not None and options.jwt.jwks_uri is not None:
+        jwks = _jwks_cluster(options.jwt.jwks_uri, options.jwt.jwks_ca_file)
+        clusters.append(jwks)
+        # The snapshot's consistency check wants an assignment for every cluster; Envoy
+        # never asks EDS for a DNS cluster's, so this copy of its own is never sent.
+        assert jwks.load_assignment is not None
+        endpoints.append(jwks.load_assignment)
     return Resources(
         listeners=[_listener(options)],
         routes=[_route_configuration(directory, options)],
@@ -455,6 +559,40 @@ def _traces_cluster() -> Cluster:
             )
         },
     )
+
+
+def _jwks_cluster(uri: str, ca_file: str) -> Cluster:
+    """The issuer's JWKS host, resolved by Envoy (a name or an IP); TLS for https, the
+    certificate checked against `ca_file` and the host's name."""
+    scheme, host, port, _ = check_jwks_uri(uri)
+    cluster = Cluster(
+        name=JWKS_CLUSTER,
+        type=ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_seconds(JWKS_FETCH_TIMEOUT_SECONDS),
+        load_assignment=load_assignment(JWKS_CLUSTER, [HostPort(host, port)]),
+    )
+    if scheme == "https":
+        san_type = (
+            SubjectAltNameMatcherSanType.DNS
+            if HostPort(host, port).is_name
+            else SubjectAltNameMatcherSanType.IP_ADDRESS
+        )
+        tls = UpstreamTlsContext(
+            sni=host,
+            common_tls_context=CommonTlsContext(
+                validation_context=CertificateValidationContext(
+                    trusted_ca=DataSource(filename=ca_file),
+                    match_typed_subject_alt_names=[
+                        SubjectAltNameMatcher(san_type=san_type, matcher=StringMatcher(exact=host))
+                    ],
+                )
+            ),
+        )
+        cluster.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=Any.pack(tls)
+        )
+    return cluster
 
 
 def _tracing(otlp_traces: HostPort | None) -> HttpConnectionManagerTracing | None:
@@ -627,7 +765,8 @@ def _listener(options: GatewayOptions) -> Listener:
         # them as RESOURCE_EXHAUSTED (which the JSON transcoder turns into 429).
         max_request_headers_kb=options.max_request_headers_kb,
         access_log=[_access_log()] if options.access_log else [],
-        local_reply_config=_local_replies(),
+        local_reply_config=_local_replies(options),
+        early_header_mutation_extensions=[_strip_principal()],
         http_filters=_http_filters(options),
         tracing=_tracing(options.otlp_traces),
     )
@@ -688,6 +827,9 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
         ),
         _http_filter("envoy.filters.http.cors", Cors()),
         _http_filter("envoy.filters.http.grpc_web", GrpcWeb()),
+        # Tokens, when required: after gRPC-Web became gRPC (a refusal is then a gRPC
+        # status the browser can read) and before anything buffers or reads a body.
+        *([_http_filter(JWT_FILTER, _jwt_authn(options.jwt))] if options.jwt else []),
         # Rejects oversize requests at the edge (413) before any agent sees a byte.
         _http_filter(
             "envoy.filters.http.buffer", Buffer(max_request_bytes=options.max_request_bytes)
@@ -728,6 +870,64 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
         ),
         _http_filter("envoy.filters.http.router", Router()),
     ]
+
+
+def _strip_principal() -> TypedExtensionConfig:
+    """Drops the principal headers a caller sent, before any filter or route sees the
+    request: only the token check may set them (`PRINCIPAL_HEADERS`)."""
+    return _typed(
+        "envoy.http.early_header_mutation.header_mutation",
+        HeaderMutation(
+            mutations=[HeaderMutationRule(remove=name) for name in PRINCIPAL_HEADERS.values()]
+        ),
+    )
+
+
+def _jwt_authn(jwt: JwtOptions) -> JwtAuthentication:
+    """One provider, required on every route but those that turn it off (`_NO_AUTH`)."""
+    provider = JwtProvider(
+        issuer=jwt.issuer,
+        audiences=list(jwt.audiences),
+        # Only `Authorization: Bearer …`: not Envoy's default `?access_token=` as well,
+        # which would put tokens in URLs and so in the access log.
+        from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
+        require_expiration=True,
+        clock_skew_seconds=JWT_CLOCK_SKEW_SECONDS,
+        # The services get the verified claims, not the bearer credential itself.
+        forward=False,
+        payload_in_metadata=JWT_PAYLOAD_METADATA,
+        failed_status_in_metadata=JWT_FAILURE_METADATA,
+        claim_to_headers=[
+            JwtClaimToHeader(header_name=header, claim_name=claim)
+            for claim, header in PRINCIPAL_HEADERS.items()
+        ],
+    )
+    if jwt.jwks_uri is not None:
+        provider.remote_jwks = RemoteJwks(
+            http_uri=HttpUri(
+                uri=jwt.jwks_uri,
+                cluster=JWKS_CLUSTER,
+                timeout=_seconds(JWKS_FETCH_TIMEOUT_SECONDS),
+            ),
+            cache_duration=_seconds(jwt.jwks_cache_seconds),
+            # Fetched when the listener starts (which waits for that first answer) and
+            # again before the cache expires, not on a caller's request.
+            async_fetch=JwksAsyncFetch(fast_listener=False),
+        )
+    else:
+        provider.local_jwks = DataSource(inline_string=jwt.jwks)
+    return JwtAuthentication(
+        providers={JWT_PROVIDER: provider},
+        rules=[
+            RequirementRule(
+                match=RouteMatch(prefix="/"),
+                requires=JwtRequirement(provider_name=JWT_PROVIDER),
+            )
+        ],
+        # A preflight carries no credentials; CORS answers it (or lets it fail) itself.
+        bypass_cors_preflight=True,
+        stat_prefix="gateway_jwt",
+    )
 
 
 def _json_body_check() -> ExternalProcessor:
@@ -785,7 +985,61 @@ def _request_header(name: str, prefix: str) -> AccessLogFilter:
     )
 
 
-def _local_replies() -> LocalReplyConfig:
+def _jwt_refused() -> AccessLogFilter:
+    """A request the token check refused (it says which check in its metadata)."""
+    return AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=JWT_FILTER,
+                path=[MetadataMatcherPathSegment(key=JWT_FAILURE_METADATA)],
+                value=ValueMatcher(present_match=True),
+            ),
+            match_if_key_not_found=False,
+        )
+    )
+
+
+def _on_json_api() -> AccessLogFilter:
+    """A request to the JSON API (`/v1/…`), as the caller sent it.
+
+    The transcoder has rewritten :path once it took the request (malformed JSON, an
+    agent nobody serves): the URL the caller sent is then in x-envoy-original-path."""
+    return AccessLogFilter(
+        or_filter=OrFilter(
+            filters=[
+                _request_header(":path", "/v1/"),
+                _request_header("x-envoy-original-path", "/v1/"),
+            ]
+        )
+    )
+
+
+def _jwt_replies() -> list[ResponseMapper]:
+    """Every refused token as 401 / UNAUTHENTICATED with Envoy's reason as the message.
+
+    Envoy answers a token for another audience with 403 (PERMISSION_DENIED to gRPC
+    callers), every other failure with 401; a token that is not for this gateway is
+    no credential here either, so all of them become 401."""
+    refused_json = AccessLogFilter(and_filter=AndFilter(filters=[_jwt_refused(), _on_json_api()]))
+    return [
+        ResponseMapper(
+            filter=refused_json,
+            status_code=401,
+            body_format_override=SubstitutionFormatString(
+                json_format=Struct.from_dict(json_status(16, "%LOCAL_REPLY_BODY%")),
+                content_type="application/json",
+            ),
+        ),
+        # gRPC and gRPC-Web: the status follows from the HTTP one, set explicitly as for 413.
+        ResponseMapper(
+            filter=_jwt_refused(),
+            status_code=401,
+            headers_to_add=[_header("grpc-status", "16")],
+        ),
+    ]
+
+
+def _local_replies(options: GatewayOptions) -> LocalReplyConfig:
     """Edge rejections in the caller's terms.
 
     gRPC: Envoy turns a local 413 into grpc-status UNKNOWN for gRPC callers; an
@@ -800,6 +1054,8 @@ def _local_replies() -> LocalReplyConfig:
     text Envoy would have sent as its message.
     """
     mappers = [
+        # First: a refused token is 401 whatever status Envoy picked (the first match wins).
+        *(_jwt_replies() if options.jwt is not None else []),
         ResponseMapper(
             filter=AccessLogFilter(
                 and_filter=AndFilter(
@@ -808,7 +1064,7 @@ def _local_replies() -> LocalReplyConfig:
             ),
             headers_to_add=[_header("grpc-status", "8")],
             body=DataSource(inline_string="request larger than the gateway accepts"),
-        )
+        ),
     ]
     for status, code in _HTTP_TO_CODE.items():
         body = json_status(code, "%LOCAL_REPLY_BODY%")
@@ -900,7 +1156,11 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
         )
     )
     if options.console:
-        routes.extend(_console_routes())
+        console_routes = _console_routes()
+        if options.jwt is not None:
+            for route in console_routes:  # static files: open, like /health and /ready
+                route.typed_per_filter_config = {**route.typed_per_filter_config, **_NO_AUTH}
+        routes.extend(console_routes)
     routes.append(_agents_listing(directory, options))
     for name in sorted(directory.agents):
         routes.extend(_rest_routes(name, options))
@@ -945,6 +1205,8 @@ def _cors_policy(options: GatewayOptions) -> CorsPolicy:
         allow_methods="GET, POST, OPTIONS",
         allow_headers=(
             f"content-type, x-grpc-web, x-user-agent, grpc-timeout, traceparent, {AGENT_HEADER}"
+            # A browser may send its bearer token only if the preflight says so.
+            + (", authorization" if options.jwt is not None else "")
         ),
         expose_headers="grpc-status, grpc-message, grpc-status-details-bin",
         max_age="600",

@@ -9,13 +9,14 @@ bench), an unset field takes that section's default, so defaults live in one pla
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from agentplex.gateway.resources import GatewayOptions
+from agentplex.gateway.resources import GatewayOptions, JwtOptions
 from agentplex.runtime.clients import Keepalive
-from agentplex.runtime.settings import GatewaySection, Settings
+from agentplex.runtime.settings import GatewaySection, Settings, check_gateway_auth
 
 PREFIX = "gateway_"
 
@@ -45,19 +46,63 @@ class GatewaySettings(BaseModel):
     directory_poll_seconds: float = _default("directory_poll_seconds")
     console: bool = _default("console")
     access_log: bool = _default("access_log")
+    auth: Literal["none", "jwt"] = _default("auth")
+    jwt_issuer: str = _default("jwt_issuer")
+    jwt_audiences: str = _default("jwt_audiences")
+    jwks_uri: str | None = _default("jwks_uri")
+    jwks_file: Path | None = _default("jwks_file")
+    jwks_cache_seconds: int = _default("jwks_cache_seconds")
+    jwks_ca_file: Path = _default("jwks_ca_file")
+
+    @field_validator("jwks_uri", "jwks_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return value or None
+
+    @model_validator(mode="after")
+    def _auth_is_complete(self) -> GatewaySettings:
+        check_gateway_auth(
+            self.auth,
+            issuer=self.jwt_issuer,
+            audiences=self.jwt_audiences,
+            jwks_uri=self.jwks_uri,
+            jwks_file=self.jwks_file,
+        )
+        return self
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
         """The gateway section of `settings`, as read once by the process."""
         return cls(**{name: getattr(settings, PREFIX + name) for name in cls.model_fields})
 
-    def options(self, keepalive: Keepalive | None = None) -> GatewayOptions:
+    def options(
+        self, keepalive: Keepalive | None = None, jwks: str | None = None
+    ) -> GatewayOptions:
         """The edge policy: every setting that names a GatewayOptions field, as is, and the
-        mesh-wide keepalive (`Keepalive.from_settings`) for Envoy's upstream connections."""
+        mesh-wide keepalive (`Keepalive.from_settings`) for Envoy's upstream connections.
+
+        With `auth` `jwt` and a `jwks_file`, `jwks` is that file's content (the caller
+        reads it: this stays free of I/O)."""
         shared = {f.name for f in dataclasses.fields(GatewayOptions)} & set(type(self).model_fields)
         values = self.model_dump(include=shared)
         values["cors_origins"] = tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
         if keepalive is not None:
             values["keepalive_seconds"] = keepalive.seconds
             values["keepalive_timeout_seconds"] = keepalive.timeout_seconds
+        values["jwt"] = self.jwt_options(jwks)
         return GatewayOptions(**values)
+
+    def jwt_options(self, jwks: str | None = None) -> JwtOptions | None:
+        """What Envoy checks tokens against; None with `auth` `none`."""
+        if self.auth != "jwt":
+            return None
+        if self.jwks_file is not None and jwks is None:
+            raise ValueError(f"the JWKS of {self.jwks_file} must be read and passed in")
+        return JwtOptions(
+            issuer=self.jwt_issuer.strip(),
+            audiences=tuple(a.strip() for a in self.jwt_audiences.split(",") if a.strip()),
+            jwks_uri=self.jwks_uri,
+            jwks=jwks if self.jwks_file is not None else None,
+            jwks_cache_seconds=self.jwks_cache_seconds,
+            jwks_ca_file=str(self.jwks_ca_file),
+        )

@@ -16,10 +16,11 @@ is for, not here.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -27,6 +28,7 @@ ENV_PREFIX = "AGENTPLEX_"
 # json_schema_extra key of a field that also honours a standard variable (REDIS_URL).
 STANDARD_VARIABLE = "standard_variable"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+GATEWAY_AUTH_MODES = ("none", "jwt")
 
 
 class Section(BaseModel):
@@ -446,6 +448,127 @@ class GatewaySection(Section):
     gateway_access_log: bool = Field(
         default=True, description="Write Envoy's access log, one line per request."
     )
+    gateway_auth: Literal["none", "jwt"] = Field(
+        default="none",
+        description="Who may call through the gateway: `none` (anyone who reaches it) or `jwt` "
+        "(a bearer token in `Authorization`, verified by Envoy against `gateway_jwt_issuer`, "
+        "`gateway_jwt_audiences` and the JWKS; `/health`, `/ready` and the console stay open). "
+        "With `jwt`, set exactly one of `gateway_jwks_uri` and `gateway_jwks_file`.",
+    )
+    gateway_jwt_issuer: str = Field(
+        default="",
+        description="With `gateway_auth` `jwt`: the `iss` every token must carry.",
+    )
+    gateway_jwt_audiences: str = Field(
+        default="",
+        description="With `gateway_auth` `jwt`: the `aud` values accepted, comma-separated "
+        "(a token must name one of them).",
+    )
+    gateway_jwks_uri: str | None = Field(
+        default=None,
+        description="The issuer's public keys (its JWKS, `http(s)://host[:port]/path`, e.g. an "
+        "OIDC provider's `jwks_uri`), fetched and cached by Envoy.",
+    )
+    gateway_jwks_file: Path | None = Field(
+        default=None,
+        description="A JWKS file of public keys, read by the control plane and given to Envoy "
+        "inline; re-read when it changes. Private keys in it are refused.",
+    )
+    gateway_jwks_cache_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="How long Envoy keeps keys fetched from `gateway_jwks_uri` before fetching "
+        "them again.",
+    )
+    gateway_jwks_ca_file: Path = Field(
+        default=Path("/etc/ssl/certs/ca-certificates.crt"),
+        description="With an `https` `gateway_jwks_uri`: the CA certificates (PEM) Envoy checks "
+        "the issuer's certificate against, a path on Envoy's host (the default is Debian's, "
+        "Ubuntu's and Alpine's system bundle; RHEL's is `/etc/pki/tls/certs/ca-bundle.crt`).",
+    )
+
+    @field_validator("gateway_jwks_uri", "gateway_jwks_file", mode="before")
+    @classmethod
+    def _blank_jwks_is_unset(cls, value: object) -> object:
+        return value or None
+
+    @field_validator("gateway_auth", mode="before")
+    @classmethod
+    def _auth_mode(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        wanted = value.strip().lower() or "none"
+        if wanted not in GATEWAY_AUTH_MODES:
+            raise ValueError(f"AGENTPLEX_GATEWAY_AUTH must be none or jwt, not {wanted!r}")
+        return wanted
+
+    @model_validator(mode="after")
+    def _auth_is_complete(self) -> GatewaySection:
+        check_gateway_auth(
+            self.gateway_auth,
+            issuer=self.gateway_jwt_issuer,
+            audiences=self.gateway_jwt_audiences,
+            jwks_uri=self.gateway_jwks_uri,
+            jwks_file=self.gateway_jwks_file,
+        )
+        return self
+
+
+def check_gateway_auth(
+    auth: str, *, issuer: str, audiences: str, jwks_uri: str | None, jwks_file: Path | None
+) -> None:
+    """Raises ValueError, naming the variables, unless the gateway's auth settings agree.
+
+    Shared by `Settings` and the gateway's own settings (`gateway/settings.py`)."""
+    given = [
+        name
+        for name, value in (
+            ("AGENTPLEX_GATEWAY_JWT_ISSUER", issuer.strip()),
+            ("AGENTPLEX_GATEWAY_JWT_AUDIENCES", audiences.strip()),
+            ("AGENTPLEX_GATEWAY_JWKS_URI", jwks_uri),
+            ("AGENTPLEX_GATEWAY_JWKS_FILE", jwks_file),
+        )
+        if value
+    ]
+    if auth != "jwt":
+        # Token settings that would be silently ignored look like authentication is on.
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} set but AGENTPLEX_GATEWAY_AUTH is {auth!r}: "
+                "set AGENTPLEX_GATEWAY_AUTH=jwt to check tokens, or unset them"
+            )
+        return
+    if not issuer.strip():
+        raise ValueError("AGENTPLEX_GATEWAY_AUTH=jwt needs AGENTPLEX_GATEWAY_JWT_ISSUER (the iss)")
+    if not [a for a in audiences.split(",") if a.strip()]:
+        raise ValueError(
+            "AGENTPLEX_GATEWAY_AUTH=jwt needs AGENTPLEX_GATEWAY_JWT_AUDIENCES "
+            "(the aud values accepted, comma-separated)"
+        )
+    if (jwks_uri is None) == (jwks_file is None):
+        raise ValueError(
+            "AGENTPLEX_GATEWAY_AUTH=jwt needs exactly one of AGENTPLEX_GATEWAY_JWKS_URI "
+            "(the issuer's JWKS URL) and AGENTPLEX_GATEWAY_JWKS_FILE (a local JWKS file)"
+        )
+    if jwks_uri is not None:
+        check_jwks_uri(jwks_uri)
+
+
+def check_jwks_uri(uri: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path) of an `http(s)://host[:port]/path` URL; ValueError if not."""
+    parsed = urllib.parse.urlsplit(uri)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port == -1:
+        raise ValueError(
+            f"AGENTPLEX_GATEWAY_JWKS_URI must be http(s)://host[:port]/path, not {uri!r}"
+        )
+    if parsed.username or parsed.password:
+        raise ValueError("AGENTPLEX_GATEWAY_JWKS_URI must not carry credentials")
+    default = 443 if parsed.scheme == "https" else 80
+    return parsed.scheme, parsed.hostname, port or default, parsed.path or "/"
 
 
 class LauncherSection(Section):
