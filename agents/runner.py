@@ -31,7 +31,13 @@ from tenacity import (
 
 from agentplex.agents import metrics
 from agentplex.agents.catalog import AgentSpec
-from agentplex.agents.context import Context, ContextManager, ContextMemory, ContextPolicy
+from agentplex.agents.context import (
+    Context,
+    ContextManager,
+    ContextMemory,
+    ContextPolicy,
+    untrusted,
+)
 from agentplex.agents.delegation import Delegated, delegate
 from agentplex.agents.events import EventRecorder, EventSink
 from agentplex.agents.llm.base import (
@@ -756,10 +762,13 @@ class AgentRunner:
 
 
 def _model_view(outcome: step_event_pb2.ToolCallResult) -> str:
-    """What the model reads of a tool call: its result, or its error as JSON."""
+    """What the model reads of a tool call: its result, or its error as JSON, marked
+    as data (an error's message may quote what the tool was sent or returned)."""
     if not outcome.HasField("error"):
-        return outcome.result_json
-    return json.dumps({"error": {"code": outcome.error.code, "message": outcome.error.message}})
+        return untrusted(outcome.result_json)
+    return untrusted(
+        json.dumps({"error": {"code": outcome.error.code, "message": outcome.error.message}})
+    )
 
 
 def _outage(outcome: step_event_pb2.ToolCallResult) -> errors.Unavailable | None:

@@ -40,6 +40,14 @@ class Reason(StrEnum):
     """A side-effecting tool was invoked without an idempotency key (INVALID_ARGUMENT)."""
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     """The key was used before with other arguments (FAILED_PRECONDITION)."""
+    POLICY_DENIED = "POLICY_DENIED"
+    """An argument breaks one of the tool's declared argument policies (a URL to a
+    host that is not public, a path leaving the tool's root, …); the message names
+    the argument and the rule. Refused before any backend runs (INVALID_ARGUMENT);
+    a backend enforcing the same policy answers it as a tool error code."""
+    APPROVAL_REQUIRED = "APPROVAL_REQUIRED"
+    """The tool needs a person's approval for every call, and approvals are not
+    available yet: every call is refused (PERMISSION_DENIED)."""
     # --- delegation ---------------------------------------------------------------
     DELEGATION_CYCLE = "DELEGATION_CYCLE"
     """The target agent already works on this task further up (FAILED_PRECONDITION)."""

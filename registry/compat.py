@@ -7,6 +7,14 @@ closed, no constraint tightened. Outputs flow the other way, so a new version
 must keep giving readers what they relied on: no output property removed or
 made optional, no type widened or changed, no enum value added.
 
+Argument policies and `requires_approval` are not compared: tightening them
+(a host list narrowed, a policy added, approval required) is allowed in a minor
+version, and so is loosening them. A policy is a security boundary, not a
+shape: a call it refuses gets a POLICY_DENIED error the model can read and
+route around, and a tightening is usually a fix that must reach every caller
+at once. Hot registration gives a new minor to agents pinned to its major on
+their next step; a new major would leave them on the looser policy.
+
 The check walks `properties` and `items` recursively and reports every break
 with its JSON path, so a rejected registration says exactly what to fix (or
 that it needs a new major version).

@@ -10,6 +10,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
+from agentplex.contract import argument_policy
 from agentplex.runtime.errors import InvalidArgument
 from agentplex.v1 import tool_pb2
 
@@ -54,6 +55,9 @@ def check_definition(tool: tool_pb2.ToolDefinition) -> None:
         raise InvalidArgument("tool.description must say what the tool does")
     for field in ("input_schema_json", "output_schema_json"):
         _check_schema(field, getattr(tool, field))
+    problem = argument_policy.definition_problem(tool, json.loads(tool.input_schema_json))
+    if problem:
+        raise InvalidArgument(problem)
 
 
 def _check_schema(field: str, text: str) -> None:

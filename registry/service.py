@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from agentplex.contract import agent_tool, lineage
+from agentplex.contract import agent_tool, argument_policy, lineage
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.registry import compat, schemas
 from agentplex.registry.backends import BackendRouter, Invocation, Progress
@@ -50,6 +50,8 @@ def contract(tool: tool_pb2.ToolDefinition) -> bytes:
         input_schema_json=json.dumps(json.loads(tool.input_schema_json), sort_keys=True),
         output_schema_json=json.dumps(json.loads(tool.output_schema_json), sort_keys=True),
         side_effect=tool.side_effect,
+        argument_policies=tool.argument_policies,
+        requires_approval=tool.requires_approval,
     )
     return core.SerializeToString(deterministic=True)
 
@@ -109,11 +111,14 @@ class ToolRegistry:
         ledger: IdempotencyLedger,
         router: BackendRouter,
         max_delegation_depth: int = 3,
+        resolver: argument_policy.Resolver = argument_policy.system_resolver,
     ) -> None:
         self._store = store
         self._ledger = ledger
         self._router = router
         self._max_depth = max_delegation_depth
+        # How argument policies resolve host names (tests answer without DNS).
+        self._resolver = resolver
 
     # --- contracts -------------------------------------------------------------------
 
@@ -281,8 +286,8 @@ class ToolRegistry:
         """Check, validate and run one invocation; `progress` receives what a
         streamed invocation relays (an agent tool's sub-task and its events).
 
-        authorize → resolve → validate → claim → dispatch: every refusal comes
-        before the ledger, so a refused call leaves nothing behind.
+        authorize → resolve → approval → validate → policies → claim → dispatch:
+        every refusal comes before the ledger, so a refused call leaves nothing behind.
         """
         with tracer.start_as_current_span("registry.invoke") as span:
             span.set_attribute("tool.name", request.tool_name)
@@ -293,9 +298,12 @@ class ToolRegistry:
             version = authorize(request, grants)
             tool = resolve(request.tool_name, versions, version)
             span.set_attribute("tool.version", tool.version)
+            require_no_approval(tool)
+            arguments = self._validate(request, tool)
+            await self._check_policies(tool, arguments)
             invocation = Invocation(
                 tool=tool,
-                arguments=self._validate(request, tool),
+                arguments=arguments,
                 caller=request.caller,
                 deadline=deadline,
                 idempotency_key=request.idempotency_key,
@@ -331,6 +339,19 @@ class ToolRegistry:
                 reason=Reason.IDEMPOTENCY_KEY_REQUIRED,
             )
         return arguments
+
+    async def _check_policies(
+        self, tool: tool_pb2.ToolDefinition, arguments: dict[str, Any]
+    ) -> None:
+        """The contract's argument policies: a call naming a host that is not public,
+        or a path leaving the tool's root, is refused like schema-invalid arguments."""
+        if not tool.argument_policies:
+            return
+        try:
+            await argument_policy.check(tool, arguments, resolver=self._resolver)
+        except argument_policy.PolicyDenied as exc:
+            trace.get_current_span().set_attribute("tool.policy_denied", True)
+            raise InvalidArgument(exc.message, reason=Reason.POLICY_DENIED) from None
 
     async def _claim(self, invocation: Invocation) -> pb.InvokeToolResponse:
         """Dispatch at most once per idempotency key: a repeat gets the stored response.
@@ -427,6 +448,16 @@ def authorize(request: pb.InvokeToolRequest, grants: list[Grant] | None) -> str:
             reason=Reason.TOOL_VERSION_NOT_ALLOWED,
         )
     return version
+
+
+def require_no_approval(tool: tool_pb2.ToolDefinition) -> None:
+    """Refuse a tool that needs a person's approval: no call can get one yet."""
+    if tool.requires_approval:
+        raise PermissionDenied(
+            f"calling {tool.name} needs a person's approval, and this task runs "
+            "unattended; approvals are not available yet",
+            reason=Reason.APPROVAL_REQUIRED,
+        )
 
 
 def checked_result(tool: tool_pb2.ToolDefinition, result_json: str) -> tuple[object, str | None]:

@@ -1,6 +1,6 @@
 """The built-in tool backend process: `python -m agentplex.tools`.
 
-Serves calculator, notes.* and docs.search over ToolExecutorService and, once
+Serves calculator, notes.*, http.fetch and docs.search over ToolExecutorService and, once
 listening, publishes their contracts (with its own address) to the registry.
 Any number of such backends can run; the registry routes by address.
 """
@@ -21,6 +21,7 @@ from agentplex.tools.base import Tool
 from agentplex.tools.calculator import Calculator
 from agentplex.tools.docs_search import DocsSearch
 from agentplex.tools.executor import ToolExecutorServicer
+from agentplex.tools.http_fetch import HttpFetch
 from agentplex.tools.notes import NotesRead, NotesWrite
 from agentplex.v1 import tool_executor_service_pb2, tool_executor_service_pb2_grpc, tool_pb2
 
@@ -32,7 +33,13 @@ PUBLISH_TIMEOUT_SECONDS = 10.0
 
 async def builtin_tools(docs_dir: Path | None) -> list[Tool]:
     """The built-in tools; docs.search over `docs_dir`, or the shipped docs when None."""
-    return [Calculator(), NotesWrite(), NotesRead(), await DocsSearch.from_directory(docs_dir)]
+    return [
+        Calculator(),
+        NotesWrite(),
+        NotesRead(),
+        HttpFetch(),
+        await DocsSearch.from_directory(docs_dir),
+    ]
 
 
 async def build_host(

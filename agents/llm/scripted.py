@@ -33,6 +33,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from agentplex.agents.context import unwrap_untrusted
 from agentplex.agents.llm.base import (
     ChatMessage,
     Completion,
@@ -256,12 +257,25 @@ def _results_since_last_user(
         elif message.role == "assistant":
             calls.update({call.id: call for call in message.tool_calls})
         elif message.role == "tool" and message.tool_call_id in calls:
-            try:
-                payload = json.loads(message.content)
-            except json.JSONDecodeError:
+            payload = _tool_payload(message.content)
+            if not isinstance(payload, dict):
                 payload = {"error": {"message": message.content}}
             results.append((calls[message.tool_call_id], payload))
     return results or None
+
+
+def _tool_payload(content: str) -> object:
+    """A tool result: the runner sends it in its untrusted-data envelope; bare JSON
+    (a conversation written by hand) is read as it is."""
+    try:
+        return unwrap_untrusted(content)
+    except ValueError:  # JSONDecodeError included
+        pass
+    try:
+        payload: object = json.loads(content)
+    except json.JSONDecodeError:
+        return None
+    return payload
 
 
 def compose_answer(results: list[tuple[ToolCall, dict[str, Any]]]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agentplex.agents.catalog import AgentSpec
+from agentplex.agents.context import unwrap_untrusted
 from agentplex.agents.llm.base import (
     Completion,
     CompletionRequest,
@@ -258,7 +259,8 @@ async def test_answers_after_tool_call_and_saves_the_turn() -> None:
     assert events.events[3].tool_call.tool_version == "1.2.3"
     # The observation reached the model's second call.
     tool_message = llm.requests[1].messages[-1]
-    assert tool_message.role == "tool" and json.loads(tool_message.content) == {"echo": {"x": 1}}
+    assert tool_message.role == "tool"
+    assert unwrap_untrusted(tool_message.content) == {"echo": {"x": 1}}
     [saved] = memory.appended
     assert [(m.role, m.content) for m in saved] == [
         (memory_pb2.ROLE_USER, "do it"),
@@ -309,7 +311,9 @@ async def test_tool_error_is_fed_back_to_the_model_not_fatal() -> None:
         ("echo", "EXECUTION_FAILED"),
         ("slow", "INVALID_ARGUMENT"),
     }
-    observations = [json.loads(m.content) for m in llm.requests[1].messages if m.role == "tool"]
+    observations = [
+        unwrap_untrusted(m.content) for m in llm.requests[1].messages if m.role == "tool"
+    ]
     assert observations[1] == {"error": {"code": "INVALID_ARGUMENT", "message": "bad args: $.x"}}
 
 

@@ -20,7 +20,7 @@ from agentplex.tools.calculator import Calculator
 from agentplex.v1 import tool_pb2, tool_registry_service_pb2_grpc
 from agentplex.v1 import tool_registry_service_pb2 as pb
 
-BUILTINS = ["calculator", "docs.search", "notes.read", "notes.write"]
+BUILTINS = ["calculator", "docs.search", "http.fetch", "notes.read", "notes.write"]
 # Every running agent is published as a tool too.
 AGENT_TOOLS = ["agent.assistant", "agent.researcher", "agent.supervisor"]
 EVERYTHING = sorted([*BUILTINS, *AGENT_TOOLS])

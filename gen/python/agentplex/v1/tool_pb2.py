@@ -24,21 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/tool.proto\x12\x0c\x61gentplex.v1\"\xbe\x03\n\x0eToolDefinition\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12*\n\x11input_schema_json\x18\x04 \x01(\tR\x0finputSchemaJson\x12,\n\x12output_schema_json\x18\x05 \x01(\tR\x10outputSchemaJson\x12\x39\n\x0bside_effect\x18\x06 \x01(\x0e\x32\x18.agentplex.v1.SideEffectR\nsideEffect\x12\x1a\n\x08\x65ndpoint\x18\x07 \x01(\tR\x08\x65ndpoint\x12<\n\x0c\x62\x61\x63kend_kind\x18\x08 \x01(\x0e\x32\x19.agentplex.v1.BackendKindR\x0b\x62\x61\x63kendKind\x12-\n\x05state\x18\t \x01(\x0e\x32\x17.agentplex.v1.ToolStateR\x05state\x12 \n\x0breplacement\x18\n \x01(\tR\x0breplacement\x12\x1c\n\tendpoints\x18\x0b \x03(\tR\tendpoints\"9\n\tToolError\x12\x12\n\x04\x63ode\x18\x01 \x01(\tR\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message*\x80\x01\n\nSideEffect\x12\x1b\n\x17SIDE_EFFECT_UNSPECIFIED\x10\x00\x12\x19\n\x15SIDE_EFFECT_READ_ONLY\x10\x01\x12\x1a\n\x16SIDE_EFFECT_IDEMPOTENT\x10\x02\x12\x1e\n\x1aSIDE_EFFECT_SIDE_EFFECTING\x10\x03*q\n\tToolState\x12\x1a\n\x16TOOL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_STATE_ACTIVE\x10\x01\x12\x19\n\x15TOOL_STATE_DEPRECATED\x10\x02\x12\x16\n\x12TOOL_STATE_RETIRED\x10\x03*^\n\x0b\x42\x61\x63kendKind\x12\x1c\n\x18\x42\x41\x43KEND_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_KIND_EXECUTOR\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_KIND_AGENT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/tool.proto\x12\x0c\x61gentplex.v1\"\xb6\x04\n\x0eToolDefinition\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12*\n\x11input_schema_json\x18\x04 \x01(\tR\x0finputSchemaJson\x12,\n\x12output_schema_json\x18\x05 \x01(\tR\x10outputSchemaJson\x12\x39\n\x0bside_effect\x18\x06 \x01(\x0e\x32\x18.agentplex.v1.SideEffectR\nsideEffect\x12\x1a\n\x08\x65ndpoint\x18\x07 \x01(\tR\x08\x65ndpoint\x12<\n\x0c\x62\x61\x63kend_kind\x18\x08 \x01(\x0e\x32\x19.agentplex.v1.BackendKindR\x0b\x62\x61\x63kendKind\x12-\n\x05state\x18\t \x01(\x0e\x32\x17.agentplex.v1.ToolStateR\x05state\x12 \n\x0breplacement\x18\n \x01(\tR\x0breplacement\x12\x1c\n\tendpoints\x18\x0b \x03(\tR\tendpoints\x12I\n\x11\x61rgument_policies\x18\x0c \x03(\x0b\x32\x1c.agentplex.v1.ArgumentPolicyR\x10\x61rgumentPolicies\x12+\n\x11requires_approval\x18\r \x01(\x08R\x10requiresApproval\"\xc1\x01\n\x0e\x41rgumentPolicy\x12\x1a\n\x08\x61rgument\x18\x01 \x01(\tR\x08\x61rgument\x12+\n\x03url\x18\x02 \x01(\x0b\x32\x17.agentplex.v1.UrlPolicyH\x00R\x03url\x12.\n\x04path\x18\x03 \x01(\x0b\x32\x18.agentplex.v1.PathPolicyH\x00R\x04path\x12.\n\x04host\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.HostPolicyH\x00R\x04hostB\x06\n\x04kind\"~\n\tUrlPolicy\x12\'\n\x0f\x61llowed_schemes\x18\x01 \x03(\tR\x0e\x61llowedSchemes\x12#\n\rallowed_hosts\x18\x02 \x03(\tR\x0c\x61llowedHosts\x12#\n\rallowed_ports\x18\x03 \x03(\rR\x0c\x61llowedPorts\";\n\nPathPolicy\x12-\n\x12\x61llowed_extensions\x18\x01 \x03(\tR\x11\x61llowedExtensions\"V\n\nHostPolicy\x12#\n\rallowed_hosts\x18\x01 \x03(\tR\x0c\x61llowedHosts\x12#\n\rallowed_ports\x18\x02 \x03(\rR\x0c\x61llowedPorts\"9\n\tToolError\x12\x12\n\x04\x63ode\x18\x01 \x01(\tR\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message*\x80\x01\n\nSideEffect\x12\x1b\n\x17SIDE_EFFECT_UNSPECIFIED\x10\x00\x12\x19\n\x15SIDE_EFFECT_READ_ONLY\x10\x01\x12\x1a\n\x16SIDE_EFFECT_IDEMPOTENT\x10\x02\x12\x1e\n\x1aSIDE_EFFECT_SIDE_EFFECTING\x10\x03*q\n\tToolState\x12\x1a\n\x16TOOL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_STATE_ACTIVE\x10\x01\x12\x19\n\x15TOOL_STATE_DEPRECATED\x10\x02\x12\x16\n\x12TOOL_STATE_RETIRED\x10\x03*^\n\x0b\x42\x61\x63kendKind\x12\x1c\n\x18\x42\x41\x43KEND_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_KIND_EXECUTOR\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_KIND_AGENT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplex.v1.tool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIDEEFFECT']._serialized_start=550
-  _globals['_SIDEEFFECT']._serialized_end=678
-  _globals['_TOOLSTATE']._serialized_start=680
-  _globals['_TOOLSTATE']._serialized_end=793
-  _globals['_BACKENDKIND']._serialized_start=795
-  _globals['_BACKENDKIND']._serialized_end=889
+  _globals['_SIDEEFFECT']._serialized_start=1143
+  _globals['_SIDEEFFECT']._serialized_end=1271
+  _globals['_TOOLSTATE']._serialized_start=1273
+  _globals['_TOOLSTATE']._serialized_end=1386
+  _globals['_BACKENDKIND']._serialized_start=1388
+  _globals['_BACKENDKIND']._serialized_end=1482
   _globals['_TOOLDEFINITION']._serialized_start=42
-  _globals['_TOOLDEFINITION']._serialized_end=488
-  _globals['_TOOLERROR']._serialized_start=490
-  _globals['_TOOLERROR']._serialized_end=547
+  _globals['_TOOLDEFINITION']._serialized_end=608
+  _globals['_ARGUMENTPOLICY']._serialized_start=611
+  _globals['_ARGUMENTPOLICY']._serialized_end=804
+  _globals['_URLPOLICY']._serialized_start=806
+  _globals['_URLPOLICY']._serialized_end=932
+  _globals['_PATHPOLICY']._serialized_start=934
+  _globals['_PATHPOLICY']._serialized_end=993
+  _globals['_HOSTPOLICY']._serialized_start=995
+  _globals['_HOSTPOLICY']._serialized_end=1081
+  _globals['_TOOLERROR']._serialized_start=1083
+  _globals['_TOOLERROR']._serialized_end=1140
 # @@protoc_insertion_point(module_scope)
