@@ -37,12 +37,19 @@ from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
 IN_FLIGHT = 16
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# `agentplex serve` parts, named by the package that serves them (as the report has them).
+SERVED_PARTS = {"agent": "agents", "worker": "agents.worker", "gateway-control-plane": "gateway"}
 
 
 def _label(pid: int) -> str:
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     if any(b"redis-server" in arg for arg in args):
         return "redis"
+    if b"agentplex.mesh.serve" in args:
+        # `python -m agentplex.mesh.serve PART [NAME] …`: labelled by the part's package.
+        part = args.index(b"agentplex.mesh.serve") + 1
+        name = SERVED_PARTS.get(args[part].decode(), args[part].decode())
+        return f"{name}:{args[part + 1].decode()}" if args[part] in (b"agent", b"worker") else name
     module = next((a.decode() for a in args if a.startswith(b"agentplex.")), args[0].decode())
     if b"--agent" in args:
         module += ":" + args[args.index(b"--agent") + 1].decode()

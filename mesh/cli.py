@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG
 from agentplex.contract import limits
-from agentplex.mesh import render, serve, tool_commands
+from agentplex.mesh import dev_auth, render, serve, tool_commands
 from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the Envoy gateway and its control plane (agents are still reachable directly)",
     )
     up.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a bearer token (JWT) at the gateway, signed by a development issuer "
+        "kept in .agentplex/auth/; mint one with agentplex token. Required when the gateway "
+        "listens beyond loopback (AGENTPLEX_GATEWAY_LISTEN_HOST)",
+    )
+    up.add_argument(
         "--llm",
         choices=["scripted", "openai", "local"],
         default=None,
@@ -150,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print the launcher\'s progress as JSON lines ({"message": …}); '
         "the addresses are in the state file",
+    )
+
+    token = commands.add_parser(
+        "token",
+        help="mint a bearer token for the gateway of a mesh started with agentplex up --auth",
+    )
+    token.add_argument("--tenant", required=True, help="the tenant the token acts for")
+    token.add_argument(
+        "--subject", default="dev", help="who the token names (its sub claim; default dev)"
+    )
+    token.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help=f"a scope to grant, repeatable (default: {' '.join(dev_auth.DEFAULT_SCOPES)})",
+    )
+    token.add_argument(
+        "--ttl",
+        type=float,
+        default=3600,
+        metavar="SECONDS",
+        help="how long the token is valid (default 3600)",
+    )
+    token.add_argument(
+        "--json", action="store_true", help="print {token, expires_in, tenant, subject, scopes}"
     )
 
     serve_part = commands.add_parser(
@@ -345,6 +378,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _tools(args, state)
     if args.command in ("ps", "restart"):
         return await _control(args, state)
+    if args.command == "token":
+        return _token(args, state)
     if args.command == "run":
         return await _run(args, state, settings)
     commands = {
@@ -397,6 +432,7 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
         workers=args.workers,
         replicas=replicas,
         gateway=not args.no_gateway,
+        auth=args.auth,
         agents=loaded.agents,
         agent_files=tuple(agent_files),
         settings=settings,
@@ -566,6 +602,35 @@ async def _on_agent(
             return await call(agent_service_pb2_grpc.AgentServiceStub(channel))
         except grpc.aio.AioRpcError as err:
             raise _rpc_failure(err, f"agent {args.agent!r} at {address}") from None
+
+
+def _token(args: argparse.Namespace, state: dict[str, object]) -> int:
+    from agentplex.gateway import tokens  # PyJWT and cryptography: only when minting
+
+    auth = state.get("auth")
+    if not isinstance(auth, dict):
+        raise CliError(
+            "this mesh's gateway checks no tokens: start it with agentplex up --auth", EXIT_USAGE
+        )
+    if args.ttl <= 0:
+        raise CliError("--ttl must be positive", EXIT_USAGE)
+    scopes = args.scope or list(dev_auth.DEFAULT_SCOPES)
+    key = tokens.load_signing_key(Path(auth["key"]))
+    minted = tokens.mint(
+        key,
+        issuer=auth["issuer"],
+        audience=auth["audience"],
+        subject=args.subject,
+        tenant=args.tenant,
+        scopes=scopes,
+        ttl_seconds=args.ttl,
+    )
+    if args.json:
+        described = {"tenant": args.tenant, "subject": args.subject, "scopes": scopes}
+        print(json.dumps({"token": minted, "expires_in": args.ttl, **described}))
+    else:
+        print(minted)
+    return 0
 
 
 async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:

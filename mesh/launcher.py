@@ -27,6 +27,7 @@ from typing import Any
 
 from agentplex.agents.catalog import CATALOG, AgentSpec
 from agentplex.gateway.resources import agent_cluster
+from agentplex.mesh import dev_auth
 from agentplex.mesh.control_service import control_host
 from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePart
 from agentplex.mesh.redis_process import free_port
@@ -68,6 +69,8 @@ class MeshLauncher:
     replicas: dict[str, int] = field(default_factory=dict)
     # Envoy in front of every agent, configured by its xDS control plane.
     gateway: bool = True
+    # Bearer tokens required at the gateway, from a development issuer (mesh/dev_auth.py).
+    auth: bool = False
     # The agents to run (the built-ins, and those of `agent_files`) and the spec files
     # each agent and worker process is given (`--agents FILE`) to find its own.
     agents: dict[str, AgentSpec] = field(default_factory=lambda: dict(CATALOG))
@@ -77,6 +80,7 @@ class MeshLauncher:
     say: Callable[[str], None] = print
     supervisor: Supervisor = field(init=False)
     _control: ServiceHost | None = None
+    _issuer: dev_auth.DevIssuer | None = None
     _run_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +101,7 @@ class MeshLauncher:
     async def start(self) -> dict[str, Any]:
         """Start every part; returns the state written to the state file."""
         self._refuse_second_mesh()
+        self._refuse_an_open_gateway()
         self._run_dir = self.state_file.parent
         (self._run_dir / "logs").mkdir(parents=True, exist_ok=True)
         redis_url = self.redis_url
@@ -192,6 +197,8 @@ class MeshLauncher:
         # The agents this mesh runs (each also under its own name, with its address).
         state["agents"] = sorted(self.agents)
         state["control"] = control_address
+        if self._issuer is not None:
+            state["auth"] = self._issuer.state()
         state["logs"] = str(self._run_dir / "logs")
         state["pid"] = os.getpid()
         write_state(self.state_file, state)
@@ -207,11 +214,11 @@ class MeshLauncher:
         """The control plane (healthy once it has a snapshot), then Envoy booting from it."""
         assert self._run_dir is not None
         listen_port = self._gateway_port("gateway")
-        xds = await self._start_part(
-            "gateway-xds",
-            ["gateway-control-plane"],
-            {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)},
-        )
+        xds_env = {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)}
+        if self.auth:
+            self._issuer = dev_auth.ensure_issuer(self._run_dir / "auth")
+            xds_env.update(self._issuer.gateway_env())
+        xds = await self._start_part("gateway-xds", ["gateway-control-plane"], xds_env)
         envoy = EnvoyPart(
             xds=xds.address,
             listen_port=listen_port,
@@ -245,6 +252,17 @@ class MeshLauncher:
     async def _supervise(self, runner: Runner) -> Runner:
         await self.supervisor.add(runner)
         return runner
+
+    def _refuse_an_open_gateway(self) -> None:
+        """A gateway other machines can reach must check who calls it."""
+        host = self.settings.gateway_listen_host
+        open_to_others = self.gateway and not dev_auth.is_loopback(host)
+        if open_to_others and not self.auth and self.settings.gateway_auth == "none":
+            raise LaunchError(
+                f"the gateway would listen on {host} without authentication: add --auth "
+                "(or configure an issuer, docs/SECURITY.md), or listen on 127.0.0.1 "
+                "(AGENTPLEX_GATEWAY_LISTEN_HOST)"
+            )
 
     def _refuse_second_mesh(self) -> None:
         if not self.state_file.exists():

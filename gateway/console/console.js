@@ -13,6 +13,13 @@
     "UNAUTHENTICATED",
   ];
   const $ = (id) => document.getElementById(id);
+  // A gateway started with authentication wants a bearer token on every call; this
+  // tab keeps the one pasted (sessionStorage: gone when the tab closes).
+  const TOKEN_KEY = "agentplex-token";
+  function authorization() {
+    const token = $("token").value.trim();
+    return token ? { authorization: `Bearer ${token}` } : {};
+  }
   let root = null;
   let running = null; // {abort: AbortController, agent, taskId, mode}
 
@@ -70,6 +77,7 @@
         "x-grpc-web": "1",
         "x-user-agent": "agentplex-console/1",
         [AGENT_HEADER]: agent,
+        ...authorization(),
       },
     });
     const headers = Object.fromEntries(response.headers.entries());
@@ -256,24 +264,39 @@
 
   async function start() {
     try {
-      const [schema, listing] = await Promise.all([
+      const [schema, answer] = await Promise.all([
         fetch("/console/agentplex.json").then((r) => r.json()),
-        fetch("/v1/agents").then((r) => r.json()),
+        fetch("/v1/agents", { headers: authorization() }),
       ]);
+      if (answer.status === 401) {
+        const reason = (await answer.json()).message || "no token";
+        $("connection").textContent = `this gateway asks for a token (${reason}): paste one from agentplex token --tenant YOU`;
+        $("token").focus();
+        return;
+      }
+      const listing = await answer.json();
       root = protobuf.Root.fromJSON(schema);
+      $("agent").replaceChildren();
       for (const agent of listing.agents) {
         const option = new Option(`${agent.name} (${agent.replicas} replica${agent.replicas === 1 ? "" : "s"})`, agent.name);
         option.selected = agent.name === listing.default_agent;
         $("agent").append(option);
       }
       $("connection").textContent = `${listing.agents.length} agents routable`;
-      $("task-form").addEventListener("submit", onSubmit);
-      $("cancel").addEventListener("click", () => onCancel().catch((e) => showError(String(e))));
+      if (!document.body.dataset.ready) {
+        $("task-form").addEventListener("submit", onSubmit);
+        $("cancel").addEventListener("click", () => onCancel().catch((e) => showError(String(e))));
+      }
       document.body.dataset.ready = "true";
     } catch (error) {
       $("connection").textContent = `cannot reach the gateway: ${error}`;
     }
   }
 
+  $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
+  $("token").addEventListener("change", () => {
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    start();
+  });
   start();
 })();

@@ -57,7 +57,9 @@ def running_mesh(
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["AGENTPLEX_DOCS_DIR"] = str(REPO_ROOT)
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports"],
+        # With the gateway checking tokens: the CLI calls the agents directly, callers of
+        # the gateway present a token from `agentplex token`.
+        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports", "--auth"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -231,38 +233,86 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:
 
 
 def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:
-    """The issue's newcomer path: one gateway address, gRPC (grpcurl) and JSON (HTTP)."""
+    """The issue's newcomer path: one gateway address, gRPC (grpcurl) and JSON (HTTP), with
+    a token from `agentplex token`; without one, UNAUTHENTICATED and 401."""
     import httpx
 
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
+    minted = agentplex("token", "--tenant", "acme", "--json", state_file=state_file)
+    assert minted.returncode == 0, minted.stderr
+    token = json.loads(minted.stdout)["token"]
+    bearer = f"authorization: Bearer {token}"
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-    streamed = subprocess.run(
-        [
-            grpcurl,
-            "-plaintext",
-            "-d",
-            '{"prompt": "what is 17*23?"}',
-            state["gateway"],
-            "agentplex.v1.AgentService/StreamSteps",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def stream(*headers: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                grpcurl,
+                "-plaintext",
+                *(arg for header in headers for arg in ("-H", header)),
+                "-d",
+                '{"prompt": "what is 17*23?"}',
+                state["gateway"],
+                "agentplex.v1.AgentService/StreamSteps",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    streamed = stream(bearer)
     assert streamed.returncode == 0, streamed.stderr
     assert '"toolName": "calculator"' in streamed.stdout
     assert "391" in streamed.stdout
+    refused = stream()
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+    assert "Jwt is missing" in refused.stderr
+    url = f"http://{state['gateway']}/v1/agents/assistant/tasks:run"
     response = httpx.post(
-        f"http://{state['gateway']}/v1/agents/assistant/tasks:run",
+        url,
         json={"prompt": "what is 17*23?"},
+        headers={"authorization": f"Bearer {token}"},
         timeout=30,
     )
     assert response.status_code == 200, response.text
     assert response.json()["result"]["status"] == "TASK_STATUS_COMPLETED"
     assert "391" in response.json()["result"]["output"]
+    anonymous = httpx.post(url, json={"prompt": "what is 17*23?"}, timeout=30)
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == 16
+    # The console's page stays open (it asks for a token before calling).
     console = httpx.get(state["console"], timeout=10)
     assert console.status_code == 200 and "agentplex console" in console.text
+
+
+def test_a_token_carries_the_tenant_subject_and_scopes_asked_for(running_mesh) -> None:
+    import jwt
+
+    state_file, _ = running_mesh
+    state = json.loads(state_file.read_text())
+    minted = agentplex(
+        "token",
+        "--tenant",
+        "acme",
+        "--subject",
+        "ana",
+        "--scope",
+        "tasks:run",
+        "--ttl",
+        "60",
+        state_file=state_file,
+    )
+    assert minted.returncode == 0, minted.stderr
+    jwks = json.loads((Path(state["auth"]["key"]).parent / "jwks.json").read_text())
+    key = jwt.PyJWK(jwks["keys"][0])
+    claims = jwt.decode(
+        minted.stdout.strip(), key.key, algorithms=[key.algorithm_name], audience="agentplex"
+    )
+    assert (claims["tenant"], claims["sub"], claims["scope"]) == ("acme", "ana", "tasks:run")
+    assert claims["iss"] == "agentplex-dev" and claims["exp"] - claims["iat"] == 60
+    assert oct(Path(state["auth"]["key"]).stat().st_mode & 0o777) == "0o600"
+    bad = agentplex("token", "--tenant", "acme", "--ttl", "0", state_file=state_file)
+    assert bad.returncode == 2 and "--ttl must be positive" in bad.stderr
 
 
 def test_submit_watch_status_cancel(running_mesh) -> None:

@@ -153,6 +153,13 @@ async def cut_off_then_taken_over(
 
     await poll(claimed, timeout=20, message=f"no worker claimed {task_id}")
     holder = next(iter(await holders(redis)))
+
+    async def running() -> bool:
+        # Started (its attempt holds the lease) and into its first step, not just claimed.
+        task = await client.get(task_id)
+        return task.status == task_pb2.TASK_STATUS_RUNNING and task.last_sequence >= 2
+
+    await poll(running, timeout=20, message=f"{task_id} never started")
     pod = next(p for p in cluster.pod("worker-assistant") if p.name == holder)
     if stall:
         cluster.freeze(pod)
