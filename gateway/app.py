@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
+from agentplex.contract import callers
 from agentplex.gateway import resources
 from agentplex.gateway.ads import DiscoveryServer
 from agentplex.gateway.control_plane import ControlPlane
@@ -37,6 +38,7 @@ from agentplex.runtime.metrics import MetricsEndpoint
 from agentplex.runtime.process import Endpoint, run_process, stop_each
 from agentplex.runtime.server import LIVENESS_SERVICE
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import MeshTls, TlsFiles, load_mesh_tls
 
 if TYPE_CHECKING:  # grpclib's type of a service (what Server takes), not exported
     from grpclib._typing import IServable
@@ -140,6 +142,26 @@ def otlp_traces_receiver(settings: Settings) -> resources.HostPort | None:
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
+def envoy_upstream_tls(settings: Settings) -> resources.UpstreamTls | None:
+    """Envoy's mTLS files towards agents and the registry, when service-to-service TLS is
+    on: the mesh CA and the gateway's own certificate (identity `gateway`, not the control
+    plane's: each is authorized for what it calls). Absolute: Envoy runs elsewhere."""
+    mesh = TlsFiles.from_settings(settings)
+    if mesh is None:
+        return None
+    cert, key = settings.tls_gateway_cert_file, settings.tls_gateway_key_file
+    if cert is None or key is None:
+        raise ValueError(
+            "mTLS is on: set AGENTPLEX_TLS_GATEWAY_CERT_FILE and AGENTPLEX_TLS_GATEWAY_KEY_FILE "
+            "to Envoy's certificate (identity gateway)"
+        )
+    return resources.UpstreamTls(
+        ca_file=os.path.abspath(mesh.ca),
+        cert_file=os.path.abspath(cert),
+        key_file=os.path.abspath(key),
+    )
+
+
 def read_jwks(path: Path) -> str:
     """The public keys in the JWKS file `path`, as compact JSON for Envoy.
 
@@ -180,20 +202,31 @@ class ControlPlaneServer:
     """The ADS server, the JSON body check and the directory poller, started and stopped
     together."""
 
-    def __init__(self, settings: Settings, gateway: GatewaySettings) -> None:
+    def __init__(
+        self, settings: Settings, gateway: GatewaySettings, *, mesh_tls: MeshTls | None = None
+    ) -> None:
+        """`mesh_tls`: this process's mesh credentials (`load_mesh_tls`), required when
+        settings turn service-to-service TLS on."""
         self.settings = settings
         self.gateway = gateway
         self.cache = SnapshotCache()
         self.discovery = DiscoveryServer(self.cache)
         keepalive = Keepalive.from_settings(settings)
-        self._channel = open_channel(settings.registry_address, keepalive)
+        upstream_tls = envoy_upstream_tls(settings)
+        if upstream_tls is not None and mesh_tls is None:
+            raise ValueError("mTLS is on: pass the control plane's mesh credentials")
+        self._channel = open_channel(
+            settings.registry_address, keepalive, tls=mesh_tls, server_identity=callers.REGISTRY
+        )
         # A local JWKS goes to Envoy inline: read now (a bad file stops the start), and
         # again whenever it changes (`_watch_jwks`).
         self._jwks_file = gateway.jwks_file if gateway.auth == "jwt" else None
         self._jwks_state = _file_state(self._jwks_file) if self._jwks_file else None
         jwks = read_jwks(self._jwks_file) if self._jwks_file else None
         self.options = dataclasses.replace(
-            gateway.options(keepalive, jwks=jwks), otlp_traces=otlp_traces_receiver(settings)
+            gateway.options(keepalive, jwks=jwks),
+            otlp_traces=otlp_traces_receiver(settings),
+            upstream_tls=upstream_tls,
         )
         self._directory = AgentDirectory(self._channel, [settings.registry_address])
         self.control_plane = self._control_plane()
@@ -355,7 +388,11 @@ class ControlPlaneProcess:
 
 def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ControlPlaneProcess:
-        server = ControlPlaneServer(settings, GatewaySettings.from_settings(settings))
+        server = ControlPlaneServer(
+            settings,
+            GatewaySettings.from_settings(settings),
+            mesh_tls=await load_mesh_tls(settings),
+        )
         return ControlPlaneProcess(server, port=args.port, metrics_port=args.metrics_port)
 
     run_process(

@@ -178,6 +178,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CommonTlsContext,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
+    TlsCertificate,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -196,10 +197,12 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, Percent, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct
 
+from agentplex.contract import callers
 from agentplex.gateway import console, descriptors, json_bodies
 from agentplex.runtime.errors import ERROR_DOMAIN
 from agentplex.runtime.server import MAX_METADATA_BYTES
 from agentplex.runtime.settings import check_jwks_uri
+from agentplex.runtime.tls import spiffe_id
 
 AGENT_HEADER = "x-agentplex-agent"
 REGISTRY_TARGET = "registry"  # reserved name: the header value that reaches the registry
@@ -410,6 +413,15 @@ class JwtOptions:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """Envoy's mTLS to agents and the registry: files Envoy reads itself (absolute paths)."""
+
+    ca_file: str
+    cert_file: str  # Envoy's own certificate, identity `gateway`
+    key_file: str
+
+
+@dataclass(frozen=True)
 class GatewayOptions:
     """The edge policy. Defaults follow Envoy's edge-proxy best practices, sized for a dev box."""
 
@@ -447,6 +459,8 @@ class GatewayOptions:
     # Bearer tokens required (everything but health, readiness, preflights and the
     # console); None: the edge lets every caller through.
     jwt: JwtOptions | None = None
+    # mTLS to agents and the registry (service-to-service TLS on); None: plaintext.
+    upstream_tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True)
@@ -513,12 +527,14 @@ def upstream_metadata_bytes(options: GatewayOptions) -> int:
 
 
 def build(directory: Directory, options: GatewayOptions) -> Resources:
-    clusters = [_cluster(agent_cluster(name), options) for name in sorted(directory.agents)]
+    clusters = [
+        _cluster(agent_cluster(name), options, callers.AGENT) for name in sorted(directory.agents)
+    ]
     endpoints = [
         load_assignment(agent_cluster(name), directory.agents[name])
         for name in sorted(directory.agents)
     ]
-    clusters.append(_cluster(REGISTRY_CLUSTER, options))
+    clusters.append(_cluster(REGISTRY_CLUSTER, options, callers.REGISTRY))
     endpoints.append(load_assignment(REGISTRY_CLUSTER, directory.registry))
     if options.otlp_traces is not None:
         clusters.append(_traces_cluster())
@@ -616,7 +632,37 @@ def _tracing(otlp_traces: HostPort | None) -> HttpConnectionManagerTracing | Non
     )
 
 
-def _cluster(name: str, options: GatewayOptions) -> Cluster:
+def _upstream_tls(tls: UpstreamTls, identity: str) -> TransportSocket:
+    """Envoy presents the gateway's certificate and accepts only a peer certificate from
+    the mesh CA naming `identity` (its URI SAN): replicas are reached by IP, so the
+    identity, not the address, is what is checked. Health checks use it too."""
+    context = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=tls.cert_file),
+                    private_key=DataSource(filename=tls.key_file),
+                )
+            ],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=tls.ca_file),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.URI,
+                        matcher=StringMatcher(exact=spiffe_id(identity)),
+                    )
+                ],
+            ),
+            # gRPC servers speak HTTP/2 over TLS only when ALPN says so.
+            alpn_protocols=["h2"],
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(context))
+
+
+def _cluster(name: str, options: GatewayOptions, identity: str) -> Cluster:
+    """An EDS cluster of replicas of one kind of service, whose mesh identity is
+    `identity` (checked with mTLS on)."""
     http2 = UpstreamHttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http2_protocol_options=Http2ProtocolOptions(
@@ -633,7 +679,7 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
         )
     )
     interval = _seconds(options.health_check_interval_seconds)
-    return Cluster(
+    cluster = Cluster(
         name=name,
         type=ClusterDiscoveryType.EDS,
         eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
@@ -693,6 +739,9 @@ def _cluster(name: str, options: GatewayOptions) -> Cluster:
         # A replica withdrawn from the directory leaves at once, healthy or not.
         ignore_health_on_host_removal=True,
     )
+    if options.upstream_tls is not None:
+        cluster.transport_socket = _upstream_tls(options.upstream_tls, identity)
+    return cluster
 
 
 def load_assignment(cluster: str, replicas: Sequence[HostPort]) -> ClusterLoadAssignment:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentplex.runtime import errors
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.tracing import client_interceptors
+
+if TYPE_CHECKING:  # only the type: the agent client's base install has no cryptography
+    from agentplex.runtime.tls import MeshTls
 
 T = TypeVar("T")
 
@@ -86,25 +89,43 @@ class Keepalive:
 
 
 def open_channel(
-    address: str, keepalive: Keepalive | None = None, *, any_server: bool = False
+    address: str,
+    keepalive: Keepalive | None = None,
+    *,
+    any_server: bool = False,
+    tls: MeshTls | None = None,
+    server_identity: str | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure loopback/cluster channel that propagates W3C trace context and
+    """A loopback/cluster channel that propagates W3C trace context and
     detects a dead peer through keepalive (defaults unless the caller's settings say;
     `any_server` for a peer that may not be an agentplex server, see `Keepalive`).
+
+    With `tls` (the process's mesh credentials, `runtime.tls.load_mesh_tls`) it is
+    mTLS: this process presents its certificate and accepts only a server
+    certificate from the mesh CA that names `server_identity` (a mesh identity such as
+    `memory`), or, without one, the host in `address` (`localhost`, a Service name).
+    Plaintext without `tls`.
 
     Round robin over every address the name resolves to: a headless Kubernetes
     Service gives one per replica, and one HTTP/2 connection per replica spreads
     the calls (the default, pick_first, would send them all to one).
     """
     keepalive_options = (keepalive or Keepalive()).channel_options(any_server=any_server)
-    return grpc.aio.insecure_channel(
-        address,
-        interceptors=client_interceptors(),
-        options=[
-            *keepalive_options,
-            ("grpc.enable_retries", 0),
-            ("grpc.lb_policy_name", "round_robin"),
-        ],
+    options: list[tuple[str, str | int]] = [
+        *keepalive_options,
+        ("grpc.enable_retries", 0),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+    if tls is None:
+        return grpc.aio.insecure_channel(
+            address, interceptors=client_interceptors(), options=options
+        )
+    if server_identity is not None:
+        # Replicas are dialled by pod IP, which one shared certificate cannot list: verify
+        # the identity's DNS SAN instead (grpcio offers no URI SAN check to clients).
+        options.append(("grpc.ssl_target_name_override", server_identity))
+    return grpc.aio.secure_channel(
+        address, tls.channel_credentials(), interceptors=client_interceptors(), options=options
     )
 
 

@@ -7,7 +7,9 @@ shutdown: on SIGTERM health turns NOT_SERVING first and the server keeps
 answering for the drain delay, so the gateway's health checks and clients'
 balancers move away while nothing is refused; then it stops accepting calls
 and in-flight ones get the grace period to finish. HTTP/2 keepalive both
-ways, so a frozen peer is noticed (see `Keepalive`).
+ways, so a frozen peer is noticed (see `Keepalive`). With mesh TLS files
+(runtime/tls.py) it serves mTLS only and authorizes each call by the peer's
+certificate identity (runtime/peer_auth.py).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from agentplex.runtime.advertise import advertised_host, join
 from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
+from agentplex.runtime.peer_auth import CallerTable, PeerAuthorization
 from agentplex.runtime.process import Endpoint, quick_stop_requested, stop_each
 from agentplex.runtime.process import write_ready_file as write_ready_file  # still importable here
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import TlsFiles
 from agentplex.runtime.tracing import ServerTracing
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,10 @@ class ServiceHost:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Run once serving, with the bound endpoint (e.g. to announce it to the registry).
     on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = ()
+    # mTLS when set; then only identities `callers` allows for a service may call it
+    # (agentplex.contract.callers.CALLERS; none given: health and reflection only).
+    tls: TlsFiles | None = None
+    callers: CallerTable | None = None
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _health: health_aio.HealthServicer | None = field(default=None, init=False)
     _service_names: Sequence[str] = field(default=(), init=False)
@@ -188,8 +196,10 @@ class ServiceHost:
         dependency_checks: Sequence[DependencyCheck] = (),
         on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = (),
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+        callers: CallerTable | None = None,
     ) -> ServiceHost:
-        """A host listening where settings say, with their health interval and grace."""
+        """A host listening where settings say, with their health interval, grace and
+        mesh TLS files."""
         return cls(
             name=name,
             register=register,
@@ -204,6 +214,8 @@ class ServiceHost:
             keepalive=Keepalive.from_settings(settings),
             on_start=on_start,
             on_stop=on_stop,
+            tls=TlsFiles.from_settings(settings),
+            callers=callers,
         )
 
     async def start(self) -> Endpoint:
@@ -211,9 +223,14 @@ class ServiceHost:
         try:
             if self.metrics_port is not None:
                 self._metrics = MetricsEndpoint(self.host, self.metrics_port)
+            mesh_tls = await self.tls.load() if self.tls is not None else None
+            interceptors: list[grpc.aio.ServerInterceptor] = [ServerTracing(), EdgeInterceptor()]
+            if mesh_tls is not None:
+                # Innermost: a refusal is traced and counted like any other status.
+                interceptors.append(PeerAuthorization(self.callers or {}))
             # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
             server = grpc.aio.server(
-                interceptors=[ServerTracing(), EdgeInterceptor()],
+                interceptors=interceptors,
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
@@ -227,7 +244,12 @@ class ServiceHost:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
             serve_reflection([*self._service_names, health_name], server)
             try:
-                bound = server.add_insecure_port(join(self.host, self.port))
+                address = join(self.host, self.port)
+                bound = (
+                    server.add_secure_port(address, mesh_tls.server_credentials())
+                    if mesh_tls is not None
+                    else server.add_insecure_port(address)
+                )
             except RuntimeError as exc:
                 raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
             self._server = server
@@ -245,7 +267,11 @@ class ServiceHost:
         log.info(
             "%s listening",
             self.name,
-            extra={"address": endpoint.address, "metrics_port": metrics_port},
+            extra={
+                "address": endpoint.address,
+                "metrics_port": metrics_port,
+                "mtls_identity": mesh_tls.identity if mesh_tls is not None else None,
+            },
         )
         return endpoint
 

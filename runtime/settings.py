@@ -620,6 +620,73 @@ class LauncherSection(Section):
         return value != "" if isinstance(value, str) else value
 
 
+class MtlsSection(Section):
+    """Service-to-service TLS.
+
+    Mutual TLS between the parts of the mesh, and authorization by the peer's
+    certificate identity (contract/callers.py). Off unless the three files are
+    set; `python -m agentplex.runtime.tls DIR IDENTITY...` writes a development PKI.
+    """
+
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the mesh CA every part trusts: a server accepts only clients "
+        "with a certificate it signed, a client only servers. Set with `tls_cert_file` and "
+        "`tls_key_file` (all three or none; none is plaintext).",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of this part, issued by the mesh CA, carrying its "
+        "identity as the URI SAN `spiffe://agentplex/<identity>` and as a DNS SAN.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key of `tls_cert_file` (mode 0600: a mounted Secret).",
+    )
+    tls_gateway_cert_file: Path | None = Field(
+        default=None,
+        description="Envoy's own certificate towards agents and the registry (identity "
+        "`gateway`). The gateway's control plane puts the path in Envoy's configuration and "
+        "Envoy reads the file; required there when mTLS is on.",
+    )
+    tls_gateway_key_file: Path | None = Field(
+        default=None,
+        description="The private key of `tls_gateway_cert_file`, read by Envoy.",
+    )
+
+    @field_validator(
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_gateway_cert_file",
+        "tls_gateway_key_file",
+        mode="before",
+    )
+    @classmethod
+    def _blank_path_is_unset(cls, value: object) -> object:
+        return value or None
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> MtlsSection:
+        # Half a configuration would silently fall back to plaintext.
+        mesh = {
+            "tls_ca_file": self.tls_ca_file,
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+        }
+        gateway = {
+            "tls_gateway_cert_file": self.tls_gateway_cert_file,
+            "tls_gateway_key_file": self.tls_gateway_key_file,
+        }
+        for group in (mesh, gateway):
+            missing = [ENV_PREFIX + name.upper() for name, value in group.items() if value is None]
+            if missing and len(missing) < len(group):
+                raise ValueError(f"mTLS is half configured: set {', '.join(missing)} too")
+        if self.tls_gateway_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError(f"{ENV_PREFIX}TLS_GATEWAY_* need mTLS on ({ENV_PREFIX}TLS_CA_FILE)")
+        return self
+
+
 SECTIONS: tuple[type[Section], ...] = (
     SharedSection,
     MemorySection,
@@ -628,6 +695,7 @@ SECTIONS: tuple[type[Section], ...] = (
     TasksSection,
     GatewaySection,
     LauncherSection,
+    MtlsSection,
 )
 
 
@@ -667,6 +735,7 @@ class Settings(
     TasksSection,
     GatewaySection,
     LauncherSection,
+    MtlsSection,
     BaseSettings,
 ):
     """Configuration of every agentplex process: all sections, one flat namespace."""
