@@ -22,13 +22,14 @@ from agentplex.agents.servicer import AgentServicer
 from agentplex.clients.memory import MemoryClient
 from agentplex.clients.registry import RegistryClient
 from agentplex.contract import agent_tool as delegation_tool
-from agentplex.contract import limits, lineage
+from agentplex.contract import callers, limits, lineage
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import redis_client
 from agentplex.runtime.clients import Deadline, Keepalive, health_status, open_channel
 from agentplex.runtime.process import CannotStart, Endpoint, run_process
 from agentplex.runtime.server import DependencyCheck, ServiceHost
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import TlsFiles
 from agentplex.tasks.event_feed import EventFeed
 from agentplex.tasks.service import TaskService
 from agentplex.tasks.store import TaskStore
@@ -175,8 +176,15 @@ def build_parts(
     settings = spec.settings(settings)
     llm = llm or build_provider(settings)
     keepalive = Keepalive.from_settings(settings)
-    memory_channel = open_channel(settings.memory_address, keepalive)
-    registry_channel = open_channel(settings.registry_address, keepalive)
+    # This process's certificate (`agent` or `worker`): read once, at start.
+    tls_files = TlsFiles.from_settings(settings)
+    mesh_tls = tls_files.read() if tls_files is not None else None
+    memory_channel = open_channel(
+        settings.memory_address, keepalive, tls=mesh_tls, server_identity=callers.MEMORY
+    )
+    registry_channel = open_channel(
+        settings.registry_address, keepalive, tls=mesh_tls, server_identity=callers.REGISTRY
+    )
     redis = redis_client.connect(settings.redis_url)
     registry = RegistryClient(settings.registry_address, channel=registry_channel)
     memory = MemoryClient(settings.memory_address, channel=memory_channel)
@@ -312,6 +320,7 @@ def build_host(
         metrics_port=metrics_port,
         dependency_checks=parts.dependency_checks,
         on_stop=[withdraw_and_close],
+        callers=callers.CALLERS,
     )
 
 

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
+from agentplex.contract import callers
 from agentplex.runtime.clients import call_with_deadline, open_channel
 from agentplex.v1 import memory_pb2
 from agentplex.v1 import memory_service_pb2 as pb
 from agentplex.v1 import memory_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:  # only the type: runtime.tls needs cryptography, a mesh extra
+    from agentplex.runtime.tls import MeshTls
+
 
 class MemoryClient:
-    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or open_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        tls: MeshTls | None = None,
+    ) -> None:
+        """`tls`: the caller's mesh credentials, when mTLS is on (ignored with `channel`)."""
+        self._channel = channel or open_channel(address, tls=tls, server_identity=callers.MEMORY)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
 
     async def load(

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
+from agentplex.contract import callers
 from agentplex.runtime.clients import call_with_deadline, open_channel
 from agentplex.runtime.errors import AgentplexError, FailedPrecondition, from_rpc_error
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:  # only the type: runtime.tls needs cryptography, a mesh extra
+    from agentplex.runtime.tls import MeshTls
+
 log = logging.getLogger(__name__)
 
 
 class RegistryClient:
-    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or open_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        tls: MeshTls | None = None,
+    ) -> None:
+        """`tls`: the caller's mesh credentials, when mTLS is on (ignored with `channel`)."""
+        self._channel = channel or open_channel(address, tls=tls, server_identity=callers.REGISTRY)
         self._stub = pb_grpc.ToolRegistryServiceStub(self._channel)
 
     async def list_tools(self, agent: str = "", *, timeout: float) -> pb.ListToolsResponse:

@@ -89,6 +89,12 @@ def address_problem(address: IPAddress) -> str | None:
             "a shared (CGNAT) address",
         ),
         (address.is_private, "a private address"),
+        # Deprecated site-local IPv6 (fec0::/10): still routed privately in places, and
+        # not flagged by every Python's `is_private` / `is_global`.
+        (
+            isinstance(address, ipaddress.IPv6Address) and address.is_site_local,
+            "a site-local address",
+        ),
         (address.is_reserved, "a reserved address"),
         (not address.is_global, "a non-public address"),
     ]

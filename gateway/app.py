@@ -35,7 +35,7 @@ from agentplex.gateway.settings import GatewaySettings
 from agentplex.gateway.snapshot import SnapshotCache
 from agentplex.runtime.clients import Keepalive, open_channel
 from agentplex.runtime.metrics import MetricsEndpoint
-from agentplex.runtime.process import Endpoint, run_process, stop_each
+from agentplex.runtime.process import CannotStart, Endpoint, run_process, stop_each
 from agentplex.runtime.server import LIVENESS_SERVICE
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.tls import MeshTls, TlsFiles, load_mesh_tls
@@ -240,6 +240,8 @@ class ControlPlaneServer:
         self.address = ""
 
     async def start(self, port: int = 0) -> str:
+        # Plaintext even with mesh TLS on: Envoy's bootstrap cluster to it has no TLS.
+        # Keep it on loopback or a private network (AGENTPLEX_HOST).
         await self._server.start(self.settings.host, port)
         listening = self._server._server  # grpclib exposes the bound socket only here
         assert listening is not None
@@ -388,11 +390,10 @@ class ControlPlaneProcess:
 
 def main(argv: list[str] | None = None) -> None:
     async def build(settings: Settings, args: argparse.Namespace) -> ControlPlaneProcess:
-        server = ControlPlaneServer(
-            settings,
-            GatewaySettings.from_settings(settings),
-            mesh_tls=await load_mesh_tls(settings),
-        )
+        gateway = GatewaySettings.from_settings(settings)
+        if (problem := gateway.open_to_anyone()) is not None:
+            raise CannotStart(problem)
+        server = ControlPlaneServer(settings, gateway, mesh_tls=await load_mesh_tls(settings))
         return ControlPlaneProcess(server, port=args.port, metrics_port=args.metrics_port)
 
     run_process(

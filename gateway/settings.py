@@ -9,6 +9,7 @@ bench), an unset field takes that section's default, so defaults live in one pla
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ class GatewaySettings(BaseModel):
     console: bool = _default("console")
     access_log: bool = _default("access_log")
     auth: Literal["none", "jwt"] = _default("auth")
+    allow_unauthenticated: bool = _default("allow_unauthenticated")
     jwt_issuer: str = _default("jwt_issuer")
     jwt_audiences: str = _default("jwt_audiences")
     jwks_uri: str | None = _default("jwks_uri")
@@ -69,6 +71,17 @@ class GatewaySettings(BaseModel):
             jwks_file=self.jwks_file,
         )
         return self
+
+    def open_to_anyone(self) -> str | None:
+        """Why this gateway must not start (it would take calls from other machines and
+        check no one), or None. The control plane and `agentplex up` both refuse it."""
+        if self.auth != "none" or self.allow_unauthenticated or _is_loopback(self.listen_host):
+            return None
+        return (
+            f"the gateway would listen on {self.listen_host} and check no tokens: set "
+            "AGENTPLEX_GATEWAY_AUTH=jwt (docs/SECURITY.md; agentplex up --auth), listen on "
+            "127.0.0.1, or say AGENTPLEX_GATEWAY_ALLOW_UNAUTHENTICATED=true"
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
@@ -106,3 +119,12 @@ class GatewaySettings(BaseModel):
             jwks_cache_seconds=self.jwks_cache_seconds,
             jwks_ca_file=str(self.jwks_ca_file),
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

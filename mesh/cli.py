@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,9 +33,9 @@ from pydantic import ValidationError
 
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG
-from agentplex.contract import limits
+from agentplex.contract import callers, limits
 from agentplex.mesh import dev_auth, render, serve, tool_commands
-from agentplex.mesh.state import MeshNotRunning, read_state, state_file_path
+from agentplex.mesh.state import MeshNotRunning, cli_tls, read_state, state_file_path
 from agentplex.runtime import errors
 from agentplex.runtime import loop as event_loop
 from agentplex.runtime.clients import open_channel
@@ -47,6 +48,8 @@ from agentplex.v1 import (
 
 if TYPE_CHECKING:  # for annotations; the commands import it where they call it
     import grpc
+
+    from agentplex.runtime.tls import MeshTls
 
 T = TypeVar("T")
 
@@ -151,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LLM provider for the agents (default: $AGENTPLEX_LLM_PROVIDER or scripted); "
         "local starts SmolLM2-135M offline (needs the local extra)",
+    )
+    up.add_argument(
+        "--mtls",
+        action="store_true",
+        help="mutual TLS between the parts, each with its own certificate from a development "
+        "CA kept in .agentplex/pki/; callers are authorized by identity (docs/SECURITY.md). "
+        "The agentplex commands use its cli certificate",
     )
     up.add_argument(
         "--json",
@@ -328,11 +338,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] == ["serve"]:
-        serve.main(words[1:])  # the part's own process: its flags, settings and exit codes
-        return 0
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve.main(args.args)  # the part's own process: its flags, settings and exit codes
+        return 0
     settings: Settings | None = None
     try:
         settings = _read_settings()
@@ -433,6 +442,7 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
         replicas=replicas,
         gateway=not args.no_gateway,
         auth=args.auth,
+        mtls=args.mtls,
         agents=loaded.agents,
         agent_files=tuple(agent_files),
         settings=settings,
@@ -485,7 +495,7 @@ async def _run(args: argparse.Namespace, state: dict[str, object], settings: Set
         )
     )
     # Keepalive: an agent that freezes mid-task fails the call (UNAVAILABLE), never hangs it.
-    async with open_channel(address) as channel:
+    async with _agent_channel(state, address) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         try:
             if args.stream:
@@ -572,9 +582,22 @@ async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:
     return await tool_commands.run(
         args,
         address,
+        tls=_mesh_tls(state),
         on_rpc_error=lambda err: _rpc_failure(err, f"the registry at {address}"),
         fail=lambda message: CliError(message, EXIT_USAGE),
     )
+
+
+def _mesh_tls(state: dict[str, object]) -> MeshTls | None:
+    try:
+        return cli_tls(state)
+    except MeshNotRunning as exc:
+        raise CliError(str(exc)) from None
+
+
+def _agent_channel(state: dict[str, object], address: str) -> grpc.aio.Channel:
+    """A channel to an agent: mTLS with the `cli` certificate when the mesh runs with it."""
+    return open_channel(address, tls=_mesh_tls(state), server_identity=callers.AGENT)
 
 
 def _rpc_failure(err: grpc.aio.AioRpcError, what: str) -> CliError:
@@ -597,7 +620,7 @@ async def _on_agent(
     import grpc
 
     address = _agent_address(state, args.agent)
-    async with open_channel(address) as channel:
+    async with _agent_channel(state, address) as channel:
         try:
             return await call(agent_service_pb2_grpc.AgentServiceStub(channel))
         except grpc.aio.AioRpcError as err:
@@ -612,10 +635,13 @@ def _token(args: argparse.Namespace, state: dict[str, object]) -> int:
         raise CliError(
             "this mesh's gateway checks no tokens: start it with agentplex up --auth", EXIT_USAGE
         )
-    if args.ttl <= 0:
-        raise CliError("--ttl must be positive", EXIT_USAGE)
+    if not (0 < args.ttl < math.inf):
+        raise CliError("--ttl must be a positive number of seconds", EXIT_USAGE)
     scopes = args.scope or list(dev_auth.DEFAULT_SCOPES)
-    key = tokens.load_signing_key(Path(auth["key"]))
+    try:
+        key = tokens.load_signing_key(Path(auth["key"]))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the development signing key: {exc}") from None
     minted = tokens.mint(
         key,
         issuer=auth["issuer"],

@@ -10,7 +10,6 @@ With a real OIDC issuer none of this runs: set the `gateway_jwt_*` settings
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +50,3 @@ def ensure_issuer(directory: Path) -> DevIssuer:
     key_path, jwks_path = tokens.write_signing_key(key, directory)
     # Absolute: the state file is read from wherever a command runs.
     return DevIssuer(key_path.resolve(), jwks_path.resolve())
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

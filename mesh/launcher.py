@@ -12,6 +12,12 @@ terminal shows only progress. Once up, the supervisor restarts any part that exi
 MeshControlService on loopback, whose address the state file holds under
 "control". Every child dies with the launcher, even a SIGKILLed one
 (runtime/orphan_guard.py). Stopping runs in reverse order, without the drain delay.
+
+With `--mtls` every gRPC part serves mutual TLS with its own identity's certificate
+from a development PKI kept in `.agentplex/pki/` (made once, then reused), and Envoy
+reaches agents and the registry with the `gateway` certificate. Two servers stay
+plaintext, on loopback only: the launcher's MeshControlService and the gateway
+control plane's xDS server (Envoy's bootstrap reaches it without TLS).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from agentplex.agents.catalog import CATALOG, AgentSpec
+from agentplex.contract import callers
 from agentplex.gateway.resources import agent_cluster
+from agentplex.gateway.settings import GatewaySettings
 from agentplex.mesh import dev_auth
 from agentplex.mesh.control_service import control_host
 from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePart
@@ -35,7 +43,15 @@ from agentplex.mesh.state import pid_alive, write_state
 from agentplex.mesh.supervisor import LaunchError, Runner, Supervised, Supervisor
 from agentplex.runtime.process import stop_each, stop_on_signals
 from agentplex.runtime.server import ServiceHost
-from agentplex.runtime.settings import Settings
+from agentplex.runtime.settings import ENV_PREFIX, Settings
+from agentplex.runtime.tls import (
+    CA_FILE,
+    MeshTls,
+    TlsFiles,
+    cert_file,
+    create_mesh_pki,
+    key_file,
+)
 
 __all__ = ["LaunchError", "MeshLauncher", "run_until_signalled"]
 
@@ -55,6 +71,35 @@ SETTLE_TIMEOUT_SECONDS = 30.0
 # The gateway's control plane is a service like the others; Envoy's own ports:
 DEFAULT_PORTS["gateway-xds"] = (50070, 9170)
 GATEWAY_PORTS = {"gateway": 8080, "envoy-admin": 9901}
+# Every part is reached on loopback, by name or address.
+PKI_DNS_NAMES = ("localhost",)
+PKI_IP_ADDRESSES = ("127.0.0.1",)
+
+
+def ensure_pki(directory: Path) -> Path:
+    """The development PKI in `directory`, made unless every file is already there (a
+    restarted mesh keeps its certificates). Blocking. Returns the absolute path."""
+    wanted = [directory / CA_FILE]
+    for identity in callers.IDENTITIES:
+        wanted += [cert_file(directory, identity), key_file(directory, identity)]
+    if not all(path.is_file() for path in wanted):
+        create_mesh_pki(
+            directory,
+            callers.IDENTITIES,
+            dns_names=PKI_DNS_NAMES,
+            ip_addresses=PKI_IP_ADDRESSES,
+        )
+    return directory.resolve()
+
+
+def tls_env(pki: Path, identity: str) -> dict[str, str]:
+    """The settings that give a part `identity`'s certificate from `pki`."""
+    files = TlsFiles.for_identity(pki, identity)
+    return {
+        f"{ENV_PREFIX}TLS_CA_FILE": str(files.ca),
+        f"{ENV_PREFIX}TLS_CERT_FILE": str(files.cert),
+        f"{ENV_PREFIX}TLS_KEY_FILE": str(files.key),
+    }
 
 
 @dataclass
@@ -71,6 +116,8 @@ class MeshLauncher:
     gateway: bool = True
     # Bearer tokens required at the gateway, from a development issuer (mesh/dev_auth.py).
     auth: bool = False
+    # Mutual TLS between the parts, from a development PKI (`ensure_pki`).
+    mtls: bool = False
     # The agents to run (the built-ins, and those of `agent_files`) and the spec files
     # each agent and worker process is given (`--agents FILE`) to find its own.
     agents: dict[str, AgentSpec] = field(default_factory=lambda: dict(CATALOG))
@@ -82,6 +129,9 @@ class MeshLauncher:
     _control: ServiceHost | None = None
     _issuer: dev_auth.DevIssuer | None = None
     _run_dir: Path | None = None
+    _pki: Path | None = None
+    # The `cli` credentials the launcher probes its mTLS parts' health with.
+    _probe_tls: MeshTls | None = None
 
     def __post_init__(self) -> None:
         self.supervisor = Supervisor(
@@ -104,6 +154,10 @@ class MeshLauncher:
         self._refuse_an_open_gateway()
         self._run_dir = self.state_file.parent
         (self._run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.mtls:
+            self._pki = await asyncio.to_thread(ensure_pki, self._run_dir / "pki")
+            self._probe_tls = await TlsFiles.for_identity(self._pki, callers.CLI).load()
+            self.say(f"  {'mtls':<20} {self._pki}  (development CA, a certificate per identity)")
         redis_url = self.redis_url
         if redis_url is None:
             redis_port = self.port_overrides.get(
@@ -125,12 +179,12 @@ class MeshLauncher:
                 f"  {'llm (local)':<20} {model.address}  (SmolLM2-135M-Instruct, "
                 f"log {model.log_path})"
             )
-        memory = await self._start_part("memory", ["memory"], env)
+        memory = await self._start_part("memory", ["memory"], env, identity=callers.MEMORY)
         env["AGENTPLEX_MEMORY_ADDRESS"] = memory.address
-        registry = await self._start_part("registry", ["registry"], env)
+        registry = await self._start_part("registry", ["registry"], env, identity=callers.REGISTRY)
         env["AGENTPLEX_REGISTRY_ADDRESS"] = registry.address
         # The built-in tool backend publishes its contracts to the registry on start.
-        await self._start_part("tools", ["tools"], env)
+        await self._start_part("tools", ["tools"], env, identity=callers.TOOLS)
         # Agents depend only on memory and registry, not on each other.
         await asyncio.gather(
             *(
@@ -139,6 +193,7 @@ class MeshLauncher:
                     ["agent", name, *self._spec_args],
                     env,
                     group=name,
+                    identity=callers.AGENT,
                 )
                 for name in self.agents
                 for replica in self._replica_names(name)
@@ -152,6 +207,7 @@ class MeshLauncher:
                     ["worker", name, *self._spec_args, "--name", f"{name}-worker-{index}"],
                     env,
                     group=f"{name}-worker",
+                    identity=callers.WORKER,
                 )
                 for name in self.agents
                 for index in range(1, self.workers + 1)
@@ -199,6 +255,8 @@ class MeshLauncher:
         state["control"] = control_address
         if self._issuer is not None:
             state["auth"] = self._issuer.state()
+        if self._pki is not None:
+            state["pki"] = str(self._pki)
         state["logs"] = str(self._run_dir / "logs")
         state["pid"] = os.getpid()
         write_state(self.state_file, state)
@@ -218,7 +276,17 @@ class MeshLauncher:
         if self.auth:
             self._issuer = dev_auth.ensure_issuer(self._run_dir / "auth")
             xds_env.update(self._issuer.gateway_env())
-        xds = await self._start_part("gateway-xds", ["gateway-control-plane"], xds_env)
+        if self._pki is not None:
+            # The control plane's own certificate for the registry, and Envoy's, whose
+            # paths it puts in Envoy's upstream TLS configuration.
+            gateway = TlsFiles.for_identity(self._pki, callers.GATEWAY)
+            xds_env.update(tls_env(self._pki, callers.GATEWAY_CONTROL_PLANE))
+            xds_env[f"{ENV_PREFIX}TLS_GATEWAY_CERT_FILE"] = str(gateway.cert)
+            xds_env[f"{ENV_PREFIX}TLS_GATEWAY_KEY_FILE"] = str(gateway.key)
+        # Its xDS server stays plaintext on loopback: Envoy's bootstrap reaches it so.
+        xds = await self._start_part(
+            "gateway-xds", ["gateway-control-plane"], xds_env, plaintext=True
+        )
         envoy = EnvoyPart(
             xds=xds.address,
             listen_port=listen_port,
@@ -254,15 +322,12 @@ class MeshLauncher:
         return runner
 
     def _refuse_an_open_gateway(self) -> None:
-        """A gateway other machines can reach must check who calls it."""
-        host = self.settings.gateway_listen_host
-        open_to_others = self.gateway and not dev_auth.is_loopback(host)
-        if open_to_others and not self.auth and self.settings.gateway_auth == "none":
-            raise LaunchError(
-                f"the gateway would listen on {host} without authentication: add --auth "
-                "(or configure an issuer, docs/SECURITY.md), or listen on 127.0.0.1 "
-                "(AGENTPLEX_GATEWAY_LISTEN_HOST)"
-            )
+        """Before anything starts, the control plane's own refusal (GatewaySettings)."""
+        if not self.gateway or self.auth:
+            return
+        problem = GatewaySettings.from_settings(self.settings).open_to_anyone()
+        if problem is not None:
+            raise LaunchError(problem)
 
     def _refuse_second_mesh(self) -> None:
         if not self.state_file.exists():
@@ -297,9 +362,15 @@ class MeshLauncher:
         env: dict[str, str],
         *,
         group: str | None = None,
+        identity: str | None = None,
+        plaintext: bool = False,
     ) -> ServicePart:
+        """With `--mtls`, the part gets `identity`'s certificate and is probed over mTLS,
+        unless it serves `plaintext` (its `env` then carries whatever TLS it uses)."""
         assert self._run_dir is not None
         port_name = group if group in DEFAULT_PORTS and name == group else name
+        if self._pki is not None and identity is not None:
+            env = {**env, **tls_env(self._pki, identity)}
         part = ServicePart(
             name,
             serve,
@@ -308,6 +379,7 @@ class MeshLauncher:
             env=env,
             log_path=self._run_dir / "logs" / f"{name}.log",
             group=group,
+            tls=None if plaintext else self._probe_tls,
         )
         await self._supervise(part)
         self.say(f"  {name:<20} {part.address}  (metrics :{part.metrics}, log {part.log_path})")

@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
@@ -30,6 +30,9 @@ from agentplex.mesh.redis_process import EmbeddedRedis
 from agentplex.mesh.supervisor import LaunchError
 from agentplex.runtime.children import spawn, terminate
 from agentplex.runtime.clients import health_status
+
+if TYPE_CHECKING:
+    from agentplex.runtime.tls import MeshTls
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
@@ -50,7 +53,10 @@ class ServicePart:
         env: dict[str, str],
         log_path: Path,
         group: str | None = None,
+        tls: MeshTls | None = None,
     ) -> None:
+        """`tls`: the launcher's credentials for the health probe, when the part serves
+        mTLS."""
         self.name = name
         self.group = group or name
         self.serve = serve
@@ -59,6 +65,7 @@ class ServicePart:
         self.env = env
         self.log_path: Path | None = log_path
         self.metrics: int | None = None
+        self.tls = tls
         self._process: asyncio.subprocess.Process | None = None
         self._address = ""
 
@@ -125,7 +132,7 @@ class ServicePart:
                 )
             if ready is None:
                 ready = await asyncio.to_thread(_read_ready, ready_file)
-            if ready is not None and await serving(ready["address"]):
+            if ready is not None and await serving(ready["address"], tls=self.tls):
                 return ready
             await asyncio.sleep(0.05)
         raise LaunchError(
@@ -321,9 +328,20 @@ class EnvoyPart:
         return False
 
 
-async def serving(address: str) -> bool:
-    """True once the gRPC server at `address` says SERVING."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def serving(address: str, *, tls: MeshTls | None = None) -> bool:
+    """True once the gRPC server at `address` says SERVING (over mTLS with `tls`: health
+    accepts any mesh certificate)."""
+    channel = (
+        # A part this launcher started: `localhost` is in every certificate it issued.
+        grpc.aio.secure_channel(
+            address,
+            tls.channel_credentials(),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+        if tls is not None
+        else grpc.aio.insecure_channel(address)
+    )
+    async with channel:
         try:
             status = await health_status(channel, timeout=1.0)
         except grpc.aio.AioRpcError:

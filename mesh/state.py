@@ -2,7 +2,9 @@
 
 `agentplex up` writes it once everything is serving and removes it on exit;
 `agentplex run`, `agentplex tools` and scripts (`jq -r .assistant`) read it.
-Each address sits under its part's name at the top level.
+Each address sits under its part's name at the top level; a mesh started with
+`--mtls` also names its PKI directory under "pki", whose `cli` certificate the
+commands present.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from agentplex.contract import callers
 from agentplex.runtime.settings import Settings
+
+if TYPE_CHECKING:  # imported when used: cryptography is slow to load for every command
+    from agentplex.runtime.tls import MeshTls
 
 DEFAULT_STATE_FILE: Path = Settings.model_fields["state_file"].default
 
@@ -58,6 +64,22 @@ def read_state(path: Path) -> dict[str, Any]:
             "start one with `agentplex up`"
         )
     return dict(state)
+
+
+def cli_tls(state: dict[str, Any]) -> MeshTls | None:
+    """The `cli` credentials of a mesh started with `--mtls`, or None (plaintext)."""
+    pki = state.get("pki")
+    if not isinstance(pki, str):
+        return None
+    from agentplex.runtime.tls import TlsFiles
+
+    try:
+        return TlsFiles.for_identity(Path(pki), callers.CLI).read()
+    except (OSError, ValueError) as exc:
+        raise MeshNotRunning(
+            f"cannot read the mesh's {callers.CLI} certificate in {pki} ({exc}); "
+            "restart with `agentplex up --mtls`"
+        ) from None
 
 
 def pid_alive(pid: int) -> bool:

@@ -17,15 +17,20 @@ import argparse
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
 
+from agentplex.contract import callers
 from agentplex.mesh import render
+from agentplex.runtime.clients import open_channel
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # imported when used (mesh/state.py): cryptography is slow to load
+    from agentplex.runtime.tls import MeshTls
 
 Fail = Callable[[str], Exception]
 
@@ -108,8 +113,11 @@ async def run(
     address: str,
     on_rpc_error: Callable[[grpc.aio.AioRpcError], Exception],
     fail: Fail,
+    *,
+    tls: MeshTls | None = None,
 ) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+    """`tls`: the `cli` credentials of a mesh started with `--mtls`."""
+    async with open_channel(address, tls=tls, server_identity=callers.REGISTRY) as channel:
         stub = pb_grpc.ToolRegistryServiceStub(channel)
         handler: Callable[[], Awaitable[int]] = {
             "list": lambda: _list(stub, args),

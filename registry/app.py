@@ -12,6 +12,7 @@ import argparse
 
 import grpc
 
+from agentplex.contract.callers import CALLERS
 from agentplex.registry.backends import BackendRouter
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry
@@ -22,6 +23,7 @@ from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.process import run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import load_mesh_tls
 from agentplex.v1 import tool_registry_service_pb2, tool_registry_service_pb2_grpc
 
 SERVICE_NAME = tool_registry_service_pb2.DESCRIPTOR.services_by_name[
@@ -39,6 +41,7 @@ async def build_host(
         breaker_failure_threshold=settings.breaker_failure_threshold,
         breaker_reset_seconds=settings.breaker_reset_seconds,
         keepalive=Keepalive.from_settings(settings),
+        tls=await load_mesh_tls(settings),
     )
     registry = ToolRegistry(
         store=RegistryStore(redis, key_prefix=settings.key_prefix),
@@ -71,6 +74,7 @@ async def build_host(
         metrics_port=metrics_port,
         dependency_checks=[redis_client.answers(redis)],
         on_stop=[close],
+        callers=CALLERS,
     )
 
 

@@ -6,7 +6,8 @@
 tool (`agent.<name>`) into a durable sub-task on that agent's queue
 (SubmitTask), followed with WatchTask and relayed to a streaming caller; each
 downstream agent is guarded by a circuit breaker. Both reach their backends
-through one `Connections` pool. Every call gets the caller's remaining
+through a `Connections` pool of their own (each kind of backend has its own mesh
+identity, which an mTLS channel verifies). Every call gets the caller's remaining
 deadline, capped by the tool timeout (a sub-task by the deadline alone).
 UNAVAILABLE is retried only for tools declared read-only or idempotent (a
 side-effecting call that may have happened is never blindly repeated).
@@ -34,7 +35,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from tenacity import (
@@ -44,7 +45,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from agentplex.contract import agent_tool, limits, lineage
+from agentplex.contract import agent_tool, callers, limits, lineage
 from agentplex.contract.events import is_final
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.registry import metrics
@@ -61,6 +62,9 @@ from agentplex.v1 import (
     tool_pb2,
     tool_registry_service_pb2,
 )
+
+if TYPE_CHECKING:
+    from agentplex.runtime.tls import MeshTls
 
 RETRY_ATTEMPTS = 3
 # Re-attaching to a sub-task's event stream after it broke (it runs on regardless).
@@ -137,10 +141,21 @@ class NotConnected(errors.Unavailable):
 
 class Connections:
     """Connections, not state: one channel per backend address, reused, and the
-    addresses that lately failed to accept one (tried last)."""
+    addresses that lately failed to accept one (tried last).
 
-    def __init__(self, keepalive: Keepalive | None = None) -> None:
+    With `tls` (the registry's mesh credentials) the channels are mTLS and accept only
+    backends whose certificate names `server_identity`."""
+
+    def __init__(
+        self,
+        keepalive: Keepalive | None = None,
+        *,
+        tls: MeshTls | None = None,
+        server_identity: str | None = None,
+    ) -> None:
         self._keepalive = keepalive
+        self._tls = tls
+        self._server_identity = server_identity
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect: dict[str, float] = {}
 
@@ -152,7 +167,13 @@ class Connections:
                 asyncio.get_running_loop().create_task(self._channels.pop(oldest).close())
             # Tool backends may be written in any language with gRPC's default
             # ping policy: keepalive that such a server accepts.
-            self._channels[endpoint] = open_channel(endpoint, self._keepalive, any_server=True)
+            self._channels[endpoint] = open_channel(
+                endpoint,
+                self._keepalive,
+                any_server=True,
+                tls=self._tls,
+                server_identity=self._server_identity,
+            )
         return self._channels[endpoint]
 
     async def connect(
@@ -439,15 +460,18 @@ class BackendRouter:
         breaker_reset_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         keepalive: Keepalive | None = None,
+        tls: MeshTls | None = None,
     ) -> None:
-        self._connections = Connections(keepalive)
+        """`tls`: the registry's mesh credentials, when mTLS is on."""
+        self._executor_connections = Connections(keepalive, tls=tls, server_identity=callers.TOOLS)
+        self._agent_connections = Connections(keepalive, tls=tls, server_identity=callers.AGENT)
         self.executors = ExecutorBackend(
-            self._connections,
+            self._executor_connections,
             tool_timeout_seconds=tool_timeout_seconds,
             retry_wait_seconds=retry_wait_seconds,
         )
         self.agents = AgentBackend(
-            self._connections,
+            self._agent_connections,
             tool_timeout_seconds=tool_timeout_seconds,
             retry_wait_seconds=retry_wait_seconds,
             breaker_failure_threshold=breaker_failure_threshold,
@@ -467,7 +491,8 @@ class BackendRouter:
         return await self.executors.execute(invocation, endpoints)
 
     async def close(self) -> None:
-        await self._connections.close()
+        await self._executor_connections.close()
+        await self._agent_connections.close()
 
 
 def breaker_verdict(response: ExecuteResponse) -> bool | None:

@@ -103,8 +103,9 @@ def open_channel(
     With `tls` (the process's mesh credentials, `runtime.tls.load_mesh_tls`) it is
     mTLS: this process presents its certificate and accepts only a server
     certificate from the mesh CA that names `server_identity` (a mesh identity such as
-    `memory`), or, without one, the host in `address` (`localhost`, a Service name).
-    Plaintext without `tls`.
+    `memory`), which it must then give: every mesh certificate also names the shared
+    development names (`localhost`, 127.0.0.1), so the address alone would accept any
+    of them. Plaintext without `tls`.
 
     Round robin over every address the name resolves to: a headless Kubernetes
     Service gives one per replica, and one HTTP/2 connection per replica spreads
@@ -120,10 +121,11 @@ def open_channel(
         return grpc.aio.insecure_channel(
             address, interceptors=client_interceptors(), options=options
         )
-    if server_identity is not None:
-        # Replicas are dialled by pod IP, which one shared certificate cannot list: verify
-        # the identity's DNS SAN instead (grpcio offers no URI SAN check to clients).
-        options.append(("grpc.ssl_target_name_override", server_identity))
+    if server_identity is None:
+        raise ValueError(f"an mTLS channel to {address} must name the server's mesh identity")
+    # Replicas are dialled by pod IP, which one shared certificate cannot list: verify
+    # the identity's DNS SAN instead (grpcio offers no URI SAN check to clients).
+    options.append(("grpc.ssl_target_name_override", server_identity))
     return grpc.aio.secure_channel(
         address, tls.channel_credentials(), interceptors=client_interceptors(), options=options
     )

@@ -38,15 +38,17 @@ ANY_MESH_PEER = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
-_SAN = "x509_subject_alternative_name"
+# gRPC sets this only for a certificate with exactly one URI SAN, a valid SPIFFE ID: never
+# from a DNS or email name that merely reads like one, never a pick among several.
+_SPIFFE_ID = "peer_spiffe_id"
 
 CallerTable = Mapping[str, Collection[str]]
 
 
 def peer_identity(context: Context) -> str | None:
     """The mesh identity of the verified client certificate on this call, if any."""
-    sans = context.auth_context().get(_SAN, ())
-    return identity_from_sans(san.decode(errors="replace") for san in sans)
+    spiffe_ids = list(context.auth_context().get(_SPIFFE_ID, ()))
+    return identity_from_sans(value.decode(errors="replace") for value in spiffe_ids[:1])
 
 
 def refusal(service: str, identity: str | None, callers: CallerTable) -> str | None:

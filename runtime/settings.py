@@ -455,6 +455,13 @@ class GatewaySection(Section):
         "`gateway_jwt_audiences` and the JWKS; `/health`, `/ready` and the console stay open). "
         "With `jwt`, set exactly one of `gateway_jwks_uri` and `gateway_jwks_file`.",
     )
+    gateway_allow_unauthenticated: bool = Field(
+        default=False,
+        description="Let a gateway with `gateway_auth` `none` listen beyond loopback "
+        "(`gateway_listen_host`); without it the control plane (and `agentplex up`) refuses "
+        "to start such a gateway. For a network you fully trust, e.g. a development cluster "
+        "reached only through `kubectl port-forward`.",
+    )
     gateway_jwt_issuer: str = Field(
         default="",
         description="With `gateway_auth` `jwt`: the `iss` every token must carry.",
@@ -567,6 +574,12 @@ def check_jwks_uri(uri: str) -> tuple[str, str, int, str]:
         )
     if parsed.username or parsed.password:
         raise ValueError("AGENTPLEX_GATEWAY_JWKS_URI must not carry credentials")
+    # Whoever can change the keys in transit can mint tokens: plaintext only on loopback.
+    if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
+        raise ValueError(
+            f"AGENTPLEX_GATEWAY_JWKS_URI must be https:// (signing keys fetched in plaintext "
+            f"could be replaced on the way), not {uri!r}; http:// is for loopback only"
+        )
     default = 443 if parsed.scheme == "https" else 80
     return parsed.scheme, parsed.hostname, port or default, parsed.path or "/"
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 
 from agentplex.clients.registry import RegistryClient
+from agentplex.contract.callers import CALLERS
 from agentplex.runtime import redis_client
 from agentplex.runtime.process import Endpoint, run_process
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import load_mesh_tls
 from agentplex.tools.base import Tool
 from agentplex.tools.calculator import Calculator
 from agentplex.tools.docs_search import DocsSearch
@@ -47,7 +49,7 @@ async def build_host(
 ) -> ServiceHost:
     redis = redis_client.connect(settings.redis_url)
     tools = await builtin_tools(settings.docs_dir)
-    registry = RegistryClient(settings.registry_address)
+    registry = RegistryClient(settings.registry_address, tls=await load_mesh_tls(settings))
 
     def register(server: grpc.aio.Server) -> list[str]:
         tool_executor_service_pb2_grpc.add_ToolExecutorServiceServicer_to_server(
@@ -83,6 +85,7 @@ async def build_host(
         dependency_checks=[redis_client.answers(redis)],
         on_start=[publish],
         on_stop=[close],
+        callers=CALLERS,
     )
 
 

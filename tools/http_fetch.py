@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
+import ssl
 from typing import Any
 from urllib.parse import urljoin
 
@@ -150,7 +152,9 @@ class HttpFetch:
                 # No proxies or netrc from the environment: the connection must go
                 # to the checked address and nowhere else.
                 async with (
-                    httpx.AsyncClient(trust_env=False, follow_redirects=False) as client,
+                    httpx.AsyncClient(
+                        trust_env=False, follow_redirects=False, verify=_tls_context()
+                    ) as client,
                     client.stream(
                         "GET",
                         f"{target.scheme}://{literal}:{target.port}{target.path}",
@@ -158,6 +162,9 @@ class HttpFetch:
                             "Host": authority,
                             "User-Agent": "agentplex-http.fetch/1",
                             "Accept": "text/*, application/json, application/xml;q=0.9",
+                            # Uncompressed: a small gzip body can inflate far past the cap
+                            # before the cap sees it.
+                            "Accept-Encoding": "identity",
                         },
                         extensions={"sni_hostname": target.host},
                     ) as response,
@@ -177,6 +184,14 @@ class HttpFetch:
             if len(body) > self._max_bytes:
                 return bytes(body[: self._max_bytes]), True
         return bytes(body), False
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying context for every fetch: building one loads the CA bundle, tens of
+    milliseconds on the event loop. A client (and its connections) stays per request:
+    connections are keyed by address, and each was verified for one name."""
+    return ssl.create_default_context()
 
 
 def _is_text(media_type: str) -> bool:

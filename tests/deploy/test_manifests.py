@@ -107,8 +107,11 @@ PER_OVERLAY_CALLS: dict[str, list[tuple[str, str, int]]] = {
         # agents/llm/: the OpenAI-compatible provider, HTTPS outside the cluster.
         ("agent", "internet", 443),
         ("worker", "internet", 443),
-        # runtime/ telemetry: OTLP/gRPC span export to the collector.
-        *[(part, "otel-collector", 4317) for part in GRPC_PARTS],
+        # runtime/ telemetry: OTLP/gRPC span export to the collector; Envoy too, with the
+        # tracer the control plane gives it (gateway/resources.py `_tracing`).
+        *[(part, "otel-collector", 4317) for part in (*GRPC_PARTS, "gateway")],
+        # gateway/resources.py jwt_authn: Envoy fetches the issuer's JWKS over HTTPS.
+        ("gateway", "internet", 443),
     ],
 }
 # And in both: callers from anywhere to the gateway (8080), Prometheus to

@@ -78,6 +78,11 @@ def test_auth_is_off_by_default() -> None:
             "http(s)://host",
         ),
         (
+            # Signing keys over plaintext from another host could be swapped on the way.
+            {"auth": "jwt", "jwt_issuer": "i", "jwt_audiences": "a", "jwks_uri": "http://i/k"},
+            "must be https://",
+        ),
+        (
             {"auth": "jwt", "jwt_issuer": "i", "jwt_audiences": "a", "jwks_uri": "https://i:x/"},
             "http(s)://host",
         ),

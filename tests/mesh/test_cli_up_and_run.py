@@ -311,8 +311,9 @@ def test_a_token_carries_the_tenant_subject_and_scopes_asked_for(running_mesh) -
     assert (claims["tenant"], claims["sub"], claims["scope"]) == ("acme", "ana", "tasks:run")
     assert claims["iss"] == "agentplex-dev" and claims["exp"] - claims["iat"] == 60
     assert oct(Path(state["auth"]["key"]).stat().st_mode & 0o777) == "0o600"
-    bad = agentplex("token", "--tenant", "acme", "--ttl", "0", state_file=state_file)
-    assert bad.returncode == 2 and "--ttl must be positive" in bad.stderr
+    for ttl in ("0", "nan", "inf"):
+        bad = agentplex("token", "--tenant", "acme", "--ttl", ttl, state_file=state_file)
+        assert bad.returncode == 2 and "--ttl must be a positive number" in bad.stderr, ttl
 
 
 def test_submit_watch_status_cancel(running_mesh) -> None:

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentplex.gateway.settings import GatewaySettings
 from agentplex.mesh import serve
 from agentplex.runtime.server import LIVENESS_SERVICE
 from agentplex.runtime.settings import Settings
@@ -139,3 +140,58 @@ async def test_liveness_is_serving_while_readiness_follows_the_dependencies(
     address = str(memory["address"])
     assert await health(address, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
     assert await health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_control_plane_for_a_gateway_open_to_other_machines_needs_tokens() -> None:
+    env = {
+        **os.environ,
+        "AGENTPLEX_GATEWAY_LISTEN_HOST": "0.0.0.0",
+        "AGENTPLEX_GATEWAY_AUTH": "none",
+    }
+    env.pop("AGENTPLEX_GATEWAY_ALLOW_UNAUTHENTICATED", None)
+    done = subprocess.run(
+        [AGENTPLEX, "serve", "gateway-control-plane"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 1
+    assert "would listen on 0.0.0.0 and check no tokens" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"listen_host": "0.0.0.0"}, True),
+        ({"listen_host": "::"}, True),
+        ({"listen_host": "127.0.0.1"}, False),
+        ({"listen_host": "localhost"}, False),
+        ({"listen_host": "0.0.0.0", "allow_unauthenticated": True}, False),
+        (
+            {
+                "listen_host": "0.0.0.0",
+                "auth": "jwt",
+                "jwt_issuer": "i",
+                "jwt_audiences": "a",
+                "jwks_file": "/tmp/jwks.json",
+            },
+            False,
+        ),
+    ],
+)
+def test_which_gateways_are_open_to_anyone(settings: dict[str, object], refused: bool) -> None:
+    assert (GatewaySettings(**settings).open_to_anyone() is not None) is refused  # type: ignore[arg-type]  # the fields' own types vary
+
+
+async def test_up_refuses_an_open_gateway_before_starting_anything(tmp_path: Path) -> None:
+    from agentplex.mesh.launcher import LaunchError, MeshLauncher
+
+    launcher = MeshLauncher(
+        state_file=tmp_path / "mesh.json",
+        settings=Settings(gateway_listen_host="0.0.0.0"),
+        say=lambda _: None,
+    )
+    with pytest.raises(LaunchError, match="check no tokens"):
+        await launcher.start()
+    assert not (tmp_path / "logs").exists() and not launcher.supervisor.parts

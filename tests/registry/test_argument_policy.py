@@ -91,6 +91,7 @@ async def test_cloud_metadata_is_refused_naming_the_rule() -> None:
         ("http://[2002:7f00:1::]/", "a loopback address (127.0.0.1"),
         ("http://[fe80::1]/", "a link-local address"),
         ("http://[fc00::1]/", "a private address"),
+        ("http://[fec0::1]/", "a site-local address"),
         ("http://10.0.0.5/", "a private address"),
         ("http://172.16.3.4/", "a private address"),
         ("http://192.168.1.1/", "a private address"),

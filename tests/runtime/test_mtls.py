@@ -104,9 +104,13 @@ async def test_an_allowed_identity_is_served(server: str, pki: Path) -> None:
         server, tls=credentials(pki, "agent"), server_identity="memory"
     ) as channel:
         assert (await load_context(channel)).token_count == 7
-    async with open_channel(server, tls=credentials(pki, "gateway")) as channel:
-        # No identity named: the address's host (127.0.0.1, an IP SAN) is verified.
+    async with open_channel(
+        server, tls=credentials(pki, "gateway"), server_identity="memory"
+    ) as channel:
         assert await stream_steps(channel) == 2
+    # Naming no identity would accept any mesh certificate (they share localhost's names).
+    with pytest.raises(ValueError, match="must name the server's mesh identity"):
+        open_channel(server, tls=credentials(pki, "gateway"))
 
 
 async def test_another_services_identity_is_denied_by_name(server: str, pki: Path) -> None:
@@ -186,7 +190,9 @@ async def test_without_a_caller_table_only_health_answers(pki: Path) -> None:
     )
     endpoint = await host.start()
     try:
-        async with open_channel(endpoint.address, tls=credentials(pki, "agent")) as channel:
+        async with open_channel(
+            endpoint.address, tls=credentials(pki, "agent"), server_identity="memory"
+        ) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await load_context(channel)
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

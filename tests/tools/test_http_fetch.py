@@ -42,11 +42,13 @@ class Site:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []  # (path, Host header)
+        self.encodings: list[str] = []  # Accept-Encoding of each request
         site = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 site.requests.append((self.path, self.headers.get("Host", "")))
+                site.encodings.append(self.headers.get("Accept-Encoding", ""))
                 status, headers, body = site.page(self.path)
                 self.send_response(status)
                 for key, value in headers.items():
@@ -216,6 +218,8 @@ async def test_a_fetch_returns_text_connecting_to_the_checked_address(site: Site
     }
     # Connected to the address it checked, asking for the name it was given.
     assert site.requests == [("/page", f"{NAME}:{site.port}")]
+    # Never compressed: the size cap must apply to what is actually held in memory.
+    assert site.encodings == ["identity"]
 
 
 async def test_errors_are_answers_and_big_bodies_are_cut(site: Site) -> None:
