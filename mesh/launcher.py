@@ -274,7 +274,7 @@ class MeshLauncher:
         listen_port = self._gateway_port("gateway")
         xds_env = {**env, "AGENTPLEX_GATEWAY_LISTEN_PORT": str(listen_port)}
         if self.auth:
-            self._issuer = dev_auth.ensure_issuer(self._run_dir / "auth")
+            self._issuer = await asyncio.to_thread(dev_auth.ensure_issuer, self._run_dir / "auth")
             xds_env.update(self._issuer.gateway_env())
         if self._pki is not None:
             # The control plane's own certificate for the registry, and Envoy's, whose
