@@ -36,7 +36,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     SocketAddress,
 )
-from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
@@ -63,7 +63,12 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
-from agentplex.gateway.resources import CONTROL_PLANE_CLUSTER, HostPort, load_assignment
+from agentplex.gateway.resources import (
+    CONTROL_PLANE_CLUSTER,
+    HostPort,
+    http_listener,
+    load_assignment,
+)
 
 # ADS, and the JSON body check (`json_bodies.py`): both served by the control plane.
 XDS_CLUSTER = CONTROL_PLANE_CLUSTER
@@ -207,23 +212,4 @@ def _stats_listeners(options: BootstrapOptions) -> list[Listener]:
             HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))
         ],
     )
-    return [
-        Listener(
-            name=STATS_LISTENER,
-            address=Address(
-                socket_address=SocketAddress(
-                    address=options.stats.host, port_value=options.stats.port
-                )
-            ),
-            filter_chains=[
-                FilterChain(
-                    filters=[
-                        Filter(
-                            name="envoy.filters.network.http_connection_manager",
-                            typed_config=Any.pack(manager),
-                        )
-                    ]
-                )
-            ],
-        )
-    ]
+    return [http_listener(STATS_LISTENER, options.stats.host, options.stats.port, manager)]

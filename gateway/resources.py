@@ -819,14 +819,16 @@ def _listener(options: GatewayOptions) -> Listener:
         http_filters=_http_filters(options),
         tracing=_tracing(options.otlp_traces),
     )
+    listener = http_listener(LISTENER_NAME, options.listen_host, options.listen_port, manager)
+    listener.per_connection_buffer_limit_bytes = 32768
+    return listener
+
+
+def http_listener(name: str, host: str, port: int, manager: HttpConnectionManager) -> Listener:
+    """A listener whose one filter chain is `manager` (the gateway's; the stats port's)."""
     return Listener(
-        name=LISTENER_NAME,
-        address=Address(
-            socket_address=SocketAddress(
-                address=options.listen_host, port_value=options.listen_port
-            )
-        ),
-        per_connection_buffer_limit_bytes=32768,
+        name=name,
+        address=Address(socket_address=SocketAddress(address=host, port_value=port)),
         filter_chains=[
             FilterChain(
                 filters=[

@@ -141,12 +141,7 @@ class ServicePart:
         )
 
     async def stop(self, *, graceful: bool) -> None:
-        if self._process is not None:
-            await terminate(
-                self._process,
-                timeout=STOP_TIMEOUT_SECONDS,
-                sig=signal.SIGTERM if graceful else signal.SIGINT,
-            )
+        await stop_process(self._process, graceful=graceful)
 
 
 class RedisPart:
@@ -307,12 +302,7 @@ class EnvoyPart:
 
     async def stop(self, *, graceful: bool) -> None:
         """SIGTERM drains (health check failed first, then the listeners); SIGINT is quick."""
-        if self._process is not None:
-            await terminate(
-                self._process,
-                timeout=STOP_TIMEOUT_SECONDS,
-                sig=signal.SIGTERM if graceful else signal.SIGINT,
-            )
+        await stop_process(self._process, graceful=graceful)
 
     async def routes_to(self, cluster: str, address: str, *, timeout: float) -> bool:
         """Wait until Envoy has `address` in `cluster` and its health checks pass."""
@@ -326,6 +316,17 @@ class EnvoyPart:
                         return True
                 await asyncio.sleep(0.1)
         return False
+
+
+async def stop_process(process: asyncio.subprocess.Process | None, *, graceful: bool) -> None:
+    """An agentplex process's stop: SIGTERM drains, SIGINT skips the drain delay (the whole
+    mesh is going); SIGKILL if it outlasts STOP_TIMEOUT_SECONDS."""
+    if process is not None:
+        await terminate(
+            process,
+            timeout=STOP_TIMEOUT_SECONDS,
+            sig=signal.SIGTERM if graceful else signal.SIGINT,
+        )
 
 
 async def serving(address: str, *, tls: MeshTls | None = None) -> bool:

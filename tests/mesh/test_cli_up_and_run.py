@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -17,8 +16,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def agentplex(
@@ -47,42 +44,11 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def running_mesh(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    # The default, relative state file (.agentplex/mesh.json in the working
-    # directory): exactly what `agentplex up` uses for a newcomer.
-    workdir = tmp_path_factory.mktemp("mesh")
-    state_file = workdir / ".agentplex" / "mesh.json"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env["AGENTPLEX_DOCS_DIR"] = str(REPO_ROOT)
-    process = subprocess.Popen(
-        # With the gateway checking tokens: the CLI calls the agents directly, callers of
-        # the gateway present a token from `agentplex token`.
-        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports", "--auth"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=workdir,
-        env=env,
-    )
-    try:
-        wait_for(
-            lambda: state_file.exists() or process.poll() is not None,
-            90,
-            "the mesh did not come up",
-        )
-        if process.poll() is not None:
-            assert process.stdout is not None
-            pytest.fail(f"agentplex up exited early:\n{process.stdout.read()}")
-        yield state_file, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def running_mesh(mesh_up) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    # With the gateway checking tokens: the CLI calls the agents directly, callers of
+    # the gateway present a token from `agentplex token`.
+    with mesh_up("--auth") as mesh:
+        yield mesh
 
 
 def test_state_file_names_every_part(running_mesh) -> None:

@@ -4,12 +4,9 @@ the identity in their certificate. One mesh for the whole module."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,8 +18,6 @@ from agentplex.runtime.tls import TlsFiles
 from agentplex.v1 import memory_pb2, memory_service_pb2, memory_service_pb2_grpc
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def agentplex(*args: str, state_file: Path) -> subprocess.CompletedProcess[str]:
@@ -36,45 +31,10 @@ def agentplex(*args: str, state_file: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"{what} within {timeout}s")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
-def mtls_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    workdir = tmp_path_factory.mktemp("mtls-mesh")
-    state_file = workdir / ".agentplex" / "mesh.json"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env["AGENTPLEX_DOCS_DIR"] = str(REPO_ROOT)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports", "--mtls"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=workdir,
-        env=env,
-    )
-    try:
-        wait_for(
-            lambda: state_file.exists() or process.poll() is not None,
-            120,
-            "the mesh did not come up",
-        )
-        if process.poll() is not None:
-            assert process.stdout is not None
-            pytest.fail(f"agentplex up --mtls exited early:\n{process.stdout.read()}")
+def mtls_mesh(mesh_up) -> Iterator[Path]:
+    with mesh_up("--mtls") as (state_file, _):
         yield state_file
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def _state(state_file: Path) -> dict[str, object]:

@@ -11,8 +11,7 @@ idempotency ledger) happens once.
 
 from __future__ import annotations
 
-import asyncio
-import time
+import functools
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -30,14 +29,6 @@ LEASE_SECONDS = 3
 # Each model call takes this long, so a task is still running when its host dies.
 MODEL_DELAY_SECONDS = 1.0
 TASKS_WHEN_A_HOST_DIES = 4
-
-
-async def poll(condition: Callable[[], Awaitable[bool]], *, timeout: float, message: str) -> None:
-    give_up = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"{message} within {timeout:g}s")
-        await asyncio.sleep(0.1)
 
 
 async def holders(redis: aioredis.Redis) -> dict[str, int]:
@@ -58,8 +49,10 @@ async def finished(client: AgentClient, task_ids: list[str]) -> dict[str, task_p
 
 
 async def test_the_manifests_run_as_a_mesh_over_hosts_that_die_and_split(
-    overlay, cluster_of
+    overlay, cluster_of, eventually
 ) -> None:
+    # Every check asks the mesh across hosts: ten times a second is often enough.
+    poll = functools.partial(eventually, interval=0.1)
     objects = overlay(
         "dev",
         {
@@ -127,9 +120,9 @@ async def test_the_manifests_run_as_a_mesh_over_hosts_that_die_and_split(
             assert await redis.llen(f"agentplex:notes:s-{task_id}") == 1, task_id
 
         # -- act 3: a worker cut off from Redis (and everything) until its lease lapses --
-        await cut_off_then_taken_over(cluster, client, redis, "partitioned", stall=False)
+        await cut_off_then_taken_over(cluster, client, redis, "partitioned", stall=False, poll=poll)
         # -- act 4: a worker frozen past its lease (a stalled VM) wakes and writes late ----
-        await cut_off_then_taken_over(cluster, client, redis, "stalled", stall=True)
+        await cut_off_then_taken_over(cluster, client, redis, "stalled", stall=True, poll=poll)
         assert replacement.alive and victim not in cluster.pod("worker-assistant")
     finally:
         await client.close()
@@ -137,7 +130,13 @@ async def test_the_manifests_run_as_a_mesh_over_hosts_that_die_and_split(
 
 
 async def cut_off_then_taken_over(
-    cluster, client: AgentClient, redis: aioredis.Redis, task_id: str, *, stall: bool
+    cluster,
+    client: AgentClient,
+    redis: aioredis.Redis,
+    task_id: str,
+    *,
+    stall: bool,
+    poll: Callable[..., Awaitable[None]],
 ) -> None:
     """The worker running `task_id` loses its network (or, with `stall`, is frozen
     instead) until another worker has finished the task; then it comes back.
