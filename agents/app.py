@@ -17,12 +17,14 @@ from agentplex.agents.context import ContextManager, ContextPolicy
 from agentplex.agents.events import EventSink
 from agentplex.agents.llm.base import LLMProvider
 from agentplex.agents.llm.factory import build_provider
+from agentplex.agents.quota import QuotaPolicy, TokenQuota
 from agentplex.agents.runner import AgentRunner, CancelCheck, TaskOutcome
 from agentplex.agents.servicer import AgentServicer
 from agentplex.clients.memory import MemoryClient
 from agentplex.clients.registry import RegistryClient
 from agentplex.contract import agent_tool as delegation_tool
 from agentplex.contract import callers, limits, lineage
+from agentplex.contract.access import ACCESS
 from agentplex.contract.task_request import TaskRequest
 from agentplex.runtime import redis_client
 from agentplex.runtime.clients import Deadline, Keepalive, health_status, open_channel
@@ -188,6 +190,7 @@ def build_parts(
     redis = redis_client.connect(settings.redis_url)
     registry = RegistryClient(settings.registry_address, channel=registry_channel)
     memory = MemoryClient(settings.memory_address, channel=memory_channel)
+    quota_policy = QuotaPolicy.from_settings(settings)
     runner = SpecRunner(
         spec=spec,
         llm=llm,
@@ -202,6 +205,12 @@ def build_parts(
             memory=memory, llm=llm, policy=ContextPolicy.from_settings(settings)
         ),
         tool_list_max_age=settings.tool_list_max_age_seconds,
+        # In the Redis every agent shares, so each tenant's quota holds mesh-wide.
+        quota=(
+            TokenQuota(redis, key_prefix=settings.key_prefix, policy=quota_policy)
+            if quota_policy.enabled
+            else None
+        ),
     )
     tasks = TaskStore(
         redis,
@@ -320,7 +329,7 @@ def build_host(
         metrics_port=metrics_port,
         dependency_checks=parts.dependency_checks,
         on_stop=[withdraw_and_close],
-        callers=callers.CALLERS,
+        access=ACCESS,
     )
 
 

@@ -40,3 +40,31 @@ llm_call_duration = Histogram(
     ["agent", "model"],
     buckets=STEP_BUCKETS,
 )
+
+# Usage by tenant (runtime/principal.py; `default` is the mesh acting for itself):
+# what each tenant's tasks cost, for showback and for its token quota (agents/quota.py).
+# Tenants are as many as the token issuer's tenant claims; models, as the agents'
+# configured ones; tools, as the agent's tool list (a name the model made up is
+# counted as `unlisted`). Sum over `agent` for a tenant's total: each agent counts
+# only its own calls, so a delegation's sub-task is counted once, by its agent.
+tenant_tokens = Counter(
+    "agentplex_tenant_tokens_total",
+    "Model tokens spent (prompt and completion, summaries included), by tenant, agent and model.",
+    ["tenant", "agent", "model"],
+)
+tenant_model_calls = Counter(
+    "agentplex_tenant_model_calls_total",
+    "Model calls that returned a completion (summaries included), by tenant, agent and model.",
+    ["tenant", "agent", "model"],
+)
+tenant_tool_calls = Counter(
+    "agentplex_tenant_tool_calls_total",
+    "Tool calls an agent made (delegations included), by tenant, agent and tool.",
+    ["tenant", "agent", "tool"],
+)
+tenant_quota_rejections = Counter(
+    "agentplex_tenant_quota_rejections_total",
+    "Model calls refused because the tenant had used its token quota for the period.",
+    ["tenant", "agent"],
+)
+UNLISTED_TOOL = "unlisted"

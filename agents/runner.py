@@ -50,11 +50,13 @@ from agentplex.agents.llm.base import (
     ToolCall,
     ToolSpec,
     TransientLLMError,
+    Usage,
 )
+from agentplex.agents.quota import TokenQuota
 from agentplex.agents.tool_list import SharedToolList, TaskToolList
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.contract.task_request import TaskRequest
-from agentplex.runtime import errors
+from agentplex.runtime import errors, principal
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
@@ -211,6 +213,7 @@ class _TaskRun:
                 session_id=self.task.session_id,
                 max_steps=self.task.max_steps,
                 token_budget=self.task.token_budget,
+                principal=principal.as_proto(principal.current()),
             ),
         )
 
@@ -291,6 +294,7 @@ class AgentRunner:
         retry: RetryPolicy | None = None,
         context: ContextManager | None = None,
         tool_list_max_age: float = 0.0,
+        quota: TokenQuota | None = None,
     ) -> None:
         self.spec = spec
         self._llm = llm
@@ -302,6 +306,8 @@ class AgentRunner:
         )
         self._retry = retry or RetryPolicy()
         self._shared_tools = SharedToolList(max_age=tool_list_max_age)
+        # The tenant's token quota (agents/quota.py); None: no tenant is limited.
+        self._quota = quota
 
     async def run(
         self,
@@ -406,6 +412,7 @@ class AgentRunner:
                     code=errors.status_code_for(failure).name,
                     message=failure.message,
                     result=outcome.result,
+                    reason=failure.reason,
                 ),
             )
         span.set_attributes(
@@ -436,6 +443,7 @@ class AgentRunner:
     async def _open(self, run: _TaskRun) -> None:
         """Start the conversation: the session's context packet, then the prompt."""
         task = run.task
+        await self._check_quota()  # loading the packet may summarize: model calls
         context = await run.interruptible(
             # Summarizing is model calls too: a cancel stops it at once.
             self._context.load(
@@ -460,6 +468,7 @@ class AgentRunner:
         # Do not start a call whose prompt alone cannot fit in the budget.
         if _estimate_prompt(run.messages, tool_specs) >= remaining:
             raise _BudgetExceeded
+        await self._check_quota()
         completion = await run.interruptible(self._complete(run, step, tool_specs, remaining))
         await self._account_completion(run, step, completion)
         run.check_budget()
@@ -501,6 +510,7 @@ class AgentRunner:
         """Summaries written for this packet cost tokens like any call: report and count them."""
         for call in context.summary_calls:
             run.progress.tokens += call.usage.total_tokens
+            await self._charge(call.usage)
             metrics.llm_tokens.labels(self.spec.name, "prompt").inc(call.usage.prompt_tokens)
             metrics.llm_tokens.labels(self.spec.name, "completion").inc(
                 call.usage.completion_tokens
@@ -520,6 +530,7 @@ class AgentRunner:
         """Count a model call's tokens, keep its text as the best output so far, report it."""
         progress = run.progress
         progress.tokens += completion.usage.total_tokens
+        await self._charge(completion.usage)
         if completion.content:
             progress.output = completion.content
             progress.output_tokens = (
@@ -538,6 +549,29 @@ class AgentRunner:
                 usage_estimated=completion.usage.estimated,
             ),
         )
+
+    async def _check_quota(self) -> None:
+        """Before a model call: refuse it (RESOURCE_EXHAUSTED, QUOTA_EXHAUSTED) once the
+        tenant has used its token quota for the period. The task then fails like any
+        domain error: its failure event and RunTask's status say when the quota resets."""
+        if self._quota is None:
+            return
+        try:
+            await self._quota.check()
+        except errors.ResourceExhausted:
+            tenant = principal.current().tenant
+            metrics.tenant_quota_rejections.labels(tenant, self.spec.name).inc()
+            raise
+
+    async def _charge(self, usage: Usage) -> None:
+        """Attribute a returned model call to the tenant it ran for: the usage metrics,
+        and the tenant's quota counter. Only this agent's own calls: a delegation's
+        sub-task is charged by the agent that ran it, so nothing is counted twice."""
+        tenant, agent, model = principal.current().tenant, self.spec.name, self._llm.model
+        metrics.tenant_model_calls.labels(tenant, agent, model).inc()
+        metrics.tenant_tokens.labels(tenant, agent, model).inc(usage.total_tokens)
+        if self._quota is not None:
+            await self._quota.record(usage.total_tokens)
 
     async def _complete(
         self, run: _TaskRun, step: int, tools: list[ToolSpec], remaining_tokens: int
@@ -653,6 +687,12 @@ class AgentRunner:
             label = _outcome_label(outcome)
             span.set_attribute("tool.outcome", label)
         metrics.tool_calls.labels(self.spec.name, call.name, label).inc()
+        listed = any(tool.name == call.name for tool in run.tools.tools)
+        metrics.tenant_tool_calls.labels(
+            principal.current().tenant,
+            self.spec.name,
+            call.name if listed else metrics.UNLISTED_TOOL,
+        ).inc()
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         # Recorded even for an outage: a watcher sees which call failed the attempt.
         await run.events.emit(step, tool_result=outcome)

@@ -172,6 +172,9 @@ async def run(args: argparse.Namespace) -> Figures:
         state_file=workdir / "mesh.json",
         ephemeral_ports=True,
         workers=0,
+        # Plaintext, no tokens: the chaos run's own channels are plaintext.
+        auth=False,
+        mtls=False,
         say=lambda line: print(line, flush=True),
     )
     env_overrides = {

@@ -516,6 +516,10 @@ def bench_mesh(workdir: Path) -> MeshLauncher:
         ephemeral_ports=True,
         workers=0,
         gateway=False,
+        # Plaintext, no tokens: the figures stay comparable with earlier runs (and the
+        # scenarios' own channels and gateway are plaintext); security is not measured.
+        auth=False,
+        mtls=False,
         say=lambda line: None,
     )
 

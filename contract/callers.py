@@ -55,3 +55,8 @@ CALLERS: Mapping[str, frozenset[str]] = {
     AGENT_SERVICE: frozenset({GATEWAY, REGISTRY, CLI}),
     MESH_CONTROL_SERVICE: frozenset({CLI}),
 }
+
+# Who may state, in a call's headers, the principal it acts for (runtime/principal.py):
+# Envoy for the token it verified; agents, workers and the registry for the task or
+# call they are doing. Any other identity naming a principal is refused.
+PRINCIPAL_ASSERTERS = frozenset({GATEWAY, AGENT, WORKER, REGISTRY})

@@ -60,6 +60,12 @@ class Reason(StrEnum):
     """The task id was submitted before with another request (FAILED_PRECONDITION)."""
     QUEUE_FULL = "QUEUE_FULL"
     """The agent's queue holds its limit of unfinished tasks (RESOURCE_EXHAUSTED)."""
+    QUOTA_EXHAUSTED = "QUOTA_EXHAUSTED"
+    """The tenant has used its token quota for the current period; no model call is
+    made until the period ends (RESOURCE_EXHAUSTED). The message names the tenant,
+    the quota, the period and when it resets; ErrorInfo.metadata carries `tenant`,
+    `quota_tokens`, `used_tokens`, `period_seconds`, `resets_at` (RFC 3339, UTC) and
+    `retry_after_seconds`."""
     EVENTS_EXPIRED = "EVENTS_EXPIRED"
     """The events asked for are past retention (OUT_OF_RANGE)."""
     # --- memory and models ------------------------------------------------------------

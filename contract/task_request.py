@@ -20,7 +20,10 @@ TaskMessage = (
     agent_service_pb2.RunTaskRequest | agent_service_pb2.StreamStepsRequest | task_pb2.TaskSpec
 )
 
-Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+# A client-chosen task id: also what every read, watch and cancel is checked against,
+# so no id can smuggle a tenant's record id (`tenant/id`) past the task API.
+TASK_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+Identifier = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
 
 
 class TaskRequest(BaseModel):

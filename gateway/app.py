@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -28,7 +29,12 @@ from grpclib.server import Server
 from agentplex.contract import callers
 from agentplex.gateway import resources
 from agentplex.gateway.ads import DiscoveryServer
-from agentplex.gateway.control_plane import ControlPlane
+from agentplex.gateway.control_plane import (
+    ControlPlane,
+    authorize_xds,
+    xds_server_ssl,
+    xds_tls,
+)
 from agentplex.gateway.directory import AgentDirectory
 from agentplex.gateway.json_bodies import BodyChecker
 from agentplex.gateway.settings import GatewaySettings
@@ -203,10 +209,18 @@ class ControlPlaneServer:
     together."""
 
     def __init__(
-        self, settings: Settings, gateway: GatewaySettings, *, mesh_tls: MeshTls | None = None
+        self,
+        settings: Settings,
+        gateway: GatewaySettings,
+        *,
+        mesh_tls: MeshTls | None = None,
+        xds_tls: TlsFiles | None = None,
+        health_port: int | None = None,
     ) -> None:
         """`mesh_tls`: this process's mesh credentials (`load_mesh_tls`), required when
-        settings turn service-to-service TLS on."""
+        settings turn service-to-service TLS on. `xds_tls`: the files the xDS port serves
+        mutual TLS with, answering Envoy's identity only (None: plaintext). `health_port`:
+        a plaintext port serving grpc.health.v1 only, for probes without a certificate."""
         self.settings = settings
         self.gateway = gateway
         self.cache = SnapshotCache()
@@ -234,15 +248,22 @@ class ControlPlaneServer:
         self.health = SnapshotHealth(self.cache)
         self.body_checker = BodyChecker()
         self._server = _Server([self.discovery, self.body_checker, self.health])
+        self._xds_ssl: ssl.SSLContext | None = None
+        if xds_tls is not None:
+            self._xds_ssl = xds_server_ssl(xds_tls)
+            authorize_xds(self._server)
+        self.health_port = health_port
+        self._health_server = _Server([self.health]) if health_port is not None else None
         self._poller: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self.address = ""
 
     async def start(self, port: int = 0) -> str:
-        # Plaintext even with mesh TLS on: Envoy's bootstrap cluster to it has no TLS.
-        # Keep it on loopback or a private network (AGENTPLEX_HOST).
-        await self._server.start(self.settings.host, port)
+        # mTLS with `xds_tls`; else plaintext: keep it on loopback (`agentplex up`).
+        await self._server.start(self.settings.host, port, ssl=self._xds_ssl)
+        if self._health_server is not None:
+            await self._health_server.start(self.settings.host, self.health_port)
         listening = self._server._server  # grpclib exposes the bound socket only here
         assert listening is not None
         # What loop.create_server made (an asyncio.Server, or uvloop's, which has the same
@@ -339,11 +360,12 @@ class ControlPlaneServer:
                 await self._poller
 
     async def _close_server(self) -> None:
-        if self._server._server is None:  # never started
-            return
-        self._server.close()
-        self._server.close_connections()
-        await self._server.wait_closed()
+        for server in (self._server, self._health_server):
+            if server is None or server._server is None:  # never started
+                continue
+            server.close()
+            server.close_connections()
+            await server.wait_closed()
 
 
 class ControlPlaneProcess:
@@ -393,7 +415,13 @@ def main(argv: list[str] | None = None) -> None:
         gateway = GatewaySettings.from_settings(settings)
         if (problem := gateway.open_to_anyone()) is not None:
             raise CannotStart(problem)
-        server = ControlPlaneServer(settings, gateway, mesh_tls=await load_mesh_tls(settings))
+        server = ControlPlaneServer(
+            settings,
+            gateway,
+            mesh_tls=await load_mesh_tls(settings),
+            xds_tls=xds_tls(TlsFiles.from_settings(settings), settings.host),
+            health_port=settings.health_port,
+        )
         return ControlPlaneProcess(server, port=args.port, metrics_port=args.metrics_port)
 
     run_process(

@@ -6,6 +6,11 @@ plane may be named by DNS (a Kubernetes Service): Envoy resolves it itself.
 Optionally one static listener serves Envoy's Prometheus stats and nothing
 else, so they can be scraped from other hosts while the admin API, which can
 stop Envoy, stays on loopback (as Istio's sidecars expose theirs).
+
+With `xds_tls` the way to the control plane is mutual TLS: Envoy presents the
+gateway's certificate and accepts only a control plane whose certificate, from the
+mesh CA, carries `spiffe://agentplex/gateway-control-plane` (the address may be a
+Service name that no certificate lists, so the identity is what is checked).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiConfigSourceApiType,
     ApiVersion,
     ConfigSource,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
     Node,
     SocketAddress,
+    TransportSocket,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
@@ -56,6 +63,14 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -63,12 +78,15 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
+from agentplex.contract import callers
 from agentplex.gateway.resources import (
     CONTROL_PLANE_CLUSTER,
     HostPort,
+    UpstreamTls,
     http_listener,
     load_assignment,
 )
+from agentplex.runtime.tls import spiffe_id
 
 # ADS, and the JSON body check (`json_bodies.py`): both served by the control plane.
 XDS_CLUSTER = CONTROL_PLANE_CLUSTER
@@ -88,6 +106,8 @@ class BootstrapOptions:
     max_downstream_connections: int = 10000
     # Where a listener serves only STATS_PATH (None: the stats stay on the admin API).
     stats: HostPort | None = None
+    # mTLS to the control plane: the mesh CA and the gateway's certificate (None: plaintext).
+    xds_tls: UpstreamTls | None = None
 
     def __post_init__(self) -> None:
         if self.stats is not None and self.admin_port == 0:
@@ -135,6 +155,7 @@ def build(options: BootstrapOptions) -> Bootstrap:
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)
                     },
                     load_assignment=load_assignment(XDS_CLUSTER, [options.control_plane]),
+                    transport_socket=_xds_tls(options.xds_tls),
                 ),
                 *_stats_clusters(options),
             ],
@@ -164,6 +185,36 @@ def write(options: BootstrapOptions, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(build(options)), indent=2))
     return path
+
+
+def _xds_tls(tls: UpstreamTls | None) -> TransportSocket | None:
+    """Envoy's certificate towards the control plane, and the control plane's identity."""
+    if tls is None:
+        return None
+    identity = callers.GATEWAY_CONTROL_PLANE
+    context = UpstreamTlsContext(
+        # Its DNS SAN: what the mesh's own clients verify servers by (runtime/tls.py).
+        sni=identity,
+        common_tls_context=CommonTlsContext(
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=tls.cert_file),
+                    private_key=DataSource(filename=tls.key_file),
+                )
+            ],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=tls.ca_file),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.URI,
+                        matcher=StringMatcher(exact=spiffe_id(identity)),
+                    )
+                ],
+            ),
+            alpn_protocols=["h2"],
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(context))
 
 
 def _stats_clusters(options: BootstrapOptions) -> list[Cluster]:

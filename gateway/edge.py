@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,9 @@ from pathlib import Path
 import httpx
 
 from agentplex.gateway.bootstrap import BootstrapOptions
+from agentplex.gateway.control_plane import is_loopback
 from agentplex.gateway.envoy import EnvoyError, EnvoyProcess
-from agentplex.gateway.resources import HostPort
+from agentplex.gateway.resources import HostPort, UpstreamTls
 from agentplex.gateway.settings import GatewaySettings
 from agentplex.runtime import loop as event_loop
 from agentplex.runtime.process import (
@@ -47,8 +49,25 @@ START_TIMEOUT_SECONDS = 60.0
 LISTENER_DRAIN_SECONDS = 2.0
 
 
-def options_from(gateway: GatewaySettings) -> BootstrapOptions:
-    """The bootstrap a settings-configured Envoy boots from; ValueError names a bad setting."""
+def xds_client_tls(settings: Settings, control_plane: HostPort) -> UpstreamTls | None:
+    """Envoy's mTLS to the control plane: with service-to-service TLS on, the gateway's
+    certificate (`tls_gateway_*_file`, else `tls_cert_file`: identity `gateway`) and the
+    mesh CA, unless the control plane is on loopback (it then serves plaintext:
+    `control_plane.xds_tls`). Absolute paths: Envoy reads the files itself."""
+    ca = settings.tls_ca_file
+    if ca is None or is_loopback(control_plane.host):
+        return None
+    cert = settings.tls_gateway_cert_file or settings.tls_cert_file
+    key = settings.tls_gateway_key_file or settings.tls_key_file
+    assert cert is not None and key is not None  # settings set all three or none
+    return UpstreamTls(
+        ca_file=os.path.abspath(ca), cert_file=os.path.abspath(cert), key_file=os.path.abspath(key)
+    )
+
+
+def options_from(gateway: GatewaySettings, settings: Settings | None = None) -> BootstrapOptions:
+    """The bootstrap a settings-configured Envoy boots from; ValueError names a bad setting.
+    `settings`: the mesh's, for mTLS to the control plane (`xds_client_tls`)."""
     try:
         control_plane = HostPort.parse(gateway.control_plane_address, allow_names=True)
     except ValueError as exc:
@@ -57,7 +76,11 @@ def options_from(gateway: GatewaySettings) -> BootstrapOptions:
     if gateway.stats_port is not None:
         stats = HostPort(gateway.listen_host, gateway.stats_port)
     return BootstrapOptions(
-        control_plane, node_id="gateway", admin_port=gateway.admin_port, stats=stats
+        control_plane,
+        node_id="gateway",
+        admin_port=gateway.admin_port,
+        stats=stats,
+        xds_tls=xds_client_tls(settings, control_plane) if settings is not None else None,
     )
 
 
@@ -127,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = read_settings("agentplex serve envoy")
     configure_logging("envoy", settings.log_level)
     try:
-        options = options_from(GatewaySettings.from_settings(settings))
+        options = options_from(GatewaySettings.from_settings(settings), settings)
     except ValueError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(EXIT_CANNOT_START) from None

@@ -73,6 +73,9 @@ class EnvoyProcess:
                 "warning",
                 "--drain-time-s",
                 "2",
+                # Access and audit lines reach their files within a second, not ten.
+                "--file-flush-interval-msec",
+                "1000",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

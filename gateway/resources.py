@@ -23,8 +23,11 @@ rate-limit, CORS and gRPC-Web filters and before everything that reads a body,
 refuses a call without a valid bearer token — UNAUTHENTICATED for gRPC, a JSON 401
 under `/v1/` — except `/health`, `/ready` (answered before it), CORS preflights
 and the console's static files. A verified token's claims reach the services as
-`PRINCIPAL_HEADERS`; the token itself does not. Callers' own principal headers
-are dropped at the door, whatever the mode (`_strip_principal`).
+`PRINCIPAL_HEADERS`, marked `x-agentplex-principal: edge` (`_mark_edge`); the token
+itself does not. Callers' own principal headers are dropped at the door, whatever
+the mode (`_strip_principal`). Each tenant then has a rate limit of its own, within
+the gateway-wide one (`_tenant_rate_limit`). Every refusal at the edge (a token, a
+rate limit) is an audit line (`_audit_logs`).
 
 A replica going away, as the gateway sees it (`drain_fits` has the timeline):
 on SIGTERM the replica's health turns NOT_SERVING while it keeps serving for
@@ -62,6 +65,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     HeaderFilter,
     MetadataFilter,
     OrFilter,
+    ResponseFlagFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -89,6 +93,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
@@ -114,6 +119,9 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionRequestHeaders,
     RedirectAction,
     RetryPolicy,
     RetryPolicyRetryHostPredicate,
@@ -125,7 +133,12 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
+    LocalRateLimitDescriptor,
+    RateLimitDescriptorEntry,
+)
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -199,6 +212,7 @@ from envoy_data_plane.google.protobuf import Any, Struct
 
 from agentplex.contract import callers
 from agentplex.gateway import console, descriptors, json_bodies
+from agentplex.runtime import principal
 from agentplex.runtime.errors import ERROR_DOMAIN
 from agentplex.runtime.server import MAX_METADATA_BYTES
 from agentplex.runtime.settings import check_jwks_uri
@@ -230,13 +244,23 @@ JWT_CLOCK_SKEW_SECONDS = 30
 JWT_PAYLOAD_METADATA = "jwt_payload"
 JWT_FAILURE_METADATA = "jwt_failure"
 # The verified principal, claim -> request header, stamped by the edge on each call that
-# passed the token check. The edge owns these names: a caller's own are removed first.
-# (Nothing reads them yet; the principal work will.)
+# passed the token check, with `principal.PRINCIPAL_HEADER: edge` (`_mark_edge`). The edge
+# owns all four names (`principal.HEADERS`): a caller's own are removed first.
 PRINCIPAL_HEADERS = {
-    "sub": "x-agentplex-subject",
-    "tenant": "x-agentplex-tenant",
-    "scope": "x-agentplex-scope",
+    "sub": principal.SUBJECT_HEADER,
+    "tenant": principal.TENANT_HEADER,
+    "scope": principal.SCOPE_HEADER,
 }
+TENANT_RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit.tenant"
+# The descriptor key the per-tenant limit counts by (its value: the verified tenant claim).
+TENANT_DESCRIPTOR = "tenant"
+# Tenants whose buckets one Envoy keeps (least recently seen evicted first; an evicted
+# tenant starts again from a full bucket). Far above any tenant count a mesh serves.
+TENANT_RATE_LIMIT_MAX_TENANTS = 10_000
+# Edge audit lines: the requests the gateway itself refuses (`_audit_logs`).
+AUDIT_OUTCOME_DENIED = "denied"
+# Envoy's response flag for a request a local rate limit refused (global or per tenant).
+RATE_LIMITED_FLAG = "RL"
 
 _AGENT_SERVICE = "/" + descriptors.AGENT_SERVICE + "/"
 _REGISTRY_SERVICE = "/" + descriptors.REGISTRY_SERVICE + "/"
@@ -433,6 +457,10 @@ class GatewayOptions:
     max_request_bytes: int = 1024 * 1024
     rate_limit_per_second: int = 1000
     rate_limit_burst: int = 2000
+    # Each tenant's share, with tokens (`jwt`): its own bucket, keyed by the verified tenant
+    # claim (`_tenant_rate_limit`). 0 per second: none; 0 burst: one second's worth.
+    tenant_rate_limit_per_second: int = 100
+    tenant_rate_limit_burst: int = 200
     unary_timeout_seconds: float = 330.0
     stream_idle_timeout_seconds: float = 300.0
     watch_idle_timeout_seconds: float = 3600.0
@@ -451,6 +479,9 @@ class GatewayOptions:
     max_requests_per_cluster: int = 4096
     console: bool = True
     access_log: bool = True
+    # Where the edge's audit lines (`_audit_logs`) go, on Envoy's host: the mesh's audit
+    # file (`audit_log_file`); None: Envoy's stdout, with the access log.
+    audit_log_file: str | None = None
     max_concurrent_streams: int = 1000
     # The OTLP/gRPC receiver the mesh's traces go to (AGENTPLEX_TRACE_EXPORTER or
     # OTEL_TRACES_EXPORTER = otlp): Envoy then opens each request's trace, as the span
@@ -813,7 +844,8 @@ def _listener(options: GatewayOptions) -> Listener:
         # Oversize headers are the edge's to refuse (431), before a service would refuse
         # them as RESOURCE_EXHAUSTED (which the JSON transcoder turns into 429).
         max_request_headers_kb=options.max_request_headers_kb,
-        access_log=[_access_log()] if options.access_log else [],
+        # The audit lines whatever `access_log` says: refusals are a security record.
+        access_log=[*([_access_log()] if options.access_log else []), *_audit_logs(options)],
         local_reply_config=_local_replies(options),
         early_header_mutation_extensions=[_strip_principal()],
         http_filters=_http_filters(options),
@@ -881,6 +913,8 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
         # Tokens, when required: after gRPC-Web became gRPC (a refusal is then a gRPC
         # status the browser can read) and before anything buffers or reads a body.
         *([_http_filter(JWT_FILTER, _jwt_authn(options.jwt))] if options.jwt else []),
+        # Each tenant's share of the edge: after the token check, which set the tenant.
+        *_tenant_rate_limit(options),
         # Rejects oversize requests at the edge (413) before any agent sees a byte.
         _http_filter(
             "envoy.filters.http.buffer", Buffer(max_request_bytes=options.max_request_bytes)
@@ -924,14 +958,90 @@ def _http_filters(options: GatewayOptions) -> list[HttpFilter]:
 
 
 def _strip_principal() -> TypedExtensionConfig:
-    """Drops the principal headers a caller sent, before any filter or route sees the
-    request: only the token check may set them (`PRINCIPAL_HEADERS`)."""
+    """Drops the principal headers a caller sent (all four, `principal.HEADERS`), before
+    any filter or route sees the request, in every mode: only the token check may set
+    them (`PRINCIPAL_HEADERS`, `_mark_edge`), and without tokens nobody may, so a
+    service never takes a caller's word for whose data it touches."""
     return _typed(
         "envoy.http.early_header_mutation.header_mutation",
-        HeaderMutation(
-            mutations=[HeaderMutationRule(remove=name) for name in PRINCIPAL_HEADERS.values()]
-        ),
+        HeaderMutation(mutations=[HeaderMutationRule(remove=name) for name in principal.HEADERS]),
     )
+
+
+def _mark_edge(options: GatewayOptions) -> list[HeaderValueOption]:
+    """`x-agentplex-principal: edge` on every request routed to a service, with tokens on.
+
+    Every such request passed the token check (it is required on every route but the
+    console's files, which Envoy answers itself), so the marker says so even for a token
+    without a `tenant` claim: the service then refuses it (`principal.from_metadata`)
+    instead of taking it for the mesh's own call, which carries no principal headers.
+    Without tokens the marker is never added (callers' copies are stripped either way)."""
+    if options.jwt is None:
+        return []
+    return [
+        HeaderValueOption(
+            header=HeaderValue(key=principal.PRINCIPAL_HEADER, value=principal.EDGE),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ]
+
+
+def _tenant_rate_limit(options: GatewayOptions) -> list[HttpFilter]:
+    """A token bucket per tenant, so one tenant's burst cannot spend the whole edge's.
+
+    Envoy's local rate limit with a wildcard descriptor (a key without a value): the
+    filter's own `rate_limits` turn the tenant header the token check set (never a
+    caller's: `_strip_principal`) into a `tenant` descriptor, and each distinct value
+    gets a bucket of its own, up to `TENANT_RATE_LIMIT_MAX_TENANTS` at once. A request
+    without a tenant (a token without the claim: the services refuse it anyway) falls
+    to the default bucket, sized as the gateway-wide one, which a tenant's request does
+    not also spend (`always_consume_default_token_bucket` off). Refusals answer as the
+    gateway-wide limit's do: RESOURCE_EXHAUSTED, or 429 with a JSON status under /v1/.
+    Only with tokens: without them there is no tenant to count by."""
+    per_second = options.tenant_rate_limit_per_second
+    if options.jwt is None or per_second <= 0:
+        return []
+    burst = options.tenant_rate_limit_burst or per_second
+    return [
+        _http_filter(
+            TENANT_RATE_LIMIT_FILTER,
+            LocalRateLimit(
+                stat_prefix="gateway_tenant_rate_limit",
+                token_bucket=TokenBucket(
+                    max_tokens=options.rate_limit_burst,
+                    tokens_per_fill=options.rate_limit_per_second,
+                    fill_interval=_seconds(1),
+                ),
+                rate_limits=[
+                    RateLimit(
+                        actions=[
+                            RateLimitAction(
+                                request_headers=RateLimitActionRequestHeaders(
+                                    header_name=principal.TENANT_HEADER,
+                                    descriptor_key=TENANT_DESCRIPTOR,
+                                )
+                            )
+                        ]
+                    )
+                ],
+                descriptors=[
+                    LocalRateLimitDescriptor(
+                        entries=[RateLimitDescriptorEntry(key=TENANT_DESCRIPTOR, value="")],
+                        token_bucket=TokenBucket(
+                            max_tokens=burst,
+                            tokens_per_fill=per_second,
+                            fill_interval=_seconds(1),
+                        ),
+                    )
+                ],
+                max_dynamic_descriptors=TENANT_RATE_LIMIT_MAX_TENANTS,
+                always_consume_default_token_bucket=False,
+                filter_enabled=_always(),
+                filter_enforced=_always(),
+                rate_limited_as_resource_exhausted=True,
+            ),
+        )
+    ]
 
 
 def _jwt_authn(jwt: JwtOptions) -> JwtAuthentication:
@@ -1177,6 +1287,65 @@ def _access_log() -> AccessLog:
     )
 
 
+def _audit_logs(options: GatewayOptions) -> list[AccessLog]:
+    """One JSON line per request the gateway itself refuses, in the shape of the services'
+    audit lines (`runtime/audit.py`): `audit`, `action` (the path), `outcome` `denied`,
+    `reason`, `tenant` and `subject` when the token named them, and the trace context.
+
+    Two kinds of refusal, told apart by what Envoy recorded rather than by the status
+    (a service's own PERMISSION_DENIED is a 403 over JSON too, and a refusal of a gRPC
+    call is an HTTP 200 with a grpc-status): a token the check refused (401, or 403 for
+    another audience; `reason` is the failed check, from `jwt_failure`), and a request a
+    rate limit refused (429 or RESOURCE_EXHAUSTED, gateway-wide or the tenant's;
+    `reason` is Envoy's response code details). The services audit their own refusals.
+    """
+    token = {"reason": f"%DYNAMIC_METADATA({JWT_FILTER}:{JWT_FAILURE_METADATA}:message)%"}
+    limited = {"reason": "%RESPONSE_CODE_DETAILS%"}
+    refusals = [
+        (
+            AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=[RATE_LIMITED_FLAG])),
+            limited,
+        )
+    ]
+    if options.jwt is not None:
+        refusals.insert(0, (_jwt_refused(), token))
+    return [_audit_log(kind, fields, options.audit_log_file) for kind, fields in refusals]
+
+
+def _audit_log(kind: AccessLogFilter, reason: dict[str, str], path: str | None) -> AccessLog:
+    fields: dict[str, object] = {
+        "time": "%START_TIME%",
+        "service": "gateway",
+        "audit": True,
+        "action": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "resource": f"%REQ({AGENT_HEADER.upper()})%",
+        "outcome": AUDIT_OUTCOME_DENIED,
+        **reason,
+        "tenant": f"%REQ({principal.TENANT_HEADER.upper()})%",
+        "subject": f"%REQ({principal.SUBJECT_HEADER.upper()})%",
+        "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS%",
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        # The caller's trace context, and the trace id of the gateway's span when Envoy
+        # traces (the `trace_id` of the services' log and audit lines).
+        "traceparent": "%REQ(TRACEPARENT)%",
+        "trace_id": "%TRACE_ID%",
+    }
+    log_format = SubstitutionFormatString(json_format=Struct.from_dict(fields))
+    if path is None:
+        return AccessLog(
+            name="envoy.access_loggers.stdout",
+            filter=kind,
+            typed_config=Any.pack(StdoutAccessLog(log_format=log_format)),
+        )
+    return AccessLog(
+        name="envoy.access_loggers.file",
+        filter=kind,
+        typed_config=Any.pack(FileAccessLog(path=path, log_format=log_format)),
+    )
+
+
 # --- routes ------------------------------------------------------------------------
 
 
@@ -1240,6 +1409,7 @@ def _route_configuration(directory: Directory, options: GatewayOptions) -> Route
                 name="gateway",
                 domains=["*"],
                 routes=routes,
+                request_headers_to_add=_mark_edge(options),
                 typed_per_filter_config={
                     "envoy.filters.http.cors": Any.pack(_cors_policy(options)),
                     # The JSON body check is off but where a route turns it on.

@@ -13,7 +13,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from agentplex.gateway.resources import GatewayOptions, JwtOptions
 from agentplex.runtime.clients import Keepalive
@@ -41,6 +41,8 @@ class GatewaySettings(BaseModel):
     max_request_bytes: int = _default("max_request_bytes")
     rate_limit_per_second: int = _default("rate_limit_per_second")
     rate_limit_burst: int = _default("rate_limit_burst")
+    tenant_rate_limit_per_second: int = _default("tenant_rate_limit_per_second")
+    tenant_rate_limit_burst: int = _default("tenant_rate_limit_burst")
     unary_timeout_seconds: float = _default("unary_timeout_seconds")
     stream_idle_timeout_seconds: float = _default("stream_idle_timeout_seconds")
     health_check_interval_seconds: float = _default("health_check_interval_seconds")
@@ -55,6 +57,9 @@ class GatewaySettings(BaseModel):
     jwks_file: Path | None = _default("jwks_file")
     jwks_cache_seconds: int = _default("jwks_cache_seconds")
     jwks_ca_file: Path = _default("jwks_ca_file")
+    # The mesh's audit file (`Settings.audit_log_file`, not a gateway setting: the services
+    # append to it too), taken over by `from_settings` for the edge's audit lines.
+    _audit_log_file: Path | None = PrivateAttr(default=None)
 
     @field_validator("jwks_uri", "jwks_file", mode="before")
     @classmethod
@@ -79,23 +84,31 @@ class GatewaySettings(BaseModel):
             return None
         return (
             f"the gateway would listen on {self.listen_host} and check no tokens: set "
-            "AGENTPLEX_GATEWAY_AUTH=jwt (docs/SECURITY.md; agentplex up --auth), listen on "
-            "127.0.0.1, or say AGENTPLEX_GATEWAY_ALLOW_UNAUTHENTICATED=true"
+            "AGENTPLEX_GATEWAY_AUTH=jwt (docs/SECURITY.md; agentplex up does by default), "
+            "listen on 127.0.0.1, or say AGENTPLEX_GATEWAY_ALLOW_UNAUTHENTICATED=true"
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
-        """The gateway section of `settings`, as read once by the process."""
-        return cls(**{name: getattr(settings, PREFIX + name) for name in cls.model_fields})
+        """The gateway section of `settings`, as read once by the process, and the mesh's
+        audit file."""
+        gateway = cls(**{name: getattr(settings, PREFIX + name) for name in cls.model_fields})
+        gateway._audit_log_file = settings.audit_log_file
+        return gateway
 
     def options(
-        self, keepalive: Keepalive | None = None, jwks: str | None = None
+        self,
+        keepalive: Keepalive | None = None,
+        jwks: str | None = None,
+        *,
+        audit_log_file: Path | None = None,
     ) -> GatewayOptions:
         """The edge policy: every setting that names a GatewayOptions field, as is, and the
         mesh-wide keepalive (`Keepalive.from_settings`) for Envoy's upstream connections.
 
         With `auth` `jwt` and a `jwks_file`, `jwks` is that file's content (the caller
-        reads it: this stays free of I/O)."""
+        reads it: this stays free of I/O). The edge's audit lines go to `audit_log_file`,
+        or else the mesh's audit file `from_settings` took over, or else Envoy's stdout."""
         shared = {f.name for f in dataclasses.fields(GatewayOptions)} & set(type(self).model_fields)
         values = self.model_dump(include=shared)
         values["cors_origins"] = tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
@@ -103,6 +116,9 @@ class GatewaySettings(BaseModel):
             values["keepalive_seconds"] = keepalive.seconds
             values["keepalive_timeout_seconds"] = keepalive.timeout_seconds
         values["jwt"] = self.jwt_options(jwks)
+        audit = audit_log_file or self._audit_log_file
+        # Envoy opens the file itself, maybe from another working directory.
+        values["audit_log_file"] = str(audit.absolute()) if audit is not None else None
         return GatewayOptions(**values)
 
     def jwt_options(self, jwks: str | None = None) -> JwtOptions | None:

@@ -6,7 +6,7 @@ when no identity provider is at hand. With a real OIDC issuer none of this is
 used: the issuer signs the tokens and publishes its keys (`gateway_jwks_uri`).
 
 Here, not in `runtime/`: only the gateway checks tokens, and the command line
-(which may import the gateway) mints them; the services will read the principal
+(which may import the gateway) mints them; the services read the principal
 the edge verified, never a token.
 """
 

@@ -6,7 +6,7 @@ import argparse
 
 import grpc
 
-from agentplex.contract.callers import CALLERS
+from agentplex.contract.access import ACCESS
 from agentplex.memory.servicer import MemoryServicer
 from agentplex.memory.store import MemoryStore
 from agentplex.runtime import redis_client
@@ -40,7 +40,7 @@ def build_host(settings: Settings, *, port: int = 0, metrics_port: int | None = 
         metrics_port=metrics_port,
         dependency_checks=[redis_client.answers(redis)],
         on_stop=[redis.aclose],
-        callers=CALLERS,
+        access=ACCESS,
     )
 
 

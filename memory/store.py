@@ -28,6 +28,7 @@ from google.protobuf import timestamp_pb2
 
 from agentplex.contract.reasons import Reason
 from agentplex.runtime.errors import Aborted, InvalidArgument
+from agentplex.runtime.principal import tenant_prefix
 from agentplex.runtime.tokens import estimate_message_tokens
 from agentplex.v1 import memory_pb2
 
@@ -158,7 +159,9 @@ class MemoryStore:
         self._store_summary = redis.register_script(_STORE_SUMMARY)
 
     def _key(self, scope: memory_pb2.SessionScope) -> str:
-        return f"{self._prefix}:memory:{scope.agent}:{scope.session_id}"
+        # Under the caller's tenant: another tenant naming the same session reads its
+        # own (empty) one, exactly as if the name were unused — nothing to tell apart.
+        return f"{tenant_prefix(self._prefix)}:memory:{scope.agent}:{scope.session_id}"
 
     def _keys(self, scope: memory_pb2.SessionScope) -> tuple[str, str, str]:
         """The session's list, its task ids seen (a sorted set: see `_APPEND`), and

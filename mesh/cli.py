@@ -1,6 +1,6 @@
 """The `agentplex` command.
 
-    agentplex up                      start the mesh locally (Ctrl-C stops it)
+    agentplex up                      start the mesh locally, secure by default (Ctrl-C stops it)
     agentplex up --agents FILE        … with your own agents too (default: agentplex.agents.yaml)
     agentplex ps                      the parts of the running mesh: state, pid, restarts
     agentplex restart PART            restart a part gracefully (replicas one at a time)
@@ -10,6 +10,13 @@
     agentplex status ID               a task's status and result
     agentplex cancel ID               cancel a task
     agentplex tools list|register|show|deprecate   manage tool contracts
+    agentplex token --tenant T        a bearer token for the gateway (grpcurl, curl, the console)
+
+`agentplex up` checks bearer tokens at the gateway and runs mutual TLS between the
+parts unless told otherwise (--no-auth, --no-mtls: loopback only). The commands
+above need no token: they call the agents and the registry directly, presenting
+the mesh's own `cli` certificate, and act as the mesh's operator. Tokens are for
+callers of the gateway.
 
 Every failure is one readable line on stderr and a non-zero exit code (EXIT_CODES, in --help).
 Every command takes --json: the gateway's JSON, proto field names (`task_id`).
@@ -98,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = commands.add_parser("up", help="start the whole mesh on loopback")
+    up = commands.add_parser(
+        "up",
+        help="start the whole mesh on loopback (tokens at the gateway, mTLS inside)",
+        description="Start the whole mesh on loopback. Secure by default: the gateway "
+        "requires a bearer token (`agentplex token --tenant dev` mints one) and the parts "
+        "talk mutual TLS; the agentplex commands need no token (they present the mesh's cli "
+        "certificate and act as its operator). --no-auth and --no-mtls turn either off, "
+        "on loopback only.",
+    )
     up.add_argument(
         "--ephemeral-ports",
         action="store_true",
@@ -143,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--auth",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="require a bearer token (JWT) at the gateway, signed by a development issuer "
-        "kept in .agentplex/auth/; mint one with agentplex token. Required when the gateway "
-        "listens beyond loopback (AGENTPLEX_GATEWAY_LISTEN_HOST)",
+        "kept in .agentplex/auth/; mint one with `agentplex token --tenant dev` (default: on). "
+        "--no-auth turns it off, only while the gateway listens on loopback "
+        "(AGENTPLEX_GATEWAY_LISTEN_HOST); the agentplex commands never need a token",
     )
     up.add_argument(
         "--llm",
@@ -157,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--mtls",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="mutual TLS between the parts, each with its own certificate from a development "
         "CA kept in .agentplex/pki/; callers are authorized by identity (docs/SECURITY.md). "
-        "The agentplex commands use its cli certificate",
+        "The agentplex commands use its cli certificate (default: on; --no-mtls: plaintext "
+        "on loopback)",
     )
     up.add_argument(
         "--json",
@@ -171,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser(
         "token",
-        help="mint a bearer token for the gateway of a mesh started with agentplex up --auth",
+        help="mint a bearer token for the gateway (grpcurl, curl, the console); "
+        "the agentplex commands need none",
+        description="Mint a bearer token for the running mesh's gateway, signed by its "
+        "development issuer: TOKEN=$(agentplex token --tenant acme), then "
+        '-H "authorization: Bearer $TOKEN" on each grpcurl or curl call. The token acts '
+        "for its tenant, with its scopes. The agentplex commands need no token: they call "
+        "the services directly, as the mesh's operator.",
     )
     token.add_argument("--tenant", required=True, help="the tenant the token acts for")
     token.add_argument(
@@ -183,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SCOPE",
         help=f"a scope to grant, repeatable (default: {' '.join(dev_auth.DEFAULT_SCOPES)})",
+    )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help=f"also grant the operators' scopes: {' '.join(dev_auth.ADMIN_SCOPES)}",
     )
     token.add_argument(
         "--ttl",
@@ -404,6 +434,7 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
     # Only `up` needs the launcher (and Envoy's config types, slow to import).
     from agentplex.mesh import launcher
 
+    _refuse_no_auth_beyond_loopback(args, settings)
     agent_files, loaded = _agent_specs(args.agents)
     overrides: dict[str, int] = {}
     for item in args.port:
@@ -449,6 +480,31 @@ async def _up(args: argparse.Namespace, state_file: Path, settings: Settings) ->
         say=say,
     )
     return await launcher.run_until_signalled(mesh)
+
+
+def _refuse_no_auth_beyond_loopback(args: argparse.Namespace, settings: Settings) -> None:
+    """`--no-auth` only while the gateway listens on loopback: anything further would take
+    calls from other machines and check no one."""
+    if args.auth or args.no_gateway:
+        return
+    host = settings.gateway_listen_host
+    if not _is_loopback(host):
+        raise CliError(
+            f"--no-auth is for loopback only, and the gateway would listen on {host} "
+            "(AGENTPLEX_GATEWAY_LISTEN_HOST): drop --no-auth, or listen on 127.0.0.1",
+            EXIT_USAGE,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _agent_specs(files: list[Path]) -> tuple[list[Path], catalog.Loaded]:
@@ -633,11 +689,16 @@ def _token(args: argparse.Namespace, state: dict[str, object]) -> int:
     auth = state.get("auth")
     if not isinstance(auth, dict):
         raise CliError(
-            "this mesh's gateway checks no tokens: start it with agentplex up --auth", EXIT_USAGE
+            "this mesh checks no tokens (started with --no-auth or --no-gateway); "
+            "the agentplex commands need none",
+            EXIT_USAGE,
         )
     if not (0 < args.ttl < math.inf):
         raise CliError("--ttl must be a positive number of seconds", EXIT_USAGE)
-    scopes = args.scope or list(dev_auth.DEFAULT_SCOPES)
+    granted = args.scope or list(dev_auth.DEFAULT_SCOPES)
+    if args.admin:
+        granted = [*granted, *dev_auth.ADMIN_SCOPES]
+    scopes = list(dict.fromkeys(granted))  # each once, in order
     try:
         key = tokens.load_signing_key(Path(auth["key"]))
     except (OSError, ValueError) as exc:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import timestamp_pb2
 
+from agentplex.contract.scopes import SCOPES
 from agentplex.mesh.supervisor import (
     LaunchError,
     State,
@@ -22,6 +23,7 @@ from agentplex.mesh.supervisor import (
     UnknownPart,
 )
 from agentplex.runtime import errors
+from agentplex.runtime.peer_auth import Access
 from agentplex.runtime.server import ServiceHost
 from agentplex.v1 import mesh_control_service_pb2 as pb
 from agentplex.v1 import mesh_control_service_pb2_grpc as pb_grpc
@@ -91,4 +93,13 @@ def control_host(supervisor: Supervisor, *, host: str = "127.0.0.1") -> ServiceH
         pb_grpc.add_MeshControlServiceServicer_to_server(MeshControlServicer(supervisor), server)
         return [SERVICE_NAME]
 
-    return ServiceHost(name="mesh-control", register=register, host=host, port=0, metrics_port=None)
+    # Plaintext on loopback (no caller table to check), but its calls are administrative:
+    # the scope table makes each one an audit line.
+    return ServiceHost(
+        name="mesh-control",
+        register=register,
+        host=host,
+        port=0,
+        metrics_port=None,
+        access=Access(scopes=SCOPES),
+    )

@@ -1,4 +1,4 @@
-"""The development issuer `agentplex up --auth` runs the gateway with.
+"""The development issuer `agentplex up` runs the gateway with (unless `--no-auth`).
 
 No identity provider is needed on one machine: `up` keeps a signing key of its
 own under `.agentplex/auth/` (made once, kept across runs, so tokens minted
@@ -13,10 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentplex.contract import scopes
+
 ISSUER = "agentplex-dev"
 AUDIENCE = "agentplex"
-# What an ordinary caller may do; administering tools is a scope of its own.
-DEFAULT_SCOPES = ("tasks:run", "tasks:read", "tasks:cancel", "memory:read")
+# What `agentplex token` grants unless told otherwise (an ordinary caller's scopes),
+# and what `--admin` adds: the contract's own lists, so tokens and services agree.
+DEFAULT_SCOPES = scopes.DEFAULT_SCOPES
+ADMIN_SCOPES = scopes.ADMIN_SCOPES
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,14 @@ MeshControlService on loopback, whose address the state file holds under
 "control". Every child dies with the launcher, even a SIGKILLed one
 (runtime/orphan_guard.py). Stopping runs in reverse order, without the drain delay.
 
-With `--mtls` every gRPC part serves mutual TLS with its own identity's certificate
-from a development PKI kept in `.agentplex/pki/` (made once, then reused), and Envoy
-reaches agents and the registry with the `gateway` certificate. Two servers stay
-plaintext, on loopback only: the launcher's MeshControlService and the gateway
-control plane's xDS server (Envoy's bootstrap reaches it without TLS).
+Secure by default: the gateway requires bearer tokens from a development issuer
+(`auth`, mesh/dev_auth.py; `--no-auth` turns it off, on loopback only) and the parts
+talk mutual TLS (`mtls`; `--no-mtls`). With mTLS every gRPC part serves mutual TLS
+with its own identity's certificate from a development PKI kept in `.agentplex/pki/`
+(made once, then reused), and Envoy reaches agents and the registry with the
+`gateway` certificate. Two servers stay plaintext, on loopback only: the launcher's
+MeshControlService and the gateway control plane's xDS server (Envoy's bootstrap
+reaches it without TLS).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from agentplex.mesh.parts import EnvoyPart, LocalModelPart, RedisPart, ServicePa
 from agentplex.mesh.redis_process import free_port
 from agentplex.mesh.state import pid_alive, write_state
 from agentplex.mesh.supervisor import LaunchError, Runner, Supervised, Supervisor
+from agentplex.runtime import audit
 from agentplex.runtime.process import stop_each, stop_on_signals
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import ENV_PREFIX, Settings
@@ -115,9 +119,9 @@ class MeshLauncher:
     # Envoy in front of every agent, configured by its xDS control plane.
     gateway: bool = True
     # Bearer tokens required at the gateway, from a development issuer (mesh/dev_auth.py).
-    auth: bool = False
+    auth: bool = True
     # Mutual TLS between the parts, from a development PKI (`ensure_pki`).
-    mtls: bool = False
+    mtls: bool = True
     # The agents to run (the built-ins, and those of `agent_files`) and the spec files
     # each agent and worker process is given (`--agents FILE`) to find its own.
     agents: dict[str, AgentSpec] = field(default_factory=lambda: dict(CATALOG))
@@ -154,6 +158,9 @@ class MeshLauncher:
         self._refuse_an_open_gateway()
         self._run_dir = self.state_file.parent
         (self._run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # The launcher serves MeshControlService (restarts are administrative calls):
+        # its audit lines join the children's in the mesh's one trail.
+        audit.write_to(self._audit_log(), "mesh")
         if self.mtls:
             self._pki = await asyncio.to_thread(ensure_pki, self._run_dir / "pki")
             self._probe_tls = await TlsFiles.for_identity(self._pki, callers.CLI).load()
@@ -276,6 +283,10 @@ class MeshLauncher:
         if self.auth:
             self._issuer = await asyncio.to_thread(dev_auth.ensure_issuer, self._run_dir / "auth")
             xds_env.update(self._issuer.gateway_env())
+            self.say(
+                f"  {'auth':<20} {self._issuer.key_file.parent}  (development issuer; "
+                "a token: agentplex token --tenant dev)"
+            )
         if self._pki is not None:
             # The control plane's own certificate for the registry, and Envoy's, whose
             # paths it puts in Envoy's upstream TLS configuration.
@@ -353,7 +364,18 @@ class MeshLauncher:
         env.setdefault("PYTHONFAULTHANDLER", "1")
         if self.llm_provider:
             env["AGENTPLEX_LLM_PROVIDER"] = self.llm_provider
+        # One audit trail for the mesh: the services' and the gateway's refusals and
+        # administrative calls, each a JSON line (docs/SECURITY.md).
+        env["AGENTPLEX_AUDIT_LOG_FILE"] = str(self._audit_log())
+        # One port per machine: every part here would try to bind it (it is for probes
+        # in a pod of one part).
+        env.pop("AGENTPLEX_HEALTH_PORT", None)
         return env
+
+    def _audit_log(self) -> Path:
+        assert self._run_dir is not None
+        configured = self.settings.audit_log_file
+        return configured if configured is not None else self._run_dir / "logs" / "audit.log"
 
     async def _start_part(
         self,
@@ -410,6 +432,29 @@ def _state_address(launcher: MeshLauncher, name: str) -> str:
     return next((p.runner.address for p in launcher.supervisor.parts if p.name == name), "?")
 
 
+def _banner(launcher: MeshLauncher) -> list[str]:
+    """What `up` says once the mesh serves: how to reach it, and how secure it is."""
+    lines = []
+    if launcher.gateway:
+        gateway = _state_address(launcher, "gateway")
+        if launcher.auth:
+            lines.append(
+                "agentplex: the gateway requires a token: TOKEN=$(agentplex token --tenant dev), "
+                f'then grpcurl -plaintext -H "authorization: Bearer $TOKEN" {gateway} list'
+            )
+        else:
+            lines.append(
+                "agentplex: the gateway checks no tokens (--no-auth; loopback only): "
+                f"grpcurl -plaintext {gateway} list"
+            )
+    lines.append(
+        f"agentplex: mesh is up; addresses in {launcher.state_file}. "
+        'Try: agentplex run --stream --agent assistant "what is 17*23?"  '
+        "(the agentplex commands need no token; agentplex ps shows the parts; Ctrl-C stops)"
+    )
+    return lines
+
+
 async def run_until_signalled(launcher: MeshLauncher) -> int:
     """`agentplex up`'s main loop: start, report, keep the parts running until Ctrl-C or
     SIGTERM, stop. A part that exits is restarted by the supervisor, never fatal."""
@@ -422,16 +467,8 @@ async def run_until_signalled(launcher: MeshLauncher) -> int:
         except LaunchError as exc:
             launcher.say(f"agentplex: {exc}")
             return 1
-        if launcher.gateway:
-            launcher.say(
-                "agentplex: through the gateway: grpcurl -plaintext "
-                f"{_state_address(launcher, 'gateway')} list"
-            )
-        launcher.say(
-            f"agentplex: mesh is up; addresses in {launcher.state_file}. "
-            'Try: agentplex run --stream --agent assistant "what is 17*23?"  '
-            "(agentplex ps shows the parts; Ctrl-C stops)"
-        )
+        for line in _banner(launcher):
+            launcher.say(line)
         await stop.wait()
         launcher.say("agentplex: stopping")
     finally:

@@ -2,9 +2,10 @@
 
 `agentplex up` writes it once everything is serving and removes it on exit;
 `agentplex run`, `agentplex tools` and scripts (`jq -r .assistant`) read it.
-Each address sits under its part's name at the top level; a mesh started with
-`--mtls` also names its PKI directory under "pki", whose `cli` certificate the
-commands present.
+Each address sits under its part's name at the top level; a mesh with mTLS (the
+default; not with `--no-mtls`) also names its PKI directory under "pki", whose
+`cli` certificate the commands present, and one whose gateway checks tokens (not
+with `--no-auth`) its development issuer under "auth".
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def cli_tls(state: dict[str, Any]) -> MeshTls | None:
-    """The `cli` credentials of a mesh started with `--mtls`, or None (plaintext)."""
+    """The `cli` credentials of a mesh with mTLS, or None (`--no-mtls`: plaintext)."""
     pki = state.get("pki")
     if not isinstance(pki, str):
         return None
@@ -78,7 +79,7 @@ def cli_tls(state: dict[str, Any]) -> MeshTls | None:
     except (OSError, ValueError) as exc:
         raise MeshNotRunning(
             f"cannot read the mesh's {callers.CLI} certificate in {pki} ({exc}); "
-            "restart with `agentplex up --mtls`"
+            "restart with `agentplex up`"
         ) from None
 
 

@@ -116,7 +116,7 @@ async def run(
     *,
     tls: MeshTls | None = None,
 ) -> int:
-    """`tls`: the `cli` credentials of a mesh started with `--mtls`."""
+    """`tls`: the `cli` credentials of a mesh with mTLS (the default), or None."""
     async with open_channel(address, tls=tls, server_identity=callers.REGISTRY) as channel:
         stub = pb_grpc.ToolRegistryServiceStub(channel)
         handler: Callable[[], Awaitable[int]] = {

@@ -12,7 +12,7 @@ import argparse
 
 import grpc
 
-from agentplex.contract.callers import CALLERS
+from agentplex.contract.access import ACCESS
 from agentplex.registry.backends import BackendRouter
 from agentplex.registry.ledger import IdempotencyLedger
 from agentplex.registry.service import ToolRegistry
@@ -74,7 +74,7 @@ async def build_host(
         metrics_port=metrics_port,
         dependency_checks=[redis_client.answers(redis)],
         on_stop=[close],
-        callers=CALLERS,
+        access=ACCESS,
     )
 
 

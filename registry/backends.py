@@ -535,8 +535,11 @@ def subtask_spec(invocation: Invocation, budget: int) -> task_pb2.TaskSpec:
 def subtask_answer(agent: str, final: step_event_pb2.StepEvent) -> ExecuteResponse:
     """The tool's answer from the sub-task's final event."""
     if final.WhichOneof("kind") == "error":
+        # A tenant out of quota says nothing about the agent's health: its own code,
+        # which is no breaker failure, so one tenant cannot open it for every other.
+        quota = final.error.reason == Reason.QUOTA_EXHAUSTED
         return _failure(
-            final.error.code or ToolErrorCode.AGENT_FAILED,
+            Reason.QUOTA_EXHAUSTED if quota else final.error.code or ToolErrorCode.AGENT_FAILED,
             f"the {agent} agent failed: {final.error.message}",
         )
     result = final.final_result.result

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import FailedPrecondition, InvalidArgument
+from agentplex.runtime.principal import tenant_prefix
 from agentplex.v1 import tool_pb2
 from agentplex.v1 import tool_registry_service_pb2 as pb
 
@@ -157,7 +158,11 @@ class IdempotencyLedger:
         again (OUTCOME_UNKNOWN)."""
         if len(idempotency_key) > MAX_KEY_LENGTH:
             raise InvalidArgument(f"idempotency_key exceeds {MAX_KEY_LENGTH} characters")
-        key = ledger_key(self._prefix, caller.agent, caller.session_id, idempotency_key)
+        # Keys are per tenant: another tenant's call with the same key runs on its own,
+        # never replaying (or even learning of) this tenant's outcome.
+        key = ledger_key(
+            tenant_prefix(self._prefix), caller.agent, caller.session_id, idempotency_key
+        )
         token = uuid.uuid4().hex
         settled = json.dumps(
             {

@@ -2,12 +2,15 @@
 
 Service code raises these plain exceptions and never touches gRPC status
 codes; `runtime.interceptors` translates them at the edge, with a
-`google.rpc.ErrorInfo` detail that clients can branch on (`reason`).
+`google.rpc.ErrorInfo` detail that clients can branch on (`reason`), with the
+error's `metadata` (facts a client acts on, such as when a quota resets).
 `from_rpc_error` maps a received status back into the same exceptions, so a
 failure crosses any number of hops with its meaning intact.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import grpc
 import redis.exceptions
@@ -24,11 +27,16 @@ class AgentplexError(Exception):
 
     reason = "ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if reason:
             self.reason = reason
+        # ErrorInfo.metadata: what a client needs to act without parsing the message
+        # (a quota's `resets_at`); part of the protocol like the reason.
+        self.metadata: dict[str, str] = dict(metadata or {})
 
 
 class InvalidArgument(AgentplexError):
@@ -123,16 +131,17 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
-    """A `google.rpc.Status` carrying the message and an ErrorInfo reason."""
+    """A `google.rpc.Status` carrying the message and an ErrorInfo (reason, metadata)."""
     code = status_code_for(exc)
+    metadata: dict[str, str] = {}
     if isinstance(exc, AgentplexError):
-        message, reason = exc.message, exc.reason
+        message, reason, metadata = exc.message, exc.reason, exc.metadata
     elif code is grpc.StatusCode.UNAVAILABLE:
         message, reason = f"Redis is unavailable: {exc}", "REDIS_UNAVAILABLE"
     else:
         message, reason = "internal error; the server log has the details", "INTERNAL"
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
 
 
@@ -141,6 +150,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> AgentplexError:
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     reason = None
+    metadata: dict[str, str] = {}
     # Read the rich status from the trailer directly: grpc_status' helper only
     # accepts the sync API's grpc.Call, and AioRpcError is not one.
     trailers = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else ()
@@ -150,10 +160,11 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> AgentplexError:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
                     reason = info.reason
+                    metadata = dict(info.metadata)
     if code == grpc.StatusCode.INTERNAL and reason is None and _STREAM_RESET in (details or ""):
         # A proxy (the gateway) that lost the upstream after the response began
         # can only reset the stream, which gRPC reports as INTERNAL; it means a
         # lost connection, and a caller may retry it like one.
         return Unavailable(f"the connection was lost mid-call ({details})")
     exc_type = _EXCEPTION_FOR_CODE.get(code, AgentplexError)
-    return exc_type(details or code.name, reason=reason or code.name)
+    return exc_type(details or code.name, reason=reason or code.name, metadata=metadata)

@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
+from agentplex.runtime import audit
 from agentplex.runtime import loop as event_loop
 from agentplex.runtime.settings import Settings
 from agentplex.runtime.telemetry import configure_logging, configure_tracing_from
@@ -116,6 +117,8 @@ def run_process(
         args.metrics_port = settings.metrics_port
     process = name(args) if callable(name) else name
     configure_logging(process, settings.log_level)
+    if settings.audit_log_file is not None:
+        audit.write_to(settings.audit_log_file, process)
     configure_tracing_from(process, settings)
 
     async def main() -> None:

@@ -32,7 +32,7 @@ from agentplex.runtime.advertise import advertised_host, join
 from agentplex.runtime.clients import Keepalive
 from agentplex.runtime.interceptors import EdgeInterceptor
 from agentplex.runtime.metrics import MetricsEndpoint
-from agentplex.runtime.peer_auth import CallerTable, PeerAuthorization
+from agentplex.runtime.peer_auth import Access, CallAuthorization
 from agentplex.runtime.process import Endpoint, quick_stop_requested, stop_each
 from agentplex.runtime.process import write_ready_file as write_ready_file  # still importable here
 from agentplex.runtime.settings import Settings
@@ -171,11 +171,17 @@ class ServiceHost:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Run once serving, with the bound endpoint (e.g. to announce it to the registry).
     on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = ()
-    # mTLS when set; then only identities `callers` allows for a service may call it
-    # (agentplex.contract.callers.CALLERS; none given: health and reflection only).
+    # mTLS when set; then only identities `access.callers` allows for a service may
+    # call it. Principals and scopes are checked either way (agentplex.contract.callers
+    # .ACCESS; none given: health and reflection only, and no principal may be asserted).
     tls: TlsFiles | None = None
-    callers: CallerTable | None = None
+    access: Access = field(default_factory=Access)
+    # A plaintext listener serving grpc.health.v1 only, for probes that cannot present a
+    # certificate (the kubelet's gRPC probes); None: none. It tells no more than a probe
+    # needs: the same statuses, no services, no reflection.
+    health_port: int | None = None
     _server: grpc.aio.Server | None = field(default=None, init=False)
+    _health_server: grpc.aio.Server | None = field(default=None, init=False)
     _health: health_aio.HealthServicer | None = field(default=None, init=False)
     _service_names: Sequence[str] = field(default=(), init=False)
     _watch: asyncio.Task[None] | None = field(default=None, init=False)
@@ -196,7 +202,7 @@ class ServiceHost:
         dependency_checks: Sequence[DependencyCheck] = (),
         on_start: Sequence[Callable[[Endpoint], Awaitable[None]]] = (),
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
-        callers: CallerTable | None = None,
+        access: Access | None = None,
     ) -> ServiceHost:
         """A host listening where settings say, with their health interval, grace and
         mesh TLS files."""
@@ -215,7 +221,8 @@ class ServiceHost:
             on_start=on_start,
             on_stop=on_stop,
             tls=TlsFiles.from_settings(settings),
-            callers=callers,
+            access=access or Access(),
+            health_port=settings.health_port,
         )
 
     async def start(self) -> Endpoint:
@@ -224,10 +231,12 @@ class ServiceHost:
             if self.metrics_port is not None:
                 self._metrics = MetricsEndpoint(self.host, self.metrics_port)
             mesh_tls = await self.tls.load() if self.tls is not None else None
-            interceptors: list[grpc.aio.ServerInterceptor] = [ServerTracing(), EdgeInterceptor()]
-            if mesh_tls is not None:
-                # Innermost: a refusal is traced and counted like any other status.
-                interceptors.append(PeerAuthorization(self.callers or {}))
+            # Innermost: a refusal is traced and counted like any other status.
+            interceptors: list[grpc.aio.ServerInterceptor] = [
+                ServerTracing(),
+                EdgeInterceptor(),
+                CallAuthorization(self.access, mtls=mesh_tls is not None),
+            ]
             # No SO_REUSEPORT: a second mesh on the same port must fail, not share it.
             server = grpc.aio.server(
                 interceptors=interceptors,
@@ -254,6 +263,8 @@ class ServiceHost:
                 raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
             self._server = server
             await server.start()
+            if self.health_port is not None:
+                await self._serve_plain_health(self._health)
             metrics_port = self._metrics.port if self._metrics else None
             advertised = await advertised_host(self.host, self.advertise_host)
             endpoint = Endpoint(address=join(advertised, bound), metrics_port=metrics_port)
@@ -274,6 +285,18 @@ class ServiceHost:
             },
         )
         return endpoint
+
+    async def _serve_plain_health(self, health: health_aio.HealthServicer) -> None:
+        assert self.health_port is not None
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        address = join(self.host, self.health_port)
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"{self.name}: cannot listen on {address} for health") from exc
+        self._health_server = server
+        await server.start()
 
     async def _dependencies_ok(self) -> bool:
         for check in self.dependency_checks:
@@ -363,8 +386,11 @@ class ServiceHost:
             await asyncio.sleep(left)
 
     async def _stop_server(self) -> None:
+        # Health answers (NOT_SERVING) until the server it speaks for has stopped.
         if self._server is not None:
             await self._server.stop(self.grace_seconds)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
     async def _close_metrics(self) -> None:
         metrics, self._metrics = self._metrics, None

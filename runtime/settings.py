@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agentplex.runtime.principal import TENANT_PATTERN
+
 ENV_PREFIX = "AGENTPLEX_"
 # json_schema_extra key of a field that also honours a standard variable (REDIS_URL).
 STANDARD_VARIABLE = "standard_variable"
@@ -59,6 +61,14 @@ class SharedSection(Section):
         le=65535,
         description="Port of the part's Prometheus `/metrics` (`--metrics-port` wins; 0 is any "
         "free port).",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="A plaintext port serving grpc.health.v1 only (no services, no reflection), "
+        "for probes that cannot present a mesh certificate: the kubelet's gRPC probes when mTLS "
+        "is on. Unset: none.",
     )
     advertise_host: str | None = Field(
         default=None,
@@ -120,6 +130,11 @@ class SharedSection(Section):
     )
     log_level: str = Field(
         default="INFO", description="Level of the JSON log lines every process writes to stderr."
+    )
+    audit_log_file: Path | None = Field(
+        default=None,
+        description="append the audit trail (admin actions, refused requests) as JSON lines to "
+        "this file",
     )
     trace_exporter: Literal["none", "console", "otlp"] = Field(
         default="none",
@@ -310,6 +325,46 @@ class AgentsSection(Section):
         gt=0,
         description="Deadline applied to a task whose caller set none (every RPC has one).",
     )
+    tenant_token_quota: int = Field(
+        default=0,
+        ge=0,
+        description="Model tokens (prompt and completion, summaries included) each tenant's "
+        "tasks may spend per `tenant_token_quota_period_seconds`, across every agent sharing "
+        "this Redis and key prefix; 0 is unlimited. Checked before each model call: once a "
+        "tenant's use reaches it, its tasks fail with RESOURCE_EXHAUSTED (QUOTA_EXHAUSTED) "
+        "naming when the period resets. A call already running finishes, so use may pass the "
+        "quota by what the tenant's calls in flight spend. The mesh acting for itself (no "
+        "tenant) is never limited by this, only by a `default` entry in `tenant_token_quotas`.",
+    )
+    tenant_token_quota_period_seconds: int = Field(
+        default=24 * 3600,
+        ge=1,
+        le=366 * 24 * 3600,
+        description="Length of a token-quota period. Periods are fixed windows aligned to the "
+        "Unix epoch (a day's starts at 00:00 UTC), and every tenant's use starts again at 0 "
+        "when one begins.",
+    )
+    tenant_token_quotas: dict[str, int] = Field(
+        default={},
+        description="Per-tenant quotas that replace `tenant_token_quota`, as JSON: "
+        '`{"acme": 2000000, "internal": 0}` (0: unlimited). A `default` entry also limits the '
+        "mesh acting for itself.",
+    )
+
+    @field_validator("tenant_token_quotas")
+    @classmethod
+    def _tenant_quotas_are_valid(cls, value: dict[str, int]) -> dict[str, int]:
+        """Refused at start, not at the first model call: a misspelt tenant name would
+        otherwise leave that tenant quietly on the mesh-wide quota."""
+        for tenant, tokens in value.items():
+            if not TENANT_PATTERN.fullmatch(tenant):
+                raise ValueError(
+                    f"{tenant[:70]!r} is not a tenant name (1-64 letters, digits and ._-, "
+                    "starting with a letter or digit)"
+                )
+            if tokens < 0:
+                raise ValueError(f"the quota of {tenant!r} is {tokens}; it must be ≥ 0")
+        return value
 
 
 class TasksSection(Section):
@@ -419,6 +474,20 @@ class GatewaySection(Section):
     )
     gateway_rate_limit_burst: int = Field(
         default=2000, ge=1, description="Requests the gateway admits at once (token bucket size)."
+    )
+    gateway_tenant_rate_limit_per_second: int = Field(
+        default=100,
+        ge=0,
+        description="With `gateway_auth` `jwt`: requests per second the gateway admits for one "
+        "tenant (the token's `tenant` claim; token refill), within the gateway-wide limit. "
+        "Over it a tenant's calls get RESOURCE_EXHAUSTED (429 over JSON) while other tenants' "
+        "pass. Each Envoy keeps its own buckets. 0: no per-tenant limit.",
+    )
+    gateway_tenant_rate_limit_burst: int = Field(
+        default=200,
+        ge=0,
+        description="With `gateway_auth` `jwt`: requests one tenant may make at once (its token "
+        "bucket size); 0: `gateway_tenant_rate_limit_per_second`.",
     )
     gateway_unary_timeout_seconds: float = Field(
         default=330.0, gt=0, description="Deadline of a unary call at the edge."

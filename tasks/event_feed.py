@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,11 @@ class EventFeed:
         stream.subscribers.add(subscription)
         self._wanted.set()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_forever(), name="event-feed")
+            # Its own, empty context: it serves every watcher, not the first one's
+            # principal or trace.
+            self._reader = asyncio.create_task(
+                self._read_forever(), name="event-feed", context=contextvars.Context()
+            )
         elif self._not_covered(key):
             self._interrupt()
         return subscription

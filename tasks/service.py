@@ -7,6 +7,7 @@ happens in the workers.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,8 @@ from opentelemetry import propagate
 from agentplex.contract import lineage
 from agentplex.contract.events import is_final
 from agentplex.contract.reasons import Reason
-from agentplex.contract.task_request import TaskRequest
+from agentplex.contract.task_request import TASK_ID_PATTERN, TaskRequest
+from agentplex.runtime import principal as principals
 from agentplex.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from agentplex.tasks.event_feed import EventFeed, Lagged
 from agentplex.tasks.store import (
@@ -26,6 +28,7 @@ from agentplex.tasks.store import (
     TaskStore,
     delegation_fingerprint,
     fingerprint,
+    record_id,
 )
 from agentplex.v1 import step_event_pb2, task_pb2
 
@@ -75,17 +78,21 @@ class TaskService:
         )
         if spec.HasField("deadline"):
             normalized.deadline.CopyFrom(spec.deadline)
-        # The queue breaks the gRPC call chain; the trace continues through the record.
+        # The queue breaks the gRPC call chain; the trace continues through the record,
+        # and so does the principal: the task runs for whoever submitted it.
         propagate.inject(normalized.trace_context)
-        created = await self._store.submit(normalized, fp, same_delegation)
-        return await self._store.get(normalized.task_id), created
+        created = await self._store.submit(
+            normalized, fp, same_delegation, principals.as_proto(principals.current())
+        )
+        return await self._store.get(record_id(normalized.task_id)), created
 
     async def get(self, task_id: str) -> task_pb2.Task:
         _check_id(task_id)
-        return await self._store.get(task_id)
+        return await self._store.get(record_id(task_id))
 
-    async def cancel(self, task_id: str) -> task_pb2.Task:
-        _check_id(task_id)
+    async def cancel(self, public_id: str) -> task_pb2.Task:
+        _check_id(public_id)
+        task_id = record_id(public_id)  # another tenant's task is simply not found
         for _ in range(10):
             task = await self._store.get(task_id)
             if task.status in TERMINAL:
@@ -100,6 +107,7 @@ class TaskService:
         return await self._store.get(task_id)
 
     async def _cancel_pending(self, task: task_pb2.Task) -> bool:
+        """`task` as `get` returned it: its public id; the store is asked by record id."""
         result = task_pb2.TaskResult(
             task_id=task.task_id,
             status=task_pb2.TASK_STATUS_CANCELLED,
@@ -114,12 +122,14 @@ class TaskService:
         )
         event.time.GetCurrentTime()
         try:
-            return await self._store.finish(task.task_id, None, result, event, only_if_pending=True)
+            return await self._store.finish(
+                record_id(task.task_id), None, result, event, only_if_pending=True
+            )
         except StaleAttempt:
             return False
 
     async def watch(
-        self, task_id: str, after_sequence: int, *, final_only: bool = False
+        self, public_id: str, after_sequence: int, *, final_only: bool = False
     ) -> AsyncIterator[step_event_pb2.StepEvent]:
         """Events after `after_sequence`, then live ones until the task's final event;
         with `final_only`, just the final event (the history is never read).
@@ -127,7 +137,8 @@ class TaskService:
         Live events come through the process's one `EventFeed` reader, not a
         blocking read of this watcher's own: the events up to where the feed
         took over are read here (`read_events`), the rest arrive from it."""
-        _check_id(task_id)
+        _check_id(public_id)
+        task_id = record_id(public_id)
         task = await self._store.get(task_id)
         if after_sequence > task.last_sequence:
             raise InvalidArgument(
@@ -139,14 +150,14 @@ class TaskService:
         if final_only and task.status in TERMINAL:
             last = await self._store.last_event(task_id)
             if last is None:
-                raise _expired(task_id, task.last_sequence + 1, available=False)
+                raise _expired(public_id, task.last_sequence + 1, available=False)
             yield last
             return
         if after_sequence < task.last_sequence and not final_only:
             first = await self._store.first_event_sequence(task_id)
             first_seq = task.last_sequence + 1 if first is None else first
             if first_seq > after_sequence + 1:
-                raise _expired(task_id, first_seq, available=first is not None)
+                raise _expired(public_id, first_seq, available=first is not None)
         # A final-only watch starts at the task's last event: its end comes after it.
         cursor = task.last_sequence if final_only else after_sequence
         while True:  # once per subscription: again only after falling behind the feed
@@ -163,7 +174,7 @@ class TaskService:
                         events = await subscription.next(timeout=WATCH_BLOCK_MS / 1000)
                         if not events and not await self._store.exists(task_id):
                             raise NotFound(
-                                f"task {task_id!r} expired while being watched",
+                                f"task {public_id!r} expired while being watched",
                                 reason=Reason.TASK_NOT_FOUND,
                             )
                     for event in events:
@@ -193,3 +204,7 @@ def _expired(task_id: str, first_seq: int, *, available: bool) -> OutOfRange:
 def _check_id(task_id: str) -> None:
     if not task_id:
         raise InvalidArgument("task_id is required")
+    if not re.fullmatch(TASK_ID_PATTERN, task_id):
+        raise InvalidArgument(
+            f"task_id {task_id[:80]!r} is not a task id (1-64 letters, digits and ._-)"
+        )

@@ -14,6 +14,10 @@ Per agent `a` and task `t` (all keys under the configured prefix):
 - `queue:a:reconciler` — whose turn it is to reconcile (a lock with expiry);
 - `queue:a:dead` — dead-letter stream of tasks that kept killing workers.
 
+A task of a tenant other than the default lives under that tenant's prefix
+(`prefix@tenant:task:a:t`) and is queued under its record id `tenant/t`
+(`record_id`): the queue is the agent's, the records are the tenants'.
+
 Every transition is one Lua script, so it is atomic, and every write a worker
 makes carries its attempt number: a stale attempt (a worker that stalled past
 its lease while another took over) is refused.
@@ -41,14 +45,18 @@ from redis.exceptions import ResponseError
 from redis.typing import StreamRangeResponse, XReadGroupResponse, XReadResponse
 
 from agentplex.contract.reasons import Reason
+from agentplex.runtime import principal as principals
 from agentplex.runtime.errors import FailedPrecondition, NotFound, ResourceExhausted
+from agentplex.runtime.principal import DEFAULT_TENANT, tenant_prefix
 from agentplex.runtime.redis_client import as_bytes, as_text
-from agentplex.v1 import step_event_pb2, task_pb2
+from agentplex.v1 import principal_pb2, step_event_pb2, task_pb2
 
 if TYPE_CHECKING:  # the feed imports this module's stream ids; only typing looks back
     from agentplex.tasks.event_feed import EventFeed, Subscription
 
 GROUP = "workers"
+# Between a tenant and its task id in a record id; in no tenant name or task id.
+TENANT_SEPARATOR = "/"
 
 PENDING = task_pb2.TASK_STATUS_PENDING
 RUNNING = task_pb2.TASK_STATUS_RUNNING
@@ -70,7 +78,8 @@ local depth = tonumber(redis.call('GET', KEYS[3]) or '0')
 if depth >= tonumber(ARGV[4]) then return {'full', tostring(depth)} end
 local entry = redis.call('XADD', KEYS[2], '*', 'task', ARGV[5])
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', ARGV[2], 'status', ARGV[6], 'attempt', 0,
-  'seq', 0, 'cancel', 0, 'created_ms', ARGV[3], 'entry', entry, 'delegation', ARGV[7])
+  'seq', 0, 'cancel', 0, 'created_ms', ARGV[3], 'entry', entry, 'delegation', ARGV[7],
+  'principal', ARGV[8])
 redis.call('INCR', KEYS[3])
 redis.call('SADD', KEYS[4], ARGV[5])
 return {'created'}
@@ -102,7 +111,8 @@ if redis.call('HEXISTS', KEYS[1], 'started_ms') == 0 then
   redis.call('HSET', KEYS[1], 'started_ms', ARGV[2])
 end
 return {'run', tostring(attempt), redis.call('HGET', KEYS[1], 'seq'),
-  redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel')}
+  redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel'),
+  redis.call('HGET', KEYS[1], 'principal') or ''}
 """
 )
 
@@ -315,6 +325,22 @@ return status
 """
 
 
+def record_id(task_id: str, tenant: str | None = None) -> str:
+    """The id a task is stored and queued under: its own for the default tenant,
+    `tenant/task_id` for any other (the caller's, unless given). Two tenants may
+    choose the same task id; their tasks never meet — a submit, read, watch or
+    cancel in one tenant cannot find, conflict with or replay the other's."""
+    if TENANT_SEPARATOR in task_id:  # callers validate ids; never let one name a tenant
+        raise ValueError(f"a task id cannot contain {TENANT_SEPARATOR!r}: {task_id[:80]!r}")
+    tenant = principals.current().tenant if tenant is None else tenant
+    return task_id if tenant == DEFAULT_TENANT else f"{tenant}{TENANT_SEPARATOR}{task_id}"
+
+
+def public_task_id(task_id: str) -> str:
+    """The id the task's owner knows it by, from its record id."""
+    return task_id.rpartition(TENANT_SEPARATOR)[2]
+
+
 class StaleAttempt(Exception):
     """This worker's attempt was superseded (its lease expired and another took over)."""
 
@@ -325,6 +351,7 @@ class Started:
     last_sequence: int
     spec: task_pb2.TaskSpec
     cancel_requested: bool
+    principal: principal_pb2.Principal
 
 
 @dataclass(frozen=True)
@@ -514,7 +541,10 @@ class TaskStore:
         self._queue_gauges = redis.register_script(_QUEUE_GAUGES)
 
     def _task_key(self, task_id: str) -> str:
-        return f"{self._prefix}:task:{self.agent}:{task_id}"
+        """`task_id` is a record id (`record_id`): the tenant's key space, the task's id."""
+        tenant, _, public_id = task_id.rpartition(TENANT_SEPARATOR)
+        prefix = tenant_prefix(self._prefix, tenant or DEFAULT_TENANT)
+        return f"{prefix}:task:{self.agent}:{public_id}"
 
     def _events_key(self, task_id: str) -> str:
         return f"{self._task_key(task_id)}:events"
@@ -526,19 +556,30 @@ class TaskStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, spec: task_pb2.TaskSpec, fp: str, delegation: str = "") -> bool:
+    async def submit(
+        self,
+        spec: task_pb2.TaskSpec,
+        fp: str,
+        delegation: str = "",
+        owner: principal_pb2.Principal | None = None,
+    ) -> bool:
         """Record and queue a task atomically; False if it was already there: the
-        same request (`fp`), or the same delegation (`delegation`, if not empty)."""
+        same request (`fp`), or the same delegation (`delegation`, if not empty).
+        The task belongs to `owner`'s tenant (its record id says which) and runs
+        for `owner` (none: the mesh's)."""
+        owner = owner or principal_pb2.Principal()
+        task_id = record_id(spec.task_id, owner.tenant or DEFAULT_TENANT)
         outcome: list[bytes] = await self._submit(
-            keys=[self._task_key(spec.task_id), self._queue_key, self._depth_key, self._open_key],
+            keys=[self._task_key(task_id), self._queue_key, self._depth_key, self._open_key],
             args=[
                 spec.SerializeToString(),
                 fp,
                 now_ms(),
                 self._queue_limit,
-                spec.task_id,
+                task_id,
                 PENDING,
                 delegation,
+                owner.SerializeToString(),
             ],
         )
         verdict = outcome[0].decode()
@@ -560,13 +601,14 @@ class TaskStore:
         fields = await self._redis.hgetall(self._task_key(task_id))
         if not fields:
             raise NotFound(
-                f"task {task_id!r} is not known to agent {self.agent!r} "
+                f"task {public_task_id(task_id)!r} is not known to agent "
+                f"{self.agent!r} "
                 "(never submitted, or expired)",
                 reason=Reason.TASK_NOT_FOUND,
             )
         spec = task_pb2.TaskSpec.FromString(as_bytes(fields[b"spec"]))
         task = task_pb2.Task(
-            task_id=task_id,
+            task_id=spec.task_id,
             agent=self.agent,
             # The number of a TaskStatus (as the scripts stored it): the stubs' TaskStatus
             # is an int at run time, and no constructor makes one from a number.
@@ -581,6 +623,8 @@ class TaskStore:
             task.deadline.CopyFrom(spec.deadline)
         if b"result" in fields:
             task.result.ParseFromString(as_bytes(fields[b"result"]))
+        if fields.get(b"principal"):
+            task.principal.ParseFromString(as_bytes(fields[b"principal"]))
         for name, key in (
             ("created_at", b"created_ms"),
             ("started_at", b"started_ms"),
@@ -611,6 +655,7 @@ class TaskStore:
             last_sequence=int(outcome[2]),
             spec=task_pb2.TaskSpec.FromString(outcome[3]),
             cancel_requested=outcome[4] == b"1",
+            principal=principal_pb2.Principal.FromString(outcome[5]),
         )
 
     async def append_events(

@@ -37,11 +37,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentplex.contract.events import is_final
 from agentplex.contract.task_request import TaskRequest
+from agentplex.runtime import principal as principals
 from agentplex.runtime.clients import Deadline
 from agentplex.runtime.errors import AgentplexError, Unavailable
 from agentplex.tasks.events import EventWriter
 from agentplex.tasks.reconciler import Reconciler
-from agentplex.tasks.store import Claimed, StaleAttempt, Started, TaskStore
+from agentplex.tasks.store import (
+    Claimed,
+    StaleAttempt,
+    Started,
+    TaskStore,
+    public_task_id,
+)
 from agentplex.v1 import step_event_pb2, task_pb2
 
 log = logging.getLogger(__name__)
@@ -240,6 +247,9 @@ class Worker:
             current = asyncio.current_task()
             if current is not None and current in self._running:
                 self._running[current].attempt = started.attempt
+            # The task runs for whoever submitted it: its memory, tool calls and
+            # sub-tasks are that tenant's (this job is its own asyncio task).
+            principals.bind(principals.from_proto(started.principal))
             await self._run_attempt(task_id, started)
             tasks_outcome.labels(agent, "finished").inc()
         except StaleAttempt as exc:
@@ -408,10 +418,10 @@ class Worker:
             "stalls or unavailable dependencies); moved to the dead-letter queue"
         )
         result = task_pb2.TaskResult(
-            task_id=task_id, status=task_pb2.TASK_STATUS_FAILED, error=message
+            task_id=public_task_id(task_id), status=task_pb2.TASK_STATUS_FAILED, error=message
         )
         event = step_event_pb2.StepEvent(
-            task_id=task_id,
+            task_id=public_task_id(task_id),
             agent=self.store.agent,
             sequence=await self.store.last_sequence(task_id) + 1,
             error=step_event_pb2.TaskFailed(

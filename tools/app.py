@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from agentplex.clients.registry import RegistryClient
-from agentplex.contract.callers import CALLERS
+from agentplex.contract.access import ACCESS
 from agentplex.runtime import redis_client
 from agentplex.runtime.process import Endpoint, run_process
 from agentplex.runtime.server import ServiceHost
@@ -85,7 +85,7 @@ async def build_host(
         dependency_checks=[redis_client.answers(redis)],
         on_start=[publish],
         on_stop=[close],
-        callers=CALLERS,
+        access=ACCESS,
     )
 
 

@@ -20,6 +20,7 @@ import redis.exceptions
 
 from agentplex.contract.reasons import Reason, ToolErrorCode
 from agentplex.runtime.errors import NotFound, Unavailable
+from agentplex.runtime.principal import tenant_prefix
 from agentplex.tools.base import Tool, ToolContext, ToolFailure
 from agentplex.v1 import tool_executor_service_pb2 as pb
 from agentplex.v1 import tool_executor_service_pb2_grpc as pb_grpc
@@ -51,7 +52,9 @@ class ToolExecutorServicer(pb_grpc.ToolExecutorServiceServicer):
             session_id=caller.session_id,
             task_id=caller.task_id,
             redis=self._redis,
-            key_prefix=self._prefix,
+            # Every tool's data under the caller's tenant: one tenant's notes (or
+            # anything else a tool keeps) are invisible to every other.
+            key_prefix=tenant_prefix(self._prefix),
             idempotency_key=request.idempotency_key,
         )
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no type info
 import pytest
 import yaml
 
+from agentplex.contract import callers
 from agentplex.runtime.settings import Settings
+from agentplex.runtime.tls import spiffe_id
 
 Obj = dict[str, Any]
 
@@ -43,6 +46,7 @@ OPERATOR_SECRETS = (
     / "prod"
     / "operator-secrets.example.yaml"
 )
+CERT_MANAGER = OPERATOR_SECRETS.parents[2] / "components" / "cert-manager"
 IMAGE = "ghcr.io/agentplex/agentplex"
 NAMESPACE = "agentplex"
 AGENTS = ("assistant", "researcher", "supervisor")  # agents/specs/builtin.yaml
@@ -211,8 +215,14 @@ def stop_seconds(objs: Objects) -> float:
     return float(data["AGENTPLEX_DRAIN_SECONDS"]) + float(data["AGENTPLEX_GRACE_SECONDS"]) + 10
 
 
-def deployment_problems(deployment: Obj, stop: float) -> list[str]:
-    """What keeps one rendered Deployment from running the mesh safely."""
+def probe_port(objs: Objects) -> int:
+    """Where the gRPC parts' probes ask: the plaintext health port, with mTLS (prod)."""
+    return int(config_data(objs).get("AGENTPLEX_HEALTH_PORT", 50051))
+
+
+def deployment_problems(deployment: Obj, stop: float, probes: int = 50051) -> list[str]:
+    """What keeps one rendered Deployment from running the mesh safely (`probes`: the
+    gRPC health port its probes ask)."""
     name = deployment["metadata"]["name"]
     spec = pod_spec(deployment)
     problems: list[str] = []
@@ -254,7 +264,7 @@ def deployment_problems(deployment: Obj, stop: float) -> list[str]:
             if probe not in container:
                 problems.append(f"{where}: no {probe}")
         if agentplex and name != "gateway":
-            problems += grpc_probe_problems(container, where)
+            problems += grpc_probe_problems(container, where, probes)
             advertise = env_value(container, "AGENTPLEX_ADVERTISE_HOST") or {}
             if (
                 advertise.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
@@ -269,15 +279,15 @@ def deployment_problems(deployment: Obj, stop: float) -> list[str]:
     return problems
 
 
-def grpc_probe_problems(container: Obj, where: str) -> list[str]:
+def grpc_probe_problems(container: Obj, where: str, port: int = 50051) -> list[str]:
     """Readiness on grpc.health.v1 service "", liveness on service "liveness"."""
     ready = container.get("readinessProbe", {}).get("grpc", {})
     alive = container.get("livenessProbe", {}).get("grpc", {})
     problems = []
-    if ready.get("port") != 50051 or ready.get("service", "") != "":
-        problems.append(f"{where}: readiness is not grpc.health on 50051, service ''")
-    if alive.get("port") != 50051 or alive.get("service") != "liveness":
-        problems.append(f"{where}: liveness is not grpc.health on 50051, service 'liveness'")
+    if ready.get("port") != port or ready.get("service", "") != "":
+        problems.append(f"{where}: readiness is not grpc.health on {port}, service ''")
+    if alive.get("port") != port or alive.get("service") != "liveness":
+        problems.append(f"{where}: liveness is not grpc.health on {port}, service 'liveness'")
     return problems
 
 
@@ -291,7 +301,7 @@ def test_every_deployment_is_safe_to_run(rendered: Renderer, overlay: str) -> No
     problems = {
         name: found
         for name, deployment in objs.deployments().items()
-        if (found := deployment_problems(deployment, stop_seconds(objs)))
+        if (found := deployment_problems(deployment, stop_seconds(objs), probe_port(objs)))
     }
     assert problems == {}
 
@@ -323,6 +333,112 @@ def test_services_balance_per_pod(rendered: Renderer, overlay: str) -> None:
     assert gateway.get("type", "ClusterIP") == (
         "LoadBalancer" if overlay == "prod" else "ClusterIP"
     )
+
+
+# --- Service-to-service mTLS. -------------------------------------------------
+# Each pod's identity is its part (contract/callers.py); `cli` is the operators'.
+POD_IDENTITIES = set(callers.IDENTITIES) - {callers.CLI}
+TLS_FILES = {
+    "AGENTPLEX_TLS_CA_FILE": "ca.crt",
+    "AGENTPLEX_TLS_CERT_FILE": "tls.crt",
+    "AGENTPLEX_TLS_KEY_FILE": "tls.key",
+}
+# Envoy reads its certificate from these paths (the control plane names them to it).
+GATEWAY_TLS_FILES = {
+    "AGENTPLEX_TLS_GATEWAY_CERT_FILE": "tls.crt",
+    "AGENTPLEX_TLS_GATEWAY_KEY_FILE": "tls.key",
+}
+# cert-manager.io/v1 Certificate: the spec fields used here, of those its CRD defines.
+CERTIFICATE_SPEC_FIELDS = {
+    "secretName",
+    "commonName",
+    "dnsNames",
+    "uris",
+    "usages",
+    "privateKey",
+    "duration",
+    "renewBefore",
+    "issuerRef",
+}
+
+
+def tls_problems(deployment: Obj) -> list[str]:
+    """Unless the Deployment mounts its identity's Secret read-only and points the
+    AGENTPLEX_TLS_* settings at its files, what is missing."""
+    identity = deployment["spec"]["template"]["metadata"]["labels"]["agentplex.io/part"]
+    if identity not in POD_IDENTITIES:
+        return [f"{identity} is not a mesh identity"]
+    secret = f"agentplex-tls-{identity}"
+    volumes = [
+        v["name"]
+        for v in pod_spec(deployment)["volumes"]
+        if v.get("secret", {}).get("secretName") == secret
+    ]
+    problems = [] if volumes else [f"no volume of Secret {secret}"]
+    wanted = {**TLS_FILES, **(GATEWAY_TLS_FILES if identity.startswith("gateway") else {})}
+    for container in containers(deployment):
+        mounts = [
+            m["mountPath"]
+            for m in container.get("volumeMounts", [])
+            if m["name"] in volumes and m.get("readOnly") is True
+        ]
+        if len(mounts) != 1:
+            problems.append(f"{container['name']}: {secret} is not mounted read-only once")
+            continue
+        for name, file in wanted.items():
+            if (env_value(container, name) or {}).get("value") != f"{mounts[0]}/{file}":
+                problems.append(f"{container['name']}: {name} is not {mounts[0]}/{file}")
+    return problems
+
+
+def test_prod_runs_every_part_with_mtls_and_dev_in_plaintext(rendered: Renderer) -> None:
+    prod = rendered("prod").deployments()
+    assert {name: tls_problems(d) for name, d in prod.items() if tls_problems(d)} == {}
+    identities = {
+        d["spec"]["template"]["metadata"]["labels"]["agentplex.io/part"] for d in prod.values()
+    }
+    assert identities == POD_IDENTITIES
+    # The check catches a missing variable; dev (one node, development only) has none.
+    memory = prod["memory"]
+    containers(memory)[0]["env"] = [
+        e for e in containers(memory)[0]["env"] if e["name"] != "AGENTPLEX_TLS_KEY_FILE"
+    ]
+    assert tls_problems(memory) == [
+        "agentplex: AGENTPLEX_TLS_KEY_FILE is not /etc/agentplex/tls/tls.key"
+    ]
+    assert not {n for n in env_names(rendered("dev")) if n.startswith("AGENTPLEX_TLS_")}
+
+
+def test_the_cert_manager_component_issues_each_identity_s_certificate(
+    rendered: Renderer, tmp_path: Path
+) -> None:
+    component = os.path.relpath(CERT_MANAGER, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"components: [{component}]\n")
+    certificates = rendered.render(tmp_path)
+    mounted = {
+        volume["secret"]["secretName"]
+        for deployment in rendered("prod").deployments().values()
+        for volume in pod_spec(deployment)["volumes"]
+        if volume["name"] == "tls"
+    }
+    assert {c["spec"]["secretName"] for c in certificates} == mounted
+    for certificate in certificates:
+        assert (certificate["apiVersion"], certificate["kind"]) == (
+            "cert-manager.io/v1",
+            "Certificate",
+        )
+        assert certificate["metadata"]["namespace"] == NAMESPACE
+        spec = certificate["spec"]
+        identity = spec["secretName"].removeprefix("agentplex-tls-")
+        assert set(spec) <= CERTIFICATE_SPEC_FIELDS
+        assert spec["uris"] == [spiffe_id(identity)]
+        assert spec["dnsNames"] == [identity]
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        assert spec["issuerRef"] == {
+            "group": "cert-manager.io",
+            "kind": "Issuer",
+            "name": "agentplex-mesh-ca",
+        }
 
 
 # --- Settings and references. --------------------------------------------------

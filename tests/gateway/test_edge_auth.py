@@ -36,6 +36,7 @@ from agentplex.gateway import envoy, resources, tokens
 from agentplex.gateway.app import read_jwks
 from agentplex.gateway.resources import Directory, GatewayOptions, HostPort, JwtOptions
 from agentplex.gateway.settings import GatewaySettings
+from agentplex.runtime import principal
 from agentplex.runtime.settings import Settings
 from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc
@@ -229,7 +230,7 @@ def test_without_auth_there_is_no_token_check_but_forged_principals_still_go() -
     mutation = strip.typed_config.unpack()
     assert isinstance(mutation, HeaderMutation)
     removed = {m.remove for m in mutation.mutations}
-    assert removed == set(resources.PRINCIPAL_HEADERS.values())
+    assert removed == set(principal.HEADERS)
     assert resources.AGENT_HEADER not in removed  # the routing header is the caller's
 
 
@@ -393,7 +394,13 @@ def _bad_tokens(key: tokens.SigningKey) -> dict[str, tuple[str | None, str]]:
 
 def _valid(key: tokens.SigningKey) -> str:
     token = tokens.mint(
-        key, issuer=ISSUER, audience=AUDIENCE, subject="ada", tenant="acme", scopes=["tasks:run"]
+        key,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        subject="ada",
+        tenant="acme",
+        # The calls below read the agent's card (contract/scopes.py).
+        scopes=["tasks:run", "agents:read"],
     )
     return f"Bearer {token}"
 

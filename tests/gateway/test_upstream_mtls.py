@@ -13,10 +13,13 @@ import grpc
 import httpx
 import pytest
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
+from grpc_health.v1 import health_pb2
 
 from agentplex.contract import agent_tool, callers
+from agentplex.contract.access import ACCESS
 from agentplex.gateway.app import ControlPlaneServer
 from agentplex.gateway.bootstrap import BootstrapOptions
+from agentplex.gateway.edge import options_from
 from agentplex.gateway.envoy import EnvoyProcess
 from agentplex.gateway.resources import (
     AGENT_CLUSTER_PREFIX,
@@ -29,8 +32,9 @@ from agentplex.gateway.resources import (
     build,
 )
 from agentplex.gateway.settings import GatewaySettings
+from agentplex.mesh.redis_process import free_port
 from agentplex.registry import app as registry_app
-from agentplex.runtime.clients import open_channel
+from agentplex.runtime.clients import health_status, open_channel
 from agentplex.runtime.peer_auth import peer_identity
 from agentplex.runtime.server import ServiceHost
 from agentplex.runtime.settings import Settings
@@ -46,6 +50,7 @@ from agentplex.v1 import (
 )
 
 Eventually = Callable[..., Awaitable[None]]
+SERVING = health_pb2.HealthCheckResponse.SERVING
 CardContext = grpc.aio.ServicerContext[pb.GetAgentCardRequest, pb.GetAgentCardResponse]
 
 
@@ -80,14 +85,14 @@ async def mtls_mesh(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[P
     registry_host = await registry_app.build_host(
         with_tls(settings, TlsFiles.for_identity(pki, "registry")), metrics_port=None
     )
-    registry_host.callers = callers.CALLERS
+    registry_host.access = ACCESS
     agent_host = ServiceHost(
         name="who",
         register=register_who,
         metrics_port=None,
         grace_seconds=0.5,
         tls=TlsFiles.for_identity(pki, "agent"),
-        callers=callers.CALLERS,
+        access=ACCESS,
     )
     async with contextlib.AsyncExitStack() as stack:
         registry = (await registry_host.start()).address
@@ -224,3 +229,114 @@ def test_clusters_check_each_upstream_s_identity() -> None:
         assert certificate.certificate_chain is not None
         assert certificate.certificate_chain.filename == "/m/gw.pem"
         assert common.alpn_protocols == ["h2"]
+
+
+async def test_envoy_boots_from_a_control_plane_that_serves_xds_over_mtls(
+    settings: Settings, mtls_mesh: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """The xDS port serves mTLS and answers only Envoy's identity; probes without a
+    certificate get the plaintext health port, which serves nothing else."""
+    pki, registry, _ = mtls_mesh
+    gateway_files = TlsFiles.for_identity(pki, "gateway")
+    control_files = TlsFiles.for_identity(pki, "gateway-control-plane")
+    control_plane = ControlPlaneServer(
+        with_tls(
+            settings,
+            control_files,
+            registry_address=registry,
+            tls_gateway_cert_file=gateway_files.cert,
+            tls_gateway_key_file=gateway_files.key,
+        ),
+        GatewaySettings(listen_port=0, directory_poll_seconds=0.1, default_agent="who"),
+        mesh_tls=await control_files.load(),
+        xds_tls=control_files,
+        health_port=free_port(),
+    )
+    await control_plane.start()
+    xds_tls = UpstreamTls(
+        ca_file=str(gateway_files.ca),
+        cert_file=str(gateway_files.cert),
+        key_file=str(gateway_files.key),
+    )
+    envoy = EnvoyProcess(
+        BootstrapOptions(HostPort.parse(control_plane.address), admin_port=0, xds_tls=xds_tls),
+        work_dir=tmp_path / "envoy",
+        log_path=tmp_path / "envoy" / "envoy.log",
+    )
+    try:
+        await envoy.start()
+        # LDS answered over mTLS: the listener exists only in what the control plane sent.
+        await envoy.listener(timeout=20)
+
+        # Another mesh identity completes the handshake, gets health, and nothing else.
+        cli = await TlsFiles.for_identity(pki, "cli").load()
+        async with open_channel(
+            control_plane.address, tls=cli, server_identity="gateway-control-plane"
+        ) as channel:
+            assert await health_status(channel, timeout=5) == SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await ads(channel)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # No certificate: no handshake on the xDS port; the health port answers.
+        host, _, _ = control_plane.address.rpartition(":")
+        async with grpc.aio.insecure_channel(control_plane.address) as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_status(plain, timeout=2)
+        async with grpc.aio.insecure_channel(f"{host}:{control_plane.health_port}") as probe:
+            assert await health_status(probe, timeout=5) == SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await ads(probe)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await envoy.stop()
+        await control_plane.stop()
+
+
+async def ads(channel: grpc.aio.Channel) -> None:
+    """One call of ADS's method: refused on its headers, before any message is read."""
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    )
+    await method(b"", timeout=5)
+
+
+async def test_a_service_serves_plaintext_health_beside_mtls(tmp_path: Path) -> None:
+    create_mesh_pki(tmp_path, ["agent"])
+    host = ServiceHost(
+        name="who",
+        register=register_who,
+        metrics_port=None,
+        grace_seconds=0.5,
+        tls=TlsFiles.for_identity(tmp_path, "agent"),
+        access=ACCESS,
+        health_port=free_port(),
+    )
+    async with (
+        host as endpoint,
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.health_port}") as probe,
+    ):
+        assert await health_status(probe, timeout=5) == SERVING
+        # Only health: the agent's service is not on the plaintext port.
+        agents = agent_service_pb2_grpc.AgentServiceStub(probe)
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await agents.GetAgentCard(pb.GetAgentCardRequest(), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(endpoint.address) as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_status(plain, timeout=2)
+
+
+def test_envoy_uses_mtls_to_a_control_plane_off_loopback(
+    settings: Settings, tmp_path: Path
+) -> None:
+    create_mesh_pki(tmp_path, ["gateway"])
+    files = TlsFiles.for_identity(tmp_path, "gateway")
+    mesh = with_tls(settings, files)
+    remote = options_from(
+        GatewaySettings(control_plane_address="gateway-control-plane:50051"), mesh
+    )
+    assert remote.xds_tls == UpstreamTls(str(files.ca), str(files.cert), str(files.key))
+    # `agentplex up`: the control plane on loopback serves plaintext; so does no mTLS.
+    local = GatewaySettings(control_plane_address="127.0.0.1:50051")
+    assert options_from(local, mesh).xds_tls is None
+    assert options_from(GatewaySettings(control_plane_address="cp:50051"), settings).xds_tls is None

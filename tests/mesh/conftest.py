@@ -21,9 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def mesh_up(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Callable[..., AbstractContextManager[tuple[Path, subprocess.Popen[str]]]]:
-    """`with mesh_up("--auth") as (state_file, process):` `agentplex up --ephemeral-ports`
+    """`with mesh_up("--no-auth") as (state_file, process):` `agentplex up --ephemeral-ports`
     and the flags, in a directory of its own with the default (relative) state file, as
-    a newcomer runs it; stopped with SIGTERM afterwards."""
+    a newcomer runs it; stopped with SIGTERM afterwards. Without flags the mesh has the
+    defaults: tokens at the gateway, mTLS between the parts."""
 
     @contextlib.contextmanager
     def up(*flags: str) -> Iterator[tuple[Path, subprocess.Popen[str]]]:

@@ -461,3 +461,52 @@ def test_no_color_follows_the_standards_rule(plain_env) -> None:
     for value, expected in (("1", True), ("0", True), ("false", True), ("", False)):
         plain_env.setenv("NO_COLOR", value)
         assert Settings().no_color is expected, value
+
+
+# Secure by default -----------------------------------------------------------------------
+
+
+def test_up_turns_auth_and_mtls_on_unless_told_otherwise() -> None:
+    parse = cli.build_parser().parse_args
+    assert (parse(["up"]).auth, parse(["up"]).mtls) == (True, True)
+    off = parse(["up", "--no-auth", "--no-mtls"])
+    assert (off.auth, off.mtls) == (False, False)
+    assert (parse(["up", "--auth", "--mtls"]).auth, parse(["up", "--mtls"]).mtls) == (True, True)
+
+
+def test_no_auth_beyond_loopback_is_refused_before_anything_starts(
+    plain_env, capsys, tmp_path: Path
+) -> None:
+    plain_env.setenv("AGENTPLEX_GATEWAY_LISTEN_HOST", "0.0.0.0")
+    state_file = tmp_path / ".agentplex" / "mesh.json"
+    assert run_cli(state_file, "up", "--no-auth") == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agentplex: --no-auth is for loopback only") and "0.0.0.0" in err
+    assert len(err.splitlines()) == 1
+    assert not state_file.parent.exists()
+
+
+def test_token_grants_the_default_scopes_and_admin_on_request(
+    plain_env, capsys, tmp_path: Path
+) -> None:
+    from agentplex.contract import scopes
+    from agentplex.mesh import dev_auth
+
+    issuer = dev_auth.ensure_issuer(tmp_path / "auth")
+    state_file = tmp_path / "mesh.json"
+    state_file.write_text(json.dumps({"auth": issuer.state()}))
+    assert run_cli(state_file, "token", "--tenant", "acme", "--json") == 0
+    minted = json.loads(capsys.readouterr().out)
+    assert minted["scopes"] == list(scopes.DEFAULT_SCOPES)
+    assert run_cli(state_file, "token", "--tenant", "acme", "--admin", "--json") == 0
+    admin = json.loads(capsys.readouterr().out)
+    assert admin["scopes"] == [*scopes.DEFAULT_SCOPES, *scopes.ADMIN_SCOPES]
+    assert {"tools:admin", "memory:admin", "mesh:admin"} <= set(admin["scopes"])
+    assert admin["tenant"] == "acme" and admin["subject"] == "dev"
+
+
+def test_token_on_a_mesh_without_auth_says_so(plain_env, capsys, tmp_path: Path) -> None:
+    state_file = tmp_path / "mesh.json"
+    state_file.write_text(json.dumps({"assistant": "127.0.0.1:1"}))
+    assert run_cli(state_file, "token", "--tenant", "acme") == cli.EXIT_USAGE
+    assert "checks no tokens" in capsys.readouterr().err

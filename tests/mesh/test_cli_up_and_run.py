@@ -1,9 +1,12 @@
-"""The newcomer's path, for real: `agentplex up` as a process, then `agentplex run`,
-`agentplex tools list` and grpcurl against the addresses in the state file."""
+"""The newcomer's path, for real: `agentplex up` as a process, with its defaults (tokens
+at the gateway, mTLS inside), then `agentplex run`, `agentplex tools list` (no token:
+the CLI is the operator) and grpcurl and curl against the addresses in the state file,
+the README's gateway commands among them."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def agentplex(
@@ -45,10 +50,25 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def running_mesh(mesh_up) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    # With the gateway checking tokens: the CLI calls the agents directly, callers of
-    # the gateway present a token from `agentplex token`.
-    with mesh_up("--auth") as mesh:
+    # The defaults: the gateway checks tokens and the parts talk mTLS. The CLI calls the
+    # agents directly with the mesh's cli certificate; callers of the gateway present a
+    # token from `agentplex token`.
+    with mesh_up() as mesh:
         yield mesh
+
+
+def grpcurl_binary() -> str:
+    return shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+
+
+def cli_tls_flags(state: dict[str, object]) -> list[str]:
+    """grpcurl's flags for the mesh's `cli` certificate, as the README shows them."""
+    pki = Path(str(state["pki"]))
+    return [
+        *("-cacert", str(pki / "ca.pem")),
+        *("-cert", str(pki / "cli.pem")),
+        *("-key", str(pki / "cli-key.pem")),
+    ]
 
 
 def test_state_file_names_every_part(running_mesh) -> None:
@@ -176,11 +196,12 @@ def test_errors_are_one_readable_line(running_mesh, tmp_path: Path) -> None:
 
 
 def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:
+    """Service by service, over mTLS with the cli certificate (README)."""
     state_file, _ = running_mesh
-    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    grpcurl = grpcurl_binary()
     state = json.loads(state_file.read_text())
     listed = subprocess.run(
-        [grpcurl, "-plaintext", state["assistant"], "list"],
+        [grpcurl, *cli_tls_flags(state), state["assistant"], "list"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -190,12 +211,19 @@ def test_grpcurl_lists_services_health_and_reflection(running_mesh) -> None:
     assert {"agentplex.v1.AgentService", "grpc.health.v1.Health"} <= services
     assert any(s.startswith("grpc.reflection.") for s in services)
     health = subprocess.run(
-        [grpcurl, "-plaintext", state["registry"], "grpc.health.v1.Health/Check"],
+        [grpcurl, *cli_tls_flags(state), state["registry"], "grpc.health.v1.Health/Check"],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert '"status": "SERVING"' in health.stdout
+    plaintext = subprocess.run(
+        [grpcurl, "-plaintext", state["registry"], "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert plaintext.returncode != 0  # mTLS by default: no plaintext callers
 
 
 def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:
@@ -209,7 +237,7 @@ def test_the_gateway_runs_a_task_for_grpcurl_and_curl(running_mesh) -> None:
     assert minted.returncode == 0, minted.stderr
     token = json.loads(minted.stdout)["token"]
     bearer = f"authorization: Bearer {token}"
-    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    grpcurl = grpcurl_binary()
 
     def stream(*headers: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -311,13 +339,20 @@ def test_a_callers_trace_reaches_the_worker_log_with_no_exporter(running_mesh) -
     the gRPC hop (header only) and the queue, into the worker's log line."""
     import grpc
 
+    from agentplex.contract import callers
+    from agentplex.runtime.tls import TlsFiles
     from agentplex.v1 import agent_service_pb2 as pb
     from agentplex.v1 import agent_service_pb2_grpc, task_pb2
 
     state_file, _ = running_mesh
     state = json.loads(state_file.read_text())
     trace_id = "0af7651916cd43dd8448eb211c80319c"
-    with grpc.insecure_channel(state["assistant"]) as channel:
+    cli_tls = TlsFiles.for_identity(Path(state["pki"]), callers.CLI).read()
+    with grpc.secure_channel(
+        state["assistant"],
+        cli_tls.channel_credentials(),
+        options=[("grpc.ssl_target_name_override", callers.AGENT)],
+    ) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         spec = task_pb2.TaskSpec(prompt="what is 2*3", task_id="traced-1")
         stub.SubmitTask(
@@ -409,6 +444,116 @@ def test_tools_worked_example(running_mesh, tmp_path: Path) -> None:
     bad.write_text("name: x\n")
     refused = agentplex("tools", "register", str(bad), state_file=state_file)
     assert refused.returncode == 2 and "missing version" in refused.stderr
+
+
+BEARER = '-H "authorization: Bearer $TOKEN"'
+
+
+def readme_gateway_commands() -> list[str]:
+    """The README's gateway block ("Through the gateway"), one command per line:
+    continuation lines joined, comment lines dropped."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("### Through the gateway", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = (line.strip() for line in block.replace("\\\n", " ").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_readmes_gateway_commands_work_with_a_token(running_mesh) -> None:
+    """Every grpcurl and curl line of the README's gateway section, as written (the
+    gateway's address aside), with the token its first line mints; without the token,
+    UNAUTHENTICATED (gRPC) and 401 (JSON). The CLI itself needed none (the tests above)."""
+    state_file, _ = running_mesh
+    state = json.loads(state_file.read_text())
+    first, *commands = readme_gateway_commands()
+    assert first.startswith("TOKEN=$(agentplex token --tenant acme)"), first
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """One README line in bash, from the mesh's directory, against this gateway."""
+        return subprocess.run(
+            ["bash", "-c", command.replace("localhost:8080", state["gateway"])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=state_file.parent.parent,
+            env={**env, **extra},
+        )
+
+    minted = sh(f'{first}\nprintf %s "$TOKEN"')
+    assert minted.returncode == 0 and minted.stdout.count(".") == 2, minted.stderr
+    token = minted.stdout
+    # Each line calls the gateway with the token, but health and readiness (no token).
+    for command in commands:
+        assert BEARER in command or "/health" in command or "tasks:run" in command, command
+
+    outputs: dict[str, str] = {}
+    task_id = ""
+    for command in commands:
+        if "TASK_ID" in command:
+            assert task_id, "the README submits a task before it names TASK_ID"
+            command = command.replace("TASK_ID", task_id)
+        done = sh(command, TOKEN=token)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        outputs[command] = done.stdout
+        if "2**10" in command:
+            task_id = json.loads(done.stdout)["task"]["task_id"]
+
+    def output(*parts: str) -> str:
+        (found,) = [out for command, out in outputs.items() if all(p in command for p in parts)]
+        return found
+
+    assert "agentplex.v1.AgentService" in output("grpcurl", " list")
+    assert '"toolName": "calculator"' in output("grpcurl", "StreamSteps")
+    assert output("grpcurl", "RunTask").count("From ") >= 1  # the researcher, from the docs
+    assert '"name": "calculator"' in output("grpcurl", "ListTools")
+    assert "assistant" in json.loads(output("localhost:8080/v1/agents "))["default_agent"]
+    assert "391" in json.loads(output("tasks:run", "17*23", "Bearer"))["result"]["output"]
+    streamed = [json.loads(line)["event"] for line in output("tasks:stream").splitlines()]
+    finals = [event["final_result"]["result"] for event in streamed if "final_result" in event]
+    assert len(finals) == 1 and "391" in finals[0]["output"]
+    assert json.loads(output("tasks/" + task_id + " "))["task"]["task_id"] == task_id
+    events = output(f"tasks/{task_id}/events")
+    assert '"final_result"' in events and "1024" in events, events
+    assert json.loads(output(f"{task_id}:cancel"))["task"]["task_id"] == task_id
+    card = json.loads(output("/card"))
+    assert "code" not in card and '"assistant"' in json.dumps(card), card
+    assert "calculator" in output("/v1/tools")
+    assert json.loads(output("promt"))["code"] == 3
+
+    # The same calls without the token: refused at the door.
+    unauthenticated = json.loads(output("tasks:run", "17*23", "curl -s -X POST"))
+    assert unauthenticated["code"] == 16 and "Jwt is missing" in unauthenticated["message"]
+    for command in commands:
+        if BEARER not in command:
+            continue
+        bare = command.replace(BEARER + " ", "")
+        if "TASK_ID" in bare:
+            bare = bare.replace("TASK_ID", task_id)
+        if bare.startswith("grpcurl"):
+            refused = sh(bare)
+            assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, bare
+        else:
+            code = sh(bare.replace("curl -s", "curl -o /dev/null -w %{http_code} -s", 1))
+            assert code.stdout == "401", f"{bare}: {code.stdout}"
+
+
+def test_the_cli_needs_no_token(running_mesh, tmp_path: Path) -> None:
+    """The default mesh checks tokens at the gateway; `agentplex run` needs none, even
+    from a directory with no development issuer of its own."""
+    state_file, _ = running_mesh
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file)),
+            *("run", "what is 6*7"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AGENTPLEX_")},
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "6*7 = 42."), done.stderr
 
 
 def test_second_up_in_the_same_place_is_refused(running_mesh) -> None:

@@ -1,6 +1,8 @@
 """The newcomer's own agent, for real (README, "Your own agent"): a spec file declares a
 fourth agent with a tool of its own, published from YAML with a small Python backend;
-`agentplex up --agents FILE` runs it; the gateway lists it; a streamed task calls its tool."""
+`agentplex up --agents FILE --no-mtls` runs it (the README's backend serves plaintext;
+tokens at the gateway stay on, as by default); the gateway lists it to a caller with a
+token; a streamed task calls its tool."""
 
 from __future__ import annotations
 
@@ -110,8 +112,11 @@ def accepts(address: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def listed_agents(gateway: str) -> list[str]:
-    with urllib.request.urlopen(f"http://{gateway}/v1/agents", timeout=5) as response:
+def listed_agents(gateway: str, token: str) -> list[str]:
+    request = urllib.request.Request(
+        f"http://{gateway}/v1/agents", headers={"authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
         return [agent["name"] for agent in json.load(response)["agents"]]
 
 
@@ -166,6 +171,7 @@ def test_a_fourth_agent_declared_in_a_file_runs_with_its_own_tool(workdir: Path)
             "--ephemeral-ports",
             "--agents",
             "team-agents.yaml",
+            "--no-mtls",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -189,14 +195,19 @@ def test_a_fourth_agent_declared_in_a_file_runs_with_its_own_tool(workdir: Path)
         granted = agentplex("tools", "list", "--agent", "greeter", cwd=workdir)
         assert "greet.say" in granted.stdout and "calculator" not in granted.stdout
 
-        # Listed through the gateway, and served by it.
+        # Listed through the gateway, and served by it, with a token (README).
+        minted = agentplex("token", "--tenant", "dev", cwd=workdir)
+        assert minted.returncode == 0, minted.stderr
+        token = minted.stdout.strip()
         wait_for(
-            lambda: "greeter" in listed_agents(state["gateway"]), 60, "the gateway lists greeter"
+            lambda: "greeter" in listed_agents(state["gateway"], token),
+            60,
+            "the gateway lists greeter",
         )
         request = urllib.request.Request(
             f"http://{state['gateway']}/v1/agents/greeter/tasks:run",
             data=json.dumps({"prompt": "please greet.say hello to Grace"}).encode(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert "Hello, Grace!" in json.load(response)["result"]["output"]

@@ -144,7 +144,8 @@ def test_agentplex_up_with_the_local_model_streams_a_real_answer(tmp_path: Path)
     state_file = tmp_path / "mesh.json"
     cli = [sys.executable, "-m", "agentplex.mesh", "--state-file", str(state_file)]
     up = subprocess.Popen(
-        [*cli, "up", "--ephemeral-ports", "--llm", "local"],
+        # Security is not what this tests: plaintext, no tokens.
+        [*cli, "up", "--ephemeral-ports", "--llm", "local", "--no-auth", "--no-mtls"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

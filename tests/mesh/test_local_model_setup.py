@@ -45,6 +45,8 @@ async def test_launcher_stops_before_any_part_without_the_extra(
         redis_url=redis_url,
         ephemeral_ports=True,
         llm_provider="local",
+        auth=False,
+        mtls=False,
         say=said.append,
     )
     try:

@@ -51,6 +51,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[
             "1",
             "--replicas",
             "assistant=2",
+            # Plaintext, no tokens: this module is about restarts, its client calls the
+            # gateway without a token.
+            "--no-auth",
+            "--no-mtls",
         ],
         stdout=(workdir / "up.out").open("w"),
         stderr=subprocess.STDOUT,

@@ -190,6 +190,7 @@ async def test_up_refuses_an_open_gateway_before_starting_anything(tmp_path: Pat
     launcher = MeshLauncher(
         state_file=tmp_path / "mesh.json",
         settings=Settings(gateway_listen_host="0.0.0.0"),
+        auth=False,
         say=lambda _: None,
     )
     with pytest.raises(LaunchError, match="check no tokens"):

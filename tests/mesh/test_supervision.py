@@ -110,6 +110,9 @@ def start_up(workdir: Path) -> subprocess.Popen[str]:
             "up",
             "--ephemeral-ports",
             "--no-gateway",
+            # Plaintext: this module calls the agents with plaintext channels.
+            "--no-auth",
+            "--no-mtls",
             "--workers",
             "2",
             "--replicas",

@@ -1,5 +1,6 @@
-"""`agentplex up --mtls`, for real: every hop over mutual TLS, callers authorized by
-the identity in their certificate. One mesh for the whole module."""
+"""`agentplex up`'s mutual TLS (on by default), for real: every hop over mutual TLS,
+callers authorized by the identity in their certificate. One mesh for the whole module,
+with `--no-auth`: tokens at the gateway are not what this module tests."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def agentplex(*args: str, state_file: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def mtls_mesh(mesh_up) -> Iterator[Path]:
-    with mesh_up("--mtls") as (state_file, _):
+    with mesh_up("--mtls", "--no-auth") as (state_file, _):
         yield state_file
 
 

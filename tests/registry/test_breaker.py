@@ -169,3 +169,21 @@ async def test_refusals_cancellations_and_budget_limits_give_no_verdict(monkeypa
     assert state_of(breaker) is BreakerState.HALF_OPEN  # ... so it did not close the breaker
     assert await call("UNAVAILABLE") == "UNAVAILABLE"  # the next probe is admitted, and fails
     assert state_of(breaker) is BreakerState.OPEN
+
+
+def test_a_sub_task_out_of_its_tenant_s_quota_does_not_count_against_the_agent() -> None:
+    from agentplex.contract.reasons import Reason
+    from agentplex.registry.backends import breaker_verdict, subtask_answer
+    from agentplex.v1 import step_event_pb2
+
+    def failed(code: str, reason: str = "") -> step_event_pb2.StepEvent:
+        return step_event_pb2.StepEvent(
+            error=step_event_pb2.TaskFailed(code=code, message="no", reason=reason)
+        )
+
+    out_of_quota = subtask_answer("researcher", failed("RESOURCE_EXHAUSTED", "QUOTA_EXHAUSTED"))
+    assert out_of_quota.error.code == Reason.QUOTA_EXHAUSTED
+    assert breaker_verdict(out_of_quota) is None
+    # Any other exhaustion (a full queue, say) still does.
+    overloaded = subtask_answer("researcher", failed("RESOURCE_EXHAUSTED", "QUEUE_FULL"))
+    assert breaker_verdict(overloaded) is False

@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 from pydantic import ValidationError
 
 from agentplex.contract import callers
+from agentplex.contract.access import ACCESS
+from agentplex.runtime import principal as principals
 from agentplex.runtime import tls
 from agentplex.runtime.clients import health_status, open_channel
 from agentplex.runtime.peer_auth import refusal
@@ -40,7 +42,9 @@ class FakeMemory(memory_service_pb2_grpc.MemoryServiceServicer):
     async def LoadContext(
         self, request: memory_service_pb2.LoadContextRequest, context: MemoryContext
     ) -> memory_service_pb2.LoadContextResponse:
-        return memory_service_pb2.LoadContextResponse(token_count=7)
+        response = memory_service_pb2.LoadContextResponse(token_count=7)
+        response.summary.content = principals.current().tenant  # who the call acted for
+        return response
 
 
 class FakeAgent(agent_service_pb2_grpc.AgentServiceServicer):
@@ -77,7 +81,7 @@ async def server(pki: Path) -> AsyncIterator[str]:
         metrics_port=None,
         grace_seconds=0.5,
         tls=tls.TlsFiles.for_identity(pki, "memory"),
-        callers=callers.CALLERS,
+        access=ACCESS,
     )
     endpoint = await host.start()
     yield endpoint.address
@@ -124,6 +128,57 @@ async def test_another_services_identity_is_denied_by_name(server: str, pki: Pat
         with pytest.raises(grpc.aio.AioRpcError) as streamed:
             await stream_steps(ch)
         assert streamed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def acting_for(tenant: str, vouched_by: str, *granted: str) -> tuple[tuple[str, str], ...]:
+    return (
+        (principals.TENANT_HEADER, tenant),
+        (principals.SCOPE_HEADER, " ".join(granted)),
+        (principals.PRINCIPAL_HEADER, vouched_by),
+    )
+
+
+async def test_only_the_asserting_identities_may_name_a_principal(server: str, pki: Path) -> None:
+    memory_call = memory_service_pb2.LoadContextRequest()
+    async with open_channel(server, tls=credentials(pki, "agent"), server_identity="memory") as ch:
+        memory = memory_service_pb2_grpc.MemoryServiceStub(ch)
+        carried = await memory.LoadContext(
+            memory_call, metadata=acting_for("acme", principals.DELEGATED), timeout=5
+        )
+        assert carried.summary.content == "acme"  # bound for the handler
+        assert (await memory.LoadContext(memory_call, timeout=5)).summary.content == "default"
+    # The CLI may call agents, but not on anyone's behalf: it is the operator.
+    async with open_channel(server, tls=credentials(pki, "cli"), server_identity="memory") as ch:
+        agent = agent_service_pb2_grpc.AgentServiceStub(ch)
+        forged = agent.StreamSteps(
+            agent_service_pb2.StreamStepsRequest(),
+            metadata=acting_for("acme", principals.EDGE, "tasks:run"),
+            timeout=5,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await forged.read()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'cli' may not act for a principal" in (refused.value.details() or "")
+    # The gateway vouches for tokens; the method's scope decides.
+    async with open_channel(
+        server, tls=credentials(pki, "gateway"), server_identity="memory"
+    ) as ch:
+        agent = agent_service_pb2_grpc.AgentServiceStub(ch)
+        unscoped = agent.StreamSteps(
+            agent_service_pb2.StreamStepsRequest(),
+            metadata=acting_for("acme", principals.EDGE, "tasks:read"),
+            timeout=5,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unscoped.read()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "needs the scope 'tasks:run'" in (refused.value.details() or "")
+        scoped = agent.StreamSteps(
+            agent_service_pb2.StreamStepsRequest(),
+            metadata=acting_for("acme", principals.EDGE, "tasks:run"),
+            timeout=5,
+        )
+        assert len([step async for step in scoped]) == 2
 
 
 async def test_health_and_reflection_answer_any_mesh_identity(server: str, pki: Path) -> None:
@@ -221,7 +276,7 @@ async def test_settings_turn_mtls_on(pki: Path) -> None:
     files = tls.TlsFiles.for_identity(pki, "memory")
     settings = Settings(tls_ca_file=files.ca, tls_cert_file=files.cert, tls_key_file=files.key)
     host = ServiceHost.for_settings(
-        settings, name="m", register=register, port=0, metrics_port=None, callers=callers.CALLERS
+        settings, name="m", register=register, port=0, metrics_port=None, access=ACCESS
     )
     assert host.tls == files
     loaded = await tls.load_mesh_tls(settings)

@@ -181,7 +181,17 @@ def test_agentplex_up_exports_one_trace_by_the_otel_variables(
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentplex.mesh", "up", "--ephemeral-ports"],
+        # Plaintext, no tokens: the traces are what this tests (its client calls the
+        # gateway without a token).
+        [
+            sys.executable,
+            "-m",
+            "agentplex.mesh",
+            "up",
+            "--ephemeral-ports",
+            "--no-auth",
+            "--no-mtls",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=tmp_path,

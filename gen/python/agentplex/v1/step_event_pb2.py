@@ -22,40 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agentplex.v1 import principal_pb2 as agentplex_dot_v1_dot_principal__pb2
 from agentplex.v1 import task_pb2 as agentplex_dot_v1_dot_task__pb2
 from agentplex.v1 import tool_pb2 as agentplex_dot_v1_dot_tool__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentplex/v1/step_event.proto\x12\x0c\x61gentplex.v1\x1a\x17\x61gentplex/v1/task.proto\x1a\x17\x61gentplex/v1/tool.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x08\n\tStepEvent\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1a\n\x08sequence\x18\x02 \x01(\x04R\x08sequence\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12\x14\n\x05\x61gent\x18\x04 \x01(\tR\x05\x61gent\x12\x14\n\x05\x64\x65pth\x18\x05 \x01(\rR\x05\x64\x65pth\x12\x12\n\x04step\x18\x06 \x01(\x05R\x04step\x12$\n\x0esource_task_id\x18\x07 \x01(\tR\x0csourceTaskId\x12\'\n\x0fsource_sequence\x18\x08 \x01(\x04R\x0esourceSequence\x12\x41\n\rtask_accepted\x18\n \x01(\x0b\x32\x1a.agentplex.v1.TaskAcceptedH\x00R\x0ctaskAccepted\x12>\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x19.agentplex.v1.StepStartedH\x00R\x0bstepStarted\x12H\n\x10llm_output_delta\x18\x0c \x01(\x0b\x32\x1c.agentplex.v1.LlmOutputDeltaH\x00R\x0ellmOutputDelta\x12K\n\x11llm_call_finished\x18\r \x01(\x0b\x32\x1d.agentplex.v1.LlmCallFinishedH\x00R\x0fllmCallFinished\x12<\n\ttool_call\x18\x0e \x01(\x0b\x32\x1d.agentplex.v1.ToolCallStartedH\x00R\x08toolCall\x12?\n\x0btool_result\x18\x0f \x01(\x0b\x32\x1c.agentplex.v1.ToolCallResultH\x00R\ntoolResult\x12?\n\x0c\x66inal_result\x18\x10 \x01(\x0b\x32\x1a.agentplex.v1.TaskFinishedH\x00R\x0b\x66inalResult\x12\x30\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x18.agentplex.v1.TaskFailedH\x00R\x05\x65rror\x12P\n\x12\x64\x65legation_started\x18\x12 \x01(\x0b\x32\x1f.agentplex.v1.DelegationStartedH\x00R\x11\x64\x65legationStarted\x12S\n\x13\x64\x65legation_finished\x18\x13 \x01(\x0b\x32 .agentplex.v1.DelegationFinishedH\x00R\x12\x64\x65legationFinished\x12\x44\n\x0e\x62udget_warning\x18\x14 \x01(\x0b\x32\x1b.agentplex.v1.BudgetWarningH\x00R\rbudgetWarningB\x06\n\x04kind\"\xb3\x01\n\x11\x44\x65legationStarted\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12!\n\x0ctoken_budget\x18\x04 \x01(\x05R\x0btokenBudget\x12\x33\n\x07lineage\x18\x05 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\"\x8e\x01\n\x12\x44\x65legationFinished\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"S\n\rBudgetWarning\x12\x1f\n\x0btokens_used\x18\x01 \x01(\x05R\ntokensUsed\x12!\n\x0ctoken_budget\x18\x02 \x01(\x05R\x0btokenBudget\"m\n\x0cTaskAccepted\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n\tmax_steps\x18\x02 \x01(\x05R\x08maxSteps\x12!\n\x0ctoken_budget\x18\x03 \x01(\x05R\x0btokenBudget\".\n\x0bStepStarted\x12\x1f\n\x0btokens_used\x18\x01 \x01(\x05R\ntokensUsed\"$\n\x0eLlmOutputDelta\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\"\xf9\x01\n\x0fLlmCallFinished\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rprompt_tokens\x18\x02 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05R\x10\x63ompletionTokens\x12#\n\rfinish_reason\x18\x04 \x01(\tR\x0c\x66inishReason\x12\x30\n\x14tool_calls_requested\x18\x05 \x01(\x05R\x12toolCallsRequested\x12\'\n\x0fusage_estimated\x18\x06 \x01(\x08R\x0eusageEstimated\"\xba\x01\n\x0fToolCallStarted\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12!\n\x0ctool_version\x18\x03 \x01(\tR\x0btoolVersion\x12%\n\x0e\x61rguments_json\x18\x04 \x01(\tR\rargumentsJson\x12\'\n\x0fidempotency_key\x18\x05 \x01(\tR\x0eidempotencyKey\"\xc6\x01\n\x0eToolCallResult\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12!\n\x0bresult_json\x18\x03 \x01(\tH\x00R\nresultJson\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.agentplex.v1.ToolErrorH\x00R\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x05 \x01(\x03R\ndurationMsB\t\n\x07outcome\"@\n\x0cTaskFinished\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"l\n\nTaskFailed\x12\x12\n\x04\x63ode\x18\x01 \x01(\tR\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x30\n\x06result\x18\x03 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06resultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentplex/v1/step_event.proto\x12\x0c\x61gentplex.v1\x1a\x1c\x61gentplex/v1/principal.proto\x1a\x17\x61gentplex/v1/task.proto\x1a\x17\x61gentplex/v1/tool.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x08\n\tStepEvent\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1a\n\x08sequence\x18\x02 \x01(\x04R\x08sequence\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12\x14\n\x05\x61gent\x18\x04 \x01(\tR\x05\x61gent\x12\x14\n\x05\x64\x65pth\x18\x05 \x01(\rR\x05\x64\x65pth\x12\x12\n\x04step\x18\x06 \x01(\x05R\x04step\x12$\n\x0esource_task_id\x18\x07 \x01(\tR\x0csourceTaskId\x12\'\n\x0fsource_sequence\x18\x08 \x01(\x04R\x0esourceSequence\x12\x41\n\rtask_accepted\x18\n \x01(\x0b\x32\x1a.agentplex.v1.TaskAcceptedH\x00R\x0ctaskAccepted\x12>\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x19.agentplex.v1.StepStartedH\x00R\x0bstepStarted\x12H\n\x10llm_output_delta\x18\x0c \x01(\x0b\x32\x1c.agentplex.v1.LlmOutputDeltaH\x00R\x0ellmOutputDelta\x12K\n\x11llm_call_finished\x18\r \x01(\x0b\x32\x1d.agentplex.v1.LlmCallFinishedH\x00R\x0fllmCallFinished\x12<\n\ttool_call\x18\x0e \x01(\x0b\x32\x1d.agentplex.v1.ToolCallStartedH\x00R\x08toolCall\x12?\n\x0btool_result\x18\x0f \x01(\x0b\x32\x1c.agentplex.v1.ToolCallResultH\x00R\ntoolResult\x12?\n\x0c\x66inal_result\x18\x10 \x01(\x0b\x32\x1a.agentplex.v1.TaskFinishedH\x00R\x0b\x66inalResult\x12\x30\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x18.agentplex.v1.TaskFailedH\x00R\x05\x65rror\x12P\n\x12\x64\x65legation_started\x18\x12 \x01(\x0b\x32\x1f.agentplex.v1.DelegationStartedH\x00R\x11\x64\x65legationStarted\x12S\n\x13\x64\x65legation_finished\x18\x13 \x01(\x0b\x32 .agentplex.v1.DelegationFinishedH\x00R\x12\x64\x65legationFinished\x12\x44\n\x0e\x62udget_warning\x18\x14 \x01(\x0b\x32\x1b.agentplex.v1.BudgetWarningH\x00R\rbudgetWarningB\x06\n\x04kind\"\xb3\x01\n\x11\x44\x65legationStarted\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12!\n\x0ctoken_budget\x18\x04 \x01(\x05R\x0btokenBudget\x12\x33\n\x07lineage\x18\x05 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\"\x8e\x01\n\x12\x44\x65legationFinished\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"S\n\rBudgetWarning\x12\x1f\n\x0btokens_used\x18\x01 \x01(\x05R\ntokensUsed\x12!\n\x0ctoken_budget\x18\x02 \x01(\x05R\x0btokenBudget\"\xa4\x01\n\x0cTaskAccepted\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n\tmax_steps\x18\x02 \x01(\x05R\x08maxSteps\x12!\n\x0ctoken_budget\x18\x03 \x01(\x05R\x0btokenBudget\x12\x35\n\tprincipal\x18\x04 \x01(\x0b\x32\x17.agentplex.v1.PrincipalR\tprincipal\".\n\x0bStepStarted\x12\x1f\n\x0btokens_used\x18\x01 \x01(\x05R\ntokensUsed\"$\n\x0eLlmOutputDelta\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\"\xf9\x01\n\x0fLlmCallFinished\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rprompt_tokens\x18\x02 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05R\x10\x63ompletionTokens\x12#\n\rfinish_reason\x18\x04 \x01(\tR\x0c\x66inishReason\x12\x30\n\x14tool_calls_requested\x18\x05 \x01(\x05R\x12toolCallsRequested\x12\'\n\x0fusage_estimated\x18\x06 \x01(\x08R\x0eusageEstimated\"\xba\x01\n\x0fToolCallStarted\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12!\n\x0ctool_version\x18\x03 \x01(\tR\x0btoolVersion\x12%\n\x0e\x61rguments_json\x18\x04 \x01(\tR\rargumentsJson\x12\'\n\x0fidempotency_key\x18\x05 \x01(\tR\x0eidempotencyKey\"\xc6\x01\n\x0eToolCallResult\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\tR\x06\x63\x61llId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12!\n\x0bresult_json\x18\x03 \x01(\tH\x00R\nresultJson\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.agentplex.v1.ToolErrorH\x00R\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x05 \x01(\x03R\ndurationMsB\t\n\x07outcome\"@\n\x0cTaskFinished\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\"\x84\x01\n\nTaskFailed\x12\x12\n\x04\x63ode\x18\x01 \x01(\tR\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x30\n\x06result\x18\x03 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\x12\x16\n\x06reason\x18\x04 \x01(\tR\x06reasonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplex.v1.step_event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEPEVENT']._serialized_start=131
-  _globals['_STEPEVENT']._serialized_end=1155
-  _globals['_DELEGATIONSTARTED']._serialized_start=1158
-  _globals['_DELEGATIONSTARTED']._serialized_end=1337
-  _globals['_DELEGATIONFINISHED']._serialized_start=1340
-  _globals['_DELEGATIONFINISHED']._serialized_end=1482
-  _globals['_BUDGETWARNING']._serialized_start=1484
-  _globals['_BUDGETWARNING']._serialized_end=1567
-  _globals['_TASKACCEPTED']._serialized_start=1569
-  _globals['_TASKACCEPTED']._serialized_end=1678
-  _globals['_STEPSTARTED']._serialized_start=1680
-  _globals['_STEPSTARTED']._serialized_end=1726
-  _globals['_LLMOUTPUTDELTA']._serialized_start=1728
-  _globals['_LLMOUTPUTDELTA']._serialized_end=1764
-  _globals['_LLMCALLFINISHED']._serialized_start=1767
-  _globals['_LLMCALLFINISHED']._serialized_end=2016
-  _globals['_TOOLCALLSTARTED']._serialized_start=2019
-  _globals['_TOOLCALLSTARTED']._serialized_end=2205
-  _globals['_TOOLCALLRESULT']._serialized_start=2208
-  _globals['_TOOLCALLRESULT']._serialized_end=2406
-  _globals['_TASKFINISHED']._serialized_start=2408
-  _globals['_TASKFINISHED']._serialized_end=2472
-  _globals['_TASKFAILED']._serialized_start=2474
-  _globals['_TASKFAILED']._serialized_end=2582
+  _globals['_STEPEVENT']._serialized_start=161
+  _globals['_STEPEVENT']._serialized_end=1185
+  _globals['_DELEGATIONSTARTED']._serialized_start=1188
+  _globals['_DELEGATIONSTARTED']._serialized_end=1367
+  _globals['_DELEGATIONFINISHED']._serialized_start=1370
+  _globals['_DELEGATIONFINISHED']._serialized_end=1512
+  _globals['_BUDGETWARNING']._serialized_start=1514
+  _globals['_BUDGETWARNING']._serialized_end=1597
+  _globals['_TASKACCEPTED']._serialized_start=1600
+  _globals['_TASKACCEPTED']._serialized_end=1764
+  _globals['_STEPSTARTED']._serialized_start=1766
+  _globals['_STEPSTARTED']._serialized_end=1812
+  _globals['_LLMOUTPUTDELTA']._serialized_start=1814
+  _globals['_LLMOUTPUTDELTA']._serialized_end=1850
+  _globals['_LLMCALLFINISHED']._serialized_start=1853
+  _globals['_LLMCALLFINISHED']._serialized_end=2102
+  _globals['_TOOLCALLSTARTED']._serialized_start=2105
+  _globals['_TOOLCALLSTARTED']._serialized_end=2291
+  _globals['_TOOLCALLRESULT']._serialized_start=2294
+  _globals['_TOOLCALLRESULT']._serialized_end=2492
+  _globals['_TASKFINISHED']._serialized_start=2494
+  _globals['_TASKFINISHED']._serialized_end=2558
+  _globals['_TASKFAILED']._serialized_start=2561
+  _globals['_TASKFAILED']._serialized_end=2693
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from agentplex.v1 import principal_pb2 as _principal_pb2
 from agentplex.v1 import task_pb2 as _task_pb2
 from agentplex.v1 import tool_pb2 as _tool_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -87,14 +88,16 @@ class BudgetWarning(_message.Message):
     def __init__(self, tokens_used: _Optional[int] = ..., token_budget: _Optional[int] = ...) -> None: ...
 
 class TaskAccepted(_message.Message):
-    __slots__ = ("session_id", "max_steps", "token_budget")
+    __slots__ = ("session_id", "max_steps", "token_budget", "principal")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_steps: int
     token_budget: int
-    def __init__(self, session_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ...) -> None: ...
+    principal: _principal_pb2.Principal
+    def __init__(self, session_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., token_budget: _Optional[int] = ..., principal: _Optional[_Union[_principal_pb2.Principal, _Mapping]] = ...) -> None: ...
 
 class StepStarted(_message.Message):
     __slots__ = ("tokens_used",)
@@ -159,11 +162,13 @@ class TaskFinished(_message.Message):
     def __init__(self, result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...
 
 class TaskFailed(_message.Message):
-    __slots__ = ("code", "message", "result")
+    __slots__ = ("code", "message", "result", "reason")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
     result: _task_pb2.TaskResult
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ...) -> None: ...
+    reason: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., result: _Optional[_Union[_task_pb2.TaskResult, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agentplex.v1 import principal_pb2 as agentplex_dot_v1_dot_principal__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/task.proto\x12\x0c\x61gentplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x04\n\x08TaskSpec\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32$.agentplex.v1.TaskSpec.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x12\x33\n\x07lineage\x18\x07 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x12\x36\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12M\n\rtrace_context\x18\t \x03(\x0b\x32(.agentplex.v1.TaskSpec.TraceContextEntryR\x0ctraceContext\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"\x83\x01\n\x0bTaskLineage\x12$\n\x0eparent_task_id\x18\x01 \x01(\tR\x0cparentTaskId\x12 \n\x0croot_task_id\x18\x02 \x01(\tR\nrootTaskId\x12\x14\n\x05\x64\x65pth\x18\x03 \x01(\rR\x05\x64\x65pth\x12\x16\n\x06\x61gents\x18\x04 \x03(\tR\x06\x61gents\"\xdf\x02\n\nTaskResult\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x16\n\x06output\x18\x03 \x01(\tR\x06output\x12\x1d\n\nsteps_used\x18\x04 \x01(\x05R\tstepsUsed\x12\x1f\n\x0btokens_used\x18\x05 \x01(\x05R\ntokensUsed\x12\x1d\n\ntool_calls\x18\x06 \x01(\x05R\ttoolCalls\x12\x14\n\x05\x65rror\x18\x07 \x01(\tR\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x08 \x01(\x03R\ndurationMs\x12\x1d\n\nsession_id\x18\t \x01(\tR\tsessionId\x12\x39\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\"\xc4\x04\n\x04Task\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\x12\x1a\n\x08\x61ttempts\x18\x05 \x01(\x05R\x08\x61ttempts\x12\x39\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12#\n\rlast_sequence\x18\t \x01(\x04R\x0clastSequence\x12)\n\x10\x63\x61ncel_requested\x18\n \x01(\x08R\x0f\x63\x61ncelRequested\x12\x1d\n\nsession_id\x18\x0b \x01(\tR\tsessionId\x12\x33\n\x07lineage\x18\x0c \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x12\x36\n\x08\x64\x65\x61\x64line\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentplex/v1/task.proto\x12\x0c\x61gentplex.v1\x1a\x1c\x61gentplex/v1/principal.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x04\n\x08TaskSpec\x12\x16\n\x06prompt\x18\x01 \x01(\tR\x06prompt\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32$.agentplex.v1.TaskSpec.MetadataEntryR\x08metadata\x12 \n\tmax_steps\x18\x04 \x01(\x05H\x00R\x08maxSteps\x88\x01\x01\x12&\n\x0ctoken_budget\x18\x05 \x01(\x05H\x01R\x0btokenBudget\x88\x01\x01\x12\x17\n\x07task_id\x18\x06 \x01(\tR\x06taskId\x12\x33\n\x07lineage\x18\x07 \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x12\x36\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12M\n\rtrace_context\x18\t \x03(\x0b\x32(.agentplex.v1.TaskSpec.TraceContextEntryR\x0ctraceContext\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x0c\n\n_max_stepsB\x0f\n\r_token_budget\"\x83\x01\n\x0bTaskLineage\x12$\n\x0eparent_task_id\x18\x01 \x01(\tR\x0cparentTaskId\x12 \n\x0croot_task_id\x18\x02 \x01(\tR\nrootTaskId\x12\x14\n\x05\x64\x65pth\x18\x03 \x01(\rR\x05\x64\x65pth\x12\x16\n\x06\x61gents\x18\x04 \x03(\tR\x06\x61gents\"\xdf\x02\n\nTaskResult\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x16\n\x06output\x18\x03 \x01(\tR\x06output\x12\x1d\n\nsteps_used\x18\x04 \x01(\x05R\tstepsUsed\x12\x1f\n\x0btokens_used\x18\x05 \x01(\x05R\ntokensUsed\x12\x1d\n\ntool_calls\x18\x06 \x01(\x05R\ttoolCalls\x12\x14\n\x05\x65rror\x18\x07 \x01(\tR\x05\x65rror\x12\x1f\n\x0b\x64uration_ms\x18\x08 \x01(\x03R\ndurationMs\x12\x1d\n\nsession_id\x18\t \x01(\tR\tsessionId\x12\x39\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\"\xfb\x04\n\x04Task\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n\x05\x61gent\x18\x02 \x01(\tR\x05\x61gent\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentplex.v1.TaskStatusR\x06status\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x18.agentplex.v1.TaskResultR\x06result\x12\x1a\n\x08\x61ttempts\x18\x05 \x01(\x05R\x08\x61ttempts\x12\x39\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12#\n\rlast_sequence\x18\t \x01(\x04R\x0clastSequence\x12)\n\x10\x63\x61ncel_requested\x18\n \x01(\x08R\x0f\x63\x61ncelRequested\x12\x1d\n\nsession_id\x18\x0b \x01(\tR\tsessionId\x12\x33\n\x07lineage\x18\x0c \x01(\x0b\x32\x19.agentplex.v1.TaskLineageR\x07lineage\x12\x36\n\x08\x64\x65\x61\x64line\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12\x35\n\tprincipal\x18\x0e \x01(\x0b\x32\x17.agentplex.v1.PrincipalR\tprincipal*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSPEC_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_TASKSPEC_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1724
-  _globals['_TASKSTATUS']._serialized_end=1893
-  _globals['_TASKSPEC']._serialized_start=75
-  _globals['_TASKSPEC']._serialized_end=650
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=495
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=554
-  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_start=556
-  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_end=619
-  _globals['_TASKLINEAGE']._serialized_start=653
-  _globals['_TASKLINEAGE']._serialized_end=784
-  _globals['_TASKRESULT']._serialized_start=787
-  _globals['_TASKRESULT']._serialized_end=1138
-  _globals['_TASK']._serialized_start=1141
-  _globals['_TASK']._serialized_end=1721
+  _globals['_TASKSTATUS']._serialized_start=1809
+  _globals['_TASKSTATUS']._serialized_end=1978
+  _globals['_TASKSPEC']._serialized_start=105
+  _globals['_TASKSPEC']._serialized_end=680
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=525
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=584
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_start=586
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_end=649
+  _globals['_TASKLINEAGE']._serialized_start=683
+  _globals['_TASKLINEAGE']._serialized_end=814
+  _globals['_TASKRESULT']._serialized_start=817
+  _globals['_TASKRESULT']._serialized_end=1168
+  _globals['_TASK']._serialized_start=1171
+  _globals['_TASK']._serialized_end=1806
 # @@protoc_insertion_point(module_scope)
