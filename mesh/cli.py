@@ -9,7 +9,8 @@
     agentplex watch ID [--after SEQ] [--result]  follow a task's events (resumable)
     agentplex status ID               a task's status and result
     agentplex cancel ID               cancel a task
-    agentplex tools list|register|show|deprecate   manage tool contracts
+    agentplex tools list|register|show|deprecate|import-mcp   manage tool contracts
+    agentplex mcp serve [--agent NAME]   the tools an agent may use, to MCP clients (stdio, HTTP)
     agentplex token --tenant T        a bearer token for the gateway (grpcurl, curl, the console)
 
 `agentplex up` checks bearer tokens at the gateway and runs mutual TLS between the
@@ -56,6 +57,7 @@ from agentplex.v1 import (
 if TYPE_CHECKING:  # for annotations; the commands import it where they call it
     import grpc
 
+    from agentplex.interop.mcp_server import Caller
     from agentplex.runtime.tls import MeshTls
 
 T = TypeVar("T")
@@ -300,6 +302,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = commands.add_parser("tools", help="publish and inspect tool contracts")
     tool_commands.add_parsers(tools)
+
+    mcp = commands.add_parser("mcp", help="the mesh to MCP clients: agentplex mcp serve --help")
+    mcp_commands = mcp.add_subparsers(dest="mcp_command", required=True, metavar="COMMAND")
+    mcp_serve = mcp_commands.add_parser(
+        "serve",
+        help="serve the tools an agent may use (agents as agent.<name>) to MCP clients",
+        description="Serve the registry's tools to MCP clients, as one agent of the mesh "
+        "sees them: its access list decides what is listed and what may be called, and "
+        "every call is checked by the registry as that agent's would be (schemas, "
+        "argument policies, idempotency). agent.<name> tools delegate a task to that agent. "
+        "Over stdio (the default; stdout is the protocol, messages go to stderr) or "
+        "streamable HTTP at http://HOST:PORT/mcp (printed when it listens).",
+    )
+    mcp_serve.add_argument(
+        "--agent", default="assistant", help="act as this agent (default assistant)"
+    )
+    mcp_serve.add_argument(
+        "--session",
+        default="mcp",
+        help="the mesh session every call is made for; tools keep state such as notes "
+        "per session (default mcp: the same across restarts of the MCP client)",
+    )
+    mcp_serve.add_argument(
+        "--transport",
+        choices=["stdio", "http"],
+        default="stdio",
+        help="stdio (default: the MCP client starts this command) or http (streamable HTTP)",
+    )
+    mcp_serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="with --transport http: where to listen (default %(default)s)",
+    )
+    mcp_serve.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="with --transport http: the port (default 0: a free one, printed)",
+    )
+    mcp_serve.add_argument(
+        "--registry",
+        default=None,
+        metavar="ADDRESS",
+        help="the registry's address, plaintext (default: the running mesh's, from the "
+        "state file, with its cli certificate when it runs mTLS)",
+    )
+    mcp_serve.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="deadline for each tool call, delegations included (default %(default).0f)",
+    )
+    mcp_serve.add_argument(
+        "--json",
+        action="store_true",
+        help='say where it serves as one JSON line on stderr: {"transport", "url", "agent", '
+        '"session"} (stdout may be the protocol)',
+    )
     return parser
 
 
@@ -409,12 +470,16 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     state_file = state_file_path(args.state_file, settings)
     if args.command == "up":
         return await _up(args, state_file, settings)
+    if args.command == "mcp" and args.registry is not None:
+        return await _mcp(args, args.registry, tls=None)
     try:
         state = read_state(state_file)
     except MeshNotRunning as exc:
         raise CliError(str(exc)) from None
     if args.command == "tools":
         return await _tools(args, state)
+    if args.command == "mcp":
+        return await _mcp(args, _registry_address(state), tls=_mesh_tls(state))
     if args.command in ("ps", "restart"):
         return await _control(args, state)
     if args.command == "token":
@@ -632,9 +697,7 @@ async def _control(args: argparse.Namespace, state: dict[str, object]) -> int:
 
 
 async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:
-    address = state.get("registry")
-    if not isinstance(address, str):
-        raise CliError("the state file names no registry; restart with `agentplex up`")
+    address = _registry_address(state)
     return await tool_commands.run(
         args,
         address,
@@ -642,6 +705,74 @@ async def _tools(args: argparse.Namespace, state: dict[str, object]) -> int:
         on_rpc_error=lambda err: _rpc_failure(err, f"the registry at {address}"),
         fail=lambda message: CliError(message, EXIT_USAGE),
     )
+
+
+def _registry_address(state: dict[str, object]) -> str:
+    address = state.get("registry")
+    if not isinstance(address, str):
+        raise CliError("the state file names no registry; restart with `agentplex up`")
+    return address
+
+
+async def _mcp(args: argparse.Namespace, address: str, *, tls: MeshTls | None) -> int:
+    """`mcp serve`: the logic is interop/'s; here only flags in, one-line failures out."""
+    from agentplex.interop import mcp_server  # the MCP SDK: only for this command
+
+    try:
+        caller = mcp_server.Caller(
+            agent=args.agent, session=args.session, call_timeout=args.timeout
+        )
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be 0–65535, not {args.port}", EXIT_USAGE)
+    try:
+        async with mcp_server.registry_tools(address, caller, tls=tls) as tools:
+            if args.transport == "stdio":
+                _say_serving(args, caller, "")
+                await mcp_server.serve_stdio(tools)
+                return 0
+            try:
+                async with mcp_server.serve_http(tools, host=args.host, port=args.port) as http:
+                    _say_serving(args, caller, http.url)
+                    await http.wait()
+            except OSError as exc:
+                raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+            return 0
+    except errors.AgentplexError as exc:
+        raise _registry_failure(exc, address) from None
+
+
+def _say_serving(args: argparse.Namespace, caller: Caller, url: str) -> None:
+    """Where `mcp serve` serves, on stderr: over stdio, stdout is the protocol."""
+    if args.json:
+        line = json.dumps(
+            {
+                "transport": args.transport,
+                "url": url,
+                "agent": caller.agent,
+                "session": caller.session,
+            }
+        )
+    else:
+        where = f"at {url}" if url else "over stdio"
+        line = (
+            f"agentplex: serving the tools of agent {caller.agent!r} {where} "
+            f"(session {caller.session!r}; Ctrl-C stops)"
+        )
+    print(line, file=sys.stderr, flush=True)
+
+
+def _registry_failure(exc: errors.AgentplexError, address: str) -> CliError:
+    """What the server's start-up check of the registry found, in one line."""
+    if isinstance(exc, errors.NotFound):
+        return CliError(exc.message, EXIT_USAGE)  # an agent the registry does not know
+    if isinstance(exc, errors.Unavailable | errors.DeadlineExceeded):
+        return CliError(
+            f"cannot reach the registry at {address}: is the mesh running? "
+            "Start it with `agentplex up`"
+        )
+    return CliError(f"{exc.reason}: {exc.message}")
 
 
 def _mesh_tls(state: dict[str, object]) -> MeshTls | None:

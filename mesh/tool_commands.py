@@ -9,12 +9,17 @@ A definition file (JSON or YAML) looks like:
     endpoint: 127.0.0.1:7001        # the ToolExecutorService that runs it
     input_schema: {type: object, properties: {city: {type: string}}, required: [city]}
     output_schema: {type: object, properties: {celsius: {type: number}}}
+
+`agentplex tools import-mcp NAME --command "CMD ARGS" | --url URL` publishes an MCP
+server's tools instead, as NAME.<tool>, and runs their backend in the foreground
+(agentplex.interop.mcp_tools).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +35,7 @@ from agentplex.v1 import tool_registry_service_pb2 as pb
 from agentplex.v1 import tool_registry_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # imported when used (mesh/state.py): cryptography is slow to load
-    from agentplex.runtime.tls import MeshTls
+    from agentplex.runtime.tls import MeshTls, TlsFiles
 
 Fail = Callable[[str], Exception]
 
@@ -66,6 +71,39 @@ def add_parsers(tools: argparse.ArgumentParser) -> None:
         "--retire", action="store_true", help="retire: unlisted, and invoking it is NOT_FOUND"
     )
     deprecate.add_argument("--json", action="store_true", help="print the tool as JSON")
+    mcp = commands.add_parser(
+        "import-mcp",
+        help="publish an MCP server's tools and serve them (foreground; run it with &)",
+        description="Connect to an MCP server, publish each of its tools as NAME.<tool> at "
+        "--version, and run their backend until stopped (Ctrl-C or SIGTERM withdraws it).",
+    )
+    mcp.add_argument("name", metavar="NAME", help="prefix of the tools' names, e.g. github")
+    server = mcp.add_mutually_exclusive_group(required=True)
+    server.add_argument(
+        "--command",
+        dest="mcp_command",
+        metavar='"CMD ARGS"',
+        help="run the MCP server as this command, speaking stdio (split like a shell)",
+    )
+    server.add_argument(
+        "--url", dest="mcp_url", metavar="URL", help="the MCP server's streamable-HTTP endpoint"
+    )
+    mcp.add_argument(
+        "--version",
+        dest="mcp_version",
+        default="1.0.0",
+        metavar="X.Y.Z",
+        help="the version every tool is published at (default 1.0.0); a changed server "
+        "needs a new one",
+    )
+    mcp.add_argument(
+        "--port", type=int, default=0, help="port the registry calls the tools on (default: any)"
+    )
+    mcp.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per published tool (name, version, endpoint)",
+    )
 
 
 def load_definition(path: Path) -> tool_pb2.ToolDefinition:
@@ -117,6 +155,8 @@ async def run(
     tls: MeshTls | None = None,
 ) -> int:
     """`tls`: the `cli` credentials of a mesh with mTLS (the default), or None."""
+    if args.tools_command == "import-mcp":
+        return await _import_mcp(args, address, tls, fail)
     async with open_channel(address, tls=tls, server_identity=callers.REGISTRY) as channel:
         stub = pb_grpc.ToolRegistryServiceStub(channel)
         handler: Callable[[], Awaitable[int]] = {
@@ -203,3 +243,60 @@ async def _deprecate(
     label = tool_pb2.ToolState.Name(tool.state).removeprefix("TOOL_STATE_").lower()
     print(f"{tool.name} {tool.version}: {label}; use {tool.replacement}")
     return 0
+
+
+async def _import_mcp(
+    args: argparse.Namespace, address: str, tls: MeshTls | None, fail: Fail
+) -> int:
+    """Run the MCP bridge until a stop signal: it serves the registry's calls, so it
+    lives as long as the tools stay published (like a tool backend of your own)."""
+    import asyncio
+
+    from agentplex.interop.mcp_tools import ImportRefused, McpBridge, McpServer
+    from agentplex.mesh.cli import EXIT_FAILED, CliError  # the command's own failure
+    from agentplex.runtime.process import stop_on_signals
+
+    try:
+        server = McpServer.http(args.mcp_url) if args.mcp_url else McpServer.stdio(args.mcp_command)
+    except ImportRefused as exc:
+        raise fail(str(exc)) from None
+    if not 0 <= args.port <= 65535:
+        raise fail(f"--port must be 0-65535, not {args.port}")
+    bridge = McpBridge(
+        name=args.name,
+        server=server,
+        registry_address=address,
+        version=args.mcp_version,
+        port=args.port,
+        registry_tls=tls,
+        serve_tls=_tools_tls_files(args) if tls is not None else None,
+    )
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        await bridge.start()
+        for tool in bridge.definitions:
+            if args.json:
+                published = {"name": tool.name, "version": tool.version, "endpoint": bridge.address}
+                print(json.dumps(published))
+            else:
+                print(f"{tool.name} {tool.version}: published, served at {bridge.address}")
+        if not args.json:
+            print(f"serving the MCP server {server}; Ctrl-C withdraws the tools")
+        sys.stdout.flush()  # whoever reads it (a script, `&` in a terminal) sees it now
+        await stop.wait()
+    except ImportRefused as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    finally:
+        await bridge.stop()
+    return 0
+
+
+def _tools_tls_files(args: argparse.Namespace) -> TlsFiles:
+    """The mesh's `tools` certificate: the registry calls only backends presenting it."""
+    from agentplex.mesh.state import read_state, state_file_path
+    from agentplex.runtime.tls import TlsFiles
+
+    pki = read_state(state_file_path(args.state_file)).get("pki")
+    assert isinstance(pki, str)  # the caller's `cli` credentials came from it
+    return TlsFiles.for_identity(Path(pki), callers.TOOLS)

@@ -240,7 +240,8 @@ def test_every_command_takes_json() -> None:
     # `serve` runs one part of the mesh as a long-lived process with its own flags
     # (`agentplex serve memory --help`): it prints logs, not results.
     runnable = [(prog, p) for prog, p in commands(cli.build_parser()) if prog != "agentplex serve"]
-    assert len(runnable) == 13  # up ps restart run submit watch status cancel token, tools ×4
+    # up ps restart run submit watch status cancel token, tools ×5, mcp serve
+    assert len(runnable) == 15
     without = [
         prog
         for prog, parser in runnable
