@@ -6,14 +6,19 @@ brings without the `mesh` extra: a program that only calls agents installs no
 Redis, Envoy or control plane. It talks to an agent directly or through the
 gateway (which picks the agent by the `x-agentplex-agent` header).
 
-    async with AgentClient("localhost:8080", agent="assistant") as assistant:
+    async with AgentClient("localhost:8080", agent="assistant", token=TOKEN) as assistant:
         result = await assistant.run("what is 17*23?")
         async for event in assistant.stream("remember that the deploy is on Friday"):
             ...
+
+`watch` follows a durable task to its end across dropped streams: a replica or
+the gateway going away mid-watch costs a reconnect from the last sequence seen,
+never a gap or a repeated event.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -26,6 +31,17 @@ from agentplex.v1 import agent_service_pb2 as pb
 from agentplex.v1 import agent_service_pb2_grpc as pb_grpc
 
 AGENT_HEADER = "x-agentplex-agent"
+# A watch reconnects this many times in a row (each after a stream that delivered
+# nothing new) before giving up with the last error; the wait doubles up to the cap.
+WATCH_RECONNECTS = 5
+_RECONNECT_FIRST_SECONDS = 0.2
+_RECONNECT_MAX_SECONDS = 2.0
+_FINAL_KINDS = ("final_result", "error")
+_TERMINAL = (
+    task_pb2.TASK_STATUS_COMPLETED,
+    task_pb2.TASK_STATUS_FAILED,
+    task_pb2.TASK_STATUS_CANCELLED,
+)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # A frozen agent or gateway fails a call within about 20 s instead of hanging it;
 # pings only during calls, at most two without data, as any gRPC server accepts.
@@ -78,9 +94,13 @@ class AgentClient:
         address: str,
         *,
         agent: str = "",
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
+        """`token`: a bearer token for a gateway that checks them (`agentplex token`),
+        sent on every call; over plaintext only to loopback, as the gateway's own
+        address should be when it is plaintext."""
         if channel is None:
             channel = (
                 grpc.aio.secure_channel(address, credentials, options=_KEEPALIVE_OPTIONS)
@@ -89,7 +109,10 @@ class AgentClient:
             )
         self._channel = channel
         self._stub = pb_grpc.AgentServiceStub(channel)
-        self._metadata = ((AGENT_HEADER, agent),) if agent else ()
+        metadata: list[tuple[str, str]] = [(AGENT_HEADER, agent)] if agent else []
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self._metadata = tuple(metadata)
 
     async def run(
         self,
@@ -144,16 +167,57 @@ class AgentClient:
         return response.task
 
     async def watch(
-        self, task_id: str, *, after: int = 0, final_only: bool = False
+        self,
+        task_id: str,
+        *,
+        after: int = 0,
+        final_only: bool = False,
+        reconnects: int = WATCH_RECONNECTS,
     ) -> AsyncIterator[step_event_pb2.StepEvent]:
-        """A task's events after sequence `after`, until its final one (resumable)."""
-        request = pb.WatchTaskRequest(task_id=task_id, after_sequence=after, final_only=final_only)
-        call = self._stub.WatchTask(request, metadata=self._metadata)
-        try:
-            async for response in call:
-                yield response.event
-        except grpc.aio.AioRpcError as err:
-            raise AgentError.from_rpc_error(err) from None
+        """A task's events after sequence `after`, until its final one.
+
+        A stream that drops (UNAVAILABLE: a replica or the gateway went away) or ends
+        before the final event is opened again after the last sequence seen, so the
+        events come exactly once, in order; `reconnects` bounds how many times in a
+        row that may happen without a new event (0: never). Any other failure is an
+        `AgentError` at once."""
+        cursor, failures = after, 0
+        while True:
+            request = pb.WatchTaskRequest(
+                task_id=task_id, after_sequence=cursor, final_only=final_only
+            )
+            call = self._stub.WatchTask(request, metadata=self._metadata)
+            error: grpc.aio.AioRpcError | None = None
+            try:
+                async for response in call:
+                    event = response.event
+                    if event.sequence <= cursor and not final_only:
+                        continue  # never twice, whatever a server resends
+                    cursor, failures = max(cursor, event.sequence), 0
+                    yield event
+                    if event.WhichOneof("kind") in _FINAL_KINDS:
+                        return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise AgentError.from_rpc_error(err) from None
+                error = err
+            else:
+                # A clean end with no final event: the task ended before this stream
+                # began (nothing after `cursor` to send), or the server let go early.
+                task = await self.get(task_id)
+                if task.status in _TERMINAL and cursor >= task.last_sequence:
+                    return
+            failures += 1
+            if failures > reconnects:
+                if error is not None:
+                    raise AgentError.from_rpc_error(error) from None
+                raise AgentError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the watch of task {task_id} kept ending before the task did",
+                )
+            await asyncio.sleep(
+                min(_RECONNECT_FIRST_SECONDS * 2 ** (failures - 1), _RECONNECT_MAX_SECONDS)
+            )
 
     async def get(self, task_id: str, *, timeout: float = 10.0) -> task_pb2.Task:
         response: pb.GetTaskResponse = await self._call(

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from agentplex.agents import catalog
 from agentplex.agents.catalog import CATALOG
+from agentplex.clients.agent import AgentClient, AgentError
 from agentplex.contract import callers, limits
 from agentplex.mesh import dev_auth, render, serve, tool_commands
 from agentplex.mesh.state import MeshNotRunning, cli_tls, read_state, state_file_path
@@ -866,19 +867,26 @@ async def _submit(args: argparse.Namespace, state: dict[str, object]) -> int:
 
 
 async def _watch(args: argparse.Namespace, state: dict[str, object]) -> int:
-    printer = render.EventPrinter(json_lines=args.json)
+    """Follows the task to its end with the public client, which reconnects from the
+    last event seen when the stream drops (an agent replica restarting mid-watch)."""
+    import grpc
 
-    async def follow(stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
-        request = agent_service_pb2.WatchTaskRequest(
-            task_id=args.task_id, after_sequence=args.after, final_only=args.result
-        )
+    printer = render.EventPrinter(json_lines=args.json)
+    address = _agent_address(state, args.agent)
+    async with AgentClient(address, channel=_agent_channel(state, address)) as agent:
         try:
-            async for response in stub.WatchTask(request):
-                printer.event(response.event)
+            async for event in agent.watch(args.task_id, after=args.after, final_only=args.result):
+                printer.event(event)
+        except AgentError as err:
+            if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE":
+                raise CliError(
+                    f"cannot reach agent {args.agent!r} at {address}: is the mesh running? "
+                    "Start it with `agentplex up`"
+                ) from None
+            exit_code = EXIT_USAGE if err.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+            raise CliError(f"{err.code.name}: {err.message}", exit_code) from None
         finally:
             printer.interrupted()
-
-    await _on_agent(args, state, follow)
     result = printer.final_result
     return 0 if result is None or not result.error else EXIT_FAILED
 

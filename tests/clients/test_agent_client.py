@@ -35,6 +35,10 @@ MESH_IMPORTS = {
     "grpc_status",
     "bm25s",
     "Stemmer",
+    "mcp",
+    "mcp_types",
+    "uvicorn",
+    "starlette",
 }
 LIGHT_DISTRIBUTIONS = {"grpcio", "protobuf", "googleapis-common-protos"}
 
