@@ -74,6 +74,16 @@ class AgentError(Exception):
         return cls(err.code(), err.details() or err.code().name, reason)
 
 
+async def _cancelled_when_left(call: Any) -> AsyncIterator[Any]:
+    """The call's responses; the call is cancelled if the consumer stops early, so an
+    abandoned watch does not hold its stream open on the server."""
+    try:
+        async for response in call:
+            yield response
+    finally:
+        call.cancel()
+
+
 def _limit(
     request: pb.RunTaskRequest | pb.StreamStepsRequest | task_pb2.TaskSpec,
     max_steps: int | None,
@@ -99,14 +109,21 @@ class AgentClient:
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         """`token`: a bearer token for a gateway that checks them (`agentplex token`),
-        sent on every call; over plaintext only to loopback, as the gateway's own
-        address should be when it is plaintext."""
+        sent on every call. Without `credentials` the channel then uses gRPC's local
+        credentials, which connect to loopback only: a token never crosses a network
+        in plaintext. With `credentials` (TLS) it rides on them; with a `channel` of
+        the caller's, it is sent as a header and the channel is the caller's to secure."""
+        call_token = grpc.access_token_call_credentials(token) if token else None
         if channel is None:
+            if call_token is not None:
+                transport = credentials or grpc.local_channel_credentials()
+                credentials = grpc.composite_channel_credentials(transport, call_token)
             channel = (
                 grpc.aio.secure_channel(address, credentials, options=_KEEPALIVE_OPTIONS)
                 if credentials is not None
                 else grpc.aio.insecure_channel(address, options=_KEEPALIVE_OPTIONS)
             )
+            token = None  # carried by the credentials
         self._channel = channel
         self._stub = pb_grpc.AgentServiceStub(channel)
         metadata: list[tuple[str, str]] = [(AGENT_HEADER, agent)] if agent else []
@@ -189,7 +206,7 @@ class AgentClient:
             call = self._stub.WatchTask(request, metadata=self._metadata)
             error: grpc.aio.AioRpcError | None = None
             try:
-                async for response in call:
+                async for response in _cancelled_when_left(call):
                     event = response.event
                     if event.sequence <= cursor and not final_only:
                         continue  # never twice, whatever a server resends
@@ -204,9 +221,14 @@ class AgentClient:
             else:
                 # A clean end with no final event: the task ended before this stream
                 # began (nothing after `cursor` to send), or the server let go early.
-                task = await self.get(task_id)
-                if task.status in _TERMINAL and cursor >= task.last_sequence:
-                    return
+                try:
+                    task = await self.get(task_id)
+                except AgentError as err:
+                    if err.code != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                else:
+                    if task.status in _TERMINAL and cursor >= task.last_sequence:
+                        return
             failures += 1
             if failures > reconnects:
                 if error is not None:

@@ -66,6 +66,7 @@ DEFAULT_CALL_TIMEOUT = 300.0
 LIST_TIMEOUT = 10.0
 HTTP_PATH = "/mcp"
 STARTUP_TIMEOUT = 30.0
+GRACEFUL_SHUTDOWN_SECONDS = 5
 SERVER_NAME = "agentplex"
 # `_meta` keys on tools and results, in the mesh's own namespace (MCP's `prefix/name`).
 META_VERSION = f"{ERROR_DOMAIN}/version"
@@ -367,7 +368,8 @@ class _Uvicorn(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        self.listening.set()
+        if not self.should_exit:  # uvicorn sets it, and returns, when the app failed to start
+            self.listening.set()
 
 
 @asynccontextmanager
@@ -392,7 +394,16 @@ async def serve_http(
         sock.close()
         raise
     bound_port = sock.getsockname()[1]
-    server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # Bounded: MCP clients hold an event stream open, which would otherwise keep a
+    # stopping server waiting for them forever.
+    server = _Uvicorn(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+    )
     done = asyncio.create_task(server.serve(sockets=[sock]))
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     serving = HttpServing(
@@ -412,8 +423,9 @@ async def serve_http(
             started.cancel()
         if not server.listening.is_set() and not done.done():
             raise TimeoutError(f"the MCP HTTP server did not start within {STARTUP_TIMEOUT:.0f}s")
-        if done.done():
-            done.result()
+        if done.done() or server.should_exit:
+            if done.done():
+                done.result()
             raise RuntimeError("the MCP HTTP server stopped while starting")
         yield serving
     finally:

@@ -6,7 +6,7 @@ input schema, argument policies, the idempotency ledger, retries by side
 effect, result validation against the output schema — happens before and after
 the MCP server runs. The MCP server itself is never reachable from the mesh:
 a bridge holds one MCP client session to it (the `mcp` SDK's client, over stdio
-or streamable HTTP) and serves `ToolExecutorService` for the registry alone.
+or streamable HTTP) and serves `ToolExecutorService`, with mTLS for the registry alone.
 
 Mapping, per tool (`McpTool` → `definition`):
 
@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import shlex
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "1.0.0"
+# Pages of `tools/list` followed at most (MCP servers page by their own page size).
+MAX_TOOL_PAGES = 100
 REGISTRY_TIMEOUT_SECONDS = 10.0
 # Opening the MCP session: starting the server process, or reaching the URL, and
 # the initialize handshake. A server slower than this is reported, not waited on.
@@ -143,7 +146,15 @@ class McpServer:
         return cls(url=url)
 
     def __str__(self) -> str:
-        return self.url or shlex.join(self.command)
+        """For messages and logs: a URL without credentials or query, a command's
+        program and argument count only (either may carry a secret)."""
+        if self.url:
+            parts = urllib.parse.urlsplit(self.url)
+            host = parts.hostname or ""
+            netloc = f"{host}:{parts.port}" if parts.port else host
+            return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        extra = len(self.command) - 1
+        return self.command[0] + (f" (+{extra} arguments)" if extra else "")
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[ClientSession]:
@@ -467,7 +478,7 @@ class McpConnection:
                 return _tool_error(
                     ToolErrorCode.EXECUTION_FAILED, f"the MCP server answered: {exc.message}"
                 )
-            self._lost.set()
+            self._lose(session)
             raise Unavailable(
                 f"the MCP session with {self.server} closed during the call; it may have run"
             ) from exc
@@ -477,12 +488,18 @@ class McpConnection:
             # ValidationError is a ValueError).
             return _tool_error(ToolErrorCode.INVALID_RESULT, f"{tool.name}: {_describe(exc)}")
         except Exception as exc:  # the transport failed (a broken pipe, an HTTP error)
-            self._lost.set()
+            self._lose(session)
             raise Unavailable(
                 f"the MCP session with {self.server} failed during the call "
                 f"({_describe(exc)}); it may have run"
             ) from exc
         return result_of(tool, result)
+
+    def _lose(self, session: ClientSession) -> None:
+        """Mark the session lost, unless a new one already replaced it: a late failure of
+        an old call must not tear down a fresh session."""
+        if self._session is session:
+            self._lost.set()
 
     async def close(self) -> None:
         self._stop.set()
@@ -506,16 +523,18 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _list_tools(session: ClientSession) -> dict[str, McpTool]:
-    """Every tool the server lists, following its pages."""
+    """Every tool the server lists, following its pages (a bounded number: a server
+    whose cursor never ends is refused, not followed forever)."""
     tools: dict[str, McpTool] = {}
     params: mcp_types.PaginatedRequestParams | None = None
-    while True:
+    for _ in range(MAX_TOOL_PAGES):
         page = await session.list_tools(params=params)
         for tool in page.tools:
             tools[tool.name] = McpTool.of(tool)
         if not page.next_cursor:
             return tools
         params = mcp_types.PaginatedRequestParams(cursor=page.next_cursor)
+    raise ImportRefused(f"the MCP server listed more than {MAX_TOOL_PAGES} pages of tools")
 
 
 class McpToolExecutor(pb_grpc.ToolExecutorServiceServicer):

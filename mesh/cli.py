@@ -334,7 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     mcp_serve.add_argument(
         "--host",
         default="127.0.0.1",
-        help="with --transport http: where to listen (default %(default)s)",
+        help="with --transport http: where to listen (default %(default)s; beyond loopback "
+        "only with --allow-remote)",
+    )
+    mcp_serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --host be beyond loopback: the endpoint checks no credentials and calls "
+        "the registry as the mesh's operator, so anyone who reaches it runs the agent's tools",
     )
     mcp_serve.add_argument(
         "--port",
@@ -727,18 +734,27 @@ async def _mcp(args: argparse.Namespace, address: str, *, tls: MeshTls | None) -
         raise CliError(str(exc), EXIT_USAGE) from None
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be 0–65535, not {args.port}", EXIT_USAGE)
+    if args.transport == "http" and not _is_loopback(args.host) and not args.allow_remote:
+        raise CliError(
+            f"mcp serve would listen on {args.host} and check no credentials, calling the "
+            "registry as the mesh's operator: listen on 127.0.0.1, or say --allow-remote",
+            EXIT_USAGE,
+        )
     try:
         async with mcp_server.registry_tools(address, caller, tls=tls) as tools:
             if args.transport == "stdio":
                 _say_serving(args, caller, "")
                 await mcp_server.serve_stdio(tools)
                 return 0
-            try:
-                async with mcp_server.serve_http(tools, host=args.host, port=args.port) as http:
-                    _say_serving(args, caller, http.url)
-                    await http.wait()
-            except OSError as exc:
-                raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+            async with contextlib.AsyncExitStack() as stack:
+                try:  # only the start: an OSError later is not about listening
+                    http = await stack.enter_async_context(
+                        mcp_server.serve_http(tools, host=args.host, port=args.port)
+                    )
+                except OSError as exc:
+                    raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+                _say_serving(args, caller, http.url)
+                await http.wait()
             return 0
     except errors.AgentplexError as exc:
         raise _registry_failure(exc, address) from None

@@ -233,3 +233,18 @@ def test_a_deprecated_version_says_what_to_use_instead() -> None:
 def test_a_session_id_must_be_one_the_mesh_accepts(session: str) -> None:
     with pytest.raises(ValueError, match="session id"):
         Caller(session=session)
+
+
+async def test_listening_beyond_loopback_needs_to_be_asked_for(mesh) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *serve_command("--registry", mesh.registry, "--transport", "http", "--host", "0.0.0.0"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(TEST_TIMEOUT):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert b"--allow-remote" in err and len(err.decode().strip().splitlines()) == 1
