@@ -127,10 +127,12 @@ async def test_the_command_over_http_prints_where_it_listens(mesh) -> None:
             await process.wait()
 
 
-async def test_an_agent_the_registry_does_not_know_is_a_usage_error(mesh) -> None:
+async def usage_error(*args: str) -> bytes:
+    """Runs `mcp serve ARGS`, which must refuse with exit 2, nothing on stdout and one
+    line on stderr; returns that line."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        *serve_command("--registry", mesh.registry, "--agent", "nobody"),
+        *serve_command(*args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -139,7 +141,12 @@ async def test_an_agent_the_registry_does_not_know_is_a_usage_error(mesh) -> Non
         out, err = await process.communicate()
     assert process.returncode == 2
     assert out == b""
-    assert b"nobody" in err and len(err.decode().strip().splitlines()) == 1
+    assert len(err.decode().strip().splitlines()) == 1
+    return err
+
+
+async def test_an_agent_the_registry_does_not_know_is_a_usage_error(mesh) -> None:
+    assert b"nobody" in await usage_error("--registry", mesh.registry, "--agent", "nobody")
 
 
 async def test_an_agent_tool_delegates_a_task_and_reports_its_progress(mesh, workers) -> None:
@@ -236,15 +243,5 @@ def test_a_session_id_must_be_one_the_mesh_accepts(session: str) -> None:
 
 
 async def test_listening_beyond_loopback_needs_to_be_asked_for(mesh) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *serve_command("--registry", mesh.registry, "--transport", "http", "--host", "0.0.0.0"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(TEST_TIMEOUT):
-        out, err = await process.communicate()
-    assert process.returncode == 2
-    assert out == b""
-    assert b"--allow-remote" in err and len(err.decode().strip().splitlines()) == 1
+    args = ("--registry", mesh.registry, "--transport", "http", "--host", "0.0.0.0")
+    assert b"--allow-remote" in await usage_error(*args)
